@@ -32,7 +32,7 @@ demo: install
 	$(VENV)/bin/distrag demo $(DEMO_ARGS)
 
 eval: install
-	$(VENV)/bin/distrag eval --config launch/configs/synthetic_eval.yaml $(EVAL_ARGS)
+	$(VENV)/bin/distrag eval --config distrag/configs/synthetic_eval.yaml $(EVAL_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check distrag tests launch benchmarks

@@ -120,6 +120,10 @@ class GeneratorConfig(Section):
     system_prompt: str = ("Answer the question using the passages. Reply with the answer only: a few words, "
                           "no sentence.")
     """System message of the chat prompt."""
+    decoding: Literal["auto", "concat", "rag"] = "auto"
+    """`concat`: one prompt with all top-k passages, greedy. `rag`: one greedy answer per passage, the
+    answer with the highest marginal sum_z p(z|q) p(y|q,z) wins (RAG-Sequence "fast decoding").
+    `auto`: `rag` for generators trained with a RAG loss (single-passage prompts), else `concat`."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off unless you ask for it."""
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
@@ -201,6 +205,30 @@ class SweepConfig(Section):
     """Joint takes the rates two-phase selected instead of its own m x n search (as the paper did)."""
 
 
+class DistributedConfig(Section):
+    index_rank: int = -1
+    """Global rank that re-embeds the corpus and rebuilds the index (-1: the last rank). Only used when
+    the world has more than one process and `train.refresh_every` > 0."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage for the generator (trainers only)."""
+    offload: bool = False
+    """ZeRO-3 optimizer/parameter offload to CPU."""
+    ds_config: str | None = None
+    """DeepSpeed JSON to start from (ds_configs/*.json); batch fields are always derived from `train`."""
+    index_timeout_s: float = Field(600.0, gt=0)
+    """Trainers treat the index rank as dead or stalled after this many seconds without a heartbeat."""
+    on_index_failure: Literal["continue", "stop"] = "continue"
+    """When the index rank fails: keep training on the last index version (with a warning) or stop cleanly."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every N optimizer steps (0: only at the end and on preemption)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Complete checkpoints kept on disk."""
+    resume: str | None = None
+    """`auto` (newest complete checkpoint, or a fresh start if none) or a checkpoint path (must exist)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend: nccl on GPUs, gloo on CPU."""
+
+
 class TrackingConfig(Section):
     uri: str | None = None
     """MLflow tracking URI. Default: a SQLite store `mlflow.db` in the working directory."""
@@ -227,6 +255,8 @@ class ExperimentConfig(Section):
     """Fine-tuning strategy and hyper-parameters."""
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     """Learning-rate grids for `distrag sweep`."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Multi-process training: roles, DeepSpeed, index refresh, checkpoints."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """MLflow."""
     output_dir: str = "runs"

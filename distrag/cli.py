@@ -1,0 +1,173 @@
+"""The ``distrag`` command line: eval, train, demo, sweep, report, advise.
+
+Every command takes ``--config FILE`` (YAML) plus dotted overrides, e.g.::
+
+    distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3 data.max_questions=100
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    logging.getLogger("distrag").setLevel(logging.INFO)
+    for noisy in ("transformers", "sentence_transformers", "mlflow", "alembic", "urllib3", "httpx",
+                  "huggingface_hub", "faiss", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers always present in practice
+        pass
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="experiment YAML (see distrag/configs/ and launch/configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr_generator=1e-4")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the result table")
+
+
+def _load(args):
+    from distrag.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_eval(args) -> int:
+    from distrag.experiment import Experiment
+    from distrag.report import print_results
+
+    cfg = _load(args)
+    cfg.train.strategy = "none"
+    exp = Experiment(cfg, show_progress=not args.no_progress).setup()
+    res = exp.run(cfg, kind="eval")
+    print_results([res], title=f"No-FT baseline on {exp.splits.name} ({cfg.eval_split} split)")
+    _where(cfg)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from distrag.experiment import Experiment
+    from distrag.report import print_results
+
+    cfg = _load(args)
+    exp = Experiment(cfg, show_progress=not args.no_progress).setup()
+    res = exp.run(cfg)
+    print_results([res], title=f"{res.label} on {exp.splits.name} ({cfg.eval_split} split)")
+    _where(cfg)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from distrag.demo import run_demo
+
+    return run_demo(config=args.config, overrides=args.overrides, quick=args.quick,
+                    show_progress=not args.no_progress)
+
+
+def cmd_sweep(args) -> int:
+    from distrag.sweep import run_sweep
+
+    cfg = _load(args)
+    run_sweep(cfg, show_progress=not args.no_progress)
+    _where(cfg)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from distrag.config import load_config
+    from distrag.report import write_report
+
+    cfg = load_config(args.config, args.overrides)
+    out = write_report(cfg.tracking, Path(args.out or Path(cfg.output_dir) / "report"))
+    print(f"report written to {out}")
+    return 0
+
+
+def cmd_advise(args) -> int:
+    from distrag.advise import advise
+    from distrag.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(advise(cfg.tracking, labels_available=args.labels, lrs_known=args.lrs_known))
+    return 0
+
+
+def _where(cfg) -> None:
+    from distrag.tracking import default_tracking_uri
+
+    if cfg.tracking.enabled:
+        uri = cfg.tracking.uri or default_tracking_uri()
+        print(f"MLflow runs in {uri} (experiment '{cfg.tracking.experiment}'); "
+              f"browse with: mlflow ui --backend-store-uri {uri}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distrag", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("eval", help="No-FT baseline: index, retrieve top-k, generate, score, record")
+    _common(p)
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("train", help="train one strategy (train.strategy=...) and evaluate it")
+    _common(p)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("demo", help="all seven strategies on the synthetic task, with costs")
+    _common(p)
+    p.add_argument("--quick", action="store_true", help="a much smaller setting (tests, smoke runs)")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("sweep", help="learning-rate grid per strategy, selected on dev by EM (ties: F1)")
+    _common(p)
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("report", help="paper-style table (Markdown, CSV) and plots from recorded runs")
+    _common(p)
+    p.add_argument("--out", help="output folder (default: <output_dir>/report)")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("advise", help="which strategy to use, from the paper's decision rule and measured costs")
+    _common(p)
+    p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="context labels available (default: read from the recorded runs)")
+    p.add_argument("--lrs-known", action=argparse.BooleanOptionalAction, default=False,
+                   help="good learning rates are already known (no grid search needed)")
+    p.set_defaults(fn=cmd_advise)
+    args = parser.parse_args(argv)
+    _setup_logging(not getattr(args, "quiet", False))
+    from distrag.config import ConfigError
+    from distrag.records import DataError
+
+    t0 = time.perf_counter()
+    try:
+        rc = args.fn(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # user-facing known failures carry a clear message already
+        from distrag.train import StrategyError
+
+        if isinstance(e, StrategyError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    logging.getLogger("distrag").info("done in %.1fs", time.perf_counter() - t0)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

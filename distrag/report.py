@@ -1,0 +1,291 @@
+"""Result tables: the paper-style comparison of strategies by quality and cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def fmt_flops(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f}"
+
+
+def result_rows(results: Sequence) -> list[dict]:
+    """Flatten RunResults into table rows with the columns people compare."""
+    rows = []
+    for r in results:
+        m, c = r.metrics, r.costs
+        k_rec = next((k for k in m if k.startswith("recall_at_")), None)
+        k_ans = next((k for k in m if k.startswith("answer_recall_at_")), None)
+        rows.append({
+            "strategy": r.label,
+            "em": 100 * m.get("em", 0.0),
+            "f1": 100 * m.get("f1", 0.0),
+            "recall": 100 * m[k_rec] if k_rec else None,
+            "recall_name": (k_rec or "recall_at_k").replace("_at_", "@"),
+            "answer_recall": 100 * m[k_ans] if k_ans else None,
+            "answer_recall_name": (k_ans or "answer_recall_at_k").replace("_at_", "@"),
+            "train_flops": c.get("cost/train_flops", 0.0),
+            "total_flops": c.get("cost/total_flops", 0.0),
+            "wall_s": c.get("cost/wall_s", r.seconds),
+            "device_hours": c.get("cost/device_hours"),
+            "trainable_params": c.get("cost/params_trainable"),
+            "search_flops": getattr(r, "search_flops", None),
+            "n": int(m.get("n_questions", 0)),
+            "run_id": r.run_id,
+        })
+    return rows
+
+
+def print_results(results: Sequence, *, title: str = "Results", console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = result_rows(results)
+    console = console or Console(width=max(Console().width, 150))
+    t = Table(title=title, title_justify="left")
+    rec_name = next((r["recall_name"] for r in rows if r["recall"] is not None), "recall@k")
+    ans_name = next((r["answer_recall_name"] for r in rows if r["answer_recall"] is not None), "answer_recall@k")
+    for col, just in (("Strategy", "left"), ("EM", "right"), ("F1", "right"), (rec_name.capitalize(), "right"),
+                      (ans_name, "right"), ("Train FLOPs", "right"), ("Total FLOPs", "right"),
+                      ("Wall-clock", "right"), ("Questions", "right")):
+        t.add_column(col, justify=just)
+    show_search = any(r["search_flops"] for r in rows)
+    if show_search:
+        t.add_column("Search FLOPs", justify="right")
+    for r in rows:
+        cells = [r["strategy"], f"{r['em']:.1f}", f"{r['f1']:.1f}",
+                 "-" if r["recall"] is None else f"{r['recall']:.1f}",
+                 "-" if r["answer_recall"] is None else f"{r['answer_recall']:.1f}",
+                 fmt_flops(r["train_flops"]), fmt_flops(r["total_flops"]), f"{r['wall_s']:.0f} s", str(r["n"])]
+        if show_search:
+            cells.append(fmt_flops(r["search_flops"]))
+        t.add_row(*cells)
+    console.print(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# report files: table.md, table.csv, em_vs_flops.png, cost_by_phase.png
+
+_COLUMNS = [("strategy", "Strategy"), ("em", "EM"), ("f1", "F1"), ("recall", "Recall@k"),
+            ("answer_recall", "Answer recall@k"), ("train_flops", "Train FLOPs"),
+            ("total_flops", "Total FLOPs"), ("wall_s", "Wall-clock (s)"), ("device_hours", "Device-hours"),
+            ("search_flops", "LR-search FLOPs"), ("n", "Questions")]
+
+
+def phase_costs(costs: dict[str, float], what: str = "flops") -> dict[str, float]:
+    """``{phase: value}`` from ledger metrics ``cost/phase.<phase>.<what>`` (outermost phases only)."""
+    out = {}
+    for k, v in costs.items():
+        if k.startswith("cost/phase.") and k.endswith(f".{what}"):
+            out[k[len("cost/phase."):-len(what) - 1]] = v
+    return out
+
+
+def _fmt_cell(key: str, v) -> str:
+    if v is None:
+        return "-"
+    if key in ("em", "f1", "recall", "answer_recall"):
+        return f"{v:.1f}"
+    if key.endswith("flops"):
+        return f"{v:.3g}"
+    if key == "wall_s":
+        return f"{v:.0f}"
+    if key == "device_hours":
+        return f"{v:.4f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = [(k, h) for k, h in _COLUMNS if any(r.get(k) is not None for r in rows)]
+    rec = next((r["recall_name"] for r in rows if r.get("recall") is not None), None)
+    ans = next((r["answer_recall_name"] for r in rows if r.get("answer_recall") is not None), None)
+    head = [h.replace("Recall@k", rec.capitalize() if rec else "Recall@k")
+             .replace("Answer recall@k", ans or "Answer recall@k") for _, h in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt_cell(k, r.get(k)) for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    import csv
+    import io
+
+    from distrag.io import atomic_write_text
+
+    keys = [k for k, _ in _COLUMNS] + ["run_id"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in keys})
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_em_vs_flops(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for r in rows:
+        x = max(r["train_flops"] or 0.0, 1.0)
+        ax.scatter(x, r["em"], s=60, zorder=3)
+        ax.annotate(r["strategy"], (x, r["em"]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (log scale; No-FT drawn at 1)")
+    ax.set_ylabel("EM (%)")
+    ax.set_title("Quality vs training compute")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def plot_cost_by_phase(results_costs: list[tuple[str, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases: list[str] = []
+    for _, c in results_costs:
+        for p in phase_costs(c):
+            if p not in phases:
+                phases.append(p)
+    fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=120)
+    bottom = [0.0] * len(results_costs)
+    labels = [lab for lab, _ in results_costs]
+    for p in phases:
+        vals = [phase_costs(c).get(p, 0.0) for _, c in results_costs]
+        ax.bar(labels, vals, bottom=bottom, label=p)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("FLOPs")
+    ax.set_title("Cost per strategy, stacked by phase")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from distrag.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report_files(rows: list[dict], results_costs: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
+    from distrag.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "table.md", out_dir / "table.csv", out_dir / "em_vs_flops.png", out_dir / "cost_by_phase.png"]
+    atomic_write_text(files[0], markdown_table(rows))
+    write_csv(rows, files[1])
+    plot_em_vs_flops(rows, files[2])
+    plot_cost_by_phase(results_costs, files[3])
+    return files
+
+
+def write_report_for_results(results: Sequence, out_dir: Path, *, cfg=None, tracker=None) -> Path:
+    """Report files for in-memory results; attached to an MLflow run of kind ``report``."""
+    rows = result_rows(results)
+    files = write_report_files(rows, [(r.label, r.costs) for r in results], out_dir)
+    _attach(files, cfg, tracker)
+    return Path(out_dir)
+
+
+def _attach(files: list[Path], cfg, tracker) -> None:
+    if tracker is None and cfg is not None and cfg.tracking.enabled:
+        from distrag.tracking import Tracker
+
+        with Tracker.open(cfg.tracking, run_name="report", tags={"distrag.kind": "report"}) as tr:
+            for f in files:
+                tr.log_artifact(f, "report")
+    elif tracker is not None:
+        for f in files:
+            tracker.log_artifact(f, "report")
+
+
+# ----------------------------------------------------------------------------------------------
+# from MLflow
+
+
+@dataclass
+class RecordedRun:
+    """A strategy run read back from MLflow (same fields the table needs as a RunResult)."""
+
+    key: str
+    label: str
+    metrics: dict[str, float]
+    costs: dict[str, float]
+    seconds: float
+    run_id: str
+    search_flops: float | None = None
+
+
+def load_runs(tracking_cfg, *, kinds: tuple[str, ...] = ("strategy", "eval")) -> list[RecordedRun]:
+    """The newest finished run of each strategy in the experiment (split prefix stripped from metrics),
+    with the LR-search cost of the newest sweep of that strategy when there is one."""
+    from mlflow.tracking import MlflowClient
+
+    from distrag.tracking import default_tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_cfg.uri or default_tracking_uri())
+    exp = client.get_experiment_by_name(tracking_cfg.experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment named {tracking_cfg.experiment!r} at "
+                         f"{tracking_cfg.uri or default_tracking_uri()}")
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=5000)
+    newest: dict[str, RecordedRun] = {}
+    search: dict[str, float] = {}
+    for run in runs:
+        tags, m = run.data.tags, run.data.metrics
+        kind, key = tags.get("distrag.kind"), tags.get("distrag.strategy")
+        if key is None:
+            continue
+        if kind == "sweep" and key not in search and "sweep/search_flops" in m:
+            search[key] = m["sweep/search_flops"]
+        if kind in kinds and key not in newest:
+            split = tags.get("distrag.eval_split", "test")
+            metrics = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{split}/")}
+            costs = {k: v for k, v in m.items() if k.startswith("cost/")}
+            newest[key] = RecordedRun(key, tags.get("distrag.label", key), metrics, costs,
+                                      costs.get("cost/wall_s", 0.0), run.info.run_id)
+    order = ["none", "embed_ft", "gen_ft", "independent", "two_phase", "joint_sequence", "joint_token"]
+    out = sorted(newest.values(), key=lambda r: order.index(r.key) if r.key in order else len(order))
+    for r in out:
+        r.search_flops = search.get(r.key) or search.get(r.key.split("_")[0])
+    return out
+
+
+def write_report(tracking_cfg, out_dir: Path, *, cfg=None) -> Path:
+    """`distrag report`: the paper-style table and plots from the runs recorded in MLflow."""
+    runs = load_runs(tracking_cfg)
+    if not runs:
+        raise ValueError(f"experiment {tracking_cfg.experiment!r} has no finished strategy runs yet")
+    rows = result_rows(runs)
+    files = write_report_files(rows, [(r.label, r.costs) for r in runs], out_dir)
+    print_results(runs, title=f"Strategies recorded in MLflow experiment '{tracking_cfg.experiment}'")
+    if tracking_cfg.enabled:
+        from distrag.tracking import Tracker
+
+        with Tracker.open(tracking_cfg, run_name="report", tags={"distrag.kind": "report"}) as tr:
+            for f in files:
+                tr.log_artifact(f, "report")
+    return Path(out_dir)

@@ -1,0 +1,178 @@
+"""MLflow records: one run per experiment step (strategy, phase or sweep point), logged by rank 0 only.
+
+Other ranks get a ``NullTracker`` with the same methods, so calling code never branches on the rank.
+Everything goes through ``MlflowClient`` with explicit run ids (no global active-run state), which
+lets a sweep hold a parent run open while its grid points log as children, and lets a resumed job
+continue the same run id.
+
+Tags every distrag run carries (used by ``distrag report``):
+``distrag.kind`` (eval | strategy | sweep | sweep_point), ``distrag.strategy``, ``distrag.dataset``,
+``distrag.embedder``, ``distrag.generator``, ``distrag.config_hash``, and ``distrag.selected`` on the
+sweep point a sweep selected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from distrag.config import ExperimentConfig, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def default_tracking_uri(workdir: str | Path | None = None) -> str:
+    workdir = Path(workdir or os.getcwd()).resolve()
+    return f"sqlite:///{workdir / DEFAULT_DB}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class NullTracker:
+    """The tracker of non-zero ranks and of runs with tracking disabled: accepts and drops everything."""
+
+    run_id: str | None = None
+    uri: str | None = None
+    experiment_id: str | None = None
+
+    def start(self, *a, **k) -> NullTracker:
+        return self
+
+    def child(self, *a, **k) -> NullTracker:
+        return NullTracker()
+
+    def log_params(self, *a, **k) -> None: ...
+    def log_metrics(self, *a, **k) -> None: ...
+    def set_tags(self, *a, **k) -> None: ...
+    def log_artifact(self, *a, **k) -> None: ...
+    def log_dict(self, *a, **k) -> None: ...
+    def log_text(self, *a, **k) -> None: ...
+    def end(self, *a, **k) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class Tracker(NullTracker):
+    """One MLflow run. Create with ``Tracker.open(cfg, ...)``; use as a context manager."""
+
+    def __init__(self, client, experiment_id: str, run_id: str, uri: str):
+        self.client, self.experiment_id, self.run_id, self.uri = client, experiment_id, run_id, uri
+        self._params_logged = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, cfg: TrackingConfig, *, run_name: str, tags: Mapping[str, str] | None = None,
+             run_id: str | None = None, parent_run_id: str | None = None,
+             workdir: str | Path | None = None) -> Tracker:
+        """Start a run (or resume ``run_id``) in ``cfg.experiment``, creating the experiment if needed."""
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.uri or default_tracking_uri(workdir)
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            art = None
+            if uri.startswith("sqlite:"):
+                art = (Path(workdir or os.getcwd()).resolve() / DEFAULT_ARTIFACTS).as_uri()
+            exp_id = client.create_experiment(cfg.experiment, artifact_location=art)
+        else:
+            exp_id = exp.experiment_id
+        if run_id is not None:
+            run = client.get_run(run_id)  # raises if unknown: resuming a missing run is an error
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = {"mlflow.runName": run_name, **(tags or {})}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        return cls(client, exp_id, run_id, uri)
+
+    def child(self, *, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
+        from mlflow.tracking import MlflowClient  # noqa: F401  (same client, new run)
+
+        all_tags = {"mlflow.runName": run_name, "mlflow.parentRunId": self.run_id, **(tags or {})}
+        rid = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        return Tracker(self.client, self.experiment_id, rid, self.uri)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def __exit__(self, exc_type, *exc):
+        self.end("FAILED" if exc_type else "FINISHED")
+        return False
+
+    # -- logging -------------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params are logged once per run (MLflow rejects changed values)."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        batch = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(batch), 100):
+            self.client.log_batch(self.run_id, params=batch[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float | None], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(obj, indent=2, default=str), name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+
+def experiment_tags(cfg: ExperimentConfig, *, kind: str, strategy: str, dataset: str) -> dict[str, str]:
+    return {
+        "distrag.kind": kind,
+        "distrag.strategy": strategy,
+        "distrag.dataset": dataset,
+        "distrag.embedder": cfg.embedder.model,
+        "distrag.generator": cfg.generator.model,
+        "distrag.config_hash": cfg.config_hash(),
+    }
+
+
+def open_tracker(cfg: ExperimentConfig, *, run_name: str, tags: Mapping[str, str], is_rank0: bool = True,
+                 run_id: str | None = None, parent_run_id: str | None = None) -> NullTracker:
+    """The run for this process: a real MLflow run on rank 0 with tracking enabled, else a null one."""
+    if not (is_rank0 and cfg.tracking.enabled):
+        return NullTracker()
+    tr = Tracker.open(cfg.tracking, run_name=run_name, tags=tags, run_id=run_id, parent_run_id=parent_run_id)
+    tr.log_params(flatten(cfg.model_dump(mode="json")))
+    return tr

@@ -1,0 +1,326 @@
+"""Fine-tuning strategies as phases of one visible training loop.
+
+A strategy is a list of phases; a phase says which model trains and with which loss:
+
+=============  =========================================================================
+strategy        phases (trained part: loss)
+=============  =========================================================================
+none            (no training: the No-FT baseline)
+embed_ft        question encoder: MNRL against the frozen passage vectors of the index
+gen_ft          LoRA generator: answer NLL given the top-k passages of the frozen retriever
+independent     gen_ft, then embed_ft (each trained on its own, as if separately; combined at eval)
+joint           question encoder + LoRA generator at once: RAG-Sequence or RAG-Token marginal
+two_phase       LoRA generator with the RAG loss (retriever frozen), then the question encoder with
+                the RAG loss (generator frozen); order configurable
+=============  =========================================================================
+
+``Trainer`` owns the loop (data order, accumulation, optimizers, schedulers, index refresh, cost
+ledger, metrics). ``compute_loss`` is the one place each loss is computed; the distributed runner
+reuses it and only swaps ``backward`` / ``step`` for DeepSpeed's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from distrag.config import ExperimentConfig
+from distrag.costs import Accountant
+from distrag.embedder import Embedder
+from distrag.generator import Generator
+from distrag.index import ShardedIndex
+from distrag.losses import mnrl_loss, nll_loss, rag_sequence_loss, rag_token_loss, retrieval_log_probs
+from distrag.records import Corpus, Question
+
+log = logging.getLogger(__name__)
+
+
+class StrategyError(ValueError):
+    """A strategy that cannot run on this data or configuration."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    train_embedder: bool
+    train_generator: bool
+    loss: str  # mnrl | nll | rag_sequence | rag_token
+
+    @property
+    def uses_rag(self) -> bool:
+        return self.loss.startswith("rag_")
+
+
+def phases_for(cfg: ExperimentConfig) -> list[Phase]:
+    """The phases of ``cfg.train.strategy``."""
+    t = cfg.train
+    rag = f"rag_{t.rag_loss}"
+    embed = Phase("embed_ft", True, False, "mnrl")
+    gen = Phase("gen_ft", False, True, "nll")
+    if t.strategy == "none":
+        return []
+    if t.strategy == "embed_ft":
+        return [embed]
+    if t.strategy == "gen_ft":
+        return [gen]
+    if t.strategy == "independent":
+        # The generator phase runs first so that it retrieves with the *base* retriever, exactly as
+        # when the two components are trained separately.
+        return [gen, embed]
+    if t.strategy == "joint":
+        return [Phase(f"joint_{t.rag_loss}", True, True, rag)]
+    if t.strategy == "two_phase":
+        p_gen = Phase("two_phase_generator", False, True, rag)
+        p_ret = Phase("two_phase_retriever", True, False, rag)
+        return [p_gen, p_ret] if t.two_phase_order == "generator_first" else [p_ret, p_gen]
+    raise StrategyError(f"unknown strategy {t.strategy!r}")
+
+
+def check_strategy_data(cfg: ExperimentConfig, train_questions: list[Question]) -> None:
+    """Ft-Embed needs context labels; say so before anything is trained."""
+    needs_labels = any(p.loss == "mnrl" for p in phases_for(cfg))
+    unlabelled = [q.id for q in train_questions if not q.has_labels]
+    if needs_labels and unlabelled:
+        raise StrategyError(
+            f"strategy '{cfg.train.strategy}' trains the retriever with MNRL on (question, gold passage) pairs, "
+            f"but {len(unlabelled)} of {len(train_questions)} training questions have no gold passage ids "
+            f"(e.g. {unlabelled[0]!r}). Use train.strategy=joint or train.strategy=two_phase, which need no "
+            f"context labels, or give gold_passage_ids in the data.")
+
+
+@dataclass
+class TrainState:
+    """Where the loop is; saved in checkpoints so a resumed run continues exactly."""
+
+    phase_index: int = 0
+    step: int = 0          # optimizer steps done in the current phase
+    global_step: int = 0   # optimizer steps done over all phases
+    index_version: int = 0
+    index_weights_step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def set_embedder_trainable(embedder: Embedder, on: bool) -> None:
+    """Train the whole question encoder (BERT's [CLS] pooler head excepted: our pooling never uses it)."""
+    for name, p in embedder.named_parameters():
+        p.requires_grad_(on and ".pooler." not in f".{name}")
+    embedder.train(on)
+
+
+def set_generator_trainable(generator: Generator, on: bool) -> None:
+    """Only LoRA adapters ever train; base weights stay frozen whatever the phase."""
+    for name, p in generator.model.named_parameters():
+        p.requires_grad_(on and "lora_" in name)
+    generator.model.train(on)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic shuffled order of ``n`` training questions for one epoch."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int) -> list[int]:
+    """The question indices of optimizer step ``step`` (0-based): epochs are concatenated orders,
+    so any step's batch is computable without replaying the loop (exact resume)."""
+    start = step * batch
+    out: list[int] = []
+    while len(out) < batch:
+        epoch, pos = divmod(start + len(out), n)
+        order = epoch_order(n, seed, epoch)
+        take = min(batch - len(out), n - pos)
+        out.extend(order[pos:pos + take])
+    return out
+
+
+class Trainer:
+    """Runs the phases of one strategy over the training questions.
+
+    The models are mutated in place (LoRA is added to the generator when a phase trains it); the
+    index is the frozen corpus index unless ``train.refresh_every`` rebuilds it.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, corpus: Corpus, train_questions: list[Question], embedder: Embedder,
+                 generator: Generator, index: ShardedIndex, accountant: Accountant, *,
+                 on_metrics: Callable[[dict, int], None] | None = None, show_progress: bool = True):
+        self.cfg, self.corpus, self.questions = cfg, corpus, train_questions
+        self.embedder, self.generator, self.index = embedder, generator, index
+        self.acc = accountant
+        self.on_metrics = on_metrics or (lambda m, s: None)
+        self.show_progress = show_progress
+        self.k = cfg.train.train_k or cfg.retrieval.top_k
+        self.phases = phases_for(cfg)
+        self.state = TrainState()
+        check_strategy_data(cfg, train_questions)
+        if any(p.train_generator for p in self.phases) and not self.generator.is_peft:
+            self.generator.add_lora(cfg.generator.lora)
+
+    # -- schedule ------------------------------------------------------------------------------
+    def steps_per_phase(self) -> int:
+        t = self.cfg.train
+        if t.max_steps:
+            return t.max_steps
+        return max(1, math.ceil(t.epochs * len(self.questions) / t.batch_size))
+
+    # -- losses --------------------------------------------------------------------------------
+    def compute_loss(self, phase: Phase, questions: list[Question], rng: random.Random) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch under ``phase`` (averaged over its questions) and its statistics."""
+        if phase.loss == "mnrl":
+            return self._mnrl(questions, rng)
+        texts = [q.text for q in questions]
+        batch = self.embedder.tokenize(texts)
+        with torch.set_grad_enabled(phase.train_embedder):
+            qv = self.embedder(**batch)
+        self.acc.encoder(self.embedder, batch["attention_mask"], train=phase.train_embedder,
+                         category="train_embedder" if phase.train_embedder else "encode_questions")
+        res = self.index.search(qv.detach().float().cpu().numpy(), self.k, return_vectors=phase.uses_rag)
+        answers = [q.answers[0] for q in questions]
+        if phase.loss == "nll":
+            prompts = [self.generator.build_prompt(q.text, [self.corpus[int(i)] for i in row if i >= 0])
+                       for q, row in zip(questions, res.ids)]
+            lp, mask = self.generator.answer_logprobs(prompts, answers)
+            self.acc.generator(self.generator, lp_mask=mask, prompts=prompts, answers=answers,
+                               train=phase.train_generator)
+            loss = nll_loss(lp, mask)
+            return loss, {"loss": loss.item()}
+        # RAG-Sequence / RAG-Token: one prompt per (question, retrieved passage)
+        valid = torch.from_numpy(res.ids >= 0)
+        pvecs = torch.from_numpy(res.vectors).to(qv.device, qv.dtype)  # frozen index vectors
+        doc_lp = retrieval_log_probs(qv, pvecs, valid.to(qv.device))
+        prompts, ans = [], []
+        for q, row in zip(questions, res.ids):
+            for i in row:
+                p = [self.corpus[int(i)]] if i >= 0 else []
+                prompts.append(self.generator.build_prompt(q.text, p))
+                ans.append(q.answers[0])
+        with torch.set_grad_enabled(phase.train_generator):
+            lp, mask = self.generator.answer_logprobs(prompts, ans)
+        self.acc.generator(self.generator, lp_mask=mask, prompts=prompts, answers=ans,
+                           train=phase.train_generator)
+        B, k = res.ids.shape
+        lp, mask = lp.view(B, k, -1), mask.view(B, k, -1)
+        lp = lp.to(doc_lp.device)
+        mask = mask.to(doc_lp.device)
+        loss = (rag_sequence_loss if phase.loss == "rag_sequence" else rag_token_loss)(doc_lp, lp, mask)
+        p_top1 = doc_lp.exp()[:, 0].mean().item()
+        return loss, {"loss": loss.item(), "p_top1": p_top1}
+
+    def _mnrl(self, questions: list[Question], rng: random.Random) -> tuple[torch.Tensor, dict]:
+        t = self.cfg.train
+        batch = self.embedder.tokenize([q.text for q in questions])
+        qv = self.embedder(**batch)
+        self.acc.encoder(self.embedder, batch["attention_mask"], train=True, category="train_embedder")
+        # One gold passage per question per step (a question with two gold passages alternates), so
+        # a question never meets its own other gold passage as an in-batch negative.
+        gold = np.array([self.corpus.position(rng.choice(q.gold_passage_ids)) for q in questions])
+        pos = torch.from_numpy(self.index.reconstruct(gold)).to(qv.device, qv.dtype)
+        neg = None
+        if t.hard_negatives:
+            res = self.index.search(qv.detach().float().cpu().numpy(), t.hard_negatives + 4)
+            negs = []
+            for q, row in zip(questions, res.ids):
+                golds = {self.corpus.position(g) for g in q.gold_passage_ids}
+                cand = [int(i) for i in row if i >= 0 and int(i) not in golds][:t.hard_negatives]
+                while len(cand) < t.hard_negatives:  # tiny corpora: pad with a random non-gold passage
+                    j = rng.randrange(len(self.corpus))
+                    if j not in golds:
+                        cand.append(j)
+                negs.append(cand)
+            neg = torch.from_numpy(self.index.reconstruct(np.array(negs))).to(qv.device, qv.dtype)
+        loss = mnrl_loss(qv, pos, neg, scale=t.mnrl_scale)
+        return loss, {"loss": loss.item()}
+
+    # -- optimisation hooks (the DeepSpeed runner overrides these) -------------------------------
+    def make_optimizers(self, phase: Phase, total_steps: int) -> None:
+        from transformers import get_linear_schedule_with_warmup
+
+        t = self.cfg.train
+        groups = []
+        set_embedder_trainable(self.embedder, phase.train_embedder)
+        if phase.train_embedder:
+            groups.append({"params": [p for p in self.embedder.parameters() if p.requires_grad],
+                           "lr": t.lr_embedder, "name": "embedder"})
+        set_generator_trainable(self.generator, phase.train_generator)
+        if phase.train_generator:
+            groups.append({"params": self.generator.trainable_parameters(), "lr": t.lr_generator,
+                           "name": "generator"})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+        warmup = int(t.warmup_ratio * total_steps)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total_steps)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- index refresh ---------------------------------------------------------------------------
+    def refresh_index(self) -> None:
+        """Re-embed the corpus with the current encoder and rebuild the index (synchronous)."""
+        t0 = time.perf_counter()
+        texts = self.corpus.texts()
+        was_training = self.embedder.training
+        vecs = self.embedder.encode(texts, show_progress=False)
+        self.embedder.train(was_training)
+        self.acc.encode_texts(self.embedder, texts, category="encode_passages")
+        self.index = ShardedIndex.from_config(vecs.shape[1], self.cfg.index).build(vecs)
+        self.state.index_version += 1
+        self.state.index_weights_step = self.state.global_step
+        log.info("index refreshed (v%d) in %.1fs", self.state.index_version, time.perf_counter() - t0)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self) -> TrainState:
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        accum = t.batch_size // t.micro_batch_size
+        n_steps = self.steps_per_phase()
+        while self.state.phase_index < len(self.phases):
+            phase = self.phases[self.state.phase_index]
+            self.make_optimizers(phase, n_steps)
+            rng = random.Random(t.seed + 7919 * self.state.phase_index)
+            torch.manual_seed(t.seed + self.state.phase_index)
+            with self.acc.phase(phase.name):
+                bar = tqdm(total=n_steps, initial=self.state.step, desc=f"{t.strategy}:{phase.name}",
+                           disable=not self.show_progress, leave=False)
+                while self.state.step < n_steps:
+                    idx = batch_indices(len(self.questions), t.batch_size, t.seed + self.state.phase_index,
+                                        self.state.step)
+                    stats: dict[str, float] = {}
+                    for m in range(accum):
+                        mb = [self.questions[i] for i in idx[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]]
+                        loss, s = self.compute_loss(phase, mb, rng)
+                        self.backward(loss / accum)
+                        for key, v in s.items():
+                            stats[key] = stats.get(key, 0.0) + v / accum
+                    stats["grad_norm"] = self.optimizer_step()
+                    self.state.step += 1
+                    self.state.global_step += 1
+                    stats["lr_embedder"] = t.lr_embedder if phase.train_embedder else 0.0
+                    self.state.history.append({"phase": phase.name, "step": self.state.step, **stats})
+                    self.on_metrics({f"train/{phase.name}/{k}": v for k, v in stats.items()},
+                                    self.state.global_step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}")
+                    if t.refresh_every and phase.train_embedder and self.state.step % t.refresh_every == 0 \
+                            and self.state.step < n_steps:
+                        self.refresh_index()
+                bar.close()
+            self.state.phase_index += 1
+            self.state.step = 0
+        set_embedder_trainable(self.embedder, False)
+        set_generator_trainable(self.generator, False)
+        return self.state

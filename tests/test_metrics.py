@@ -1,0 +1,67 @@
+import pytest
+
+from distrag.metrics import (
+    answer_in_text,
+    exact_match,
+    f1,
+    normalize_answer,
+    recall_at_k,
+    score_predictions,
+)
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("The Eiffel Tower", "eiffel tower"),
+    ("  an   apple, a day! ", "apple day"),
+    ("Theatre", "theatre"),            # 'the' only removed as a whole word
+    ("U.S.A.", "usa"),
+    ("rock-and-roll", "rockandroll"),  # SQuAD drops punctuation without inserting spaces
+    ("A", ""),
+])
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_exact_match_ignores_case_articles_punctuation():
+    assert exact_match("the Beatles.", "Beatles") == 1.0
+    assert exact_match("Beatles band", "Beatles") == 0.0
+
+
+def test_f1_hand_computed():
+    # pred tokens: [barack, obama, jr]; gold: [barack, obama] -> P=2/3, R=1, F1=0.8
+    assert f1("Barack Obama Jr.", "Barack Obama") == pytest.approx(0.8)
+    # repeated tokens count with multiplicity: pred [new, new, york], gold [new, york]
+    # common = {new:1, york:1} = 2 -> P=2/3, R=1 -> 0.8
+    assert f1("new new york", "New York") == pytest.approx(0.8)
+    assert f1("Paris", "London") == 0.0
+    assert f1("", "London") == 0.0
+
+
+def test_yes_no_rule_of_hotpotqa_script():
+    assert f1("yes", "yes") == 1.0
+    assert f1("yes it is", "yes") == 0.0     # a yes/no gold only matches exactly
+    assert f1("no", "no way") == 0.0         # a yes/no prediction only matches exactly
+    assert exact_match("Yes.", "yes") == 1.0
+
+
+def test_score_takes_max_over_golds_and_averages():
+    scores = score_predictions(["Ralph Rainger", "politician", "x"],
+                               [["Ralph Reichenthal", "Ralph Rainger"], ["political leader", "politician"], ["y"]])
+    assert scores["em"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        score_predictions(["a"], [[]])
+
+
+def test_recall_at_k_needs_all_gold_passages():
+    retrieved = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]]
+    gold = [["a", "c"], ["d", "z"], None]
+    assert recall_at_k(retrieved, gold, 3) == pytest.approx(0.5)  # unlabelled question not counted
+    assert recall_at_k(retrieved, gold, 1) == 0.0
+    assert recall_at_k(retrieved, [None, None, None], 3) is None
+
+
+def test_answer_in_text_is_token_aligned():
+    assert answer_in_text(["Tarsa"], "Velan was born in Tarsa, a city.")
+    assert not answer_in_text(["Tars"], "Velan was born in Tarsa.")
+    assert answer_in_text(["the Quillon Group"], "He works for Quillon Group.")
