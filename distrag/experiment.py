@@ -25,7 +25,7 @@ from distrag.ledger import CostLedger
 from distrag.pipeline import EvalResult, RAGPipeline
 from distrag.records import Splits
 from distrag.tracking import experiment_tags, open_tracker
-from distrag.train import Trainer, phases_for
+from distrag.train import Phase, Trainer, phases_for
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ def strategy_key(cfg: ExperimentConfig) -> str:
 
 
 @dataclass
+class Models:
+    """Trained (or base) models and the ledger of what producing them cost (evaluation excluded)."""
+
+    embedder: Embedder
+    generator: Generator
+    index: ShardedIndex
+    ledger: CostLedger
+
+
+@dataclass
 class RunResult:
     key: str
     label: str
@@ -50,6 +60,8 @@ class RunResult:
     run_id: str | None = None
     history: list[dict] = field(default_factory=list)
     cfg: ExperimentConfig | None = None
+    models: Models | None = None
+    search_flops: float | None = None
 
     def row(self) -> dict:
         return {"strategy": self.label, **self.metrics, **self.costs, "run_id": self.run_id}
@@ -95,8 +107,16 @@ class Experiment:
 
     # -- one strategy --------------------------------------------------------------------------------
     def run(self, cfg: ExperimentConfig | None = None, *, parent=None, kind: str = "strategy",
-            run_name: str | None = None, eval_split: str | None = None) -> RunResult:
-        """Train ``cfg.train.strategy`` on copies of the base models, evaluate, record."""
+            run_name: str | None = None, eval_split: str | None = None, phases: list[Phase] | None = None,
+            start: Models | None = None, keep_models: bool = False, train: bool = True,
+            prior_costs: list[CostLedger] = ()) -> RunResult:
+        """Train ``cfg.train.strategy`` on copies of the base models, evaluate, record.
+
+        ``phases`` runs a subset of the strategy's phases and ``start`` continues from models trained
+        earlier (sweeps search one phase at a time); ``train=False`` only evaluates ``start``.
+        ``prior_costs`` are ledgers of earlier work this result builds on (added to its costs).
+        ``keep_models`` returns the trained models in ``RunResult.models``.
+        """
         cfg = cfg or self.cfg
         assert self.splits is not None, "call setup() first"
         key = strategy_key(cfg)
@@ -112,20 +132,27 @@ class Experiment:
         else:
             tracker = open_tracker(cfg, run_name=name, tags=tags, is_rank0=self.is_rank0)
         ledger = CostLedger()
-        ledger.merge(self.index_ledger)  # every run pays for (or reuses) the frozen index build
+        if start is None:
+            ledger.merge(self.index_ledger)  # every run pays for (or reuses) the frozen index build
+        else:
+            ledger.merge(start.ledger)  # a continuation carries the cost of what it continues
+        for prior in prior_costs:
+            ledger.merge(prior)
         acc = Accountant(ledger)
         t0 = time.perf_counter()
         with tracker:
-            embedder = copy.deepcopy(self.embedder)
-            generator = copy.deepcopy(self.generator)
+            src = start or Models(self.embedder, self.generator, self.index, self.index_ledger)
+            embedder = copy.deepcopy(src.embedder)
+            generator = copy.deepcopy(src.generator)
             generator.tokens.reset()
-            index = self.index
+            index = src.index
             trainer = None
-            if cfg.train.strategy != "none":
+            if train and cfg.train.strategy != "none":
                 trainer = Trainer(cfg, self.splits.corpus, self.splits.train, embedder, generator, index, acc,
-                                  on_metrics=tracker.log_metrics, show_progress=self.show_progress)
+                                  on_metrics=tracker.log_metrics, show_progress=self.show_progress, phases=phases)
                 trainer.train()
                 index = trainer.index
+            train_ledger = copy.deepcopy(ledger)
             ledger.set_params(trainable=_trainable_count(cfg, embedder, generator),
                               total=embedder.num_parameters() + generator.num_parameters())
             questions = self.splits.get(split)
@@ -149,7 +176,8 @@ class Experiment:
             if self.is_rank0 and cfg.train.strategy != "none":
                 self._save_models(cfg, key, embedder, generator)
         return RunResult(key, label, res.metrics, costs, seconds, getattr(tracker, "run_id", None),
-                         trainer.state.history if trainer else [], cfg)
+                         trainer.state.history if trainer else [], cfg,
+                         Models(embedder, generator, index, train_ledger) if keep_models else None)
 
     def _save_models(self, cfg: ExperimentConfig, key: str, embedder: Embedder, generator: Generator) -> None:
         """Fine-tuned parts go under output_dir/models/<strategy>-<config hash>/ (small: encoder + adapter)."""

@@ -83,9 +83,10 @@ def phases_for(cfg: ExperimentConfig) -> list[Phase]:
     raise StrategyError(f"unknown strategy {t.strategy!r}")
 
 
-def check_strategy_data(cfg: ExperimentConfig, train_questions: list[Question]) -> None:
+def check_strategy_data(cfg: ExperimentConfig, train_questions: list[Question],
+                        phases: list[Phase] | None = None) -> None:
     """Ft-Embed needs context labels; say so before anything is trained."""
-    needs_labels = any(p.loss == "mnrl" for p in phases_for(cfg))
+    needs_labels = any(p.loss == "mnrl" for p in (phases_for(cfg) if phases is None else phases))
     unlabelled = [q.id for q in train_questions if not q.has_labels]
     if needs_labels and unlabelled:
         raise StrategyError(
@@ -150,16 +151,17 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, corpus: Corpus, train_questions: list[Question], embedder: Embedder,
                  generator: Generator, index: ShardedIndex, accountant: Accountant, *,
-                 on_metrics: Callable[[dict, int], None] | None = None, show_progress: bool = True):
+                 on_metrics: Callable[[dict, int], None] | None = None, show_progress: bool = True,
+                 phases: list[Phase] | None = None):
         self.cfg, self.corpus, self.questions = cfg, corpus, train_questions
         self.embedder, self.generator, self.index = embedder, generator, index
         self.acc = accountant
         self.on_metrics = on_metrics or (lambda m, s: None)
         self.show_progress = show_progress
         self.k = cfg.train.train_k or cfg.retrieval.top_k
-        self.phases = phases_for(cfg)
+        self.phases = phases_for(cfg) if phases is None else phases
         self.state = TrainState()
-        check_strategy_data(cfg, train_questions)
+        check_strategy_data(cfg, train_questions, self.phases)
         if any(p.train_generator for p in self.phases) and not self.generator.is_peft:
             self.generator.add_lora(cfg.generator.lora)
 
