@@ -1,0 +1,364 @@
+"""Distributed roles: the one module that reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* (and SLURM_*).
+
+A multi-process run has two kinds of processes::
+
+    trainers    every global rank but one: a DeepSpeed engine over the generator, data-parallel
+    index rank  DistributedConfig.index_rank (-1 = last): re-embeds the corpus, rebuilds the index
+
+DeepSpeed must only ever see the trainers. It calls world-wide barriers and broadcasts during ZeRO-3
+set-up, checkpoint-tag validation and ``zero.Init``; a world that contains the index rank (even with
+an ``mpu``) therefore hangs. So ``init_roles`` builds two separate things:
+
+* the **default process group over the trainers only** (trainer-local ranks 0..N-2, on
+  ``MASTER_PORT + 1``). In trainer processes RANK / WORLD_SIZE / MASTER_PORT are rewritten to those
+  trainer-local values, so DeepSpeed (which reads them too) agrees with the group it is handed. The
+  launcher's values stay in :class:`DistInfo` and in ``DISTRAG_GLOBAL_RANK`` / ``DISTRAG_GLOBAL_WORLD_SIZE``.
+* a **coordination TCPStore** (``MASTER_PORT + 2``, long timeouts) shared by the trainers and the
+  index rank. The refresh protocol (``distrag.index_service``) talks only through it, with
+  non-blocking calls on the trainer side; the index rank never joins a collective.
+
+Both store servers live in global rank 0 (the process on MASTER_ADDR). With the default
+``index_rank=-1`` that is trainer 0; an index rank placed at 0 works too, but its death then also
+takes the stores down (trainers see that as an index failure).
+
+Rank helpers: :func:`print0`, :func:`is_rank0` (trainer 0), :func:`get_logger` (a null logger on
+other ranks), :func:`barrier_trainers`, :func:`broadcast_object_trainers`, :func:`all_reduce_flag`,
+and :meth:`DistContext.shutdown` / :func:`finish` for deterministic exits (see ``finish``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as tdist
+
+from distrag.config import DistributedConfig
+
+Role = Literal["trainer", "index", "single"]
+
+DEFAULT_MASTER_PORT = 29500
+PG_PORT_OFFSET = 1
+STORE_PORT_OFFSET = 2
+#: Seconds a store client waits for a key or a connection. Trainers never block on the store (they
+#: only ``add(key, 0)`` / ``check``); this bounds the initial rendezvous and the index rank's reads.
+STORE_TIMEOUT_S = 3600.0
+
+
+class DistError(RuntimeError):
+    """The launcher environment or the role configuration is inconsistent."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    """Global rank given by the launcher (0 in a single process)."""
+    world_size: int
+    """Processes in the whole job, index rank included."""
+    local_rank: int
+    """Rank on this node (selects the GPU)."""
+    role: Role
+    """`trainer`, `index`, or `single` (world of one: trains and indexes in-process)."""
+    trainer_rank: int
+    """Rank among the trainers (DeepSpeed's rank); -1 on the index rank."""
+    n_trainers: int
+    """Trainers in the job (DeepSpeed's world size)."""
+    index_rank: int
+    """Global rank of the index process; -1 when there is none."""
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_MASTER_PORT
+
+    @property
+    def is_trainer(self) -> bool:
+        return self.role in ("trainer", "single")
+
+    @property
+    def is_index(self) -> bool:
+        return self.role == "index"
+
+    @property
+    def is_rank0(self) -> bool:
+        """Trainer 0: the only writer of shared files and MLflow records."""
+        return self.is_trainer and self.trainer_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for name in names:
+        raw = os.environ.get(name)
+        if raw not in (None, ""):
+            try:
+                return int(raw)
+            except ValueError:
+                raise DistError(f"environment variable {name}={raw!r} is not an integer") from None
+    return default
+
+
+def _slurm_master_addr() -> str | None:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        return out[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def get_dist_info(cfg: DistributedConfig | None = None, *, with_index_rank: bool = True) -> DistInfo:
+    """Roles from the launcher's environment (torchrun/deepspeed: RANK..., srun: SLURM_PROCID...).
+
+    ``with_index_rank=False`` (e.g. ``train.refresh_every == 0``): every process is a trainer.
+    """
+    cfg = cfg or DistributedConfig()
+    # In a trainer whose env was rewritten by init_roles, the launcher's values are kept here.
+    rank = _env_int("DISTRAG_GLOBAL_RANK", "RANK", "SLURM_PROCID", default=0)
+    world = _env_int("DISTRAG_GLOBAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    addr = os.environ.get("DISTRAG_GLOBAL_MASTER_ADDR") or os.environ.get("MASTER_ADDR")
+    if not addr:
+        addr = (_slurm_master_addr() if world > 1 else None) or "127.0.0.1"
+    port = _env_int("DISTRAG_GLOBAL_MASTER_PORT", "MASTER_PORT", default=None)
+    if port is None:
+        job = _env_int("SLURM_JOB_ID", default=None)
+        port = 20000 + job % 20000 if job is not None else DEFAULT_MASTER_PORT
+    if world < 1 or not 0 <= rank < world:
+        raise DistError(f"inconsistent launcher environment: rank {rank}, world size {world}")
+    if world == 1:
+        return DistInfo(rank, 1, local, "single", 0, 1, -1, addr, port)
+    if not with_index_rank:
+        return DistInfo(rank, world, local, "trainer", rank, world, -1, addr, port)
+    if world < 2:
+        raise DistError("an index rank needs a world of at least 2 processes")
+    idx = cfg.index_rank if cfg.index_rank >= 0 else world + cfg.index_rank
+    if not 0 <= idx < world:
+        raise DistError(f"distributed.index_rank={cfg.index_rank} is outside the world of {world} processes")
+    if rank == idx:
+        return DistInfo(rank, world, local, "index", -1, world - 1, idx, addr, port)
+    trank = rank if rank < idx else rank - 1
+    return DistInfo(rank, world, local, "trainer", trank, world - 1, idx, addr, port)
+
+
+# ----------------------------------------------------------------------------------------------
+# the context
+
+
+@dataclass
+class DistContext:
+    info: DistInfo
+    store: Any = None
+    """World-wide coordination TCPStore (trainers + index rank); None in a single process."""
+    backend: str | None = None
+    """Backend of the trainers' default process group (None: no group)."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _pg_store: Any = None
+    _closed: bool = False
+
+    @property
+    def has_group(self) -> bool:
+        return self.backend is not None and tdist.is_available() and tdist.is_initialized()
+
+    # collectives over the trainers (no-ops in a single process; never called on the index rank)
+    def _check_trainer(self, what: str) -> None:
+        if self.info.is_index:
+            raise DistError(f"{what} is a trainer collective; the index rank never joins one")
+
+    def barrier_trainers(self) -> None:
+        self._check_trainer("barrier_trainers")
+        if self.has_group and self.info.n_trainers > 1:
+            tdist.barrier()
+
+    def broadcast_object_trainers(self, obj: Any, src: int = 0) -> Any:
+        """Trainer ``src``'s ``obj`` on every trainer (pickled; keep it small)."""
+        self._check_trainer("broadcast_object_trainers")
+        if not self.has_group or self.info.n_trainers == 1:
+            return obj
+        box = [obj if self.info.trainer_rank == src else None]
+        tdist.broadcast_object_list(box, src=src, device=self._obj_device())
+        return box[0]
+
+    def all_reduce_flag(self, flag: bool) -> bool:
+        """True on every trainer if it is true on any trainer."""
+        self._check_trainer("all_reduce_flag")
+        if not self.has_group or self.info.n_trainers == 1:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._obj_device())
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _obj_device(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def shutdown(self) -> None:
+        """Destroy the trainers' group and drop the stores, deterministically (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.has_group:
+            try:
+                tdist.destroy_process_group()
+            except (RuntimeError, OSError) as e:  # a peer already gone: nothing left to tear down cleanly
+                print(f"[distrag.dist] destroy_process_group: {e!r}", file=sys.stderr)
+        self.store = None
+        self._pg_store = None
+        gc.collect()
+
+
+_CTX: DistContext | None = None
+
+
+def _choose_backend(cfg: DistributedConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_roles(cfg: DistributedConfig | None = None, *, with_index_rank: bool = True,
+               timeout_s: float = STORE_TIMEOUT_S) -> DistContext:
+    """Set up roles, the trainers-only default process group and the coordination store.
+
+    Every process of the job calls it once, first thing. World of one: no groups, no store.
+    """
+    global _CTX
+    cfg = cfg or DistributedConfig()
+    info = get_dist_info(cfg, with_index_rank=with_index_rank)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    if info.world_size == 1:
+        _CTX = DistContext(info, device=device)
+        return _CTX
+
+    timeout = timedelta(seconds=timeout_s)
+    is_host = info.rank == 0
+    # Coordination store, world-wide: trainers and the index rank.
+    store = tdist.TCPStore(info.master_addr, info.master_port + STORE_PORT_OFFSET, world_size=None,
+                           is_master=is_host, timeout=timeout, wait_for_workers=False)
+    ctx = DistContext(info, store=store, device=device)
+    # The trainers' group store is also hosted by global rank 0, even when that is the index rank
+    # (it serves the rendezvous only; it never joins the group).
+    pg_store = tdist.TCPStore(info.master_addr, info.master_port + PG_PORT_OFFSET, world_size=None,
+                              is_master=is_host, timeout=timeout, wait_for_workers=False)
+    ctx._pg_store = pg_store
+    if info.is_trainer:
+        backend = _choose_backend(cfg)
+        os.environ.update({
+            "DISTRAG_GLOBAL_RANK": str(info.rank), "DISTRAG_GLOBAL_WORLD_SIZE": str(info.world_size),
+            "DISTRAG_GLOBAL_MASTER_ADDR": info.master_addr,
+            "DISTRAG_GLOBAL_MASTER_PORT": str(info.master_port),
+            # what DeepSpeed reads: its world is the trainers
+            "RANK": str(info.trainer_rank), "WORLD_SIZE": str(info.n_trainers),
+            "MASTER_ADDR": info.master_addr, "MASTER_PORT": str(info.master_port + PG_PORT_OFFSET),
+        })
+        tdist.init_process_group(backend, store=tdist.PrefixStore("trainers", pg_store),
+                                 rank=info.trainer_rank, world_size=info.n_trainers, timeout=timeout)
+        ctx.backend = backend
+    _CTX = ctx
+    return ctx
+
+
+def current() -> DistContext:
+    """The context of this process (a single-process one if ``init_roles`` was never called)."""
+    global _CTX
+    if _CTX is None:
+        _CTX = DistContext(get_dist_info(), device=torch.device("cpu"))
+    return _CTX
+
+
+def reset_context() -> None:
+    """Forget the context (tests that run several set-ups in one process)."""
+    global _CTX
+    _CTX = None
+
+
+# ----------------------------------------------------------------------------------------------
+# rank helpers
+
+
+def is_rank0() -> bool:
+    return current().info.is_rank0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier_trainers() -> None:
+    current().barrier_trainers()
+
+
+def broadcast_object_trainers(obj: Any, src: int = 0) -> Any:
+    return current().broadcast_object_trainers(obj, src)
+
+
+def all_reduce_flag(flag: bool) -> bool:
+    return current().all_reduce_flag(flag)
+
+
+def get_logger(name: str = "distrag") -> logging.Logger:
+    """A logger that writes on trainer 0 and the index rank, and a null logger elsewhere.
+
+    Lets the code log unconditionally instead of ``if rank == 0`` everywhere.
+    """
+    info = current().info
+    role = "index" if info.is_index else f"t{info.trainer_rank}"
+    logger = logging.getLogger(f"{name}.{role}")
+    if not logger.handlers:
+        if info.is_rank0 or info.is_index:
+            h = logging.StreamHandler(sys.stderr)
+            h.setFormatter(logging.Formatter(f"%(asctime)s [{role}] %(levelname)s %(message)s"))
+            logger.addHandler(h)
+            logger.setLevel(logging.INFO)
+        else:
+            logger.addHandler(logging.NullHandler())
+            logger.setLevel(logging.CRITICAL + 1)
+        logger.propagate = False
+    return logger
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def finish(exit_code: int = 0, *, ctx: DistContext | None = None, join_timeout_s: float = 10.0) -> None:
+    """Tear down and leave the process with ``exit_code``, deterministically. Does not return.
+
+    Why: after a *successful* ZeRO-3 run, interpreter teardown can destroy c10d / DeepSpeed objects
+    (gloo contexts, background threads, the shared-memory comm extension) in an arbitrary order and
+    abort with "terminate called without an active exception" -> exit code 134, so the launcher
+    reports a failure for a run that worked. We destroy the process groups ourselves, join our
+    non-daemon threads, flush every stream and logging handler, and then ``os._exit`` so no C++
+    destructor runs during interpreter shutdown. Everything worth keeping must already be written
+    (checkpoints and index versions are atomic, MLflow is closed by its owner before this call).
+    """
+    ctx = ctx or _CTX
+    try:
+        if ctx is not None:
+            ctx.shutdown()
+        me = threading.current_thread()
+        for t in threading.enumerate():
+            if t is not me and not t.daemon and t is not threading.main_thread():
+                t.join(timeout=join_timeout_s)
+        logging.shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError) as e:  # closed or broken pipe: nothing more to say
+                os.write(2, f"[distrag.dist] flush failed: {e!r}\n".encode())
+        os._exit(exit_code)
