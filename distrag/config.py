@@ -225,6 +225,9 @@ class DistributedConfig(Section):
     """Complete checkpoints kept on disk."""
     resume: str | None = None
     """`auto` (newest complete checkpoint, or a fresh start if none) or a checkpoint path (must exist)."""
+    stop_after: int | None = Field(None, ge=1)
+    """Checkpoint and exit after this many global steps, as a preemption would (time-sliced jobs;
+    resume with `resume=auto`)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Collective backend: nccl on GPUs, gloo on CPU."""
 

@@ -119,18 +119,15 @@ class Experiment:
         """
         cfg = cfg or self.cfg
         assert self.splits is not None, "call setup() first"
-        key = strategy_key(cfg)
-        label = STRATEGY_LABELS.get(key, key)
         split = eval_split or cfg.eval_split
-        tags = experiment_tags(cfg, kind=kind, strategy=key, dataset=self.splits.name)
-        tags["distrag.label"] = label
-        tags["distrag.eval_split"] = split
-        name = run_name or cfg.tracking.run_name or f"{label} {self.splits.name}"
         if parent is not None:
-            tracker = parent.child(run_name=name, tags=tags)
-            tracker.log_params({k: v for k, v in _flat(cfg).items()})
+            key = strategy_key(cfg)
+            tags = experiment_tags(cfg, kind=kind, strategy=key, dataset=self.splits.name)
+            tags.update({"distrag.label": STRATEGY_LABELS.get(key, key), "distrag.eval_split": split})
+            tracker = parent.child(run_name=run_name or f"{tags['distrag.label']} {self.splits.name}", tags=tags)
+            tracker.log_params(_flat(cfg))
         else:
-            tracker = open_tracker(cfg, run_name=name, tags=tags, is_rank0=self.is_rank0)
+            tracker = self.open_run(cfg, kind=kind, run_name=run_name, split=split)
         ledger = CostLedger()
         if start is None:
             ledger.merge(self.index_ledger)  # every run pays for (or reuses) the frozen index build
@@ -153,31 +150,52 @@ class Experiment:
                 trainer.train()
                 index = trainer.index
             train_ledger = copy.deepcopy(ledger)
-            ledger.set_params(trainable=_trainable_count(cfg, embedder, generator),
-                              total=embedder.num_parameters() + generator.num_parameters())
-            questions = self.splits.get(split)
-            if cfg.max_eval_questions:
-                questions = questions[:cfg.max_eval_questions]
-            pipe = RAGPipeline(cfg, self.splits.corpus, embedder, generator, index, accountant=acc)
-            decoding = cfg.generator.decoding
-            if decoding == "auto":
-                decoding = "rag" if any(p.uses_rag for p in phases_for(cfg)) else "concat"
-            with ledger.phase(f"eval_{split}"):
-                res: EvalResult = pipe.evaluate(questions, show_progress=self.show_progress, decoding=decoding)
-            seconds = time.perf_counter() - t0
-            metrics = {f"{split}/{k}": v for k, v in res.metrics.items()}
-            costs = ledger.to_metrics()
-            tracker.log_metrics({**metrics, **costs})
-            tracker.set_tags({"distrag.decoding": decoding})
-            if trainer is not None:
-                tracker.log_dict(trainer.state.history, "train_history.json")
-            tracker.log_text("\n".join(json.dumps(r) for r in res.rows(questions)) + "\n",
-                             f"predictions_{split}.jsonl")
-            if self.is_rank0 and cfg.train.strategy != "none":
-                self._save_models(cfg, key, embedder, generator)
+            res = self.evaluate_and_record(cfg, tracker, acc, embedder, generator, index, split=split,
+                                           history=trainer.state.history if trainer else None, t0=t0)
+        res.models = Models(embedder, generator, index, train_ledger) if keep_models else None
+        return res
+
+    def open_run(self, cfg: ExperimentConfig, *, kind: str = "strategy", run_name: str | None = None,
+                 split: str | None = None, run_id: str | None = None, is_rank0: bool | None = None):
+        """The MLflow run of one strategy (a null tracker off rank 0)."""
+        key = strategy_key(cfg)
+        label = STRATEGY_LABELS.get(key, key)
+        tags = experiment_tags(cfg, kind=kind, strategy=key, dataset=self.splits.name)
+        tags.update({"distrag.label": label, "distrag.eval_split": split or cfg.eval_split})
+        name = run_name or cfg.tracking.run_name or f"{label} {self.splits.name}"
+        return open_tracker(cfg, run_name=name, tags=tags, run_id=run_id,
+                            is_rank0=self.is_rank0 if is_rank0 is None else is_rank0)
+
+    def evaluate_and_record(self, cfg: ExperimentConfig, tracker, acc: Accountant, embedder: Embedder,
+                            generator: Generator, index: ShardedIndex, *, split: str,
+                            history: list[dict] | None, t0: float) -> RunResult:
+        """Score trained models on ``split`` and record quality, cost and artifacts in ``tracker``."""
+        key = strategy_key(cfg)
+        label = STRATEGY_LABELS.get(key, key)
+        ledger = acc.ledger
+        ledger.set_params(trainable=_trainable_count(cfg, embedder, generator),
+                          total=embedder.num_parameters() + generator.num_parameters())
+        questions = self.splits.get(split)
+        if cfg.max_eval_questions:
+            questions = questions[:cfg.max_eval_questions]
+        pipe = RAGPipeline(cfg, self.splits.corpus, embedder, generator, index, accountant=acc)
+        decoding = cfg.generator.decoding
+        if decoding == "auto":
+            decoding = "rag" if any(p.uses_rag for p in phases_for(cfg)) else "concat"
+        with ledger.phase(f"eval_{split}"):
+            res: EvalResult = pipe.evaluate(questions, show_progress=self.show_progress, decoding=decoding)
+        seconds = time.perf_counter() - t0
+        metrics = {f"{split}/{k}": v for k, v in res.metrics.items()}
+        costs = ledger.to_metrics()
+        tracker.log_metrics({**metrics, **costs})
+        tracker.set_tags({"distrag.decoding": decoding})
+        if history is not None:
+            tracker.log_dict(history, "train_history.json")
+        tracker.log_text("\n".join(json.dumps(r) for r in res.rows(questions)) + "\n", f"predictions_{split}.jsonl")
+        if self.is_rank0 and cfg.train.strategy != "none":
+            self._save_models(cfg, key, embedder, generator)
         return RunResult(key, label, res.metrics, costs, seconds, getattr(tracker, "run_id", None),
-                         trainer.state.history if trainer else [], cfg,
-                         Models(embedder, generator, index, train_ledger) if keep_models else None)
+                         history or [], cfg)
 
     def _save_models(self, cfg: ExperimentConfig, key: str, embedder: Embedder, generator: Generator) -> None:
         """Fine-tuned parts go under output_dir/models/<strategy>-<config hash>/ (small: encoder + adapter)."""

@@ -283,8 +283,33 @@ class Trainer:
         self.state.index_weights_step = self.state.global_step
         log.info("index refreshed (v%d) in %.1fs", self.state.index_version, time.perf_counter() - t0)
 
+    # -- hooks the distributed runner overrides ----------------------------------------------------
+    def step_questions(self, phase_index: int, step: int) -> list[Question]:
+        """The questions of optimizer step ``step`` of phase ``phase_index`` on this process."""
+        t = self.cfg.train
+        idx = batch_indices(len(self.questions), t.batch_size, t.seed + phase_index, step)
+        return [self.questions[i] for i in idx]
+
+    def on_step_start(self, phase: Phase) -> None:
+        """Before each optimizer step (the distributed runner adopts new index versions here)."""
+
+    def on_step_end(self, phase: Phase, n_steps: int) -> bool:
+        """After each optimizer step; return True to stop the loop now (preemption)."""
+        t = self.cfg.train
+        if t.refresh_every and phase.train_embedder and self.state.step % t.refresh_every == 0 \
+                and self.state.step < n_steps:
+            self.refresh_index()
+        return False
+
+    def step_rng(self) -> random.Random:
+        """Per-step randomness (gold passage choice, negative padding): a function of the position
+        alone, so a resumed run draws exactly what the uninterrupted one drew."""
+        t = self.cfg.train
+        return random.Random(f"{t.seed}/{self.state.phase_index}/{self.state.step}")
+
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> TrainState:
+        """Run the remaining phases from ``self.state`` (fresh, or restored from a checkpoint)."""
         from tqdm.auto import tqdm
 
         t = self.cfg.train
@@ -292,18 +317,20 @@ class Trainer:
         n_steps = self.steps_per_phase()
         while self.state.phase_index < len(self.phases):
             phase = self.phases[self.state.phase_index]
+            if self.state.step == 0:
+                torch.manual_seed(t.seed + self.state.phase_index)
             self.make_optimizers(phase, n_steps)
-            rng = random.Random(t.seed + 7919 * self.state.phase_index)
-            torch.manual_seed(t.seed + self.state.phase_index)
+            self.after_optimizers(phase)
             with self.acc.phase(phase.name):
                 bar = tqdm(total=n_steps, initial=self.state.step, desc=f"{t.strategy}:{phase.name}",
                            disable=not self.show_progress, leave=False)
                 while self.state.step < n_steps:
-                    idx = batch_indices(len(self.questions), t.batch_size, t.seed + self.state.phase_index,
-                                        self.state.step)
+                    self.on_step_start(phase)
+                    questions = self.step_questions(self.state.phase_index, self.state.step)
+                    rng = self.step_rng()
                     stats: dict[str, float] = {}
                     for m in range(accum):
-                        mb = [self.questions[i] for i in idx[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]]
+                        mb = questions[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]
                         loss, s = self.compute_loss(phase, mb, rng)
                         self.backward(loss / accum)
                         for key, v in s.items():
@@ -311,18 +338,20 @@ class Trainer:
                     stats["grad_norm"] = self.optimizer_step()
                     self.state.step += 1
                     self.state.global_step += 1
-                    stats["lr_embedder"] = t.lr_embedder if phase.train_embedder else 0.0
                     self.state.history.append({"phase": phase.name, "step": self.state.step, **stats})
                     self.on_metrics({f"train/{phase.name}/{k}": v for k, v in stats.items()},
                                     self.state.global_step)
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}")
-                    if t.refresh_every and phase.train_embedder and self.state.step % t.refresh_every == 0 \
-                            and self.state.step < n_steps:
-                        self.refresh_index()
+                    if self.on_step_end(phase, n_steps):
+                        bar.close()
+                        return self.state
                 bar.close()
             self.state.phase_index += 1
             self.state.step = 0
         set_embedder_trainable(self.embedder, False)
         set_generator_trainable(self.generator, False)
         return self.state
+
+    def after_optimizers(self, phase: Phase) -> None:
+        """Called once the phase's optimizers exist (a resume restores their state here)."""
