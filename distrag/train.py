@@ -163,7 +163,11 @@ class Trainer:
         self.state = TrainState()
         check_strategy_data(cfg, train_questions, self.phases)
         if any(p.train_generator for p in self.phases) and not self.generator.is_peft:
-            self.generator.add_lora(cfg.generator.lora)
+            # LoRA A matrices are initialised randomly: from the run's seed, not from whatever the
+            # global RNG went through before (model loading, other runs in the same process)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)
+                self.generator.add_lora(cfg.generator.lora)
 
     # -- schedule ------------------------------------------------------------------------------
     def steps_per_phase(self) -> int:

