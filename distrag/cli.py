@@ -106,7 +106,8 @@ def cmd_advise(args) -> int:
     from distrag.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    print(advise(cfg.tracking, labels_available=args.labels, lrs_known=args.lrs_known))
+    print(advise(cfg.tracking, labels_available=args.labels, lrs_known=args.lrs_known,
+                 grid=cfg if args.config else None))
     return 0
 
 

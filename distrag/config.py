@@ -270,8 +270,17 @@ class ExperimentConfig(Section):
     """Score at most this many questions of the eval split."""
 
     def config_hash(self) -> str:
-        """Stable hash of the settings (tags runs so identical configs can be grouped)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Stable hash of the settings that shape the results (tags runs so identical configs can be
+        grouped; names a distributed run's folder). Where results go and how a job is sliced into
+        resumable pieces (tracking, output_dir, resume, stop_after, checkpoint cadence) are left out,
+        so a resumed job finds its own checkpoints."""
+        tree = self.model_dump(mode="json")
+        tree.pop("tracking", None)
+        tree.pop("output_dir", None)
+        for k in ("resume", "stop_after", "checkpoint_every", "keep_checkpoints", "index_timeout_s",
+                  "on_index_failure"):
+            tree["distributed"].pop(k, None)
+        blob = json.dumps(tree, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -40,7 +40,7 @@ class Accountant:
 
     # -- embedder --------------------------------------------------------------------------------
     def encoder(self, embedder, attention_mask: torch.Tensor, *, train: bool, category: str) -> None:
-        """A padded encoder batch (training or not)."""
+        """A padded encoder batch; ``train``: full fine-tuning (3x forward), charged to ``train``."""
         B, S = attention_mask.shape
         cfg = embedder.model.config
         flops = (transformer_train_flops(cfg, B * S, S, "full") if train
@@ -63,8 +63,10 @@ class Accountant:
     # The generator counts the tokens of its calls (Generator.tokens); each call site charges the
     # call it just made, and charging consumes those counters.
     def generator(self, generator, *, lp_mask: torch.Tensor, prompts: list[str], answers: list[str],
-                  train: bool) -> None:
-        """An ``answer_logprobs`` call that just ran, at its padded shape."""
+                  train: bool, category: str | None = None) -> None:
+        """An ``answer_logprobs`` call that just ran, at its padded shape. ``train``: the LoRA adapters
+        get gradients. A frozen forward is charged to ``category`` (default ``score``; training
+        passes it ``train``: the frozen generator's forwards are part of a retriever phase's cost)."""
         padded, generator.tokens.scored_padded, generator.tokens.scored = generator.tokens.scored_padded, 0, 0
         B = len(prompts)
         if padded <= 0 or B == 0:
@@ -77,7 +79,7 @@ class Accountant:
                                 attention_flops=parts["attention"])
             self.ledger.add("train", flops, tokens=padded)
         else:
-            self.ledger.add("score", transformer_forward_flops(cfg, padded, S), tokens=padded)
+            self.ledger.add(category or "score", transformer_forward_flops(cfg, padded, S), tokens=padded)
 
     def generation(self, generator, prompts: list[str], outputs: list[str]) -> None:
         """A ``generate`` call that just ran: KV-cached decoding at the call's mean lengths."""

@@ -85,7 +85,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
     report_dir = write_report_for_results(results, Path(cfg.output_dir) / "report", cfg=cfg)
     base = results[0].metrics["em"]
     best = max(results[1:], key=lambda r: r.metrics["em"])
-    print(f"\nEM gain over No-FT: " + ", ".join(f"{r.label} {100 * (r.metrics['em'] - base):+.1f}"
+    print("\nEM gain over No-FT: " + ", ".join(f"{r.label} {100 * (r.metrics['em'] - base):+.1f}"
                                              for r in results[1:]))
     print(f"best: {best.label} ({100 * best.metrics['em']:.1f} EM); demo took {time.perf_counter() - t0:.0f} s")
     print(f"report (Markdown, CSV, plots): {report_dir}")

@@ -319,6 +319,9 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
                     preempt.requeue(ctx)
             rc = preempt.EXIT_REQUEUED
         elif rank0:
+            from distrag.io import atomic_write_json
+
+            atomic_write_json(root / "history.json", trainer.state.history)
             total = CostLedger(n_devices=1)
             for st in states or [acc.ledger.state_dict()]:
                 total.merge(CostLedger.from_state_dict(st), parallel=True)

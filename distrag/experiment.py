@@ -25,7 +25,7 @@ from distrag.ledger import CostLedger
 from distrag.pipeline import EvalResult, RAGPipeline
 from distrag.records import Splits
 from distrag.tracking import experiment_tags, open_tracker
-from distrag.train import Phase, Trainer, phases_for
+from distrag.train import Phase, Trainer, check_strategy_data, phases_for
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class Models:
     generator: Generator
     index: ShardedIndex
     ledger: CostLedger
+    """Everything these models cost, from the frozen index build on."""
+    own: CostLedger
+    """The training of the run that produced them, alone."""
 
 
 @dataclass
@@ -62,6 +65,8 @@ class RunResult:
     cfg: ExperimentConfig | None = None
     models: Models | None = None
     search_flops: float | None = None
+    own_flops: float = 0.0
+    """FLOPs of this run's own training and evaluation (nothing carried from earlier runs)."""
 
     def row(self) -> dict:
         return {"strategy": self.label, **self.metrics, **self.costs, "run_id": self.run_id}
@@ -119,6 +124,8 @@ class Experiment:
         """
         cfg = cfg or self.cfg
         assert self.splits is not None, "call setup() first"
+        if train and cfg.train.strategy != "none":  # fail before anything is trained or recorded
+            check_strategy_data(cfg, self.splits.train, phases)
         split = eval_split or cfg.eval_split
         if parent is not None:
             key = strategy_key(cfg)
@@ -128,31 +135,35 @@ class Experiment:
             tracker.log_params(_flat(cfg))
         else:
             tracker = self.open_run(cfg, kind=kind, run_name=run_name, split=split)
-        ledger = CostLedger()
-        if start is None:
-            ledger.merge(self.index_ledger)  # every run pays for (or reuses) the frozen index build
-        else:
-            ledger.merge(start.ledger)  # a continuation carries the cost of what it continues
-        for prior in prior_costs:
-            ledger.merge(prior)
-        acc = Accountant(ledger)
+        own = CostLedger()  # the work of this run alone
         t0 = time.perf_counter()
         with tracker:
-            src = start or Models(self.embedder, self.generator, self.index, self.index_ledger)
+            src = start or Models(self.embedder, self.generator, self.index, self.index_ledger, CostLedger())
             embedder = copy.deepcopy(src.embedder)
             generator = copy.deepcopy(src.generator)
             generator.tokens.reset()
             index = src.index
             trainer = None
             if train and cfg.train.strategy != "none":
-                trainer = Trainer(cfg, self.splits.corpus, self.splits.train, embedder, generator, index, acc,
-                                  on_metrics=tracker.log_metrics, show_progress=self.show_progress, phases=phases)
+                trainer = Trainer(cfg, self.splits.corpus, self.splits.train, embedder, generator, index,
+                                  Accountant(own), on_metrics=tracker.log_metrics, show_progress=self.show_progress,
+                                  phases=phases)
                 trainer.train()
                 index = trainer.index
-            train_ledger = copy.deepcopy(ledger)
-            res = self.evaluate_and_record(cfg, tracker, acc, embedder, generator, index, split=split,
-                                           history=trainer.state.history if trainer else None, t0=t0)
-        res.models = Models(embedder, generator, index, train_ledger) if keep_models else None
+            # The result's cost: what it continues (or the frozen index build every run needs), earlier
+            # work it combines (prior_costs), and its own training.
+            ledger = CostLedger()
+            ledger.merge(src.ledger)
+            for prior in prior_costs:
+                ledger.merge(prior)
+            ledger.merge(own)
+            trained = Models(embedder, generator, index, copy.deepcopy(ledger), copy.deepcopy(own))
+            before_eval = ledger.total_flops
+            res = self.evaluate_and_record(cfg, tracker, Accountant(ledger), embedder, generator, index,
+                                           split=split, history=trainer.state.history if trainer else None, t0=t0,
+                                           own_flops=own.total_flops)
+            res.own_flops = own.total_flops + (ledger.total_flops - before_eval)
+        res.models = trained if keep_models else None
         return res
 
     def open_run(self, cfg: ExperimentConfig, *, kind: str = "strategy", run_name: str | None = None,
@@ -168,7 +179,7 @@ class Experiment:
 
     def evaluate_and_record(self, cfg: ExperimentConfig, tracker, acc: Accountant, embedder: Embedder,
                             generator: Generator, index: ShardedIndex, *, split: str,
-                            history: list[dict] | None, t0: float) -> RunResult:
+                            history: list[dict] | None, t0: float, own_flops: float | None = None) -> RunResult:
         """Score trained models on ``split`` and record quality, cost and artifacts in ``tracker``."""
         key = strategy_key(cfg)
         label = STRATEGY_LABELS.get(key, key)
@@ -187,6 +198,8 @@ class Experiment:
         seconds = time.perf_counter() - t0
         metrics = {f"{split}/{k}": v for k, v in res.metrics.items()}
         costs = ledger.to_metrics()
+        if own_flops is not None:  # training of this run + its evaluation
+            costs["cost/own_flops"] = own_flops + ledger.phase_totals(f"eval_{split}")["flops"]
         tracker.log_metrics({**metrics, **costs})
         tracker.set_tags({"distrag.decoding": decoding})
         if history is not None:

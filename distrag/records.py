@@ -134,7 +134,7 @@ class RAGData:
         if n - n_test - n_dev < 1 and (dev_fraction + test_fraction) < 1:
             raise DataError(f"{n} questions are too few for dev_fraction={dev_fraction} and "
                             f"test_fraction={test_fraction}", file=self.name)
-        pick = lambda idx: [self.questions[i] for i in sorted(idx)]  # noqa: E731
+        pick = lambda idx: [self.questions[i] for i in sorted(idx)]
         return Splits(self.corpus, train=pick(order[n_test + n_dev:]), dev=pick(order[n_test:n_test + n_dev]),
                       test=pick(order[:n_test]), name=self.name)
 

@@ -13,7 +13,8 @@ How each strategy searches (m = len(sweep.lr_embedder), n = len(sweep.lr_generat
 
 Selection is by dev EM, ties broken by dev F1. Each grid point is an MLflow child run (kind
 ``sweep_point``) under the strategy's sweep run (kind ``sweep``), which records the search cost
-(``sweep/search_flops``, ``sweep/search_wall_s``, ``sweep/n_points``) and the selected rates; the
+(``sweep/search_flops`` = the index build once + every point's own training and dev evaluation,
+``sweep/search_wall_s``, ``sweep/n_points``) and the selected rates; the
 selected models are then scored on ``eval_split`` in a run of kind ``strategy`` that
 ``distrag report`` shows with its search cost.
 """
@@ -50,7 +51,7 @@ def select(points: list[RunResult]) -> RunResult:
     """Best grid point on dev: highest EM, ties broken by F1, then by order (first wins)."""
     if not points:
         raise ValueError("nothing to select from")
-    return max(reversed(points), key=lambda r: (r.metrics.get("em", 0.0), r.metrics.get("f1", 0.0)))
+    return max(points, key=lambda r: (r.metrics.get("em", 0.0), r.metrics.get("f1", 0.0)))
 
 
 def grid_size(cfg: ExperimentConfig, strategy: str) -> int:
@@ -67,9 +68,10 @@ def _with(cfg: ExperimentConfig, **train) -> ExperimentConfig:
     return c
 
 
-def _cost(points: list[RunResult]) -> tuple[float, float]:
-    return (sum(p.costs.get("cost/total_flops", 0.0) for p in points),
-            sum(p.costs.get("cost/wall_s", p.seconds) for p in points))
+def _cost(points: list[RunResult], index_build_flops: float) -> tuple[float, float]:
+    """Search cost: the frozen index build once, plus each grid point's own training and dev
+    evaluation (a phase-2 point does not pay again for the phase-1 model it continues)."""
+    return index_build_flops + sum(p.own_flops for p in points), sum(p.seconds for p in points)
 
 
 class Sweeper:
@@ -104,9 +106,9 @@ class Sweeper:
             selected = {"lr_embedder": be.cfg.train.lr_embedder, "lr_generator": bg.cfg.train.lr_generator}
             final_cfg = _with(cfg, **selected)
             # combine: Ft-Gen's LoRA generator with Ft-Embed's question encoder
-            start = bg.models
-            start = type(start)(be.models.embedder, bg.models.generator, be.models.index, bg.models.ledger)
-            prior = [be.models.ledger]
+            start = type(bg.models)(be.models.embedder, bg.models.generator, be.models.index, bg.models.ledger,
+                                    bg.models.own)
+            prior = [be.models.own]  # Ft-Embed's training; the index build is already in Ft-Gen's ledger
             notes.append("independent = selected Ft-Embed encoder + selected Ft-Gen generator")
         elif strategy == "two_phase":
             first, second = phases_for(cfg)
@@ -139,7 +141,7 @@ class Sweeper:
             raise ValueError(f"strategy {strategy!r} cannot be swept; choose from embed_ft, gen_ft, independent, "
                              f"two_phase, joint")
         self.selected_rates[strategy] = selected
-        flops, wall = _cost(points)
+        flops, wall = _cost(points, self.exp.index_ledger.total_flops)
         final = self.exp.run(final_cfg, parent=parent, kind="strategy", train=False, start=start, prior_costs=prior,
                              run_name=f"{strategy_key(final_cfg)} selected")
         final.search_flops = flops

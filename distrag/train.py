@@ -185,8 +185,8 @@ class Trainer:
         batch = self.embedder.tokenize(texts)
         with torch.set_grad_enabled(phase.train_embedder):
             qv = self.embedder(**batch)
-        self.acc.encoder(self.embedder, batch["attention_mask"], train=phase.train_embedder,
-                         category="train_embedder" if phase.train_embedder else "encode_questions")
+        # every forward a training step needs is training compute, frozen parts included
+        self.acc.encoder(self.embedder, batch["attention_mask"], train=phase.train_embedder, category="train")
         res = self.index.search(qv.detach().float().cpu().numpy(), self.k, return_vectors=phase.uses_rag)
         answers = [q.answers[0] for q in questions]
         if phase.loss == "nll":
@@ -194,7 +194,7 @@ class Trainer:
                        for q, row in zip(questions, res.ids)]
             lp, mask = self.generator.answer_logprobs(prompts, answers)
             self.acc.generator(self.generator, lp_mask=mask, prompts=prompts, answers=answers,
-                               train=phase.train_generator)
+                               train=phase.train_generator, category="train")
             loss = nll_loss(lp, mask)
             return loss, {"loss": loss.item()}
         # RAG-Sequence / RAG-Token: one prompt per (question, retrieved passage)
@@ -210,7 +210,7 @@ class Trainer:
         with torch.set_grad_enabled(phase.train_generator):
             lp, mask = self.generator.answer_logprobs(prompts, ans)
         self.acc.generator(self.generator, lp_mask=mask, prompts=prompts, answers=ans,
-                           train=phase.train_generator)
+                           train=phase.train_generator, category="train")
         B, k = res.ids.shape
         lp, mask = lp.view(B, k, -1), mask.view(B, k, -1)
         lp = lp.to(doc_lp.device)
@@ -223,7 +223,7 @@ class Trainer:
         t = self.cfg.train
         batch = self.embedder.tokenize([q.text for q in questions])
         qv = self.embedder(**batch)
-        self.acc.encoder(self.embedder, batch["attention_mask"], train=True, category="train_embedder")
+        self.acc.encoder(self.embedder, batch["attention_mask"], train=True, category="train")
         # One gold passage per question per step (a question with two gold passages alternates), so
         # a question never meets its own other gold passage as an in-batch negative.
         gold = np.array([self.corpus.position(rng.choice(q.gold_passage_ids)) for q in questions])
