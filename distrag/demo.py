@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from distrag.config import ExperimentConfig, load_config
+from distrag.experiment import Models
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ def demo_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
     return out
 
 
+def combine_independent(exp, cfg: ExperimentConfig, embed: Models, gen: Models):
+    """Independent = the Ft-Embed question encoder + the Ft-Gen generator, trained separately (here:
+    the two rows above, not trained a second time). Its cost is both trainings plus one index build."""
+    both = Models(embed.embedder, gen.generator, embed.index, gen.ledger, gen.own)
+    return exp.run(cfg, train=False, start=both, prior_costs=[embed.own])
+
+
 def run_demo(config: str | None = None, overrides: list[str] | None = None, *, quick: bool = False,
              show_progress: bool = True) -> int:
     from distrag.experiment import Experiment
@@ -75,10 +83,16 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
         cfg = quick_models(cfg)
     t0 = time.perf_counter()
     exp = Experiment(cfg, show_progress=show_progress).setup()
-    results = []
+    results, kept = [], {}
     for c in demo_configs(cfg):
         log.info("== %s ==", c.train.strategy + (f" ({c.train.rag_loss})" if c.train.strategy == "joint" else ""))
-        results.append(exp.run(c))
+        if c.train.strategy == "independent" and {"embed_ft", "gen_ft"} <= kept.keys():
+            results.append(combine_independent(exp, c, kept["embed_ft"], kept["gen_ft"]))
+            continue
+        keep = c.train.strategy in ("embed_ft", "gen_ft")
+        results.append(exp.run(c, keep_models=keep))
+        if keep:
+            kept[c.train.strategy] = results[-1].models
     title = (f"Seven strategies on {exp.splits.name} ({cfg.eval_split} split, "
              f"{len(results[0].metrics) and int(results[0].metrics['n_questions'])} questions)")
     print_results(results, title=title)

@@ -340,6 +340,11 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
 
             print_results([res], title=f"{res.label} on {exp.splits.name}, {info.n_trainers} trainer(s)")
         if client is not None:
+            from distrag.io import atomic_write_json
+
+            # every trainer records the versions it adopted and when (they must agree)
+            atomic_write_json(root / f"adoptions_trainer{info.trainer_rank}.json",
+                              [asdict(d) for d in client.history])
             client.done()
         ctx.barrier_trainers()
     return rc
@@ -349,7 +354,26 @@ def run(cfg: ExperimentConfig) -> int:
     """Entry point of every process; returns the exit code (0 on success and after a requeue)."""
     ctx = dist.init_roles(cfg.distributed, with_index_rank=needs_index_rank(cfg))
     if ctx.info.is_index:
-        n = serve_index(cfg, ctx)
+        try:
+            n = serve_index(cfg, ctx)
+        except Exception:
+            # The error is already in the store, so the trainers follow distributed.on_index_failure.
+            # Staying alive until they are done keeps launchers (torchrun, deepspeed) from tearing the
+            # whole job down because one process exited.
+            import traceback
+
+            from distrag.index_service import K_DONE
+
+            traceback.print_exc()
+            deadline = time.monotonic() + 7 * 24 * 3600
+            while time.monotonic() < deadline:
+                try:
+                    if ctx.store.add(K_DONE, 0) > 0:
+                        break
+                except (RuntimeError, OSError):  # trainer 0 (the store's host) is gone
+                    break
+                time.sleep(1.0)
+            return 1
         log.info("index rank published %d version(s)", n)
         return 0
     return train(cfg, ctx)

@@ -102,17 +102,19 @@ class RAGPipeline:
             self.acc.generation(self.generator, prompts, preds)
         return preds
 
-    def answer_rag(self, questions: list[Question], result: SearchResult, *, show_progress: bool = True) -> list[str]:
+    def answer_rag(self, questions: list[Question], result: SearchResult, *, k: int | None = None,
+                   show_progress: bool = True) -> list[str]:
         """RAG-Sequence "fast decoding": a greedy answer per retrieved passage; the answer string with
-        the largest marginal sum_z p(z|q) p(y|q,z) (over the passages that produced it) wins."""
+        the largest marginal sum_z p(z|q) p(y|q,z) (over the passages that produced it) wins. The
+        marginal runs over the top ``k`` passages (default: the k the RAG loss was trained on)."""
         import torch
 
-        k = result.ids.shape[1]
-        scores = torch.from_numpy(result.scores).float()
-        valid = torch.from_numpy(result.ids >= 0)
+        k = min(k or self.cfg.train.train_k or result.ids.shape[1], result.ids.shape[1])
+        scores = torch.from_numpy(result.scores[:, :k]).float()
+        valid = torch.from_numpy(result.ids[:, :k] >= 0)
         doc_p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
         prompts = [self.generator.build_prompt(q.text, [self.corpus[int(i)]] if i >= 0 else [])
-                   for q, row in zip(questions, result.ids) for i in row]
+                   for q, row in zip(questions, result.ids[:, :k]) for i in row]
         cands = self.generator.generate(prompts, show_progress=show_progress)
         with torch.no_grad():
             lp, mask = self.generator.answer_logprobs(prompts, cands)

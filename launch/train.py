@@ -32,6 +32,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from distrag import dist
+    from distrag.checkpoint import CheckpointError
     from distrag.cli import _setup_logging
     from distrag.config import ConfigError, load_config
     from distrag.distributed import run
@@ -48,10 +49,10 @@ def main() -> int:
         logging.getLogger("distrag").setLevel(logging.WARNING)  # one voice: trainer 0
     try:
         return run(cfg)
-    except (ConfigError, DataError, StrategyError) as e:
+    except (ConfigError, DataError, StrategyError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception:
+    except Exception:  # noqa: BLE001 - any other failure: full traceback, non-zero exit via dist.finish
         traceback.print_exc()
         return 1
 
