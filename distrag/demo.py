@@ -65,11 +65,13 @@ def demo_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
     return out
 
 
-def combine_independent(exp, cfg: ExperimentConfig, embed: Models, gen: Models):
+def combine_independent(exp, cfg: ExperimentConfig, embed, gen):
     """Independent = the Ft-Embed question encoder + the Ft-Gen generator, trained separately (here:
-    the two rows above, not trained a second time). Its cost is both trainings plus one index build."""
-    both = Models(embed.embedder, gen.generator, embed.index, gen.ledger, gen.own)
-    return exp.run(cfg, train=False, start=both, prior_costs=[embed.own])
+    the two rows above, not trained a second time). Its cost is both trainings plus one index build,
+    its training curves are theirs."""
+    e, g = embed.models, gen.models
+    both = Models(e.embedder, g.generator, e.index, g.ledger, g.own)
+    return exp.run(cfg, train=False, start=both, prior_costs=[e.own], prior_history=gen.history + embed.history)
 
 
 def run_demo(config: str | None = None, overrides: list[str] | None = None, *, quick: bool = False,
@@ -92,7 +94,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
         keep = c.train.strategy in ("embed_ft", "gen_ft")
         results.append(exp.run(c, keep_models=keep))
         if keep:
-            kept[c.train.strategy] = results[-1].models
+            kept[c.train.strategy] = results[-1]
     title = (f"Seven strategies on {exp.splits.name} ({cfg.eval_split} split, "
              f"{len(results[0].metrics) and int(results[0].metrics['n_questions'])} questions)")
     print_results(results, title=title)

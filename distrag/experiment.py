@@ -114,12 +114,13 @@ class Experiment:
     def run(self, cfg: ExperimentConfig | None = None, *, parent=None, kind: str = "strategy",
             run_name: str | None = None, eval_split: str | None = None, phases: list[Phase] | None = None,
             start: Models | None = None, keep_models: bool = False, train: bool = True,
-            prior_costs: list[CostLedger] = ()) -> RunResult:
+            prior_costs: list[CostLedger] = (), prior_history: list[dict] | None = None) -> RunResult:
         """Train ``cfg.train.strategy`` on copies of the base models, evaluate, record.
 
         ``phases`` runs a subset of the strategy's phases and ``start`` continues from models trained
         earlier (sweeps search one phase at a time); ``train=False`` only evaluates ``start``.
-        ``prior_costs`` are ledgers of earlier work this result builds on (added to its costs).
+        ``prior_costs`` are ledgers of earlier work this result builds on (added to its costs), and
+        ``prior_history`` the training curves of that work (recorded as this run's curves).
         ``keep_models`` returns the trained models in ``RunResult.models``.
         """
         cfg = cfg or self.cfg
@@ -150,6 +151,11 @@ class Experiment:
                                   phases=phases)
                 trainer.train()
                 index = trainer.index
+            history = trainer.state.history if trainer else prior_history
+            if trainer is None and prior_history:
+                for i, h in enumerate(prior_history, 1):
+                    tracker.log_metrics({f"train/{h['phase']}/{k}": v for k, v in h.items()
+                                         if isinstance(v, float)}, step=i)
             # The result's cost: what it continues (or the frozen index build every run needs), earlier
             # work it combines (prior_costs), and its own training.
             ledger = CostLedger()
@@ -160,7 +166,7 @@ class Experiment:
             trained = Models(embedder, generator, index, copy.deepcopy(ledger), copy.deepcopy(own))
             before_eval = ledger.total_flops
             res = self.evaluate_and_record(cfg, tracker, Accountant(ledger), embedder, generator, index,
-                                           split=split, history=trainer.state.history if trainer else None, t0=t0,
+                                           split=split, history=history, t0=t0,
                                            own_flops=own.total_flops)
             res.own_flops = own.total_flops + (ledger.total_flops - before_eval)
         res.models = trained if keep_models else None
