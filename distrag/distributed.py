@@ -223,15 +223,22 @@ def serve_index(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
     embedder = Embedder.from_config(cfg.embedder)
     embedder.eval()
     texts = corpus.texts()
+    # Shards are cut from the corpus sorted by token length (computed once: the corpus never
+    # changes), so each shard's batches pad as little as one encode of the whole corpus would.
+    lengths = [len(x) for x in embedder.tokenizer(texts, truncation=True, max_length=embedder.max_length)["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    sorted_texts = [texts[i] for i in order]
     shard = max(1, -(-len(texts) // max(cfg.index.n_shards, 4)))
     root = run_dir(cfg)
 
     def encode(state_dict):
         embedder.load_state_dict(state_dict)
-        for i in range(0, len(texts), shard):
-            yield embedder.encode(texts[i:i + shard], show_progress=False)
+        for i in range(0, len(sorted_texts), shard):
+            yield embedder.encode(sorted_texts[i:i + shard], show_progress=False)
 
-    def build(vectors: np.ndarray) -> ShardedIndex:
+    def build(sorted_vectors: np.ndarray) -> ShardedIndex:
+        vectors = np.empty_like(sorted_vectors)
+        vectors[order] = sorted_vectors  # back to corpus positions
         return ShardedIndex.from_config(vectors.shape[1], cfg.index).build(vectors)
 
     def publish_fn(index: ShardedIndex, root_: Path, version: int, meta: dict) -> Path:

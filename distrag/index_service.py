@@ -46,6 +46,7 @@ import io
 import json
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -156,6 +157,7 @@ class IndexClient:
         self._hb = -1
         self._hb_t = time.monotonic()
         self._n_submitted = 0
+        self._writer: threading.Thread | None = None
         if self._rank0 and self.store is not None:
             self._n_submitted = self.store.add(K_WEIGHTS, 0)
             self._seen_pub = self.store.add(K_PUBLISHED, 0)
@@ -163,17 +165,41 @@ class IndexClient:
     # -- weights ---------------------------------------------------------------------------------
     def submit_weights(self, step: int, state_dict: dict[str, torch.Tensor]) -> int | None:
         """Hand new embedder weights to the index rank (trainer 0 writes; never waits). Returns
-        the submission number on trainer 0, None elsewhere. Not a collective."""
+        the submission number on trainer 0, None elsewhere. Not a collective.
+
+        Only the CPU copy of the weights happens in the training step; serialising and writing the
+        file run on a background thread (one in flight), and the submission is announced in the
+        store from the training thread once the file is complete (next ``poll`` or submission)."""
         if not self._rank0 or self.store is None:
             return None
-        n = self._n_submitted + 1
-        buf = io.BytesIO()
-        torch.save({"step": int(step), "n": n,
-                    "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}}, buf)
-        atomic_write_bytes(self.weights_dir / f"w_{n:06d}.pt", buf.getvalue())
+        self._finish_write(block=True)
+        n = self._n_submitted + self._pending_count() + 1
+        blob = {"step": int(step), "n": n,
+                "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}}
+        path = self.weights_dir / f"w_{n:06d}.pt"
+
+        def write() -> None:
+            buf = io.BytesIO()
+            torch.save(blob, buf)
+            # the rename keeps it all-or-nothing; a hand-off file is useless after a crash, so no fsync
+            atomic_write_bytes(path, buf.getvalue(), fsync=False)
+
+        self._writer = threading.Thread(target=write, name=f"distrag-weights-{n}", daemon=True)
+        self._writer.start()
+        return n
+
+    def _pending_count(self) -> int:
+        return 1 if self._writer is not None else 0
+
+    def _finish_write(self, *, block: bool) -> None:
+        """Announce a finished background write (trainer 0, training thread only)."""
+        w = self._writer
+        if w is None or (not block and w.is_alive()):
+            return
+        w.join()
+        self._writer = None
         self._n_submitted = self.store.add(K_WEIGHTS, 1)
         self._prune_weights()
-        return n
 
     def _prune_weights(self) -> None:
         consumed = self.store.add(K_CONSUMED, 0)
@@ -223,6 +249,11 @@ class IndexClient:
         Raises :class:`IndexRankFailed` on every trainer at the same step under ``stop``."""
         if self.failed is not None or self.store is None:
             return None  # every trainer knows the same thing: no collective needed any more
+        if self._rank0:
+            try:
+                self._finish_write(block=False)
+            except (RuntimeError, OSError):  # store gone: _decide reports the failure below
+                pass
         decision = self._decide(step) if self._rank0 else None
         decision = self.ctx.broadcast_object_trainers(decision)
         if decision is None:
@@ -277,6 +308,9 @@ class IndexClient:
         call. Returns True when the index rank acknowledged."""
         if not self._rank0 or self.store is None:
             return False
+        if self._writer is not None:  # nothing waits for these weights any more
+            self._writer.join()
+            self._writer = None
         try:
             self.store.add(K_DONE, 1)
             if self.failed is not None:
