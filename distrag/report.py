@@ -136,10 +136,12 @@ def plot_em_vs_flops(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for r in rows:
+    for i, r in enumerate(rows):
         x = max(r["train_flops"] or 0.0, 1.0)
         ax.scatter(x, r["em"], s=60, zorder=3)
-        ax.annotate(r["strategy"], (x, r["em"]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        # staggered labels: strategies often land on the same spot
+        ax.annotate(r["strategy"], (x, r["em"]), textcoords="offset points", xytext=(-8, 6 - 11 * (i % 3)),
+                    ha="right", fontsize=9)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (log scale; No-FT drawn at 1)")
     ax.set_ylabel("EM (%)")
