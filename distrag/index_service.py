@@ -191,6 +191,11 @@ class IndexClient:
     def _pending_count(self) -> int:
         return 1 if self._writer is not None else 0
 
+    def flush(self) -> None:
+        """Wait for the weights being written (if any) and announce them (trainer 0; not a collective)."""
+        if self._rank0 and self.store is not None:
+            self._finish_write(block=True)
+
     def _finish_write(self, *, block: bool) -> None:
         """Announce a finished background write (trainer 0, training thread only)."""
         w = self._writer

@@ -129,8 +129,9 @@ def test_server_skips_to_newest_weights_in_process(tmp_path, clean_env):
     assert server.published == 1
     vecs = np.load(Path(d.path) / "vectors.npy")
     np.testing.assert_allclose(vecs, toy_embed(sds[2], corpus), rtol=1e-6)
-    # consumed weights files are pruned by the next submission
+    # consumed weights files are pruned when the next submission is announced (written in the background)
     client.submit_weights(30, sds[0])
+    client.flush()
     assert sorted(p.name for p in (tmp_path / "w").glob("w_*.pt")) == ["w_000003.pt", "w_000004.pt"]
 
 
