@@ -30,12 +30,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+from _common import load_avg  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,14 +30,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from _common import load_avg  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:

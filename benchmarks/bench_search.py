@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="faiss and torch threads (default: OMP_NUM_THREADS, else usable CPUs)")
     ap.add_argument("--torch-block-gib", type=float, default=1.0, help="max torch score block size")
-    ap.add_argument("--ivf", action="store_true", help="also time an approximate IVF index (slow to train at 1M; low recall on this random data)")
+    ap.add_argument("--ivf", action="store_true",
+                    help="also time an approximate IVF index (slow to train at 1M; low recall on this random data)")
     ap.add_argument("--quick", action="store_true", help="100k vectors, 256 queries, 2 repeats")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -32,14 +32,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from _common import load_avg  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def rss_bytes() -> int:

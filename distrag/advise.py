@@ -150,7 +150,8 @@ def advise(tracking_cfg, *, labels_available: bool | None, lrs_known: bool, grid
             tc = training_compute(r.costs)
             search = f", LR search {fmt_flops(r.search_flops)} FLOPs (measured)" if r.search_flops else ""
             lines.append(f"  {r.label:<{width}}  EM {_pct(r.metrics.get('em', 0.0))}  "
-                         f"F1 {_pct(r.metrics.get('f1', 0.0))}  train {fmt_flops(r.costs.get('cost/train_flops', 0.0))} "
+                         f"F1 {_pct(r.metrics.get('f1', 0.0))}  "
+                         f"train {fmt_flops(r.costs.get('cost/train_flops', 0.0))} "
                          f"FLOPs (training compute {fmt_flops(tc)})  wall-clock {_secs(r.seconds)}  "
                          f"on {nq} questions{search}")
     elif not lines:

@@ -128,7 +128,8 @@ def test_no_labels_search_recommends_two_phase_with_projected_costs(store):
     assert f"Two-phase projected search {fmt_flops(tp)} FLOPs" in flat
     assert f"RAG-Seq projected search {fmt_flops(js)} FLOPs" in flat
     assert f"RAG-Tok projected search {fmt_flops(9 * 1.6e14)} FLOPs" in flat
-    assert f"Projected search: Two-phase {fmt_flops(tp)} FLOPs vs RAG-Seq {fmt_flops(js)} FLOPs ({js / tp:.2f}x)" in flat
+    expected = f"Projected search: Two-phase {fmt_flops(tp)} FLOPs vs RAG-Seq {fmt_flops(js)} FLOPs ({js / tp:.2f}x)"
+    assert expected in flat
     assert "NOT cheaper" not in text
 
 
@@ -207,7 +208,8 @@ def test_em_differences_beyond_noise(store):
 
 def test_grid_sizes_from_config_recorded_params_or_default(store):
     record(store, ["two_phase", "joint_token"], recall=False,
-           params={"sweep.lr_embedder": "[1e-05, 2e-05, 3e-05]", "sweep.lr_generator": "[0.0001, 0.0002, 0.0003, 0.0004]"})
+           params={"sweep.lr_embedder": "[1e-05, 2e-05, 3e-05]",
+                   "sweep.lr_generator": "[0.0001, 0.0002, 0.0003, 0.0004]"})
     text = advise(store, labels_available=False, lrs_known=False)
     assert "from the sweep grid recorded with the runs: m = 3 embedder rates, n = 4 generator rates" in text
     assert "m + n = 7 runs instead of joint's m x n = 12" in text
