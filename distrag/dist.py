@@ -190,6 +190,16 @@ class DistContext:
         tdist.broadcast_object_list(box, src=src, device=self._obj_device())
         return box[0]
 
+    def broadcast_int(self, value: int, src: int = 0) -> int:
+        """Trainer ``src``'s integer on every trainer: one small tensor, no pickling (per-step polls)."""
+        self._check_trainer("broadcast_int")
+        if not self.has_group or self.info.n_trainers == 1:
+            return int(value)
+        t = torch.tensor([int(value) if self.info.trainer_rank == src else 0], dtype=torch.int64,
+                         device=self._obj_device())
+        tdist.broadcast(t, src=src)
+        return int(t.item())
+
     def all_reduce_flag(self, flag: bool) -> bool:
         """True on every trainer if it is true on any trainer."""
         self._check_trainer("all_reduce_flag")

@@ -260,9 +260,10 @@ class IndexClient:
             except (RuntimeError, OSError):  # store gone: _decide reports the failure below
                 pass
         decision = self._decide(step) if self._rank0 else None
-        decision = self.ctx.broadcast_object_trainers(decision)
-        if decision is None:
+        # The common case (nothing new) costs one int broadcast; the details travel only on a change.
+        if not self.ctx.broadcast_int(0 if decision is None else 1):
             return None
+        decision = self.ctx.broadcast_object_trainers(decision)
         kind, body = decision
         if kind == "fail":
             self.failed = body

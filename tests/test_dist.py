@@ -116,6 +116,7 @@ def test_server_skips_to_newest_weights_in_process(tmp_path, clean_env):
         lin = torch.nn.Linear(TOY_IN, 4)
         sds.append(lin.state_dict())
         client.submit_weights(step, lin.state_dict())
+    client.flush()  # the last hand-off is written in the background; announce it before the server looks
     corpus = toy_corpus()
     server = IndexServer(store, lambda sd: [toy_embed(sd, corpus)], lambda v: v, tmp_path / "idx", tmp_path / "w",
                          poll_interval_s=0.02, log=lambda m: None)

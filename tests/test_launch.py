@@ -85,7 +85,8 @@ def test_joint_with_async_index_refresh(job_root, stage, tiny_encoder_dir):
     """2 trainers + 1 index rank: versions are published, both trainers adopt each at the same step,
     the retriever trains (gradients reached it), one MLflow run records it all."""
     out = f"joint_z{stage}"
-    rc, log = launch(job_root, 3, out, f"distributed.zero_stage={stage}", "train.refresh_every=2")
+    rc, log = launch(job_root, 3, out, f"distributed.zero_stage={stage}", "train.refresh_every=2",
+                     "train.max_steps=12")
     assert rc == 0, log[-4000:]
     rd = run_dir(job_root, out)
     versions = sorted(p.name for p in (rd / "index").glob("v*"))
