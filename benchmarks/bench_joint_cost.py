@@ -28,13 +28,12 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import load_avg  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _common import build_rag_world, load_avg  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,18 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from distrag.config import (
-        EmbedderConfig,
         ExperimentConfig,
-        GeneratorConfig,
-        IndexConfig,
-        SyntheticConfig,
         TrainConfig,
     )
     from distrag.costs import Accountant
-    from distrag.data.synthetic import make_synthetic
-    from distrag.embedder import Embedder
-    from distrag.generator import Generator
-    from distrag.index import ShardedIndex
     from distrag.ledger import CostLedger
     from distrag.train import Phase, Trainer, set_embedder_trainable, set_generator_trainable
 
@@ -73,25 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (5 if args.quick else 2)
-    data = make_synthetic(SyntheticConfig(n_entities=120, n_single_hop=240, n_two_hop=120))
-    corpus = data.corpus
-    tmp = None
-    if args.quick:
-        from distrag.testing import make_tiny_causal_lm, make_tiny_encoder
-
-        tmp = tempfile.TemporaryDirectory(prefix="bench_joint_cost_")
-        texts = corpus.texts()[:300]
-        emb_spec = str(make_tiny_encoder(f"{tmp.name}/enc", texts=texts, hidden=64, layers=2))
-        gen_spec = str(make_tiny_causal_lm(f"{tmp.name}/lm", texts=texts, hidden=64, layers=2))
-        label = "tiny random Llama + BERT (--quick)"
-    else:
-        emb_spec, gen_spec = args.embedder, args.generator
-        label = f"{gen_spec} + {emb_spec}"
-    ecfg = EmbedderConfig(model=emb_spec)
-    gcfg = GeneratorConfig(model=gen_spec, max_passage_chars=args.max_passage_chars, dtype="float32")
-    embedder = Embedder.from_config(ecfg, device="cpu")
-    generator = Generator.from_config(gcfg, device="cpu")
-    index = ShardedIndex.from_config(embedder.dim, IndexConfig()).build(embedder.encode(corpus.texts()))
+    world = build_rag_world(args, "bench_joint_cost_")
+    data, corpus, embedder, generator, index = world.data, world.corpus, world.embedder, world.generator, world.index
+    ecfg, gcfg, label, tmp = world.ecfg, world.gcfg, world.label, world.tmp
     questions = data.questions[: args.batch]  # the same questions for every variant and k
 
     variants = [("Ft-Gen (1 prompt, k passages)", Phase("gen_ft", False, True, "nll")),
