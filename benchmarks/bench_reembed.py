@@ -1,9 +1,9 @@
 """Corpus re-embedding on the index rank vs one ``Embedder.encode`` of the whole corpus.
 
 The index rank (``distrag.distributed.serve_index``) re-embeds the corpus for each weights hand-off with a
-generator: ``embedder.load_state_dict(new_weights)``, then the corpus cut into ``max(index.n_shards, 4)``
-contiguous shards, each encoded by ``Embedder.encode`` (so the server can heartbeat and abandon a version
-between shards). This script reproduces that generator exactly (same shard arithmetic, same calls) and times,
+generator: ``embedder.load_state_dict(new_weights)``, then the corpus (sorted by token length once) cut into
+``max(index.n_shards, 4)`` shards, each encoded by ``Embedder.encode`` (so the server can heartbeat and abandon
+a version between shards). This script runs that code (``distrag.distributed.CorpusReencoder``) and times,
 in one process, with the same embedder and passages:
 
 * **single** -- ``Embedder.encode(all passages)`` (one length sort over the whole corpus);
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from distrag.config import EmbedderConfig
+    from distrag.distributed import CorpusReencoder
     from distrag.embedder import Embedder
 
     console = Console(width=max(Console().width, 130))
@@ -74,21 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     embedder.eval()
     # a weights hand-off as the index rank receives it (torch.load of trainer 0's state_dict, on CPU)
     handoff = {k: v.detach().clone() for k, v in embedder.state_dict().items()}
-    shard = max(1, -(-len(texts) // max(args.n_shards, 4)))  # serve_index's arithmetic
-
-    def encode_gen(state_dict):  # distrag.distributed.serve_index's generator, verbatim
-        embedder.load_state_dict(state_dict)
-        for i in range(0, len(texts), shard):
-            yield embedder.encode(texts[i:i + shard], show_progress=False)
-
-    def shards_only():
-        for i in range(0, len(texts), shard):
-            yield embedder.encode(texts[i:i + shard], show_progress=False)
+    # the index rank's own re-encoder (distrag.distributed.serve_index uses exactly this object)
+    reencoder = CorpusReencoder(embedder, texts, n_shards=max(args.n_shards, 4))
+    shard = reencoder.shard
 
     contenders = [("single Embedder.encode(corpus)", lambda: embedder.encode(texts)),
-                  ("index rank (load_state_dict + shards)",
-                   lambda: np.concatenate(list(encode_gen(handoff)))),
-                  ("index rank, shards only", lambda: np.concatenate(list(shards_only())))]
+                  ("index rank (load_state_dict + shards)", lambda: reencoder.encode_all(handoff)),
+                  ("index rank, shards only", lambda: reencoder.encode_all())]
     console.print(f"model: {label}  passages: {n}  shards: {-(-n // shard)} x {shard}  "
                   f"batch: {embedder.batch_size}  "
                   f"torch threads: {torch.get_num_threads()}  load avg: {load_avg()}")

@@ -212,6 +212,37 @@ class DistributedTrainer(Trainer):
 # the index rank
 
 
+class CorpusReencoder:
+    """The index rank's re-embedding of a fixed corpus, shard by shard.
+
+    Shards are cut from the corpus sorted by token length (measured once: the corpus never changes),
+    so each shard's batches pad as little as one ``Embedder.encode`` of the whole corpus would; the
+    server heartbeats (and can abandon a stale version) between shards. ``shards`` yields vectors in
+    that sorted order; ``unsort`` puts them back at their corpus positions.
+    """
+
+    def __init__(self, embedder, texts: list[str], n_shards: int = 4):
+        self.embedder = embedder
+        ids = embedder.tokenizer(list(texts), truncation=True, max_length=embedder.max_length)["input_ids"]
+        self.order = np.argsort([len(x) for x in ids], kind="stable")
+        self.sorted_texts = [texts[i] for i in self.order]
+        self.shard = max(1, -(-len(texts) // max(n_shards, 1)))
+
+    def shards(self, state_dict: dict | None = None):
+        if state_dict is not None:
+            self.embedder.load_state_dict(state_dict)
+        for i in range(0, len(self.sorted_texts), self.shard):
+            yield self.embedder.encode(self.sorted_texts[i:i + self.shard], show_progress=False)
+
+    def unsort(self, sorted_vectors: np.ndarray) -> np.ndarray:
+        vectors = np.empty_like(sorted_vectors)
+        vectors[self.order] = sorted_vectors
+        return vectors
+
+    def encode_all(self, state_dict: dict | None = None) -> np.ndarray:
+        return self.unsort(np.concatenate(list(self.shards(state_dict))))
+
+
 def serve_index(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
     """Index-rank loop: re-embed the corpus with each new weights hand-off, publish versions."""
     from distrag.data import load_data
@@ -222,29 +253,17 @@ def serve_index(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
     corpus = data.corpus
     embedder = Embedder.from_config(cfg.embedder)
     embedder.eval()
-    texts = corpus.texts()
-    # Shards are cut from the corpus sorted by token length (computed once: the corpus never
-    # changes), so each shard's batches pad as little as one encode of the whole corpus would.
-    lengths = [len(x) for x in embedder.tokenizer(texts, truncation=True, max_length=embedder.max_length)["input_ids"]]
-    order = np.argsort(lengths, kind="stable")
-    sorted_texts = [texts[i] for i in order]
-    shard = max(1, -(-len(texts) // max(cfg.index.n_shards, 4)))
+    reencoder = CorpusReencoder(embedder, corpus.texts(), n_shards=max(cfg.index.n_shards, 4))
     root = run_dir(cfg)
 
-    def encode(state_dict):
-        embedder.load_state_dict(state_dict)
-        for i in range(0, len(sorted_texts), shard):
-            yield embedder.encode(sorted_texts[i:i + shard], show_progress=False)
-
     def build(sorted_vectors: np.ndarray) -> ShardedIndex:
-        vectors = np.empty_like(sorted_vectors)
-        vectors[order] = sorted_vectors  # back to corpus positions
+        vectors = reencoder.unsort(sorted_vectors)
         return ShardedIndex.from_config(vectors.shape[1], cfg.index).build(vectors)
 
     def publish_fn(index: ShardedIndex, root_: Path, version: int, meta: dict) -> Path:
         return publish(index, root_, version, extra={**meta, "corpus": corpus.fingerprint()})
 
-    server = IndexServer(ctx.store, encode, build, root / "index", root / "weights", publish_fn=publish_fn)
+    server = IndexServer(ctx.store, reencoder.shards, build, root / "index", root / "weights", publish_fn=publish_fn)
     return server.run()
 
 
