@@ -25,14 +25,14 @@ def build_rag_world(args, prefix: str):
 
     from distrag.config import EmbedderConfig, GeneratorConfig, IndexConfig, SyntheticConfig
     from distrag.data.synthetic import make_synthetic
-    from distrag.embedder import Embedder
-    from distrag.generator import Generator
-    from distrag.index import ShardedIndex
+    from distrag.models.embedder import Embedder
+    from distrag.models.generator import Generator
+    from distrag.retrieval.sharded_index import ShardedIndex
 
     data = make_synthetic(SyntheticConfig(n_entities=120, n_single_hop=240, n_two_hop=120))
     tmp = None
     if args.quick:
-        from distrag.testing import make_tiny_causal_lm, make_tiny_encoder
+        from distrag.models.tiny import make_tiny_causal_lm, make_tiny_encoder
 
         tmp = tempfile.TemporaryDirectory(prefix=prefix)
         texts = data.corpus.texts()[:300]

@@ -9,7 +9,7 @@ gold passage) pairs and the same learning rate:
   ``Trainer.optimizer_step`` (clip + AdamW + scheduler);
 * **theirs** -- ``SentenceTransformer`` + ``losses.MultipleNegativesRankingLoss``: both columns encoded with
   grad (what sentence-transformers' trainer does), backward, clip, ``torch.optim.AdamW.step``;
-* **ours, like-for-like** -- our ``Embedder`` forward on both sides + ``distrag.losses.mnrl_loss``: the
+* **ours, like-for-like** -- our ``Embedder`` forward on both sides + ``distrag.training.losses.mnrl_loss``: the
   same work as sentence-transformers, to separate "we do less work" from "our code is fast".
 
 Both warmed up; rounds alternate the order (ours first on even rounds); each round runs ``--steps`` steps
@@ -55,14 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     from sentence_transformers import SentenceTransformer, losses
 
     from distrag.config import EmbedderConfig, ExperimentConfig, IndexConfig, SyntheticConfig, TrainConfig
-    from distrag.costs import Accountant
+    from distrag.costs.accountant import Accountant
+    from distrag.costs.ledger import CostLedger
     from distrag.data.synthetic import make_synthetic
-    from distrag.embedder import Embedder
-    from distrag.index import ShardedIndex
-    from distrag.ledger import CostLedger
-    from distrag.losses import mnrl_loss
-    from distrag.models import resolve_model
-    from distrag.train import Phase, Trainer
+    from distrag.models.embedder import Embedder
+    from distrag.models.sources import resolve_model
+    from distrag.retrieval.sharded_index import ShardedIndex
+    from distrag.training.losses import mnrl_loss
+    from distrag.training.strategies import Phase
+    from distrag.training.trainer import Trainer
 
     console = Console(width=max(Console().width, 130))
     if args.threads:
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     questions = [q for q in data.questions if q.gold_passage_ids and len(q.gold_passage_ids) == 1]
     tmp = None
     if args.quick:
-        from distrag.testing import make_tiny_encoder
+        from distrag.models.tiny import make_tiny_encoder
 
         tmp = tempfile.TemporaryDirectory(prefix="bench_embed_step_")
         spec = str(make_tiny_encoder(tmp.name, texts=corpus.texts()[:200], hidden=64, layers=2))

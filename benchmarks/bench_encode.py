@@ -63,15 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     from sentence_transformers import SentenceTransformer
 
     from distrag.config import EmbedderConfig
-    from distrag.embedder import Embedder
-    from distrag.models import ModelNotFoundError, resolve_model
+    from distrag.errors import ModelNotFoundError
+    from distrag.models.embedder import Embedder
+    from distrag.models.sources import resolve_model
 
     console = Console()
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = None
     if args.quick:
-        from distrag.testing import make_tiny_encoder
+        from distrag.models.tiny import make_tiny_encoder
 
         tmp = tempfile.TemporaryDirectory(prefix="bench_encode_")
         spec = str(make_tiny_encoder(tmp.name, texts=WORDS, hidden=64, layers=2))

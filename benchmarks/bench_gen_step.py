@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         ExperimentConfig,
         TrainConfig,
     )
-    from distrag.costs import Accountant
-    from distrag.ledger import CostLedger
-    from distrag.train import Phase, Trainer
+    from distrag.costs.accountant import Accountant
+    from distrag.costs.ledger import CostLedger
+    from distrag.training.strategies import Phase
+    from distrag.training.trainer import Trainer
 
     console = Console(width=max(Console().width, 130))
     if args.threads:

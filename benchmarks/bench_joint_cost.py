@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         ExperimentConfig,
         TrainConfig,
     )
-    from distrag.costs import Accountant
-    from distrag.ledger import CostLedger
-    from distrag.train import Phase, Trainer, set_embedder_trainable, set_generator_trainable
+    from distrag.costs.accountant import Accountant
+    from distrag.costs.ledger import CostLedger
+    from distrag.training.strategies import Phase
+    from distrag.training.trainer import Trainer, set_embedder_trainable, set_generator_trainable
 
     console = Console(width=max(Console().width, 130))
     if args.threads:

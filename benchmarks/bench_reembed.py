@@ -54,15 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from distrag.config import EmbedderConfig
-    from distrag.distributed import CorpusReencoder
-    from distrag.embedder import Embedder
+    from distrag.distributed.runner import CorpusReencoder
+    from distrag.models.embedder import Embedder
 
     console = Console(width=max(Console().width, 130))
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = None
     if args.quick:
-        from distrag.testing import make_tiny_encoder
+        from distrag.models.tiny import make_tiny_encoder
 
         tmp = tempfile.TemporaryDirectory(prefix="bench_reembed_")
         spec = str(make_tiny_encoder(tmp.name, texts=WORDS, hidden=64, layers=2))

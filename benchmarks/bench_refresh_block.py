@@ -50,10 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker(config: str, out: str, overrides: list[str]) -> int:
-    from distrag import dist
     from distrag.config import load_config
-    from distrag.distributed import DistributedTrainer, run
-    from distrag.index_service import IndexClient
+    from distrag.distributed import roles
+    from distrag.distributed.index_refresh import IndexClient
+    from distrag.distributed.runner import DistributedTrainer, run
 
     rec = {"step_start": [], "poll_s": [], "swap_s": [], "submit_s": [], "adopted_at": []}
 
@@ -95,7 +95,7 @@ def worker(config: str, out: str, overrides: list[str]) -> int:
     timed(DistributedTrainer, "_load_index", "swap_s")
     cfg = load_config(config, overrides)
     rc = run(cfg)
-    dist.finish(rc)
+    roles.finish(rc)
     return rc  # not reached
 
 
@@ -106,7 +106,7 @@ def worker(config: str, out: str, overrides: list[str]) -> int:
 def write_config(tmp: Path, steps: int, real_embedder: bool) -> Path:
     from distrag.config import SyntheticConfig
     from distrag.data.synthetic import make_synthetic
-    from distrag.testing import make_tiny_causal_lm, make_tiny_encoder
+    from distrag.models.tiny import make_tiny_causal_lm, make_tiny_encoder
 
     syn = {"n_entities": 40, "n_single_hop": 80, "n_two_hop": 40}
     texts = make_synthetic(SyntheticConfig(**syn)).corpus.texts()

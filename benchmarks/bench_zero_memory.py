@@ -2,8 +2,9 @@
 
 Each configuration runs as its own ``torchrun`` job on CPU (gloo). The model is a random Llama built inside
 ``deepspeed.zero.Init`` (so ZeRO-3 partitions it at construction, as ``from_pretrained`` does under our
-``HfDeepSpeedConfig``); the DeepSpeed config comes from ``distrag.ds.build_ds_config`` (ZeRO-3, fp32) and the
-optimizer from ``distrag.ds.engine_kwargs`` (torch AdamW), exactly as the distributed runner builds them.
+``HfDeepSpeedConfig``); the DeepSpeed config comes from
+``distrag.distributed.deepspeed_glue.build_ds_config`` (ZeRO-3, fp32) and the optimizer from
+``distrag.distributed.deepspeed_glue.engine_kwargs`` (torch AdamW), exactly as the distributed runner builds them.
 After one optimizer step (so AdamW's state exists) every rank counts the bytes it actually holds:
 
 * **params** -- each parameter's local partition (``p.ds_tensor``; the full tensor if not partitioned);
@@ -49,15 +50,15 @@ def rss_bytes() -> int:
 def worker(a: argparse.Namespace) -> int:
     import torch
 
-    from distrag import dist
     from distrag.config import DistributedConfig, TrainConfig
+    from distrag.distributed import roles
 
-    ctx = dist.init_roles(DistributedConfig(zero_stage=3), with_index_rank=False)
+    ctx = roles.init_roles(DistributedConfig(zero_stage=3), with_index_rank=False)
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from distrag.ds import attach_deepspeed, build_ds_config, engine_kwargs
+    from distrag.distributed.deepspeed_glue import attach_deepspeed, build_ds_config, engine_kwargs
 
     attach_deepspeed(ctx)
     n = ctx.info.n_trainers
@@ -112,7 +113,7 @@ def worker(a: argparse.Namespace) -> int:
            "trainable": trainable,
            "loss": float(loss.item())}
     Path(a.out, f"rank_{ctx.info.trainer_rank}.json").write_text(json.dumps(res))
-    dist.finish(0)
+    roles.finish(0)
     return 0
 
 

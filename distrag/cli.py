@@ -16,25 +16,10 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from distrag.errors import user_error_exit  # noqa: E402
+from distrag.logging_setup import setup_logging  # noqa: E402
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
-    logging.getLogger("distrag").setLevel(logging.INFO)
-    for noisy in ("transformers", "sentence_transformers", "mlflow", "alembic", "urllib3", "httpx",
-                  "huggingface_hub", "faiss", "DeepSpeed"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - transformers always present in practice
-        pass
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -51,8 +36,8 @@ def _load(args):
 
 
 def cmd_eval(args) -> int:
-    from distrag.experiment import Experiment
-    from distrag.report import print_results
+    from distrag.reporting.report import print_results
+    from distrag.training.experiment import Experiment
 
     cfg = _load(args)
     cfg.train.strategy = "none"
@@ -64,8 +49,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from distrag.experiment import Experiment
-    from distrag.report import print_results
+    from distrag.reporting.report import print_results
+    from distrag.training.experiment import Experiment
 
     cfg = _load(args)
     exp = Experiment(cfg, show_progress=not args.no_progress).setup()
@@ -76,14 +61,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from distrag.demo import run_demo
+    from distrag.training.demo import run_demo
 
     return run_demo(config=args.config, overrides=args.overrides, quick=args.quick,
                     show_progress=not args.no_progress)
 
 
 def cmd_sweep(args) -> int:
-    from distrag.sweep import run_sweep
+    from distrag.training.sweep import run_sweep
 
     cfg = _load(args)
     run_sweep(cfg, show_progress=not args.no_progress)
@@ -93,7 +78,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_report(args) -> int:
     from distrag.config import load_config
-    from distrag.report import write_report
+    from distrag.reporting.report import write_report
 
     cfg = load_config(args.config, args.overrides)
     out = write_report(cfg.tracking, Path(args.out or Path(cfg.output_dir) / "report"))
@@ -102,8 +87,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_advise(args) -> int:
-    from distrag.advise import advise
     from distrag.config import load_config
+    from distrag.reporting.advise import advise
 
     cfg = load_config(args.config, args.overrides)
     print(advise(cfg.tracking, labels_available=args.labels, lrs_known=args.lrs_known,
@@ -112,7 +97,7 @@ def cmd_advise(args) -> int:
 
 
 def _where(cfg) -> None:
-    from distrag.tracking import default_tracking_uri
+    from distrag.reporting.tracking import default_tracking_uri
 
     if cfg.tracking.enabled:
         uri = cfg.tracking.uri or default_tracking_uri()
@@ -149,24 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="good learning rates are already known (no grid search needed)")
     p.set_defaults(fn=cmd_advise)
     args = parser.parse_args(argv)
-    _setup_logging(not getattr(args, "quiet", False))
-    from distrag.config import ConfigError
-    from distrag.records import DataError
-
+    setup_logging(not getattr(args, "quiet", False))
     t0 = time.perf_counter()
-    try:
-        rc = args.fn(args)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # user-facing known failures carry a clear message already
-        from distrag.train import StrategyError
-
-        if isinstance(e, StrategyError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-    logging.getLogger("distrag").info("done in %.1fs", time.perf_counter() - t0)
+    rc = user_error_exit(lambda: args.fn(args))
+    if rc == 0:
+        logging.getLogger("distrag").info("done in %.1fs", time.perf_counter() - t0)
     return rc
 
 

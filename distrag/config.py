@@ -18,15 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """Bad configuration; ``problems`` lists (dotted key, message) pairs."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
-        self.problems = problems
-        head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        head += f" in {source}" if source else " in the configuration"
-        super().__init__(head + ":\n" + "\n".join(f"  - {k}: {m}" for k, m in problems))
+from distrag.errors import ConfigError
+from distrag.training.strategies import TRAIN_STRATEGIES
 
 
 class Section(BaseModel):
@@ -151,8 +144,8 @@ class RetrievalConfig(Section):
 
 
 class TrainConfig(Section):
-    strategy: Literal["none", "embed_ft", "gen_ft", "independent", "joint", "two_phase"] = "none"
-    """Which parts train and with which loss (see the README's strategy table)."""
+    strategy: Literal[TRAIN_STRATEGIES] = "none"
+    """Which parts train and with which loss (the table in distrag/training/strategies.py)."""
     rag_loss: Literal["sequence", "token"] = "token"
     """RAG marginal: RAG-Sequence or RAG-Token (joint and two-phase)."""
     two_phase_order: Literal["generator_first", "retriever_first"] = "generator_first"
@@ -356,6 +349,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    from distrag.io import atomic_write_text
+    from distrag.atomic_io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

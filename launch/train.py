@@ -9,15 +9,14 @@
 Every process runs this file. With `train.refresh_every > 0` (and a strategy that trains the
 retriever) one rank (`distributed.index_rank`, default the last) re-embeds the corpus and rebuilds
 the index asynchronously; all others train. One process is the single-process path with the same
-code. Exit codes: 0 on success and after a checkpoint-and-requeue, 2 on bad configuration or data.
+code. Exit codes: 0 on success and after a checkpoint-and-requeue, 2 on a user error (bad configuration,
+data, model, checkpoint; see distrag/errors.py), 1 on any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 import traceback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,35 +30,33 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     args = parser.parse_args()
 
-    from distrag import dist
-    from distrag.checkpoint import CheckpointError
-    from distrag.cli import _setup_logging
-    from distrag.config import ConfigError, load_config
-    from distrag.distributed import run
-    from distrag.records import DataError
-    from distrag.train import StrategyError
+    from distrag.config import load_config
+    from distrag.distributed import roles
+    from distrag.distributed.runner import run
+    from distrag.errors import user_error_exit
+    from distrag.logging_setup import quiet_rank, setup_logging
+
+    setup_logging(verbose=True)
+    cfg = None
+
+    def job() -> int:
+        nonlocal cfg
+        cfg = load_config(args.config, args.overrides)
+        if not roles.get_dist_info(cfg.distributed).is_rank0:
+            quiet_rank()  # one voice: trainer 0
+        return run(cfg)
 
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    _setup_logging(verbose=True)
-    if not dist.get_dist_info(cfg.distributed).is_rank0:
-        logging.getLogger("distrag").setLevel(logging.WARNING)  # one voice: trainer 0
-    try:
-        return run(cfg)
-    except (ConfigError, DataError, StrategyError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception:  # noqa: BLE001 - any other failure: full traceback, non-zero exit via dist.finish
+        # a user error is printed once, by rank 0 (or by every process before the roles are known)
+        return user_error_exit(job, speak=lambda: cfg is None or roles.get_dist_info(cfg.distributed).is_rank0)
+    except Exception:  # noqa: BLE001 - any other failure: full traceback, non-zero exit via roles.finish
         traceback.print_exc()
         return 1
 
 
 if __name__ == "__main__":
-    # dist.finish tears the process groups down, flushes and leaves with os._exit: a ZeRO-3 run can
+    # roles.finish tears the process groups down, flushes and leaves with os._exit: a ZeRO-3 run can
     # otherwise abort in interpreter teardown ("terminate called without an active exception").
-    from distrag import dist
+    from distrag.distributed import roles
 
-    dist.finish(main())
+    roles.finish(main())

@@ -2,7 +2,7 @@
 
     python tests/_dist_workers.py <scenario> <json args>
 
-Each process writes ``<out>/result_<global rank>.json`` and leaves with ``dist.finish``.
+Each process writes ``<out>/result_<global rank>.json`` and leaves with ``roles.finish``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distrag import dist, preempt
+from distrag.atomic_io import atomic_write_json
 from distrag.config import DistributedConfig, TrainConfig
-from distrag.io import atomic_write_json
+from distrag.distributed import preemption, roles
 
 # ----------------------------------------------------------------------------------------------
 # toy retrieval world shared by the refresh scenario and the test that checks it
@@ -38,7 +38,7 @@ def toy_embed(state_dict: dict, x: torch.Tensor) -> np.ndarray:
 
 
 def _result(out: Path, obj: dict) -> None:
-    atomic_write_json(out / f"result_{dist.current().info.rank}.json", obj)
+    atomic_write_json(out / f"result_{roles.current().info.rank}.json", obj)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,12 +46,13 @@ def _result(out: Path, obj: dict) -> None:
 
 
 def refresh(args: dict) -> int:
-    from distrag.index_service import IndexClient, IndexRankFailed, IndexServer, make_dir_publisher
+    from distrag.distributed.index_refresh import IndexClient, IndexServer, make_dir_publisher
+    from distrag.errors import IndexRankFailed
 
     out = Path(args["out"])
     cfg = DistributedConfig(index_timeout_s=args["timeout"], on_index_failure=args["on_failure"])
     t0 = time.time()
-    ctx = dist.init_roles(cfg)
+    ctx = roles.init_roles(cfg)
     print(f"init_roles took {time.time() - t0:.2f}s", file=sys.stderr, flush=True)
     weights_dir, publish_root = out / "weights", out / "index"
     if ctx.info.is_index:
@@ -123,12 +124,12 @@ def refresh(args: dict) -> int:
 # preemption: 2 trainers, no index rank; checkpoint at the agreed step, requeue, resume
 
 
-def preemption(args: dict) -> int:
-    from distrag.checkpoint import CheckpointManager
+def preempt_scenario(args: dict) -> int:
+    from distrag.distributed.checkpoint import CheckpointManager
 
     out = Path(args["out"])
-    preempt.install()
-    ctx = dist.init_roles(DistributedConfig(), with_index_rank=False)
+    preemption.install()
+    ctx = roles.init_roles(DistributedConfig(), with_index_rank=False)
     r = ctx.info.trainer_rank
     torch.manual_seed(0)
     lin = torch.nn.Linear(6, 3)
@@ -156,15 +157,15 @@ def preemption(args: dict) -> int:
         opt.step()
         (out / f"progress_{r}").write_text(str(step))
         time.sleep(args.get("step_sleep", 0.0))
-        if preempt.agreed(ctx):
+        if preemption.agreed(ctx):
             ckpt.save(step, {"model": lin.state_dict(), "optim": opt.state_dict()}, rank_payload={"rank": r})
             preempt_step = step
-            requeued = preempt.requeue(ctx)
+            requeued = preemption.requeue(ctx)
             break
     _result(out, {"trainer_rank": r, "start": start, "preempt_step": preempt_step, "requeued": requeued,
-                  "signalled": preempt.preemption_requested(),
+                  "signalled": preemption.preemption_requested(),
                   "weight": lin.weight.tolist(), "bias": lin.bias.tolist()})
-    return preempt.EXIT_REQUEUED
+    return preemption.EXIT_REQUEUED
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,12 +173,12 @@ def preemption(args: dict) -> int:
 
 
 def deepspeed_engine(args: dict) -> int:
-    from distrag.index_service import IndexClient, IndexServer
+    from distrag.distributed.index_refresh import IndexClient, IndexServer
 
     out = Path(args["out"])
     stage = args["stage"]
     dcfg = DistributedConfig(zero_stage=stage, index_timeout_s=120)
-    ctx = dist.init_roles(dcfg)
+    ctx = roles.init_roles(dcfg)
     if ctx.info.is_index:
         server = IndexServer(ctx.store, lambda sd: iter(()), lambda v: v, out / "index", out / "weights",
                              poll_interval_s=0.1)
@@ -190,8 +191,8 @@ def deepspeed_engine(args: dict) -> int:
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from distrag.checkpoint import CheckpointManager
-    from distrag.ds import (
+    from distrag.distributed.checkpoint import CheckpointManager
+    from distrag.distributed.deepspeed_glue import (
         attach_deepspeed,
         build_ds_config,
         check_ds_batch,
@@ -336,17 +337,17 @@ class Job:
         return json.loads((self.out / f"result_{rank}.json").read_text())
 
 
-SCENARIOS = {"refresh": refresh, "preempt": preemption, "ds": deepspeed_engine}
+SCENARIOS = {"refresh": refresh, "preempt": preempt_scenario, "ds": deepspeed_engine}
 
 if __name__ == "__main__":
     scenario, raw = sys.argv[1], sys.argv[2]
     code = 1
     try:
         code = SCENARIOS[scenario](json.loads(raw))
-    except BaseException:  # noqa: BLE001 - any failure: print it, exit through dist.finish
+    except BaseException:  # noqa: BLE001 - any failure: print it, exit through roles.finish
         import traceback
 
         traceback.print_exc()
         code = 1
     finally:
-        dist.finish(code)
+        roles.finish(code)

@@ -6,7 +6,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pytest  # noqa: E402
 
-from distrag.testing import make_tiny_causal_lm, make_tiny_encoder  # noqa: E402
+from distrag.models.tiny import make_tiny_causal_lm, make_tiny_encoder  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,10 @@ import shutil
 import pytest
 
 from distrag import cli
-from distrag.advise import advise, em_noise, training_compute
 from distrag.config import TrackingConfig, build_config
-from distrag.report import fmt_flops
-from distrag.tracking import Tracker
+from distrag.reporting.advise import advise, em_noise, training_compute
+from distrag.reporting.report import fmt_flops
+from distrag.reporting.tracking import Tracker
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from distrag import dist
-from distrag.checkpoint import CheckpointError, CheckpointManager, list_complete, resolve_resume
+from distrag.distributed import roles
+from distrag.distributed.checkpoint import CheckpointManager, list_complete, resolve_resume
+from distrag.errors import CheckpointError
 
 
 @pytest.fixture
@@ -18,9 +19,9 @@ def mgr(tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "DISTRAG_GLOBAL_RANK",
               "DISTRAG_GLOBAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    dist.reset_context()
+    roles.reset_context()
     yield CheckpointManager(tmp_path / "ckpt", keep=2)
-    dist.reset_context()
+    roles.reset_context()
 
 
 def _draws():

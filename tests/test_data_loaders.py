@@ -8,7 +8,7 @@ import pytest
 from distrag.config import DataConfig
 from distrag.data import load_data
 from distrag.data.hotpotqa import join_sentences
-from distrag.records import DataError
+from distrag.errors import DataError
 
 
 def write_jsonl(path, records):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from _dist_workers import TOY_IN, Job, toy_corpus, toy_embed
 
-from distrag import dist
 from distrag.config import DistributedConfig
-from distrag.index_service import (
+from distrag.distributed import roles
+from distrag.distributed.index_refresh import (
     K_DONE,
     IndexClient,
     IndexServer,
@@ -33,9 +33,9 @@ ENV_KEYS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "S
 def clean_env(monkeypatch):
     for k in ENV_KEYS:
         monkeypatch.delenv(k, raising=False)
-    dist.reset_context()
+    roles.reset_context()
     yield monkeypatch
-    dist.reset_context()
+    roles.reset_context()
 
 
 def _env(mp, rank, world, local=0):
@@ -45,10 +45,10 @@ def _env(mp, rank, world, local=0):
 
 
 def test_single_process_roles(clean_env):
-    info = dist.get_dist_info(DistributedConfig())
+    info = roles.get_dist_info(DistributedConfig())
     assert (info.role, info.rank, info.world_size, info.trainer_rank, info.n_trainers) == ("single", 0, 1, 0, 1)
     assert info.is_rank0 and info.is_trainer and not info.distributed
-    ctx = dist.init_roles(DistributedConfig())
+    ctx = roles.init_roles(DistributedConfig())
     assert ctx.store is None and not ctx.has_group
     assert ctx.broadcast_object_trainers({"a": 1}) == {"a": 1}
     assert ctx.all_reduce_flag(True) is True
@@ -60,20 +60,20 @@ def test_single_process_roles(clean_env):
 ])
 def test_roles_from_env(clean_env, index_rank, rank, expect):
     _env(clean_env, rank, 4)
-    info = dist.get_dist_info(DistributedConfig(index_rank=index_rank))
+    info = roles.get_dist_info(DistributedConfig(index_rank=index_rank))
     assert (info.role, info.trainer_rank) == expect
     assert info.n_trainers == 3 and info.index_rank == index_rank % 4
 
 
 def test_roles_without_index_rank_and_errors(clean_env):
     _env(clean_env, 2, 3)
-    info = dist.get_dist_info(DistributedConfig(), with_index_rank=False)
+    info = roles.get_dist_info(DistributedConfig(), with_index_rank=False)
     assert (info.role, info.trainer_rank, info.n_trainers, info.index_rank) == ("trainer", 2, 3, -1)
-    with pytest.raises(dist.DistError, match="outside the world"):
-        dist.get_dist_info(DistributedConfig(index_rank=5))
+    with pytest.raises(roles.DistError, match="outside the world"):
+        roles.get_dist_info(DistributedConfig(index_rank=5))
     clean_env.setenv("RANK", "7")
-    with pytest.raises(dist.DistError, match="inconsistent"):
-        dist.get_dist_info()
+    with pytest.raises(roles.DistError, match="inconsistent"):
+        roles.get_dist_info()
 
 
 def test_slurm_fallbacks(clean_env):
@@ -82,18 +82,18 @@ def test_slurm_fallbacks(clean_env):
     clean_env.setenv("SLURM_LOCALID", "1")
     clean_env.setenv("SLURM_JOB_ID", "123456")
     clean_env.setenv("MASTER_ADDR", "node01")
-    info = dist.get_dist_info(DistributedConfig())
+    info = roles.get_dist_info(DistributedConfig())
     assert (info.rank, info.world_size, info.local_rank, info.role) == (5, 8, 1, "trainer")
     assert info.master_addr == "node01" and info.master_port == 20000 + 123456 % 20000
 
 
 def test_null_logger_on_other_ranks(clean_env, capsys):
     _env(clean_env, 1, 3)
-    dist._CTX = dist.DistContext(dist.get_dist_info(DistributedConfig()))
-    dist.print0("hidden")
-    dist.get_logger("t_other").warning("hidden too")
+    roles._CTX = roles.DistContext(roles.get_dist_info(DistributedConfig()))
+    roles.print0("hidden")
+    roles.get_logger("t_other").warning("hidden too")
     assert "hidden" not in capsys.readouterr().out + capsys.readouterr().err
-    assert not dist.is_rank0()
+    assert not roles.is_rank0()
 
 
 def test_dir_publisher_is_atomic_and_versioned(tmp_path):
@@ -109,7 +109,7 @@ def test_dir_publisher_is_atomic_and_versioned(tmp_path):
 def test_server_skips_to_newest_weights_in_process(tmp_path, clean_env):
     """Three submissions before the index rank looks: it builds only from the newest."""
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    ctx = dist.DistContext(dist.get_dist_info(DistributedConfig()), store=store)
+    ctx = roles.DistContext(roles.get_dist_info(DistributedConfig()), store=store)
     client = IndexClient(ctx, tmp_path / "w", index_timeout_s=30)
     sds = []
     for step in (0, 10, 20):
@@ -137,7 +137,7 @@ def test_server_skips_to_newest_weights_in_process(tmp_path, clean_env):
 
 
 def test_on_index_failure_is_validated(clean_env):
-    ctx = dist.DistContext(dist.get_dist_info())
+    ctx = roles.DistContext(roles.get_dist_info())
     with pytest.raises(ValueError, match="on_index_failure"):
         IndexClient(ctx, "w", on_index_failure="ignore")
 

@@ -10,7 +10,8 @@ import torch
 from _dist_workers import Job
 
 from distrag.config import DistributedConfig, TrainConfig
-from distrag.ds import DS_CONFIG_DIR, DSConfigError, build_ds_config, check_ds_batch
+from distrag.distributed.deepspeed_glue import DS_CONFIG_DIR, build_ds_config, check_ds_batch
+from distrag.errors import DSConfigError
 
 
 def test_batch_arithmetic_from_train_config():

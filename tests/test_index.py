@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from distrag.config import IndexConfig
-from distrag.index import (
+from distrag.retrieval.sharded_index import (
     IndexLoadError,
     ShardedIndex,
     latest_version,

@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from distrag.ledger import (
+from distrag.costs.ledger import (
     STANDARD_CATEGORIES,
     CostLedger,
     ModelDims,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from distrag.losses import mnrl_loss, nll_loss, rag_sequence_loss, rag_token_loss, retrieval_log_probs
+from distrag.training.losses import mnrl_loss, nll_loss, rag_sequence_loss, rag_token_loss, retrieval_log_probs
 
 LN = math.log
 

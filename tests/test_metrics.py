@@ -1,6 +1,6 @@
 import pytest
 
-from distrag.metrics import (
+from distrag.retrieval.qa_metrics import (
     answer_in_text,
     exact_match,
     f1,

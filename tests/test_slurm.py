@@ -13,7 +13,7 @@ import pytest
 import torch
 from _dist_workers import Job
 
-from distrag import preempt
+from distrag.distributed import preemption
 
 SLURM = Path(__file__).resolve().parent.parent / "slurm"
 SCRIPTS = ["train.sbatch", "sweep.sbatch", "mlflow_server.sbatch"]
@@ -62,26 +62,26 @@ def test_train_script_index_rank_placement(tmp_path):
 
 
 def test_handler_only_sets_flag_and_requeue_command(monkeypatch, tmp_path):
-    preempt.reset()
-    old = preempt.install([signal.SIGUSR1])
+    preemption.reset()
+    old = preemption.install([signal.SIGUSR1])
     try:
-        assert not preempt.preemption_requested()
+        assert not preemption.preemption_requested()
         signal.raise_signal(signal.SIGUSR1)
-        assert preempt.preemption_requested() and preempt.received_signal() == signal.SIGUSR1
+        assert preemption.preemption_requested() and preemption.received_signal() == signal.SIGUSR1
     finally:
         signal.signal(signal.SIGUSR1, old[signal.SIGUSR1])
-        preempt.reset()
+        preemption.reset()
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.delenv("DISTRAG_REQUEUE_CMD", raising=False)
-    assert preempt.requeue_command() is None
+    assert preemption.requeue_command() is None
     monkeypatch.setenv("SLURM_JOB_ID", "31")
-    assert preempt.requeue_command() == ["scontrol", "requeue", "31"]
+    assert preemption.requeue_command() == ["scontrol", "requeue", "31"]
     monkeypatch.setenv("DISTRAG_REQUEUE_CMD", "echo requeue {job_id}")
-    assert preempt.requeue_command() == ["echo", "requeue", "31"]
+    assert preemption.requeue_command() == ["echo", "requeue", "31"]
 
 
 def _reference_weights(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What _dist_workers.preemption computes on 2 trainers without interruption."""
+    """What _dist_workers.preempt_scenario computes on 2 trainers without interruption."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(6, 3)
     opt = torch.optim.AdamW(lin.parameters(), lr=0.05)

@@ -12,9 +12,9 @@ import yaml
 
 from distrag import cli
 from distrag.config import build_config, load_config
-from distrag.experiment import RunResult
-from distrag.report import load_runs
-from distrag.sweep import grid_size, run_sweep, select
+from distrag.reporting.report import load_runs
+from distrag.training.experiment import RunResult
+from distrag.training.sweep import grid_size, run_sweep, select
 
 LR_E = [1e-4, 1e-3]
 LR_G = [1e-4, 1e-3]

@@ -7,7 +7,7 @@ import pytest
 from distrag.config import DataConfig, SyntheticConfig
 from distrag.data import load_data
 from distrag.data.synthetic import make_synthetic
-from distrag.records import DataError
+from distrag.errors import DataError
 
 
 def _snapshot(data):

@@ -16,14 +16,16 @@ import pytest
 import torch
 
 from distrag.config import SyntheticConfig, build_config
-from distrag.costs import Accountant
+from distrag.costs.accountant import Accountant
+from distrag.costs.ledger import CostLedger
+from distrag.data.records import Question
 from distrag.data.synthetic import make_synthetic
-from distrag.embedder import Embedder
-from distrag.generator import Generator
-from distrag.index import ShardedIndex
-from distrag.ledger import CostLedger
-from distrag.records import Question
-from distrag.train import StrategyError, Trainer, batch_indices, epoch_order, phases_for
+from distrag.errors import StrategyError
+from distrag.models.embedder import Embedder
+from distrag.models.generator import Generator
+from distrag.retrieval.sharded_index import ShardedIndex
+from distrag.training.strategies import phases_for
+from distrag.training.trainer import Trainer, batch_indices, epoch_order
 
 pytestmark = pytest.mark.timeout(180)
 

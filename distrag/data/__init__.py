@@ -1,4 +1,4 @@
-"""Data loaders: every format becomes the canonical :class:`~distrag.records.RAGData`.
+"""Data loaders: every format becomes the canonical :class:`~distrag.data.records.RAGData`.
 
 ``load_data(cfg)`` dispatches on ``cfg.format``:
 
@@ -16,13 +16,14 @@ jsonl         generic questions JSONL                                          `
 ``synthetic`` whose gold ids refer to its own world. ``cfg.max_questions`` keeps the first N
 questions; where the corpus is built from the questions file it is built from those N. Splitting is
 the caller's: ``load_data(cfg).split(cfg.dev_fraction, cfg.test_fraction, cfg.split_seed)``.
-Formats are documented in docs/data_formats.md. Bad input raises :class:`~distrag.records.DataError`.
+Formats are documented in docs/data_formats.md. Bad input raises :class:`~distrag.data.records.DataError`.
 """
 
 from __future__ import annotations
 
 from distrag.config import DataConfig
-from distrag.records import DataError, RAGData
+from distrag.data.records import RAGData
+from distrag.errors import DataError
 
 __all__ = ["FORMATS", "load_data"]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distrag.data._common import (
+from distrag.data.parsing import (
     Fields,
     Record,
     assemble,
@@ -35,7 +35,8 @@ from distrag.data._common import (
     load_hub_rows,
     read_json_records,
 )
-from distrag.records import Corpus, DataError, Passage, Question, RAGData
+from distrag.data.records import Corpus, Passage, Question, RAGData
+from distrag.errors import DataError
 
 _SUFFIXES = (".json", ".jsonl", ".ndjson")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distrag.data._common import Fields, as_id_list, assemble, check_file, iter_jsonl, load_corpus_jsonl
-from distrag.records import Question, RAGData
+from distrag.data.parsing import Fields, as_id_list, assemble, check_file, iter_jsonl, load_corpus_jsonl
+from distrag.data.records import Question, RAGData
 
 QUESTION_KEYS = ("id", "question", "answers", "gold_passage_ids")
 

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from distrag.data._common import (
+from distrag.data.parsing import (
     Fields,
     Record,
     as_answers,
@@ -33,7 +33,8 @@ from distrag.data._common import (
     parse_json_list,
     read_json_records,
 )
-from distrag.records import Corpus, DataError, Passage, Question, RAGData
+from distrag.data.records import Corpus, Passage, Question, RAGData
+from distrag.errors import DataError
 
 ORIGINAL_REQUIRED = ("id", "question", "possible_answers")
 _ANSWER_KEY = {"original": "possible_answers", "flashrag": "golden_answers", "selfrag": "answers"}

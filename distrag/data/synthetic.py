@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 
 from distrag.config import SyntheticConfig
-from distrag.records import Corpus, Passage, Question, RAGData
+from distrag.data.records import Corpus, Passage, Question, RAGData
 
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t",
            "tr", "v", "z", "th", "sh", "c", "j", "qu", "sk", "vr"]

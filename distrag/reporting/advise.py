@@ -8,7 +8,7 @@ different compute. Their rule:
 - no context labels, good learning rates known -> joint (RAG-Sequence / RAG-Token): one run;
 - no context labels, learning rates to search -> two-phase: its search is m + n runs, joint's m x n.
 
-``advise`` applies the rule to what this MLflow experiment measured (``distrag.report.load_runs``):
+``advise`` applies the rule to what this MLflow experiment measured (``distrag.reporting.report.load_runs``):
 EM/F1 of each recorded strategy, training FLOPs, wall-clock, the search cost projected from the
 measured per-run cost and the grid sizes (m = len(sweep.lr_embedder), n = len(sweep.lr_generator)),
 and whether the EM differences exceed what the question count lets one resolve.
@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from distrag.report import fmt_flops
+from distrag.reporting.report import fmt_flops
 
 __all__ = ["advise", "em_noise", "training_compute"]
 
@@ -80,7 +80,7 @@ def _run_details(tracking_cfg, run_ids: Sequence[str]) -> tuple[dict[str, str], 
     try:
         from mlflow.tracking import MlflowClient
 
-        from distrag.tracking import default_tracking_uri
+        from distrag.reporting.tracking import default_tracking_uri
 
         client = MlflowClient(tracking_uri=tracking_cfg.uri or default_tracking_uri())
         params: dict[str, str] = {}
@@ -128,7 +128,7 @@ def advise(tracking_cfg, *, labels_available: bool | None, lrs_known: bool, grid
     ``ExperimentConfig``, a ``SweepConfig`` or ``(m, n)``; by default the sweep grid recorded with the
     runs (else the default grid).
     """
-    from distrag.report import load_runs
+    from distrag.reporting.report import load_runs
 
     lines: list[str] = []
     try:

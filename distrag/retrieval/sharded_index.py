@@ -37,7 +37,7 @@ a zero vector.
 
 On disk (``save``)
 ------------------
-A directory written through :func:`distrag.io.atomic_directory` (readers see all of it or nothing)::
+A directory written through :func:`distrag.atomic_io.atomic_directory` (readers see all of it or nothing)::
 
     manifest.json          version, dim, count, metric, kind, n_shards, nlist/nprobe/pq_m, created, extra,
                            shards: [{file, vectors, start, stop, nlist, pq_nbits, bytes}]
@@ -79,7 +79,8 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
-from distrag.io import atomic_directory, atomic_write_json, atomic_write_text
+from distrag.atomic_io import atomic_directory, atomic_write_json, atomic_write_text
+from distrag.errors import IndexLoadError
 
 if TYPE_CHECKING:
     from distrag.config import IndexConfig
@@ -117,10 +118,6 @@ _FAISS_DEFAULTS = {"distance_compute_blas_threshold": faiss.cvar.distance_comput
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _configured = False
 _config_lock = threading.Lock()
-
-
-class IndexLoadError(RuntimeError):
-    """A saved index is missing, incomplete or inconsistent; the message names the offending file."""
 
 
 @dataclass

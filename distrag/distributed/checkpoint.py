@@ -35,17 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from distrag import dist
-from distrag.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from distrag.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from distrag.distributed import roles
+from distrag.errors import CheckpointError
 
 _STEP_RE = re.compile(r"step_(\d{8,})")
 MANIFEST = "COMPLETE"
 DS_SUBDIR = "ds"
 DS_TAG = "ds"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for is missing, incomplete or unreadable."""
 
 
 @dataclass
@@ -151,12 +148,12 @@ def resolve_resume(spec: str | None, root: str | Path | None = None) -> Path | N
 class CheckpointManager:
     """Save / load / prune checkpoints under ``root``. Construct on every trainer (not the index rank)."""
 
-    def __init__(self, root: str | Path, keep: int = 2, ctx: dist.DistContext | None = None):
+    def __init__(self, root: str | Path, keep: int = 2, ctx: roles.DistContext | None = None):
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.root = Path(root)
         self.keep = keep
-        self.ctx = ctx or dist.current()
+        self.ctx = ctx or roles.current()
         if self.ctx.info.is_index:
             raise ValueError("checkpoints are written by the trainers; the index rank holds no state to save")
 

@@ -25,9 +25,9 @@ import logging
 from dataclasses import dataclass, field
 
 from distrag.config import ExperimentConfig
-from distrag.experiment import Experiment, RunResult, strategy_key
-from distrag.tracking import experiment_tags, open_tracker
-from distrag.train import phases_for
+from distrag.reporting.tracking import experiment_tags, open_tracker
+from distrag.training.experiment import Experiment, RunResult, strategy_key
+from distrag.training.strategies import phases_for
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Sweeper:
 
 def run_sweep(cfg: ExperimentConfig, *, show_progress: bool = True, exp: Experiment | None = None) -> list[SweepResult]:
     """Run the grids of ``cfg.sweep.strategies`` (two_phase first when joint reuses its rates)."""
-    from distrag.report import print_results
+    from distrag.reporting.report import print_results
 
     exp = exp or Experiment(cfg, show_progress=show_progress).setup()
     order = list(dict.fromkeys(cfg.sweep.strategies))

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-
-class ModelNotFoundError(ValueError):
-    """The model spec names nothing that can be loaded here."""
+from distrag.errors import ModelNotFoundError
 
 
 @dataclass(frozen=True)

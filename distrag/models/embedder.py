@@ -21,13 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from distrag.config import EmbedderConfig
-from distrag.models import ModelSource, pick_device, resolve_model
+from distrag.errors import EmbedderError
+from distrag.models.sources import ModelSource, pick_device, resolve_model
 
 _META_FILE = "distrag_embedder.json"
-
-
-class EmbedderError(ValueError):
-    """An encoder folder or pooling setting that cannot be used."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,18 +1,4 @@
-"""Fine-tuning strategies as phases of one visible training loop.
-
-A strategy is a list of phases; a phase says which model trains and with which loss:
-
-=============  =========================================================================
-strategy        phases (trained part: loss)
-=============  =========================================================================
-none            (no training: the No-FT baseline)
-embed_ft        question encoder: MNRL against the frozen passage vectors of the index
-gen_ft          LoRA generator: answer NLL given the top-k passages of the frozen retriever
-independent     gen_ft, then embed_ft (each trained on its own, as if separately; combined at eval)
-joint           question encoder + LoRA generator at once: RAG-Sequence or RAG-Token marginal
-two_phase       LoRA generator with the RAG loss (retriever frozen), then the question encoder with
-                the RAG loss (generator frozen); order configurable
-=============  =========================================================================
+"""The training loop every strategy runs: its phases (distrag.training.strategies), one after another.
 
 ``Trainer`` owns the loop (data order, accumulation, optimizers, schedulers, index refresh, cost
 ledger, metrics). ``compute_loss`` is the one place each loss is computed; the distributed runner
@@ -32,68 +18,15 @@ import numpy as np
 import torch
 
 from distrag.config import ExperimentConfig
-from distrag.costs import Accountant
-from distrag.embedder import Embedder
-from distrag.generator import Generator
-from distrag.index import ShardedIndex
-from distrag.losses import mnrl_loss, nll_loss, rag_sequence_loss, rag_token_loss, retrieval_log_probs
-from distrag.records import Corpus, Question
+from distrag.costs.accountant import Accountant
+from distrag.data.records import Corpus, Question
+from distrag.models.embedder import Embedder
+from distrag.models.generator import Generator
+from distrag.retrieval.sharded_index import ShardedIndex
+from distrag.training.losses import mnrl_loss, nll_loss, rag_sequence_loss, rag_token_loss, retrieval_log_probs
+from distrag.training.strategies import Phase, check_strategy_data, phases_for
 
 log = logging.getLogger(__name__)
-
-
-class StrategyError(ValueError):
-    """A strategy that cannot run on this data or configuration."""
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    train_embedder: bool
-    train_generator: bool
-    loss: str  # mnrl | nll | rag_sequence | rag_token
-
-    @property
-    def uses_rag(self) -> bool:
-        return self.loss.startswith("rag_")
-
-
-def phases_for(cfg: ExperimentConfig) -> list[Phase]:
-    """The phases of ``cfg.train.strategy``."""
-    t = cfg.train
-    rag = f"rag_{t.rag_loss}"
-    embed = Phase("embed_ft", True, False, "mnrl")
-    gen = Phase("gen_ft", False, True, "nll")
-    if t.strategy == "none":
-        return []
-    if t.strategy == "embed_ft":
-        return [embed]
-    if t.strategy == "gen_ft":
-        return [gen]
-    if t.strategy == "independent":
-        # The generator phase runs first so that it retrieves with the *base* retriever, exactly as
-        # when the two components are trained separately.
-        return [gen, embed]
-    if t.strategy == "joint":
-        return [Phase(f"joint_{t.rag_loss}", True, True, rag)]
-    if t.strategy == "two_phase":
-        p_gen = Phase("two_phase_generator", False, True, rag)
-        p_ret = Phase("two_phase_retriever", True, False, rag)
-        return [p_gen, p_ret] if t.two_phase_order == "generator_first" else [p_ret, p_gen]
-    raise StrategyError(f"unknown strategy {t.strategy!r}")
-
-
-def check_strategy_data(cfg: ExperimentConfig, train_questions: list[Question],
-                        phases: list[Phase] | None = None) -> None:
-    """Ft-Embed needs context labels; say so before anything is trained."""
-    needs_labels = any(p.loss == "mnrl" for p in (phases_for(cfg) if phases is None else phases))
-    unlabelled = [q.id for q in train_questions if not q.has_labels]
-    if needs_labels and unlabelled:
-        raise StrategyError(
-            f"strategy '{cfg.train.strategy}' trains the retriever with MNRL on (question, gold passage) pairs, "
-            f"but {len(unlabelled)} of {len(train_questions)} training questions have no gold passage ids "
-            f"(e.g. {unlabelled[0]!r}). Use train.strategy=joint or train.strategy=two_phase, which need no "
-            f"context labels, or give gold_passage_ids in the data.")
 
 
 @dataclass

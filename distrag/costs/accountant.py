@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from distrag.ledger import (
+from distrag.costs.ledger import (
     CostLedger,
     forward_flops_breakdown,
     generate_flops,

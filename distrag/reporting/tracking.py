@@ -7,7 +7,7 @@ continue the same run id.
 
 Tags every distrag run carries (used by ``distrag report``):
 ``distrag.kind`` (eval | strategy | sweep | sweep_point), ``distrag.strategy``, ``distrag.dataset``,
-``distrag.embedder``, ``distrag.generator``, ``distrag.config_hash``, and ``distrag.selected`` on the
+``distrag.models.embedder``, ``distrag.models.generator``, ``distrag.config_hash``, and ``distrag.selected`` on the
 sweep point a sweep selected.
 """
 

@@ -3,11 +3,11 @@
 ``run(cfg)`` is what ``launch/train.py`` calls in every process of ``deepspeed launch/train.py`` or
 ``torchrun launch/train.py``:
 
-* roles come from :mod:`distrag.dist` (the only module that reads RANK / WORLD_SIZE): with
+* roles come from :mod:`distrag.distributed.roles` (the only module that reads RANK / WORLD_SIZE): with
   ``train.refresh_every > 0`` one rank is the **index rank** and never joins a trainer collective;
   DeepSpeed only ever sees the trainers (its default group is trainers-only);
 * trainers run the same strategies, losses and ledger as the single-process path
-  (:class:`distrag.train.Trainer`); :class:`DistributedTrainer` only swaps in its hooks: each
+  (:class:`distrag.training.trainer.Trainer`); :class:`DistributedTrainer` only swaps in its hooks: each
   trainer takes its slice of the global batch, the LoRA generator trains inside a DeepSpeed engine
   (ZeRO-2/3, torch AdamW), the question encoder is data-parallel (gradients all-reduced over the
   trainers), new index versions are adopted at the same step on every trainer, checkpoints are
@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distrag import dist, preempt
-from distrag.checkpoint import CheckpointManager
 from distrag.config import ExperimentConfig
-from distrag.costs import Accountant
-from distrag.index import ShardedIndex, publish
-from distrag.ledger import CostLedger
-from distrag.train import Phase, Trainer, TrainState, batch_indices, phases_for
+from distrag.costs.accountant import Accountant
+from distrag.costs.ledger import CostLedger
+from distrag.distributed import preemption, roles
+from distrag.distributed.checkpoint import CheckpointManager
+from distrag.retrieval.sharded_index import ShardedIndex, publish
+from distrag.training.strategies import Phase, phases_for
+from distrag.training.trainer import Trainer, TrainState, batch_indices
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def needs_index_rank(cfg: ExperimentConfig) -> bool:
 class DistributedTrainer(Trainer):
     """:class:`Trainer` with DeepSpeed for the generator and all-reduce for the question encoder."""
 
-    def __init__(self, *args, ctx: dist.DistContext, ckpt: CheckpointManager, client=None, tracker=None,
+    def __init__(self, *args, ctx: roles.DistContext, ckpt: CheckpointManager, client=None, tracker=None,
                  restored=None, **kw):
         super().__init__(*args, **kw)
         self.ctx, self.ckpt, self.client, self.tracker = ctx, ckpt, client, tracker
@@ -76,8 +77,8 @@ class DistributedTrainer(Trainer):
     def make_optimizers(self, phase: Phase, total_steps: int) -> None:
         from transformers import get_linear_schedule_with_warmup
 
-        from distrag.ds import build_ds_config, engine_kwargs
-        from distrag.train import set_embedder_trainable, set_generator_trainable
+        from distrag.distributed.deepspeed_glue import build_ds_config, engine_kwargs
+        from distrag.training.trainer import set_embedder_trainable, set_generator_trainable
 
         t = self.cfg.train
         warmup = int(t.warmup_ratio * total_steps)
@@ -170,7 +171,7 @@ class DistributedTrainer(Trainer):
             self.client.submit_weights(self.state.global_step, self.embedder.state_dict())
         gs = self.state.global_step
         stop_now = dc.stop_after is not None and gs >= dc.stop_after
-        preempted = preempt.agreed(self.ctx)
+        preempted = preemption.agreed(self.ctx)
         if (dc.checkpoint_every and gs % dc.checkpoint_every == 0) or preempted or stop_now:
             self.save_checkpoint()
         if preempted or stop_now:
@@ -183,7 +184,7 @@ class DistributedTrainer(Trainer):
         """The LoRA adapter weights, gathered (collective under ZeRO-3: every trainer calls it)."""
         if not self.generator.is_peft:
             return None
-        from distrag.ds import gathered_lora_state_dict
+        from distrag.distributed.deepspeed_glue import gathered_lora_state_dict
 
         return gathered_lora_state_dict(self.engine if self.engine is not None else self.generator.model)
 
@@ -243,11 +244,11 @@ class CorpusReencoder:
         return self.unsort(np.concatenate(list(self.shards(state_dict))))
 
 
-def serve_index(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
+def serve_index(cfg: ExperimentConfig, ctx: roles.DistContext) -> int:
     """Index-rank loop: re-embed the corpus with each new weights hand-off, publish versions."""
     from distrag.data import load_data
-    from distrag.embedder import Embedder
-    from distrag.index_service import IndexServer
+    from distrag.distributed.index_refresh import IndexServer
+    from distrag.models.embedder import Embedder
 
     data = load_data(cfg.data)
     corpus = data.corpus
@@ -271,12 +272,12 @@ def serve_index(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
 # trainers
 
 
-def train(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
+def train(cfg: ExperimentConfig, ctx: roles.DistContext) -> int:
     from peft.utils import set_peft_model_state_dict
 
-    from distrag.ds import attach_deepspeed, outside_zero3_init
-    from distrag.experiment import Experiment
-    from distrag.index_service import IndexClient
+    from distrag.distributed.deepspeed_glue import attach_deepspeed, outside_zero3_init
+    from distrag.distributed.index_refresh import IndexClient
+    from distrag.training.experiment import Experiment
 
     info = ctx.info
     rank0 = info.is_rank0
@@ -329,7 +330,7 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
             trainer.index_path = payload["index_path"]
         if rank0:
             log.info("resumed from %s at global step %d", resume, trainer.state.global_step)
-    preempt.install()
+    preemption.install()
     rc = 0
     with tracker:
         trainer.train()
@@ -341,11 +342,11 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
             if rank0:
                 log.info("stopped at global step %d; resume with distributed.resume=auto",
                          trainer.state.global_step)
-                if preempt.preemption_requested():
-                    preempt.requeue(ctx)
-            rc = preempt.EXIT_REQUEUED
+                if preemption.preemption_requested():
+                    preemption.requeue(ctx)
+            rc = preemption.EXIT_REQUEUED
         elif rank0:
-            from distrag.io import atomic_write_json
+            from distrag.atomic_io import atomic_write_json
 
             atomic_write_json(root / "history.json", trainer.state.history)
             total = CostLedger(n_devices=1)
@@ -355,18 +356,18 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
             if lora is not None:
                 gen_eval.add_lora(cfg.generator.lora)
                 set_peft_model_state_dict(gen_eval.model, lora)
-            from distrag.train import set_embedder_trainable
+            from distrag.training.trainer import set_embedder_trainable
 
             set_embedder_trainable(embedder, False)
             res = exp.evaluate_and_record(cfg, tracker, Accountant(total), embedder, gen_eval, trainer.index,
                                           split=cfg.eval_split, history=trainer.state.history, t0=t0)
             tracker.log_metrics({"dist/n_trainers": info.n_trainers,
                                  "dist/index_versions": trainer.state.index_version})
-            from distrag.report import print_results
+            from distrag.reporting.report import print_results
 
             print_results([res], title=f"{res.label} on {exp.splits.name}, {info.n_trainers} trainer(s)")
         if client is not None:
-            from distrag.io import atomic_write_json
+            from distrag.atomic_io import atomic_write_json
 
             # every trainer records the versions it adopted and when (they must agree)
             atomic_write_json(root / f"adoptions_trainer{info.trainer_rank}.json",
@@ -378,7 +379,7 @@ def train(cfg: ExperimentConfig, ctx: dist.DistContext) -> int:
 
 def run(cfg: ExperimentConfig) -> int:
     """Entry point of every process; returns the exit code (0 on success and after a requeue)."""
-    ctx = dist.init_roles(cfg.distributed, with_index_rank=needs_index_rank(cfg))
+    ctx = roles.init_roles(cfg.distributed, with_index_rank=needs_index_rank(cfg))
     if ctx.info.is_index:
         try:
             n = serve_index(cfg, ctx)
@@ -388,7 +389,7 @@ def run(cfg: ExperimentConfig) -> int:
             # whole job down because one process exited.
             import traceback
 
-            from distrag.index_service import K_DONE
+            from distrag.distributed.index_refresh import K_DONE
 
             traceback.print_exc()
             deadline = time.monotonic() + 7 * 24 * 3600

@@ -1,6 +1,6 @@
 """Asynchronous index refresh between the trainers and the index rank.
 
-Everything goes through the coordination store of :mod:`distrag.dist` and a shared folder; the index
+Everything goes through the coordination store of :mod:`distrag.distributed.roles` and a shared folder; the index
 rank never joins a trainer collective, and the trainers never wait for the index rank::
 
     trainer 0                          store (keys under "distrag/index/")      index rank
@@ -20,7 +20,7 @@ follows ``on_index_failure`` at the same step: ``continue`` on the last version 
 
 Publishing is injectable: ``publish_fn(index, root, version, meta) -> Path``. :func:`make_dir_publisher`
 turns a ``save_fn(index, folder)`` into one (atomic version directory with ``manifest.json``, then
-an atomically replaced ``LATEST`` pointer); ``distrag.index.publish`` can be wrapped the same way::
+an atomically replaced ``LATEST`` pointer); ``distrag.retrieval.sharded_index.publish`` can be wrapped the same way::
 
     publish_fn = lambda index, root, v, meta: distrag.index.publish(index, root, v)
 
@@ -57,7 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distrag.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from distrag.atomic_io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from distrag.errors import IndexRankFailed
 
 PREFIX = "distrag/index/"
 K_WEIGHTS = PREFIX + "weights"  # submissions by trainer 0 (counter)
@@ -72,10 +73,6 @@ K_BYE = PREFIX + "bye"  # set by the index rank when it leaves (trainer 0 hosts 
 
 def _meta_key(count: int) -> str:
     return f"{PREFIX}meta/{count}"
-
-
-class IndexRankFailed(RuntimeError):
-    """The index rank died or stalled and ``on_index_failure='stop'``: raised on every trainer."""
 
 
 @dataclass

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from distrag.config import ExperimentConfig
-from distrag.embedder import Embedder
-from distrag.generator import Generator
-from distrag.index import SearchResult, ShardedIndex
-from distrag.metrics import answer_in_text, normalize_answer, recall_at_k, score_predictions
-from distrag.records import Corpus, Question
+from distrag.data.records import Corpus, Question
+from distrag.models.embedder import Embedder
+from distrag.models.generator import Generator
+from distrag.retrieval.qa_metrics import answer_in_text, normalize_answer, recall_at_k, score_predictions
+from distrag.retrieval.sharded_index import SearchResult, ShardedIndex
 
 log = logging.getLogger(__name__)
 

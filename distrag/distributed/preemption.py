@@ -4,14 +4,14 @@ SLURM (``#SBATCH --signal=USR1@120``) signals the job's tasks some time before t
 only sets a flag (no I/O, no collectives inside a signal handler). The training loop asks every
 step::
 
-    preempt.install()                                   # once, on every process
+    preemption.install()                                   # once, on every process
     for step in ...:
         ...train step...
-        if preempt.agreed(ctx):                         # collective: every trainer, every step
+        if preemption.agreed(ctx):                         # collective: every trainer, every step
             ckpt.save(step, payload, engine=engine)     # the same step on every trainer
             index_client.done()
-            preempt.requeue(ctx)                        # trainer 0 runs `scontrol requeue $SLURM_JOB_ID`
-            dist.finish(preempt.EXIT_REQUEUED)
+            preemption.requeue(ctx)                        # trainer 0 runs `scontrol requeue $SLURM_JOB_ID`
+            roles.finish(preemption.EXIT_REQUEUED)
 
 The flag of any single trainer is enough (all-reduce MAX), because SLURM may signal the tasks at
 slightly different moments. The requeued job resumes with ``distributed.resume=auto``. The index
@@ -62,9 +62,9 @@ def reset() -> None:
 
 def agreed(ctx=None) -> bool:
     """Collective over the trainers: True on every trainer when any trainer was signalled."""
-    from distrag import dist
+    from distrag.distributed import roles
 
-    ctx = ctx or dist.current()
+    ctx = ctx or roles.current()
     return ctx.all_reduce_flag(_requested)
 
 
@@ -83,9 +83,9 @@ def requeue_command(job_id: str | None = None) -> list[str] | None:
 
 def requeue(ctx=None, command: Sequence[str] | None = None, *, timeout_s: float = 60.0) -> bool:
     """Trainer 0 asks the scheduler to requeue this job (other ranks: no-op). True on success."""
-    from distrag import dist
+    from distrag.distributed import roles
 
-    ctx = ctx or dist.current()
+    ctx = ctx or roles.current()
     if not ctx.info.is_rank0:
         return False
     cmd = list(command) if command is not None else requeue_command()

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from distrag.config import DistributedConfig, TrainConfig
+from distrag.errors import DSConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 # Used when the package is installed without the repository's ds_configs/ folder.
 _BUILTIN = {
@@ -48,10 +49,6 @@ _BUILTIN = {
                               "stage3_gather_16bit_weights_on_model_save": True},
         "zero_allow_untested_optimizer": True, "steps_per_print": 10**9},
 }
-
-
-class DSConfigError(ValueError):
-    """The DeepSpeed configuration does not fit the run (batch arithmetic, file, stage)."""
 
 
 def ds_config_path(dist_cfg: DistributedConfig) -> Path | None:
@@ -201,7 +198,7 @@ def save_lora_adapter(engine_or_model, path: str | Path, *, is_writer: bool,
                       adapter_name: str = "default") -> Path | None:
     """Collective: gather the adapters on every trainer; the writer (trainer 0) saves a peft folder
     atomically (``PeftModel.from_pretrained(base, path)`` reloads it)."""
-    from distrag.io import atomic_directory
+    from distrag.atomic_io import atomic_directory
 
     sd = gathered_lora_state_dict(engine_or_model, adapter_name)
     if not is_writer:

@@ -35,12 +35,9 @@ from pathlib import Path
 import torch
 
 from distrag.config import GeneratorConfig, LoRAConfig
-from distrag.models import pick_device, pick_dtype, resolve_model
-from distrag.records import Passage
-
-
-class GeneratorError(ValueError):
-    """A generator setting or state that cannot work (no eos token, no adapter, prompt too long...)."""
+from distrag.data.records import Passage
+from distrag.errors import GeneratorError
+from distrag.models.sources import pick_device, pick_dtype, resolve_model
 
 
 @dataclass

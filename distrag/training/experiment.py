@@ -14,18 +14,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distrag.atomic_io import atomic_write_text
 from distrag.config import ExperimentConfig
-from distrag.costs import Accountant
+from distrag.costs.accountant import Accountant
+from distrag.costs.ledger import CostLedger
 from distrag.data import load_data
-from distrag.embedder import Embedder
-from distrag.generator import Generator
-from distrag.index import ShardedIndex
-from distrag.io import atomic_write_text
-from distrag.ledger import CostLedger
-from distrag.pipeline import EvalResult, RAGPipeline
-from distrag.records import Splits
-from distrag.tracking import experiment_tags, open_tracker
-from distrag.train import Phase, Trainer, check_strategy_data, phases_for
+from distrag.data.records import Splits
+from distrag.models.embedder import Embedder
+from distrag.models.generator import Generator
+from distrag.reporting.tracking import experiment_tags, open_tracker
+from distrag.retrieval.pipeline import EvalResult, RAGPipeline
+from distrag.retrieval.sharded_index import ShardedIndex
+from distrag.training.strategies import Phase, check_strategy_data, phases_for
+from distrag.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class Experiment:
 
 
 def _flat(cfg: ExperimentConfig) -> dict:
-    from distrag.tracking import flatten
+    from distrag.reporting.tracking import flatten
 
     return flatten(cfg.model_dump(mode="json"))
 

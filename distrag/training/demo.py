@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from distrag.config import ExperimentConfig, load_config
-from distrag.experiment import Models
+from distrag.training.experiment import Models
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 #: (strategy, extra overrides) of the seven rows, in the paper's order.
 DEMO_ROWS: list[tuple[str, dict]] = [
@@ -40,7 +40,7 @@ QUICK_OVERRIDES = [
 def quick_models(cfg: ExperimentConfig) -> ExperimentConfig:
     """Point the config at tiny random models written under output_dir (built once, then reused)."""
     from distrag.data.synthetic import make_synthetic
-    from distrag.testing import make_tiny_causal_lm, make_tiny_encoder
+    from distrag.models.tiny import make_tiny_causal_lm, make_tiny_encoder
 
     root = Path(cfg.output_dir) / "tiny_models"
     texts = [p.as_text() for p in make_synthetic(cfg.data.synthetic).corpus][:200]
@@ -76,8 +76,8 @@ def combine_independent(exp, cfg: ExperimentConfig, embed, gen):
 
 def run_demo(config: str | None = None, overrides: list[str] | None = None, *, quick: bool = False,
              show_progress: bool = True) -> int:
-    from distrag.experiment import Experiment
-    from distrag.report import print_results, write_report_for_results
+    from distrag.reporting.report import print_results, write_report_for_results
+    from distrag.training.experiment import Experiment
 
     overrides = list(overrides or [])
     cfg = load_config(config or DEMO_CONFIG, (QUICK_OVERRIDES if quick else []) + overrides)
@@ -106,7 +106,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
     print(f"best: {best.label} ({100 * best.metrics['em']:.1f} EM); demo took {time.perf_counter() - t0:.0f} s")
     print(f"report (Markdown, CSV, plots): {report_dir}")
     if cfg.tracking.enabled:
-        from distrag.tracking import default_tracking_uri
+        from distrag.reporting.tracking import default_tracking_uri
 
         uri = cfg.tracking.uri or default_tracking_uri()
         print(f"MLflow store: {uri} (experiment '{cfg.tracking.experiment}'); "

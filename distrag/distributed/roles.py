@@ -14,7 +14,7 @@ an ``mpu``) therefore hangs. So ``init_roles`` builds two separate things:
   trainer-local values, so DeepSpeed (which reads them too) agrees with the group it is handed. The
   launcher's values stay in :class:`DistInfo` and in ``DISTRAG_GLOBAL_RANK`` / ``DISTRAG_GLOBAL_WORLD_SIZE``.
 * a **coordination TCPStore** (``MASTER_PORT + 2``, long timeouts) shared by the trainers and the
-  index rank. The refresh protocol (``distrag.index_service``) talks only through it, with
+  index rank. The refresh protocol (``distrag.distributed.index_refresh``) talks only through it, with
   non-blocking calls on the trainer side; the index rank never joins a collective.
 
 Both store servers live in global rank 0 (the process on MASTER_ADDR). With the default
@@ -43,6 +43,7 @@ import torch
 import torch.distributed as tdist
 
 from distrag.config import DistributedConfig
+from distrag.errors import DistError
 
 Role = Literal["trainer", "index", "single"]
 
@@ -52,10 +53,6 @@ STORE_PORT_OFFSET = 2
 #: Seconds a store client waits for a key or a connection. Trainers never block on the store (they
 #: only ``add(key, 0)`` / ``check``); this bounds the initial rendezvous and the index rank's reads.
 STORE_TIMEOUT_S = 3600.0
-
-
-class DistError(RuntimeError):
-    """The launcher environment or the role configuration is inconsistent."""
 
 
 @dataclass(frozen=True)

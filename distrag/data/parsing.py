@@ -1,6 +1,6 @@
 """Shared reading and validation helpers for the loaders.
 
-Every helper raises :class:`~distrag.records.DataError` naming the file, the record and the field.
+Every helper raises :class:`~distrag.data.records.DataError` naming the file, the record and the field.
 Records are labelled ``"line N"`` in line-oriented files (JSONL, TSV/CSV) and ``"index N"`` in JSON
 arrays; a label may carry the record's id, e.g. ``"index 7 (_id '5a8b...')"``.
 """
@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distrag.records import Corpus, DataError, Passage, Question, RAGData
+from distrag.data.records import Corpus, Passage, Question, RAGData
+from distrag.errors import DataError
 
 Record = dict[str, Any]
 

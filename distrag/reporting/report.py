@@ -118,7 +118,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     import csv
     import io
 
-    from distrag.io import atomic_write_text
+    from distrag.atomic_io import atomic_write_text
 
     keys = [k for k, _ in _COLUMNS] + ["run_id"]
     buf = io.StringIO()
@@ -182,7 +182,7 @@ def _save_fig(fig, path: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from distrag.io import atomic_write_bytes
+    from distrag.atomic_io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -191,7 +191,7 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def write_report_files(rows: list[dict], results_costs: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
-    from distrag.io import atomic_write_text
+    from distrag.atomic_io import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ def write_report_for_results(results: Sequence, out_dir: Path, *, cfg=None, trac
 
 def _attach(files: list[Path], cfg, tracker) -> None:
     if tracker is None and cfg is not None and cfg.tracking.enabled:
-        from distrag.tracking import Tracker
+        from distrag.reporting.tracking import Tracker
 
         with Tracker.open(cfg.tracking, run_name="report", tags={"distrag.kind": "report"}) as tr:
             for f in files:
@@ -245,7 +245,7 @@ def load_runs(tracking_cfg, *, kinds: tuple[str, ...] = ("strategy", "eval")) ->
     with the LR-search cost of the newest sweep of that strategy when there is one."""
     from mlflow.tracking import MlflowClient
 
-    from distrag.tracking import default_tracking_uri
+    from distrag.reporting.tracking import default_tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_cfg.uri or default_tracking_uri())
     exp = client.get_experiment_by_name(tracking_cfg.experiment)
@@ -285,7 +285,7 @@ def write_report(tracking_cfg, out_dir: Path, *, cfg=None) -> Path:
     files = write_report_files(rows, [(r.label, r.costs) for r in runs], out_dir)
     print_results(runs, title=f"Strategies recorded in MLflow experiment '{tracking_cfg.experiment}'")
     if tracking_cfg.enabled:
-        from distrag.tracking import Tracker
+        from distrag.reporting.tracking import Tracker
 
         with Tracker.open(tracking_cfg, run_name="report", tags={"distrag.kind": "report"}) as tr:
             for f in files:

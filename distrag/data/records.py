@@ -12,21 +12,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-
-class DataError(ValueError):
-    """Malformed input. The message names the file, the record (line or index) and the field."""
-
-    def __init__(self, message: str, *, file: str | None = None, record: str | int | None = None,
-                 field: str | None = None):
-        self.file, self.record, self.field, self.reason = file, record, field, message
-        where = []
-        if file is not None:
-            where.append(str(file))
-        if record is not None:
-            where.append(f"record {record}")
-        if field is not None:
-            where.append(f"field '{field}'")
-        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+from distrag.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,94 @@
+"""Every error a user can cause, in one list, and the one place they become a message and exit code 2.
+
+Each class below is raised for a problem in what the user gave (configuration, data, model names,
+checkpoints, the launcher environment) and carries a message that names the thing and how to fix it.
+:func:`user_error_exit` is what the command line (``distrag ...``) and ``launch/train.py`` call around
+their work: a :class:`UserError` prints ``error: <message>`` on standard error (once per job: rank 0
+under a launcher) and returns exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Base of every error caused by the user's input rather than by a bug."""
+
+
+class ConfigError(UserError, ValueError):
+    """Bad configuration; ``problems`` lists (dotted key, message) pairs, all reported at once."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        head += f" in {source}" if source else " in the configuration"
+        super().__init__(head + ":\n" + "\n".join(f"  - {k}: {m}" for k, m in problems))
+
+
+class DataError(UserError, ValueError):
+    """Malformed input. The message names the file, the record (line or index) and the field."""
+
+    def __init__(self, message: str, *, file: str | None = None, record: str | int | None = None,
+                 field: str | None = None):
+        self.file, self.record, self.field, self.reason = file, record, field, message
+        where = []
+        if file is not None:
+            where.append(str(file))
+        if record is not None:
+            where.append(f"record {record}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class StrategyError(UserError, ValueError):
+    """A strategy that cannot run on this data or configuration (e.g. Ft-Embed without context labels)."""
+
+
+class ModelNotFoundError(UserError, ValueError):
+    """The model spec names nothing that can be loaded here."""
+
+
+class EmbedderError(UserError, ValueError):
+    """An encoder folder or pooling setting that cannot be used."""
+
+
+class GeneratorError(UserError, ValueError):
+    """A generator setting or state that cannot work (no eos token, no adapter, prompt too long...)."""
+
+
+class IndexLoadError(UserError, RuntimeError):
+    """A saved index is missing, incomplete or inconsistent; the message names the offending file."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that was asked for is missing, incomplete or unreadable."""
+
+
+class DSConfigError(UserError, ValueError):
+    """The DeepSpeed configuration does not fit the run (batch arithmetic, file, stage)."""
+
+
+class DistError(UserError, RuntimeError):
+    """The launcher environment or the role configuration is inconsistent."""
+
+
+class IndexRankFailed(RuntimeError):
+    """The index rank died or stalled and ``distributed.on_index_failure=stop``: raised on every trainer.
+    A failure of the job, not of the user's input (exit code 1, with its traceback)."""
+
+
+def user_error_exit(fn: Callable[[], int], *, speak: Callable[[], bool] = lambda: True) -> int:
+    """Run ``fn``; a :class:`UserError` becomes ``error: ...`` on stderr and exit code 2. ``speak()`` is
+    asked at that moment whether this process prints it (under a launcher: rank 0 only, so a job says
+    it once). Other exceptions propagate with their traceback."""
+    try:
+        return fn()
+    except UserError as e:
+        if speak():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
