@@ -1,4 +1,4 @@
-"""Turns what the models just did into ledger entries (FLOPs from model dimensions, see distrag.ledger).
+"""Turns what the models just did into ledger entries (FLOPs from model dimensions, see distrag.costs.flops).
 
 Conventions:
 - encoder batches are charged at their padded shape (what the kernels compute);
@@ -13,19 +13,27 @@ Conventions:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
 import torch
 
-from distrag.costs.ledger import (
-    CostLedger,
+from distrag.costs.flops import (
     forward_flops_breakdown,
     generate_flops,
+    texts_forward_flops,
     train_flops,
     transformer_forward_flops,
     transformer_train_flops,
 )
+from distrag.costs.ledger import CostLedger
+
+if TYPE_CHECKING:
+    from distrag.models.embedder import Embedder
+    from distrag.models.generator import Generator
 
 
-def _lora_params(generator) -> int:
+def _lora_params(generator: Generator) -> int:
     return sum(p.numel() for n, p in generator.model.named_parameters() if "lora_" in n)
 
 
@@ -35,11 +43,12 @@ class Accountant:
     def __init__(self, ledger: CostLedger):
         self.ledger = ledger
 
-    def phase(self, name: str):
+    def phase(self, name: str) -> AbstractContextManager[CostLedger]:
+        """Time a phase of the ledger (``with acc.phase("eval"): ...``)."""
         return self.ledger.phase(name)
 
     # -- embedder --------------------------------------------------------------------------------
-    def encoder(self, embedder, attention_mask: torch.Tensor, *, train: bool, category: str) -> None:
+    def encoder(self, embedder: Embedder, attention_mask: torch.Tensor, *, train: bool, category: str) -> None:
         """A padded encoder batch; ``train``: full fine-tuning (3x forward), charged to ``train``."""
         B, S = attention_mask.shape
         cfg = embedder.model.config
@@ -48,21 +57,20 @@ class Accountant:
         self.ledger.add("train" if train else category, flops, tokens=int(attention_mask.sum()),
                         passages=B if category == "encode_passages" else 0)
 
-    def encode_texts(self, embedder, texts: list[str], *, category: str) -> None:
+    def encode_texts(self, embedder: Embedder, texts: list[str], *, category: str) -> None:
         """``Embedder.encode(texts)``: forward only, each text at its own (truncated) length."""
         if not texts:
             return
         lengths = [len(x) for x in embedder.tokenizer(list(texts), truncation=True,
                                                        max_length=embedder.max_length)["input_ids"]]
-        cfg = embedder.model.config
-        flops = sum(transformer_forward_flops(cfg, n, n) for n in lengths)
+        flops = texts_forward_flops(embedder.model.config, lengths)
         self.ledger.add(category, flops, tokens=sum(lengths),
                         passages=len(texts) if category == "encode_passages" else 0)
 
     # -- generator -------------------------------------------------------------------------------
     # The generator counts the tokens of its calls (Generator.tokens); each call site charges the
     # call it just made, and charging consumes those counters.
-    def generator(self, generator, *, lp_mask: torch.Tensor, prompts: list[str], answers: list[str],
+    def generator(self, generator: Generator, *, lp_mask: torch.Tensor, prompts: list[str], answers: list[str],
                   train: bool, category: str | None = None) -> None:
         """An ``answer_logprobs`` call that just ran, at its padded shape. ``train``: the LoRA adapters
         get gradients. A frozen forward is charged to ``category`` (default ``score``; training
@@ -81,7 +89,7 @@ class Accountant:
         else:
             self.ledger.add(category or "score", transformer_forward_flops(cfg, padded, S), tokens=padded)
 
-    def generation(self, generator, prompts: list[str], outputs: list[str]) -> None:
+    def generation(self, generator: Generator, prompts: list[str], outputs: list[str]) -> None:
         """A ``generate`` call that just ran: KV-cached decoding at the call's mean lengths."""
         t = generator.tokens
         d_prompt, d_gen = t.prompt, t.generated

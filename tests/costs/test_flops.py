@@ -1,4 +1,4 @@
-"""FLOP formulas against torch's FlopCounterMode, and the CostLedger's bookkeeping.
+"""FLOP formulas (distrag/costs/flops.py) against torch's FlopCounterMode.
 
 What FlopCounterMode counts: matmul-like aten ops only (mm, addmm, bmm, baddbmm, SDPA kernels it has a
 formula for), 2 FLOPs per multiply-add -- the same scope as our formulas (dense weights, attention scores
@@ -24,24 +24,19 @@ Apples to apples:
   ~9 % of the forward FLOPs -- too little for a 10 % check to notice if the attention term were wrong.
 """
 
-import json
-import math
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from distrag.costs.ledger import (
-    STANDARD_CATEGORIES,
-    CostLedger,
+from distrag.costs.flops import (
     ModelDims,
     forward_flops_breakdown,
     generate_flops,
     lora_param_count,
+    texts_forward_flops,
     train_flops,
     transformer_forward_flops,
     transformer_train_flops,
-    validate_metric_name,
 )
 
 TOL = 0.10
@@ -143,6 +138,15 @@ def test_forward_tiny_bert(tiny_encoder_dir):
     measured = _count(lambda: model(input_ids=x))
     est = transformer_forward_flops(model.config, n_tokens=3 * 40, seq_len=40)
     assert abs(_ratio(est, measured) - 1) < TOL
+
+
+def test_texts_encoded_one_by_one_at_their_own_lengths(tiny_encoder_dir):
+    model = _tiny_bert(tiny_encoder_dir)
+    measured = sum(_count(lambda n=n: model(input_ids=torch.randint(0, 100, (1, n)))) for n in (7, 19, 40))
+    est = texts_forward_flops(model.config, [7, 19, 40])
+    assert est == sum(transformer_forward_flops(model.config, n, n) for n in (7, 19, 40))
+    assert abs(_ratio(est, measured) - 1) < TOL
+    assert texts_forward_flops(model.config, []) == 0.0
 
 
 def test_forward_larger_llama_where_attention_matters():
@@ -276,166 +280,3 @@ def test_generate_with_kv_cache_tiny_llama(tiny_lm_dir):
     assert est < no_cache / 2
     assert generate_flops(cfg, p, 0, b) == 0.0
     assert generate_flops(cfg, p, 1, b) == transformer_forward_flops(cfg, b * p, p, lm_head_tokens=b)
-
-
-# ----------------------------------------------------------------------------------------------
-# the ledger
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-    def tick(self, dt):
-        self.t += dt
-
-
-def _mlflow_check(name):
-    from mlflow.utils.validation import _validate_metric_name
-
-    _validate_metric_name(name)
-
-
-def test_ledger_totals_and_phases():
-    clock = FakeClock()
-    led = CostLedger(n_devices=2, clock=clock)
-    led.add("encode_passages", 1e9, tokens=5000, passages=100)
-    with led.phase("train/generator"):
-        clock.tick(10)
-        led.add("train", 3e9, tokens=800)
-        with led.phase("eval"):  # nested: counted in both phases (inclusive), once in the totals
-            clock.tick(5)
-            led.add("generate", 2e9, tokens=64)
-            assert led.open_phases == ["train/generator", "eval"]
-            assert led.wall_s == 15  # open phases count up to now
-        with pytest.raises(ValueError, match="already open"), led.phase("train/generator"):
-            pass
-    with led.phase("eval"):
-        clock.tick(1)
-        led.add("encode_questions", 1e6, tokens=10)
-    assert led.total_flops == 1e9 + 3e9 + 2e9 + 1e6
-    assert led.flops("train") == 3e9 and led.flops("nope") == 0
-    assert led.tokens == 5000 + 800 + 64 + 10 and led.passages == 100
-    assert led.wall_s == 16
-    assert led.device_hours() == pytest.approx(32 / 3600)
-    assert led.device_hours(n_devices=4) == pytest.approx(64 / 3600)
-    gen = led.phase_totals("train/generator")
-    assert (gen["flops"], gen["wall_s"], gen["tokens"], gen["entries"]) == (5e9, 15, 864, 1)
-    assert gen["by_category"] == {"train": 3e9, "generate": 2e9}
-    ev = led.phase_totals("eval")
-    assert (ev["flops"], ev["wall_s"], ev["entries"]) == (2e9 + 1e6, 6, 2)
-
-
-def test_ledger_phase_time_recorded_on_exception():
-    clock = FakeClock()
-    led = CostLedger(clock=clock)
-    with pytest.raises(RuntimeError), led.phase("train/retriever"):
-        clock.tick(3)
-        raise RuntimeError("boom")
-    assert led.wall_s == 3 and led.open_phases == []
-
-
-def test_ledger_uses_perf_counter_by_default():
-    import time
-
-    led = CostLedger()
-    with led.phase("sleep"):
-        time.sleep(0.02)
-    assert 0.015 < led.wall_s < 1.0
-
-
-def test_to_metrics_names_are_valid_for_mlflow():
-    clock = FakeClock()
-    led = CostLedger(clock=clock)
-    led.set_params(trainable=1000, total=100000)
-    with led.phase("train/generator"):
-        clock.tick(2)
-        led.add("train", 6e9, tokens=100)
-    with led.phase("phase 2 retriever-ft"):
-        led.add("index_build", 5.0)
-    m = led.to_metrics()
-    for name in m:
-        _mlflow_check(name)
-        validate_metric_name(name)
-    for cat in STANDARD_CATEGORIES:  # always present, so runs compare column by column
-        assert f"cost/{cat}_flops" in m
-    assert m["cost/train_flops"] == 6e9 and m["cost/encode_passages_flops"] == 0.0
-    assert m["cost/index_build_flops"] == 5.0
-    assert m["cost/total_flops"] == 6e9 + 5 and m["cost/tokens"] == 100.0
-    assert m["cost/wall_s"] == 2.0 and m["cost/device_hours"] == pytest.approx(2 / 3600)
-    assert m["cost/phase.train/generator.flops"] == 6e9 and m["cost/phase.train/generator.wall_s"] == 2.0
-    assert m["cost/trainable_params"] == 1000 and m["cost/trainable_fraction"] == pytest.approx(0.01)
-    assert all(isinstance(v, float) for v in m.values())
-    assert set(led.to_metrics(prefix="cost/phase1")) == {k.replace("cost/", "cost/phase1/", 1) for k in m}
-
-
-@pytest.mark.parametrize("bad", ["train:gen", "a//b", "/abs", "../up", "trail/", "ü", "x" * 251, ""])
-def test_invalid_names_rejected(bad):
-    led = CostLedger()
-    with pytest.raises(ValueError):
-        led.add(bad, 1.0)
-    with pytest.raises(ValueError), led.phase(bad):
-        pass
-
-
-def test_invalid_values_rejected():
-    led = CostLedger()
-    for flops in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError):
-            led.add("train", flops)
-    with pytest.raises(ValueError):
-        led.add("train", 1.0, tokens=-1)
-
-
-def test_state_round_trip_continues_totals():
-    clock = FakeClock()
-    led = CostLedger(n_devices=2, clock=clock)
-    led.set_params(trainable=10, total=100)
-    with led.phase("train/generator"):
-        clock.tick(4)
-        led.add("train", 1e9, tokens=50)
-        state = json.loads(json.dumps(led.state_dict()))  # checkpoint taken mid-phase, via JSON
-        clock.tick(6)
-    # a resumed run starts from the snapshot (4 s of the open phase included) and continues
-    resumed = CostLedger.from_state_dict(state, clock=clock)
-    assert resumed.to_metrics() == {**led.to_metrics(), "cost/wall_s": 4.0, "cost/device_hours": 8 / 3600,
-                                    "cost/phase.train/generator.wall_s": 4.0,
-                                    "cost/phase.train/generator.device_hours": 8 / 3600}
-    with resumed.phase("train/generator"):
-        clock.tick(1)
-        resumed.add("train", 2e9, tokens=20)
-    assert resumed.flops("train") == 3e9 and resumed.tokens == 70 and resumed.wall_s == 5
-    assert resumed.phase_totals("train/generator")["entries"] == 2
-    assert resumed.n_devices == 2 and resumed.trainable_params == 10
-    # load into an existing ledger replaces, never adds
-    other = CostLedger()
-    other.add("generate", 7.0)
-    other.load_state_dict(state)
-    assert other.flops("generate") == 0 and other.flops("train") == 1e9
-    with pytest.raises(ValueError, match="version"):
-        other.load_state_dict({**state, "version": 99})
-
-
-def test_merge_ranks_and_phases():
-    def rank_ledger(wall, flops):
-        clock = FakeClock()
-        led = CostLedger(clock=clock)
-        led.set_params(trainable=5, total=50)
-        with led.phase("train/generator"):
-            clock.tick(wall)
-            led.add("train", flops, tokens=10)
-        return led
-
-    a, b = rank_ledger(10, 1e9), rank_ledger(12, 2e9)
-    par = CostLedger.from_state_dict(a.state_dict()).merge(b, parallel=True)
-    assert par.flops("train") == 3e9 and par.tokens == 20
-    assert par.wall_s == 12  # ranks ran at the same time
-    assert par.device_hours() == pytest.approx(22 / 3600)  # but both devices were busy
-    assert par.phase_totals("train/generator")["wall_s"] == 12
-    assert par.trainable_params == 5 and par.total_params == 50  # not summed
-    seq = CostLedger.from_state_dict(a.state_dict()).merge(b.state_dict())  # a state dict works too
-    assert seq.wall_s == 22 and seq.flops() == 3e9
-    assert math.isclose(seq.device_hours(), par.device_hours())

@@ -1,0 +1,108 @@
+"""MLflow tracking on a temporary SQLite store: runs, params logged once, metrics, child runs, run
+status on exit, resume, and the null tracker of other ranks."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from distrag.config import TrackingConfig, build_config
+from distrag.reporting.tracking import NullTracker, Tracker, default_tracking_uri, flatten, open_tracker
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory) -> str:
+    """One SQLite store for the module (creating its schema is the slow part); tests use their own
+    experiment names."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def _open(uri: str, experiment: str, **kw) -> Tracker:
+    return Tracker.open(TrackingConfig(uri=uri, experiment=experiment), run_name=kw.pop("run_name", "r"), **kw)
+
+
+def test_open_creates_the_experiment_and_a_tagged_run(uri, tmp_path):
+    tr = _open(uri, "exp-open", run_name="first", tags={"distrag.kind": "eval"})
+    exp = tr.client.get_experiment_by_name("exp-open")
+    assert exp is not None and tr.experiment_id == exp.experiment_id and tr.uri == uri
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()  # next to the working directory
+    run = tr.client.get_run(tr.run_id)
+    assert run.info.status == "RUNNING" and run.info.experiment_id == exp.experiment_id
+    assert run.data.tags["mlflow.runName"] == "first" and run.data.tags["distrag.kind"] == "eval"
+    assert "mlflow.parentRunId" not in run.data.tags
+    again = _open(uri, "exp-open")
+    assert again.experiment_id == tr.experiment_id and again.run_id != tr.run_id
+
+
+def test_params_are_logged_once_and_metrics_skip_none(uri):
+    tr = _open(uri, "exp-log")
+    tr.log_params({"train.lr_generator": 1e-4, "train.strategy": "joint"})
+    tr.log_params({"train.lr_generator": 5e-4, "train.seed": 3})  # a changed value does not raise
+    params = tr.client.get_run(tr.run_id).data.params
+    assert params == {"train.lr_generator": "0.0001", "train.strategy": "joint", "train.seed": "3"}
+    tr.log_metrics({"test/em": 0.5, "test/recall@5": None}, step=2)
+    tr.log_metrics({"test/em": 0.75}, step=3)
+    run = tr.client.get_run(tr.run_id)
+    assert run.data.metrics == {"test/em": 0.75}
+    assert [(m.step, m.value) for m in tr.client.get_metric_history(tr.run_id, "test/em")] == [(2, 0.5), (3, 0.75)]
+    tr.set_tags({"note": True})
+    assert tr.client.get_run(tr.run_id).data.tags["note"] == "True"
+
+
+def test_child_runs_carry_their_parent(uri):
+    parent = _open(uri, "exp-child", run_name="sweep")
+    child = parent.child(run_name="point", tags={"distrag.kind": "sweep_point"})
+    tags = child.client.get_run(child.run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent.run_id and tags["mlflow.runName"] == "point"
+    assert tags["distrag.kind"] == "sweep_point" and child.experiment_id == parent.experiment_id
+    opened_under = _open(uri, "exp-child", parent_run_id=parent.run_id)  # e.g. a sweep point in another process
+    assert opened_under.client.get_run(opened_under.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def test_exit_marks_failed_on_exception_and_finished_otherwise(uri):
+    with _open(uri, "exp-exit") as ok:
+        pass
+    assert ok.client.get_run(ok.run_id).info.status == "FINISHED"
+    with pytest.raises(RuntimeError, match="boom"), _open(uri, "exp-exit") as bad:
+        raise RuntimeError("boom")
+    assert bad.client.get_run(bad.run_id).info.status == "FAILED"
+
+
+def test_resume_by_run_id_reopens_the_same_run(uri):
+    with _open(uri, "exp-resume") as first:
+        first.log_params({"a": 1})
+    resumed = _open(uri, "exp-resume", run_id=first.run_id)
+    assert resumed.run_id == first.run_id
+    run = resumed.client.get_run(first.run_id)
+    assert run.info.status == "RUNNING" and run.data.params == {"a": "1"}
+    resumed.end()
+    assert resumed.client.get_run(first.run_id).info.status == "FINISHED"
+    with pytest.raises(MlflowException):  # resuming a run that does not exist is an error
+        _open(uri, "exp-resume", run_id="0" * 32)
+
+
+def test_open_tracker_is_null_off_rank0_or_when_disabled(uri):
+    cfg = build_config(overrides=[f"tracking.uri={uri}", "tracking.experiment=exp-open-tracker"])
+    assert type(open_tracker(cfg, run_name="r", tags={}, is_rank0=False)) is NullTracker
+    off = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    null = open_tracker(off, run_name="r", tags={})
+    assert type(null) is NullTracker and null.run_id is None
+    with null as n, n.child(run_name="c") as c:  # accepts everything
+        c.log_metrics({"x": 1.0})
+        n.log_params({"a": 1})
+    with open_tracker(cfg, run_name="real", tags={"distrag.kind": "strategy"}) as tr:
+        assert isinstance(tr, Tracker)
+        params = tr.client.get_run(tr.run_id).data.params
+    assert params == {k: str(v) for k, v in flatten(cfg.model_dump(mode="json")).items()}
+
+
+def test_flatten_joins_nested_keys_with_dots(tmp_path):
+    assert flatten({"a": 1, "b": {"c": 2, "d": {"e": [3]}}, "f": {}}) == {"a": 1, "b.c": 2, "b.d.e": [3]}
+    assert flatten({"x": {"y": 1}}, prefix="cfg.") == {"cfg.x.y": 1}
+    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"  # the working directory

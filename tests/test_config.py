@@ -1,0 +1,115 @@
+"""Configuration: YAML plus dotted overrides, every problem reported at once under its dotted key, the
+config hash, and save/load."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from distrag.config import ExperimentConfig, build_config, load_config, parse_overrides, save_config
+from distrag.errors import ConfigError
+from distrag.training.strategies import TRAIN_STRATEGIES
+
+
+def test_defaults_need_no_file():
+    cfg = load_config()
+    assert cfg == ExperimentConfig()
+    assert cfg.train.strategy == "none" and cfg.data.format == "synthetic" and cfg.output_dir == "runs"
+
+
+def test_every_problem_is_reported_at_once_with_its_dotted_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"train": {"lr": 1e-4, "lr_generator": -1.0}, "index": {"kind": "hnsw"},
+                                 "retrieval": {"top_k": "many"}, "colour": "blue"}))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    keys = dict(e.value.problems)
+    assert set(keys) == {"train.lr", "train.lr_generator", "index.kind", "retrieval.top_k", "colour"}
+    assert "unknown key" in keys["train.lr"] and "unknown key" in keys["colour"]
+    assert "greater than 0" in keys["train.lr_generator"]
+    assert "'flat', 'ivf' or 'ivfpq'" in keys["index.kind"]
+    assert "integer" in keys["retrieval.top_k"]
+    msg = str(e.value)
+    assert msg.startswith(f"5 problems in {p}:") and "  - index.kind: " in msg
+
+
+def test_cross_field_checks_name_their_section():
+    with pytest.raises(ConfigError) as e:
+        build_config({"data": {"format": "jsonl", "path": "q.jsonl"},
+                      "train": {"batch_size": 6, "micro_batch_size": 4}})
+    keys = dict(e.value.problems)
+    assert "corpus_path is required" in keys["data"]
+    assert "multiple of train.micro_batch_size" in keys["train"]
+
+
+def test_unknown_strategy_lists_the_allowed_ones():
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=["train.strategy=finetune_everything"])
+    ((key, msg),) = e.value.problems
+    assert key == "train.strategy"
+    assert all(f"'{s}'" in msg for s in TRAIN_STRATEGIES)
+    for s in TRAIN_STRATEGIES:
+        assert build_config(overrides=[f"train.strategy={s}"]).train.strategy == s
+
+
+def test_overrides_are_parsed_as_yaml_and_win_over_the_file(tmp_path):
+    assert parse_overrides(["train.max_steps=5", "tracking.enabled=false", "sweep.lr_generator=[0.0001, 0.5]",
+                            "tracking.uri=", "generator.system_prompt=[not yaml", "data.path=x=y"]) == [
+        ("train.max_steps", 5), ("tracking.enabled", False), ("sweep.lr_generator", [0.0001, 0.5]),
+        ("tracking.uri", None), ("generator.system_prompt", "[not yaml"), ("data.path", "x=y")]
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  strategy: gen_ft\n  max_steps: 3\nretrieval:\n  top_k: 2\n")
+    cfg = load_config(p, ["train.max_steps=7", "index.kind=ivf", "sweep.lr_embedder=[1e-5]"])
+    assert (cfg.train.strategy, cfg.train.max_steps, cfg.retrieval.top_k) == ("gen_ft", 7, 2)
+    assert cfg.index.kind == "ivf" and cfg.sweep.lr_embedder == [1e-5]
+    with pytest.raises(ConfigError, match="the command line") as e:
+        build_config(overrides=["train.max_steps"])
+    assert e.value.problems == [("train.max_steps", "override must look like key.sub=value")]
+    with pytest.raises(ConfigError, match="'output_dir' is not a section"):
+        build_config({"output_dir": "runs"}, ["output_dir.sub=1"])
+
+
+def test_build_config_does_not_change_its_input():
+    tree = {"train": {"strategy": "joint"}}
+    build_config(tree, ["train.lr_generator=1e-3"])
+    assert tree == {"train": {"strategy": "joint"}}
+
+
+def test_config_hash_ignores_where_results_go_and_how_the_job_is_sliced():
+    base = build_config()
+    h = base.config_hash()
+    assert len(h) == 12 and h == build_config().config_hash()
+    same = build_config(overrides=["output_dir=elsewhere", "tracking.uri=sqlite:///x.db", "tracking.enabled=false",
+                                   "tracking.run_name=r", "distributed.resume=auto", "distributed.stop_after=3",
+                                   "distributed.checkpoint_every=10", "distributed.keep_checkpoints=5"])
+    assert same.config_hash() == h
+    for override in ("train.lr_generator=1e-3", "train.strategy=joint", "data.synthetic.seed=1",
+                     "distributed.zero_stage=3"):
+        assert build_config(overrides=[override]).config_hash() != h, override
+
+
+def test_save_then_load_round_trips(tmp_path):
+    cfg = build_config({"data": {"format": "jsonl", "path": "q.jsonl", "corpus_path": "c.jsonl"}},
+                       ["train.strategy=two_phase", "generator.lora.target_modules=[q_proj]", "eval_split=dev"])
+    path = tmp_path / "sub" / "config.yaml"
+    save_config(cfg, path)
+    assert list(path.parent.iterdir()) == [path]  # written atomically: no temporary file left
+    back = load_config(path)
+    assert back == cfg and back.config_hash() == cfg.config_hash()
+
+
+def test_bad_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found") as e:
+        load_config(tmp_path / "missing.yaml")
+    assert e.value.problems[0][0] == "--config"
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- train\n- eval\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"\(yaml\)"):
+        load_config(broken)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == ExperimentConfig()
