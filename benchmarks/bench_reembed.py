@@ -1,10 +1,11 @@
 """Corpus re-embedding on the index rank vs one ``Embedder.encode`` of the whole corpus.
 
-The index rank (``distrag.distributed.serve_index``) re-embeds the corpus for each weights hand-off with a
-generator: ``embedder.load_state_dict(new_weights)``, then the corpus (sorted by token length once) cut into
-``max(index.n_shards, 4)`` shards, each encoded by ``Embedder.encode`` (so the server can heartbeat and abandon
-a version between shards). This script runs that code (``distrag.distributed.CorpusReencoder``) and times,
-in one process, with the same embedder and passages:
+The index rank (``distrag.distributed.refresh_server.serve_index``) re-embeds the corpus for each weights
+hand-off with a generator: ``embedder.load_state_dict(new_weights)``, then the corpus (sorted by token length
+once) cut into ``max(index.n_shards, 4)`` shards, each encoded by ``Embedder.encode`` (so the server can
+heartbeat and abandon a version between shards). This script runs that code
+(``distrag.retrieval.corpus_encoding.CorpusEncoder``) and times, in one process, with the same embedder and
+passages:
 
 * **single** -- ``Embedder.encode(all passages)`` (one length sort over the whole corpus);
 * **index rank** -- the shard generator, including ``load_state_dict`` of a weights hand-off;
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from distrag.config import EmbedderConfig
-    from distrag.distributed.runner import CorpusReencoder
     from distrag.models.embedder import Embedder
+    from distrag.retrieval.corpus_encoding import CorpusEncoder
 
     console = Console(width=max(Console().width, 130))
     if args.threads:
@@ -75,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     embedder.eval()
     # a weights hand-off as the index rank receives it (torch.load of trainer 0's state_dict, on CPU)
     handoff = {k: v.detach().clone() for k, v in embedder.state_dict().items()}
-    # the index rank's own re-encoder (distrag.distributed.serve_index uses exactly this object)
-    reencoder = CorpusReencoder(embedder, texts, n_shards=max(args.n_shards, 4))
-    shard = reencoder.shard
+    # the index rank's own re-encoder (distrag.distributed.refresh_server.serve_index uses exactly this object)
+    reencoder = CorpusEncoder(embedder, texts, n_shards=max(args.n_shards, 4))
+    shard = reencoder.shard_size
 
     contenders = [("single Embedder.encode(corpus)", lambda: embedder.encode(texts)),
                   ("index rank (load_state_dict + shards)", lambda: reencoder.encode_all(handoff)),

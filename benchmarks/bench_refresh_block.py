@@ -52,8 +52,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def worker(config: str, out: str, overrides: list[str]) -> int:
     from distrag.config import load_config
     from distrag.distributed import roles
-    from distrag.distributed.index_refresh import IndexClient
-    from distrag.distributed.runner import DistributedTrainer, run
+    from distrag.distributed.deepspeed_trainer import DistributedTrainer
+    from distrag.distributed.refresh_client import IndexClient
+    from distrag.distributed.runner import run
 
     rec = {"step_start": [], "poll_s": [], "swap_s": [], "submit_s": [], "adopted_at": []}
 

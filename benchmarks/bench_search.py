@@ -37,7 +37,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distrag.retrieval.sharded_index import ShardedIndex, set_faiss_threads
+from distrag.retrieval.faiss_backend import set_faiss_threads
+from distrag.retrieval.sharded_index import ShardedIndex
 
 
 def normalised(rng: np.random.Generator, n: int, d: int, chunk: int = 1 << 17) -> np.ndarray:

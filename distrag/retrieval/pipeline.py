@@ -1,15 +1,14 @@
-"""The RAG pipeline: question -> embed -> index top-k -> prompt -> generate -> score.
+"""The RAG pipeline over a built index: question -> embed -> index top-k -> prompt -> generate -> score.
 
-Single-process runs (``distrag eval``, the demo, tests) build the index in-process with the same
-code the distributed index rank uses.
+The index comes from :func:`distrag.retrieval.corpus_encoding.load_or_build_index` (or a trainer's
+refresh, or a version the index rank published); the pipeline only retrieves, answers and evaluates.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,11 +19,14 @@ from distrag.models.generator import Generator
 from distrag.retrieval.qa_metrics import answer_in_text, normalize_answer, recall_at_k, score_predictions
 from distrag.retrieval.sharded_index import SearchResult, ShardedIndex
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from distrag.costs.accountant import Accountant
 
 
 @dataclass
 class EvalResult:
+    """Scores (fractions in [0, 1]), predictions and retrieved passage ids of an evaluation."""
+
     metrics: dict[str, float]
     predictions: list[str]
     retrieved: list[list[str]]
@@ -38,52 +40,19 @@ class EvalResult:
 
 
 class RAGPipeline:
+    """Retrieval from ``index`` with ``embedder``, answers from ``generator``; costs go to ``accountant``."""
+
     def __init__(self, cfg: ExperimentConfig, corpus: Corpus, embedder: Embedder, generator: Generator,
-                 index: ShardedIndex | None = None, accountant=None):
+                 index: ShardedIndex, accountant: Accountant | None = None):
         self.cfg, self.corpus, self.embedder, self.generator = cfg, corpus, embedder, generator
         self.index = index
         self.acc = accountant
 
-    # -- index ---------------------------------------------------------------------------------
-    def build_index(self, *, show_progress: bool = True) -> ShardedIndex:
-        """Encode every passage with the current embedder and build the configured index."""
-        texts = self.corpus.texts()
-        t0 = time.perf_counter()
-        vecs = self.embedder.encode(texts, show_progress=show_progress)
-        if self.acc is not None:
-            self.acc.encode_texts(self.embedder, texts, category="encode_passages")
-        self.index = ShardedIndex.from_config(vecs.shape[1], self.cfg.index).build(vecs)
-        log.info("indexed %d passages in %.1fs", len(texts), time.perf_counter() - t0)
-        return self.index
-
-    def index_signature(self) -> dict:
-        return {"corpus": self.corpus.fingerprint(), "embedder": self.embedder.name,
-                "index": self.cfg.index.model_dump(mode="json")}
-
-    def load_or_build_index(self, cache_dir: str | Path | None, *, show_progress: bool = True) -> ShardedIndex:
-        """Reuse a saved index built for the same corpus, embedder and index settings, else build one.
-
-        A reused index is charged the passage-encoding cost it took to build, so every run's ledger
-        is the same whether or not the cache was warm."""
-        sig = self.index_signature()
-        if cache_dir is not None and (Path(cache_dir) / "manifest.json").exists():
-            idx = ShardedIndex.load(cache_dir)
-            if idx.manifest.get("extra", {}).get("signature") == sig:
-                log.info("reusing index at %s", cache_dir)
-                if self.acc is not None:
-                    self.acc.encode_texts(self.embedder, self.corpus.texts(), category="encode_passages")
-                self.index = idx
-                return idx
-        self.build_index(show_progress=show_progress)
-        if cache_dir is not None:
-            self.index.save(cache_dir, extra={"signature": sig}, overwrite=True)
-        return self.index
-
     # -- retrieval + generation ----------------------------------------------------------------
     def retrieve(self, questions: list[Question], k: int | None = None, *,
                  return_vectors: bool = False) -> SearchResult:
-        if self.index is None:
-            raise RuntimeError("no index: call build_index() or load_or_build_index() first")
+        """The top ``k`` passages (default ``retrieval.top_k``) of each question; questions are encoded
+        with the embedder and charged as ``encode_questions``."""
         k = k or self.cfg.retrieval.top_k
         texts = [q.text for q in questions]
         qv = self.embedder.encode(texts, show_progress=False)
@@ -92,9 +61,11 @@ class RAGPipeline:
         return self.index.search(qv, k, return_vectors=return_vectors)
 
     def passages_for(self, ids: np.ndarray) -> list[list]:
+        """The passages of each row of retrieved ``ids`` (padding ``-1`` dropped)."""
         return [[self.corpus[int(i)] for i in row if i >= 0] for row in ids]
 
     def answer(self, questions: list[Question], result: SearchResult, *, show_progress: bool = True) -> list[str]:
+        """One greedy answer per question from a prompt holding all its retrieved passages ("concat")."""
         prompts = [self.generator.build_prompt(q.text, ps)
                    for q, ps in zip(questions, self.passages_for(result.ids))]
         preds = self.generator.generate(prompts, show_progress=show_progress)

@@ -1,7 +1,8 @@
-"""Asynchronous index refresh between the trainers and the index rank.
+"""Asynchronous index refresh, trainer side: the protocol's store keys and :class:`IndexClient`.
 
-Everything goes through the coordination store of :mod:`distrag.distributed.roles` and a shared folder; the index
-rank never joins a trainer collective, and the trainers never wait for the index rank::
+The index rank's side is :mod:`distrag.distributed.refresh_server`. Everything goes through the
+coordination store of :mod:`distrag.distributed.roles` and a shared folder; the index rank never joins a
+trainer collective, and the trainers never wait for the index rank::
 
     trainer 0                          store (keys under "distrag/index/")      index rank
     submit_weights(step, sd)  -- writes weights/w_<n>.pt, add(weights, 1) -->  sees n > consumed,
@@ -18,11 +19,9 @@ gone (same host), when an error was recorded, or when the store is unreachable. 
 follows ``on_index_failure`` at the same step: ``continue`` on the last version (one warning) or
 ``stop`` (:class:`IndexRankFailed` raised on every trainer).
 
-Publishing is injectable: ``publish_fn(index, root, version, meta) -> Path``. :func:`make_dir_publisher`
-turns a ``save_fn(index, folder)`` into one (atomic version directory with ``manifest.json``, then
-an atomically replaced ``LATEST`` pointer); ``distrag.retrieval.sharded_index.publish`` can be wrapped the same way::
-
-    publish_fn = lambda index, root, v, meta: distrag.index.publish(index, root, v)
+Versions are :class:`~distrag.retrieval.sharded_index.ShardedIndex` directories published with
+:func:`distrag.retrieval.index_store.publish` (``root/v000001`` ..., atomically, then ``root/LATEST``);
+the store's ``meta/<c>`` names the folder, and ``load_fn(path)`` (e.g. ``index_store.load``) reads it.
 
 Training-loop use (every trainer)::
 
@@ -36,8 +35,8 @@ Training-loop use (every trainer)::
         if step % refresh_every == 0: client.submit_weights(step, embedder_trainable_state())
     client.done()
 
-Index rank: ``IndexServer(ctx.store, encode_corpus_fn, build_index_fn, publish_root, weights_dir,
-publish_fn=...).run()``.
+Index rank: ``IndexServer(ctx.store, encode_corpus_fn, build_index_fn, publish_root, weights_dir).run()``
+(:mod:`distrag.distributed.refresh_server`).
 """
 
 from __future__ import annotations
@@ -46,18 +45,18 @@ import io
 import json
 import os
 import re
+import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from distrag.atomic_io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from distrag.atomic_io import atomic_write_bytes
 from distrag.errors import IndexRankFailed
 
 PREFIX = "distrag/index/"
@@ -71,12 +70,20 @@ K_DONE = PREFIX + "done"  # set by trainer 0 when training ends
 K_BYE = PREFIX + "bye"  # set by the index rank when it leaves (trainer 0 hosts the store: it waits)
 
 
-def _meta_key(count: int) -> str:
+def meta_key(count: int) -> str:
+    """Store key of the details (version, folder, weights step, ...) of publication number ``count``."""
     return f"{PREFIX}meta/{count}"
+
+
+def hostname() -> str:
+    """This machine's name (the index rank records ``host:pid``; a pid is only checked on the same host)."""
+    return socket.gethostname()
 
 
 @dataclass
 class AdoptDecision:
+    """An index version every trainer adopted at the same step."""
+
     version: int
     """Index version adopted."""
     path: str
@@ -89,39 +96,6 @@ class AdoptDecision:
     """``step - weights_step``: optimizer steps the index lags behind the embedder."""
     swap_s: float = 0.0
     """Seconds spent in ``load_fn`` on this trainer."""
-
-
-# ----------------------------------------------------------------------------------------------
-# publishing
-
-
-def make_dir_publisher(save_fn: Callable[[Any, Path], None]) -> Callable[[Any, Path, int, dict], Path]:
-    """``publish_fn`` writing ``root/v<version>`` atomically (``save_fn`` + ``manifest.json``), then
-    replacing ``root/LATEST`` atomically. Readers see a complete version or none."""
-
-    def publish(index: Any, root: Path, version: int, meta: dict) -> Path:
-        root = Path(root)
-        final = root / f"v{version:06d}"
-        with atomic_directory(final, overwrite=True) as tmp:
-            save_fn(index, tmp)
-            atomic_write_json(tmp / "manifest.json", {**meta, "version": version})
-        atomic_write_text(root / "LATEST", final.name + "\n")
-        return final
-
-    return publish
-
-
-def read_latest(root: str | Path) -> tuple[int, Path] | None:
-    """(version, folder) that ``root/LATEST`` points at, or None."""
-    root = Path(root)
-    try:
-        name = (root / "LATEST").read_text().strip()
-    except FileNotFoundError:
-        return None
-    m = re.fullmatch(r"v(\d+)", name)
-    if not m or not (root / name / "manifest.json").is_file():
-        return None
-    return int(m.group(1)), root / name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +191,7 @@ class IndexClient:
             return f"the index rank raised: {s.get(K_ERROR).decode(errors='replace')}"
         if s.check([K_PID]):
             host, _, pid = s.get(K_PID).decode().rpartition(":")
-            if host == _hostname() and not _pid_alive(int(pid)):
+            if host == hostname() and not _pid_alive(int(pid)):
                 return f"the index rank process (pid {pid}) is gone"
         hb = s.add(K_HEARTBEAT, 0)
         now = time.monotonic()
@@ -232,8 +206,8 @@ class IndexClient:
         try:
             out = None
             pub = self.store.add(K_PUBLISHED, 0)
-            if pub > self._seen_pub and self.store.check([_meta_key(pub)]):
-                meta = json.loads(self.store.get(_meta_key(pub)))
+            if pub > self._seen_pub and self.store.check([meta_key(pub)]):
+                meta = json.loads(self.store.get(meta_key(pub)))
                 self._seen_pub = pub
                 if self.current is None or meta["version"] > self.current.version:
                     out = ("adopt", meta)
@@ -342,12 +316,6 @@ def _print_metrics(metrics: dict, step: int) -> None:
                                              for k, v in metrics.items()), flush=True)
 
 
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -361,97 +329,3 @@ def _pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
-
-
-# ----------------------------------------------------------------------------------------------
-# index side
-
-
-class IndexServer:
-    """Index-rank loop. ``encode_corpus_fn(state_dict)`` yields the corpus embeddings shard by shard
-    (float32 arrays); ``build_index_fn(embeddings)`` returns an index; ``publish_fn(index, root,
-    version, meta) -> Path`` writes it atomically (default: numpy ``vectors.npy`` via
-    :func:`make_dir_publisher`). Runs in the launcher-started index process (never a fork: faiss)."""
-
-    def __init__(self, store, encode_corpus_fn: Callable[[dict], Iterable[np.ndarray]],
-                 build_index_fn: Callable[[np.ndarray], Any], publish_root: str | Path,
-                 weights_dir: str | Path, *, publish_fn: Callable[[Any, Path, int, dict], Path] | None = None,
-                 poll_interval_s: float = 0.2, log: Callable[[str], None] | None = None,
-                 start_version: int | None = None):
-        self.store = store
-        self.encode_corpus_fn = encode_corpus_fn
-        self.build_index_fn = build_index_fn
-        self.root = Path(publish_root)
-        self.weights_dir = Path(weights_dir)
-        self.publish_fn = publish_fn or make_dir_publisher(
-            lambda vecs, d: np.save(d / "vectors.npy", np.asarray(vecs, dtype=np.float32)))
-        self.poll_s = poll_interval_s
-        self.log = log or (lambda msg: print(f"[index rank] {msg}", flush=True))
-        if start_version is None:  # on resume, versions continue after the ones on disk
-            latest = read_latest(self.root)
-            start_version = latest[0] if latest else 0
-        self.version = start_version
-        self.consumed = 0
-        self.published = 0
-
-    def heartbeat(self) -> None:
-        self.store.add(K_HEARTBEAT, 1)
-
-    def _done(self) -> bool:
-        return self.store.add(K_DONE, 0) > 0
-
-    def run(self) -> int:
-        """Serve until trainer 0 calls ``done()``. Returns the number of versions published."""
-        self.store.set(K_PID, f"{_hostname()}:{os.getpid()}")
-        self.consumed = self.store.add(K_CONSUMED, 0)
-        try:
-            while True:
-                self.heartbeat()
-                if self._done():
-                    self.log(f"trainers are done; {self.published} version(s) published, exiting")
-                    self.store.add(K_BYE, 1)
-                    return self.published
-                newest = self.store.add(K_WEIGHTS, 0)
-                if newest > self.consumed:
-                    if newest > self.consumed + 1:
-                        self.log(f"skipping weights {self.consumed + 1}..{newest - 1}: newer ones arrived")
-                    self.store.add(K_CONSUMED, newest - self.consumed)
-                    self.consumed = newest
-                    self._refresh(newest)
-                else:
-                    time.sleep(self.poll_s)
-        except BaseException as e:
-            try:
-                self.store.set(K_ERROR, f"{type(e).__name__}: {e}")
-            except (RuntimeError, OSError) as e2:
-                self.log(f"could not record the error in the store: {e2!r}")
-            raise
-
-    def _refresh(self, n: int) -> None:
-        t0 = time.perf_counter()
-        blob = torch.load(self.weights_dir / f"w_{n:06d}.pt", map_location="cpu", weights_only=True)
-        shards = []
-        n_rows = 0
-        for i, emb in enumerate(self.encode_corpus_fn(blob["state_dict"])):
-            emb = np.asarray(emb, dtype=np.float32)
-            shards.append(emb)
-            n_rows += len(emb)
-            self.heartbeat()
-            self.log(f"weights {n} (step {blob['step']}): shard {i + 1} embedded, {n_rows} passages")
-            if self._done():
-                self.log("trainers finished during re-embedding; abandoning this version")
-                return
-        vectors = np.concatenate(shards) if shards else np.zeros((0, 0), np.float32)
-        index = self.build_index_fn(vectors)
-        self.heartbeat()
-        version = self.version + 1
-        build_s = time.perf_counter() - t0
-        meta = {"weights_step": int(blob["step"]), "weights_n": n, "n_vectors": len(vectors),
-                "build_s": build_s, "created": time.time()}
-        path = Path(self.publish_fn(index, self.root, version, meta))
-        self.version = version
-        self.published += 1
-        # details first, then the counter: a reader that sees the count finds the details
-        self.store.set(_meta_key(self.published), json.dumps({**meta, "version": version, "path": str(path)}))
-        self.store.add(K_PUBLISHED, 1)
-        self.log(f"published version {version} from step {blob['step']} in {build_s:.2f}s -> {path}")

@@ -1,0 +1,158 @@
+"""Encoding the corpus with the embedder, what that costs, and the cached frozen index built from it.
+
+One corpus encoding
+-------------------
+:class:`CorpusEncoder` tokenizes the corpus once. From those token lengths it sorts the passages (shards
+of similar lengths pad little) and knows what one encoding pass costs: ``encode_passages``, the forward
+FLOPs of every passage at its own (truncated) length, the same figure ``Accountant.encode_texts`` gives.
+It encodes shard by shard (a generator: the index rank heartbeats, and can abandon a stale version,
+between shards) and puts the vectors back in corpus order. :func:`encode_corpus` is one whole pass,
+charged to an accountant. Everything that embeds the corpus goes through it: the single-process index
+build below, ``Trainer.refresh_index``, the index rank (``distrag.distributed.refresh_server``), and
+the distributed trainers' charge for each index version they adopt.
+
+The frozen index cache
+----------------------
+:func:`index_signature` names what an index depends on (corpus content, embedder model, max length,
+pooling, index settings); :func:`load_or_build_index` reuses ``<cache root>/<12-hex hash of it>`` when the
+signature saved there matches, else encodes, builds and saves. A reused index is charged the encoding it
+stands for, so a run's ledger is the same whether the cache was warm or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from distrag.costs.flops import texts_forward_flops
+from distrag.retrieval import index_store
+from distrag.retrieval.sharded_index import ShardedIndex
+
+if TYPE_CHECKING:
+    from distrag.config import EmbedderConfig, ExperimentConfig, IndexConfig
+    from distrag.costs.accountant import Accountant
+    from distrag.data.records import Corpus
+    from distrag.models.embedder import Embedder
+
+__all__ = ["CorpusEncoder", "EncodingCost", "encode_corpus", "index_cache_dir", "index_signature",
+           "load_or_build_index"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodingCost:
+    """One forward pass of the embedder over a corpus: FLOPs, tokens and passages."""
+
+    flops: float
+    tokens: int
+    passages: int
+
+    def charge(self, accountant: Accountant) -> None:
+        """Add this pass to ``accountant``'s ledger under ``encode_passages``."""
+        if self.passages:
+            accountant.ledger.add("encode_passages", self.flops, tokens=self.tokens, passages=self.passages)
+
+
+class CorpusEncoder:
+    """Length-sorted, shard-by-shard encoding of a fixed list of passages, and its cost.
+
+    The passages are tokenized once here (the corpus never changes): ``order`` sorts them by token
+    length, so each shard's batches pad as little as one ``Embedder.encode`` of the whole corpus would.
+    ``shards`` yields vectors in that sorted order; ``unsort`` puts them back at their corpus positions;
+    ``encode_all`` does both (and charges ``cost`` when given an accountant).
+    """
+
+    def __init__(self, embedder: Embedder, texts: Sequence[str], *, n_shards: int = 1):
+        self.embedder = embedder
+        texts = list(texts)
+        ids = embedder.tokenizer(texts, truncation=True, max_length=embedder.max_length)["input_ids"] if texts else []
+        self.lengths: list[int] = [len(x) for x in ids]
+        """Token count of each passage, in corpus order."""
+        self.order = np.argsort(self.lengths, kind="stable")
+        self.sorted_texts = [texts[i] for i in self.order]
+        self.shard_size = max(1, -(-len(texts) // max(n_shards, 1)))
+
+    @cached_property
+    def cost(self) -> EncodingCost:
+        """One pass: each passage's forward FLOPs at its own length, summed in corpus order."""
+        return EncodingCost(flops=texts_forward_flops(self.embedder.model.config, self.lengths),
+                            tokens=sum(self.lengths), passages=len(self.lengths))
+
+    def shards(self, state_dict: dict | None = None, *, show_progress: bool = False) -> Iterator[np.ndarray]:
+        """Vectors of each shard of the length-sorted passages, in order (after loading ``state_dict``, new
+        embedder weights, when given)."""
+        if state_dict is not None:
+            self.embedder.load_state_dict(state_dict)
+        for i in range(0, len(self.sorted_texts), self.shard_size):
+            yield self.embedder.encode(self.sorted_texts[i:i + self.shard_size], show_progress=show_progress)
+
+    def unsort(self, sorted_vectors: np.ndarray) -> np.ndarray:
+        """Rows in length-sorted order -> rows in corpus order."""
+        vectors = np.empty_like(sorted_vectors)
+        vectors[self.order] = sorted_vectors
+        return vectors
+
+    def encode_all(self, state_dict: dict | None = None, *, accountant: Accountant | None = None,
+                   show_progress: bool = False) -> np.ndarray:
+        """Unit-norm float32 vectors [N, d] in corpus order; ``cost`` is charged to ``accountant``."""
+        if not self.sorted_texts:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        vectors = self.unsort(np.concatenate(list(self.shards(state_dict, show_progress=show_progress))))
+        if accountant is not None:
+            self.cost.charge(accountant)
+        return vectors
+
+
+def encode_corpus(embedder: Embedder, corpus: Corpus, accountant: Accountant | None = None, *,
+                  show_progress: bool = False) -> np.ndarray:
+    """Every passage's vector [N, d] (corpus order) with the current embedder, charged to ``accountant``."""
+    return CorpusEncoder(embedder, corpus.texts()).encode_all(accountant=accountant, show_progress=show_progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# the frozen index cache
+
+
+def index_signature(corpus: Corpus, embedder_cfg: EmbedderConfig, index_cfg: IndexConfig) -> dict[str, Any]:
+    """What an index built from ``corpus`` depends on (JSON-serialisable; saved in its manifest)."""
+    return {"corpus": corpus.fingerprint(), "embedder": embedder_cfg.model, "max_length": embedder_cfg.max_length,
+            "pooling": embedder_cfg.pooling, "index": index_cfg.model_dump(mode="json")}
+
+
+def index_cache_dir(cache_root: str | Path, signature: dict[str, Any]) -> Path:
+    """``cache_root/<first 12 hex digits of the signature's SHA-256>``."""
+    digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_root) / digest
+
+
+def load_or_build_index(cache_root: str | Path | None, corpus: Corpus, embedder: Embedder, cfg: ExperimentConfig,
+                        accountant: Accountant | None = None, *, show_progress: bool = True) -> ShardedIndex:
+    """The index of ``corpus`` under ``embedder`` and ``cfg.index``: reused from ``cache_root`` (the run's
+    ``output_dir/index``) when built there for the same signature, else encoded, built and saved there
+    (``cache_root=None``: always built, never saved). Either way one encoding pass is charged."""
+    sig = index_signature(corpus, cfg.embedder, cfg.index)
+    folder = index_cache_dir(cache_root, sig) if cache_root is not None else None
+    if folder is not None and (folder / index_store.MANIFEST).exists():
+        index = index_store.load(folder)
+        if index.extra.get("signature") == sig:
+            log.info("reusing index at %s", folder)
+            if accountant is not None:
+                CorpusEncoder(embedder, corpus.texts()).cost.charge(accountant)
+            return index
+    t0 = time.perf_counter()
+    vectors = encode_corpus(embedder, corpus, accountant, show_progress=show_progress)
+    index = ShardedIndex.from_config(vectors.shape[1], cfg.index).build(vectors)
+    log.info("indexed %d passages in %.1fs", len(corpus), time.perf_counter() - t0)
+    if folder is not None:
+        index_store.save(index, folder, extra={"signature": sig}, overwrite=True)
+    return index

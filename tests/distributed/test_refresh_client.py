@@ -1,0 +1,146 @@
+"""The refresh protocol as the trainers live it: adoption at the same step on every trainer, versions
+that increase and equal a brute-force search with the weights they were built from, and the two
+failure policies (real 3-process runs on gloo; the index rank publishes ShardedIndex versions)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _dist_workers import TOY_IN, Job, toy_corpus, toy_embed
+
+from distrag.config import DistributedConfig
+from distrag.distributed import roles
+from distrag.distributed.refresh_client import AdoptDecision, IndexClient
+from distrag.retrieval import index_store
+
+
+def test_on_index_failure_is_validated(clean_env):
+    ctx = roles.DistContext(roles.get_dist_info())
+    with pytest.raises(ValueError, match="on_index_failure"):
+        IndexClient(ctx, "w", on_index_failure="ignore")
+
+
+def test_the_client_runs_on_trainers_only(clean_env):
+    for key, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")):
+        clean_env.setenv(key, value)
+    ctx = roles.DistContext(roles.get_dist_info(DistributedConfig()))
+    assert ctx.info.is_index
+    with pytest.raises(ValueError, match="the index rank runs IndexServer"):
+        IndexClient(ctx, "w")
+
+
+def test_without_a_store_nothing_is_submitted_or_adopted_and_the_version_in_use_round_trips(clean_env, tmp_path):
+    ctx = roles.DistContext(roles.get_dist_info())
+    client = IndexClient(ctx, tmp_path)
+    assert client.submit_weights(0, {"w": torch.zeros(2)}) is None and client.poll(0) is None
+    assert not list(tmp_path.iterdir()) and client.done() is False
+    client.current = AdoptDecision(version=3, path="idx/v000003", weights_step=10, step=12, staleness=2)
+    resumed = IndexClient(ctx, tmp_path)
+    resumed.load_state_dict(client.state_dict())
+    assert resumed.current == client.current
+    resumed.load_state_dict(IndexClient(ctx, tmp_path).state_dict())
+    assert resumed.current is None
+
+
+# ----------------------------------------------------------------------------------------------
+# real processes: 2 trainers + 1 index rank
+
+
+def _wait_for(pred, timeout, job):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if any(p.poll() is not None for p in job.procs):
+            break
+        time.sleep(0.05)
+    job.kill()
+    raise AssertionError(f"condition not reached within {timeout}s\n{job.output()}")
+
+
+def _latest_version(out: Path) -> int:
+    found = index_store.latest_version(out / "index")
+    return found[0] if found else 0
+
+
+def _check_published_versions(out: Path, submitted: dict) -> int:
+    """Versions 1, 2, ... each equal a brute-force search with the weights they were built from."""
+    corpus = toy_corpus()
+    queries = torch.randn(10, TOY_IN, generator=torch.Generator().manual_seed(99))
+    dirs = sorted((out / "index").glob("v*"))
+    assert [index_store.read_manifest(d)["version"] for d in dirs] == list(range(1, len(dirs) + 1))
+    for vdir in dirs:
+        index = index_store.load(vdir)
+        w = submitted[str(index.extra["weights_n"])]
+        assert w["step"] == index.extra["weights_step"]
+        sd = {"weight": torch.tensor(w["weight"]), "bias": torch.tensor(w["bias"])}
+        pas, qs = toy_embed(sd, corpus), toy_embed(sd, queries)
+        assert len(index) == index.extra["n_vectors"] == len(corpus)
+        brute = np.argsort(-(qs @ pas.T), axis=1, kind="stable")[:, :5]
+        np.testing.assert_array_equal(index.search(qs, 5).ids, brute)
+    return len(dirs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_refresh_protocol_then_index_killed_continue(tmp_path):
+    """Versions are published and adopted by both trainers at the same step; then the index rank
+    is SIGKILLed and the trainers carry on with the last version."""
+    args = {"out": str(tmp_path), "steps": 140, "refresh_every": 15, "timeout": 30, "on_failure": "continue",
+            "step_sleep": 0.05}
+    job = Job("refresh", args, 3, tmp_path)
+    try:
+        _wait_for(lambda: _latest_version(tmp_path) >= 2, 100, job)
+        job.procs[2].send_signal(signal.SIGKILL)
+        codes = job.wait(100)
+    finally:
+        job.kill()
+    assert codes[:2] == [0, 0], job.output()
+    r0, r1 = job.result(0), job.result(1)
+    assert r0["adoptions"] == r1["adoptions"], "trainers adopted at different steps"
+    versions = [a["version"] for a in r0["adoptions"]]
+    assert versions == sorted(versions) and len(versions) >= 2 and versions[:2] == [1, 2]
+    for a in r0["adoptions"]:
+        assert a["staleness"] == a["step"] - a["weights_step"] >= 0
+    assert r0["loaded"] == r1["loaded"] == [a["path"] for a in r0["adoptions"]]
+    # failure detected, same decision everywhere, training went on to the end on the last version
+    assert r0["failed"] and r0["failed"] == r1["failed"] and "gone" in r0["failed"]
+    assert r0["last_step"] == r1["last_step"] == args["steps"] - 1
+    assert r0["stop_step"] is None and r0["final_version"] == versions[-1]
+    assert "RuntimeWarning" in (tmp_path / "log_0.txt").read_text()
+    assert _check_published_versions(tmp_path, r0["submitted"]) >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_stalled_index_rank_stop(tmp_path):
+    """A stalled index rank (SIGSTOP: alive, no heartbeat) -> every trainer raises IndexRankFailed at
+    the same step, within index_timeout_s, instead of hanging."""
+    timeout = 2.0
+    args = {"out": str(tmp_path), "steps": 2000, "refresh_every": 10, "timeout": timeout, "on_failure": "stop",
+            "step_sleep": 0.02}
+    job = Job("refresh", args, 3, tmp_path)
+    try:
+        _wait_for(lambda: _latest_version(tmp_path) >= 1, 100, job)
+        job.procs[2].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        codes = [job.procs[0].wait(60), job.procs[1].wait(60)]
+        elapsed = time.monotonic() - t0
+    finally:
+        job.kill()  # SIGKILL also ends a stopped process
+        job.wait(30)
+    assert codes == [3, 3], job.output()
+    r0, r1 = job.result(0), job.result(1)
+    assert r0["stop_step"] is not None and r0["stop_step"] == r1["stop_step"]
+    assert r0["stop_step"] < args["steps"] - 1
+    assert "heartbeat" in r0["failed"] and r0["failed"] == r1["failed"]
+    assert elapsed < timeout + 20
+    assert "IndexRankFailed" in (tmp_path / "log_1.txt").read_text() or "stopping" in (
+        tmp_path / "log_1.txt").read_text()
+    assert os.path.exists(tmp_path / "index" / "v000001" / "manifest.json")

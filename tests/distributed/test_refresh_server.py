@@ -1,0 +1,123 @@
+"""The index rank's side of the refresh protocol, in one process: IndexServer builds from the newest
+weights, publishes ShardedIndex versions through index_store (versions increase, also across a
+restart), and serve_index publishes the index of the real corpus under the handed-off embedder."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from _dist_workers import TOY_IN, toy_corpus, toy_embed, toy_index
+
+from distrag.config import DistributedConfig, build_config
+from distrag.data import load_data
+from distrag.distributed import roles
+from distrag.distributed.refresh_client import K_DONE, IndexClient, meta_key
+from distrag.distributed.refresh_server import IndexServer, serve_index
+from distrag.models.embedder import Embedder
+from distrag.retrieval import index_store
+from distrag.retrieval.corpus_encoding import encode_corpus
+
+
+@pytest.fixture
+def store_ctx(clean_env):
+    """A single trainer (trainer 0) with a coordination store, as under a launcher."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    return store, roles.DistContext(roles.get_dist_info(DistributedConfig()), store=store)
+
+
+def _serve(server: IndexServer, client: IndexClient, version: int, step: int):
+    """Run ``server`` on a thread until the client adopted ``version``; then tell it to leave."""
+    th = threading.Thread(target=server.run)
+    th.start()
+    try:
+        return client.wait_for_version(version, step=step, timeout_s=60, interval_s=0.02)
+    finally:
+        server.store.add(K_DONE, 1)
+        th.join(30)
+        assert not th.is_alive()
+
+
+def test_server_skips_to_newest_weights_in_process(tmp_path, store_ctx):
+    """Three submissions before the index rank looks: it builds only from the newest."""
+    store, ctx = store_ctx
+    client = IndexClient(ctx, tmp_path / "w", index_timeout_s=30)
+    sds = []
+    for step in (0, 10, 20):
+        lin = torch.nn.Linear(TOY_IN, 4)
+        sds.append(lin.state_dict())
+        client.submit_weights(step, lin.state_dict())
+    client.flush()  # the last hand-off is written in the background; announce it before the server looks
+    corpus = toy_corpus()
+    server = IndexServer(store, lambda sd: [toy_embed(sd, corpus)], toy_index, tmp_path / "idx", tmp_path / "w",
+                         poll_interval_s=0.02, log=lambda m: None)
+    d = _serve(server, client, 1, step=25)
+    assert (d.version, d.weights_step, d.staleness) == (1, 20, 5)
+    assert server.published == 1
+    index = index_store.load(d.path)
+    want = toy_embed(sds[2], corpus)
+    np.testing.assert_allclose(index.reconstruct(np.arange(len(want))), want, rtol=1e-6)
+    queries = toy_embed(sds[2], torch.randn(7, TOY_IN, generator=torch.Generator().manual_seed(5)))
+    np.testing.assert_array_equal(index.search(queries, 4).ids,
+                                  np.argsort(-(queries @ want.T), axis=1, kind="stable")[:, :4])
+    # consumed weights files are pruned when the next submission is announced (written in the background)
+    client.submit_weights(30, sds[0])
+    client.flush()
+    assert sorted(p.name for p in (tmp_path / "w").glob("w_*.pt")) == ["w_000003.pt", "w_000004.pt"]
+
+
+def test_versions_continue_after_those_on_disk_and_carry_their_facts(tmp_path, store_ctx):
+    """A restarted index rank publishes the version after the newest on disk, with the weights it was
+    built from and the server's ``extra`` in the manifest, and names it in the store."""
+    store, ctx = store_ctx
+    corpus = toy_corpus()
+    first = toy_embed(torch.nn.Linear(TOY_IN, 4).state_dict(), corpus)
+    index_store.publish(toy_index(first), tmp_path / "idx", 3)  # left by the previous index rank
+    client = IndexClient(ctx, tmp_path / "w", index_timeout_s=30)
+    client.submit_weights(40, torch.nn.Linear(TOY_IN, 4).state_dict())
+    client.flush()
+    chunks = [corpus[:20], corpus[20:]]
+    server = IndexServer(store, lambda sd: (toy_embed(sd, c) for c in chunks), toy_index, tmp_path / "idx",
+                         tmp_path / "w", extra={"corpus": "f00"}, poll_interval_s=0.02, log=lambda m: None)
+    assert server.version == 3
+    d = _serve(server, client, 4, step=41)
+    assert d.version == 4 and d.path == str(tmp_path / "idx" / "v000004")
+    assert index_store.latest_version(tmp_path / "idx") == (4, tmp_path / "idx" / "v000004")
+    assert (tmp_path / "idx" / "LATEST").read_text().strip() == "v000004"
+    m = index_store.read_manifest(d.path)
+    assert m["version"] == 4 and m["count"] == len(corpus)
+    assert {k: m["extra"][k] for k in ("weights_step", "weights_n", "n_vectors", "corpus")} == {
+        "weights_step": 40, "weights_n": 1, "n_vectors": len(corpus), "corpus": "f00"}
+    published = json.loads(store.get(meta_key(1)))
+    assert (published["version"], published["path"], published["weights_step"]) == (4, d.path, 40)
+
+
+@pytest.mark.timeout(180)
+def test_serve_index_publishes_the_corpus_index_of_the_handed_off_embedder(tmp_path, store_ctx, tiny_encoder_dir):
+    store, ctx = store_ctx
+    cfg = build_config({"embedder": {"model": str(tiny_encoder_dir), "max_length": 32},
+                        "data": {"synthetic": {"n_entities": 6, "n_single_hop": 4, "n_two_hop": 2}},
+                        "index": {"device": "cpu", "n_shards": 2}, "tracking": {"enabled": False}})
+    embedder = Embedder.from_config(cfg.embedder, device="cpu")
+    with torch.no_grad():  # the trainers' embedder has moved away from the base weights
+        for p in embedder.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    client = IndexClient(ctx, tmp_path / "weights", index_timeout_s=60)
+    client.submit_weights(7, embedder.state_dict())
+    client.flush()
+    th = threading.Thread(target=serve_index, args=(cfg, ctx, tmp_path))
+    th.start()
+    try:
+        d = client.wait_for_version(1, step=8, timeout_s=120, interval_s=0.05)
+    finally:
+        store.add(K_DONE, 1)
+        th.join(60)
+    assert not th.is_alive() and d.weights_step == 7
+    corpus = load_data(cfg.data).corpus
+    index = index_store.load(tmp_path / "index" / "v000001")
+    assert index.n_shards == 2 and index.extra["corpus"] == corpus.fingerprint()
+    want = encode_corpus(embedder, corpus)
+    np.testing.assert_allclose(index.reconstruct(np.arange(len(corpus))), want, atol=1e-5)

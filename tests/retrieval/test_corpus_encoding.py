@@ -1,0 +1,153 @@
+"""corpus_encoding: the length-sorted sharded encoding equals a plain encode, its charge equals the
+accountant's, the cache signature tracks exactly what an index depends on, and a cached index is
+reused (same vectors, same charge)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from distrag.config import SyntheticConfig, build_config
+from distrag.costs.accountant import Accountant
+from distrag.costs.ledger import CostLedger
+from distrag.data.records import Corpus, Passage
+from distrag.data.synthetic import make_synthetic
+from distrag.models.embedder import Embedder
+from distrag.retrieval import index_store
+from distrag.retrieval.corpus_encoding import (
+    CorpusEncoder,
+    encode_corpus,
+    index_cache_dir,
+    index_signature,
+    load_or_build_index,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_encoder_dir):
+    cfg = build_config({"embedder": {"model": str(tiny_encoder_dir), "max_length": 24, "batch_size": 8},
+                        "index": {"device": "cpu"}, "tracking": {"enabled": False}})
+    embedder = Embedder.from_config(cfg.embedder, device="cpu")
+    embedder.eval()
+    corpus = make_synthetic(SyntheticConfig(n_entities=10, n_single_hop=2, n_two_hop=1)).corpus
+    return {"cfg": cfg, "embedder": embedder, "corpus": corpus}
+
+
+def _charged(fn) -> CostLedger:
+    ledger = CostLedger()
+    fn(Accountant(ledger))
+    return ledger
+
+
+# ----------------------------------------------------------------------------------------------
+# one corpus encoding
+
+
+@pytest.mark.parametrize("n_shards", [1, 3, 100])
+def test_sorted_sharded_encoding_equals_a_plain_encode(world, n_shards):
+    texts = world["corpus"].texts()
+    encoder = CorpusEncoder(world["embedder"], texts, n_shards=n_shards)
+    assert sorted(encoder.lengths) == [encoder.lengths[i] for i in encoder.order]  # shards run short to long
+    shards = list(encoder.shards())
+    assert len(shards) == min(n_shards, len(texts)) and sum(len(s) for s in shards) == len(texts)
+    np.testing.assert_allclose(encoder.unsort(np.concatenate(shards)), world["embedder"].encode(texts), atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_all(), world["embedder"].encode(texts), atol=1e-5)
+
+
+def test_handed_off_weights_are_loaded_before_encoding(world):
+    embedder = copy.deepcopy(world["embedder"])
+    moved = copy.deepcopy(embedder)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05)
+    texts = world["corpus"].texts()
+    vectors = CorpusEncoder(embedder, texts, n_shards=4).encode_all(moved.state_dict())
+    np.testing.assert_allclose(vectors, moved.encode(texts), atol=1e-5)
+    assert not np.allclose(vectors, world["embedder"].encode(texts), atol=1e-3)
+
+
+def test_charged_cost_equals_the_accountants_for_the_same_texts(world):
+    embedder, corpus = world["embedder"], world["corpus"]
+    texts = corpus.texts() + ["a much longer passage " * 20]  # one truncated at max_length
+    want = _charged(lambda acc: acc.encode_texts(embedder, texts, category="encode_passages"))
+    encoder = CorpusEncoder(embedder, texts, n_shards=3)
+    got = _charged(lambda acc: encoder.encode_all(accountant=acc))
+    assert got.to_metrics() == want.to_metrics()
+    assert (encoder.cost.flops, encoder.cost.tokens, encoder.cost.passages) == (
+        want.flops("encode_passages"), sum(encoder.lengths), len(texts))
+    assert max(encoder.lengths) == embedder.max_length
+    # encode_corpus: one pass of the corpus, charged once
+    via_corpus = _charged(lambda acc: encode_corpus(embedder, corpus, acc))
+    assert via_corpus.to_metrics() == _charged(
+        lambda acc: acc.encode_texts(embedder, corpus.texts(), category="encode_passages")).to_metrics()
+    assert _charged(lambda acc: CorpusEncoder(embedder, []).encode_all(accountant=acc)).total_flops == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache
+
+
+def test_signature_changes_with_the_corpus_the_embedder_and_the_index_settings_only(world):
+    cfg, corpus = world["cfg"], world["corpus"]
+    base = index_signature(corpus, cfg.embedder, cfg.index)
+
+    def sig(corpus=corpus, **over):
+        c = build_config({**cfg.model_dump(mode="json"), **over})
+        return index_signature(corpus, c.embedder, c.index)
+
+    assert sig() == base
+    other_corpus = Corpus([*corpus.passages[:-1], Passage(corpus[-1].id, corpus[-1].title, "changed")])
+    changed = [sig(corpus=other_corpus),
+               sig(embedder={**cfg.embedder.model_dump(), "model": "other-encoder"}),
+               sig(embedder={**cfg.embedder.model_dump(), "max_length": 16}),
+               sig(embedder={**cfg.embedder.model_dump(), "pooling": "cls"}),
+               sig(index={**cfg.index.model_dump(), "kind": "ivf"}),
+               sig(index={**cfg.index.model_dump(), "n_shards": 2}),
+               sig(index={**cfg.index.model_dump(), "nprobe": 3})]
+    assert all(s != base for s in changed) and len({repr(s) for s in changed}) == len(changed)
+    same = [sig(embedder={**cfg.embedder.model_dump(), "batch_size": 3}),
+            sig(retrieval={"top_k": 9}), sig(train={"strategy": "joint", "lr_embedder": 1e-3}),
+            sig(generator={**cfg.generator.model_dump(), "max_new_tokens": 3}), sig(output_dir="elsewhere")]
+    assert all(s == base for s in same)
+    folder = index_cache_dir("out/index", base)
+    assert folder.parent.as_posix() == "out/index" and len(folder.name) == 12 and int(folder.name, 16) >= 0
+    assert index_cache_dir("out/index", dict(reversed(base.items()))) == folder  # key order does not matter
+    assert index_cache_dir("out/index", changed[0]) != folder
+
+
+def test_a_cached_index_is_reused_with_the_same_vectors_and_charged_the_same(world, tmp_path):
+    cfg, corpus, embedder = world["cfg"], world["corpus"], world["embedder"]
+    root = tmp_path / "index"
+    built_ledger, reused_ledger = CostLedger(), CostLedger()
+    built = load_or_build_index(root, corpus, embedder, cfg, Accountant(built_ledger), show_progress=False)
+    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index))
+    assert [p.name for p in root.iterdir()] == [folder.name]
+    assert index_store.read_manifest(folder)["extra"] == {"signature": index_signature(corpus, cfg.embedder,
+                                                                                       cfg.index)}
+    np.testing.assert_allclose(built.reconstruct(np.arange(len(corpus))), embedder.encode(corpus.texts()), atol=1e-5)
+    marker = (folder / "manifest.json").stat().st_mtime_ns
+    reused = load_or_build_index(root, corpus, embedder, cfg, Accountant(reused_ledger), show_progress=False)
+    assert (folder / "manifest.json").stat().st_mtime_ns == marker  # read, not rebuilt
+    ids = np.arange(len(corpus))
+    np.testing.assert_array_equal(reused.reconstruct(ids), built.reconstruct(ids))
+    assert reused_ledger.to_metrics() == built_ledger.to_metrics()
+    assert built_ledger.flops("encode_passages") > 0
+
+
+def test_an_index_saved_for_another_signature_is_rebuilt_and_no_cache_means_no_files(world, tmp_path):
+    cfg, corpus, embedder = world["cfg"], world["corpus"], world["embedder"]
+    root = tmp_path / "index"
+    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index))
+    stale = load_or_build_index(None, corpus, embedder, cfg, show_progress=False)
+    index_store.save(stale, folder, extra={"signature": {"corpus": "something else"}})
+    ledger = CostLedger()
+    load_or_build_index(root, corpus, embedder, cfg, Accountant(ledger), show_progress=False)
+    assert index_store.read_manifest(folder)["extra"]["signature"]["corpus"] == corpus.fingerprint()
+    assert ledger.flops("encode_passages") > 0
+    load_or_build_index(None, corpus, embedder, cfg, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]

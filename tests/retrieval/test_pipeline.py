@@ -1,0 +1,106 @@
+"""RAGPipeline over a built index: retrieval equals brute force on the embedder's vectors, evaluate()
+scores answers and retrieval, both decodings run and are charged, an unknown decoding is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distrag.config import SyntheticConfig, build_config
+from distrag.costs.accountant import Accountant
+from distrag.costs.ledger import CostLedger
+from distrag.data.records import Question
+from distrag.data.synthetic import make_synthetic
+from distrag.models.embedder import Embedder
+from distrag.models.generator import Generator
+from distrag.retrieval.corpus_encoding import encode_corpus
+from distrag.retrieval.pipeline import RAGPipeline
+from distrag.retrieval.sharded_index import ShardedIndex
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_encoder_dir, tiny_lm_dir):
+    torch.set_num_threads(1)
+    cfg = build_config({
+        "embedder": {"model": str(tiny_encoder_dir), "max_length": 48},
+        "generator": {"model": str(tiny_lm_dir), "max_passage_chars": 60, "max_new_tokens": 3},
+        "retrieval": {"top_k": 3}, "index": {"device": "cpu", "n_shards": 2},
+        "train": {"train_k": 2}, "tracking": {"enabled": False},
+    })
+    data = make_synthetic(SyntheticConfig(n_entities=8, n_single_hop=6, n_two_hop=2))
+    embedder = Embedder.from_config(cfg.embedder, device="cpu")
+    embedder.eval()
+    generator = Generator.from_config(cfg.generator, device="cpu")
+    vectors = encode_corpus(embedder, data.corpus)
+    index = ShardedIndex.from_config(vectors.shape[1], cfg.index).build(vectors)
+    return {"cfg": cfg, "data": data, "embedder": embedder, "generator": generator, "index": index,
+            "vectors": vectors}
+
+
+def _pipeline(world, ledger: CostLedger | None = None) -> RAGPipeline:
+    return RAGPipeline(world["cfg"], world["data"].corpus, world["embedder"], world["generator"], world["index"],
+                       accountant=Accountant(ledger) if ledger is not None else None)
+
+
+def test_retrieve_returns_the_brute_force_top_k_of_the_embedders_vectors(world):
+    questions = world["data"].questions
+    ledger = CostLedger()
+    res = _pipeline(world, ledger).retrieve(questions, return_vectors=True)
+    q = world["embedder"].encode([x.text for x in questions])
+    scores = q @ world["vectors"].T
+    assert res.ids.shape == (len(questions), 3)  # retrieval.top_k
+    for row, found in zip(scores, res.ids):
+        assert found.tolist() == sorted(range(len(row)), key=lambda i: (-row[i], i))[:3]
+    torch.testing.assert_close(torch.from_numpy(res.vectors), torch.from_numpy(world["vectors"][res.ids]))
+    assert _pipeline(world).retrieve(questions[:2], k=5).ids.shape == (2, 5)
+    assert ledger.flops("encode_questions") > 0 and ledger.flops("encode_passages") == 0
+
+
+def _probe_questions(world, answers: list[tuple[str, ...]]) -> list[Question]:
+    """Questions whose text is a passage's own text (so that passage is retrieved first)."""
+    corpus = world["data"].corpus
+    return [Question(f"p{i}", corpus[i].as_text(), a, (corpus[i].id,)) for i, a in enumerate(answers)]
+
+
+def test_evaluate_scores_answers_and_retrieval(world, monkeypatch):
+    corpus = world["data"].corpus
+    word = corpus[2].text.split()[0]  # a word of passage 2: found in its top-k passages
+    questions = _probe_questions(world, [("Qxv Zyw",), ("Kpq Wzx",), (word,), ("Zzq",)])
+    prompts_seen: list[str] = []
+
+    def generate(prompts, **kw):  # the tiny random LM answers "": script the answers instead
+        prompts_seen.extend(prompts)
+        return ["qxv zyw", "Kpq", "nothing", ""]
+
+    monkeypatch.setattr(world["generator"], "generate", generate)
+    res = _pipeline(world).evaluate(questions, show_progress=False)
+    assert [r[0] for r in res.retrieved] == [corpus[i].id for i in range(4)]  # each question's own passage
+    assert all(corpus[i].title in prompt for i, prompt in enumerate(prompts_seen))
+    assert res.predictions == ["qxv zyw", "Kpq", "nothing", ""]
+    assert res.metrics["em"] == pytest.approx(1 / 4)  # normalised exact match on the first only
+    assert res.metrics["f1"] == pytest.approx((1 + 2 / 3) / 4)  # "Kpq" vs "Kpq Wzx": P 1, R 1/2
+    assert res.metrics["recall_at_3"] == 1.0
+    assert res.metrics["answer_recall_at_3"] == pytest.approx(1 / 4)
+    assert res.metrics["n_questions"] == 4.0
+    assert set(res.seconds) == {"retrieve", "generate", "total"}
+    rows = res.rows(questions)
+    assert [(r["prediction"], r["gold_passage_ids"]) for r in rows][:2] == [("qxv zyw", [corpus[0].id]),
+                                                                          ("Kpq", [corpus[1].id])]
+
+
+def test_concat_and_rag_decoding_both_run_and_are_charged(world):
+    questions = world["data"].questions[:3]
+    for decoding, category in (("concat", "generate"), ("rag", "score")):
+        ledger = CostLedger()
+        res = _pipeline(world, ledger).evaluate(questions, show_progress=False, decoding=decoding)
+        assert len(res.predictions) == 3 and all(isinstance(p, str) for p in res.predictions)
+        assert 0.0 <= res.metrics["em"] <= res.metrics["f1"] <= 1.0
+        assert ledger.flops("generate") > 0 and ledger.flops(category) > 0
+        assert ledger.flops("encode_questions") > 0
+
+
+def test_unknown_decoding_is_refused(world):
+    with pytest.raises(ValueError, match="unknown decoding 'beam'"):
+        _pipeline(world).evaluate(world["data"].questions[:1], show_progress=False, decoding="beam")
