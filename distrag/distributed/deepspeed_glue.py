@@ -13,7 +13,7 @@ The JSON in ``ds_configs/`` holds ZeRO settings only. Batch fields, clipping and
 always derived from our config, and there is no ``optimizer`` block: the training code passes a
 torch ``AdamW`` to ``deepspeed.initialize`` (a config optimizer would JIT-compile ``fused_adam``).
 
-ZeRO-3 rules we follow (each is tested in ``tests/test_ds.py``):
+ZeRO-3 rules we follow (each is tested in ``tests/distributed/test_deepspeed_glue.py``):
 
 * LoRA adapters must be saved gathered (:func:`gathered_lora_state_dict`, a collective) or they
   are saved as empty shards.

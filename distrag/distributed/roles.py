@@ -14,7 +14,7 @@ an ``mpu``) therefore hangs. So ``init_roles`` builds two separate things:
   trainer-local values, so DeepSpeed (which reads them too) agrees with the group it is handed. The
   launcher's values stay in :class:`DistInfo` and in ``DISTRAG_GLOBAL_RANK`` / ``DISTRAG_GLOBAL_WORLD_SIZE``.
 * a **coordination TCPStore** (``MASTER_PORT + 2``, long timeouts) shared by the trainers and the
-  index rank. The refresh protocol (``distrag.distributed.index_refresh``) talks only through it, with
+  index rank. The refresh protocol (``distrag.distributed.refresh_client``) talks only through it, with
   non-blocking calls on the trainer side; the index rank never joins a collective.
 
 Both store servers live in global rank 0 (the process on MASTER_ADDR). With the default

@@ -1,0 +1,142 @@
+"""SLURM scripts (bash -n, shellcheck) and the preemption path: signal -> agreed checkpoint -> requeue -> resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _dist_workers import Job
+
+from distrag.distributed import preemption
+
+SLURM = Path(__file__).resolve().parents[2] / "slurm"
+SCRIPTS = ["train.sbatch", "sweep.sbatch", "mlflow_server.sbatch"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_syntax(name):
+    path = SLURM / name
+    assert path.is_file()
+    res = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    if shutil.which("shellcheck"):
+        res = subprocess.run(["shellcheck", "-s", "bash", str(path)], capture_output=True, text=True, check=False)
+        assert res.returncode == 0, res.stdout
+
+
+def test_train_script_essentials():
+    text = (SLURM / "train.sbatch").read_text()
+    for needle in ("#SBATCH --signal=USR1@120", "#SBATCH --requeue", "scontrol show hostnames",
+                   "MASTER_ADDR", "MASTER_PORT", "distributed.index_rank=", "distributed.resume=auto"):
+        assert needle in text, needle
+    sweep = (SLURM / "sweep.sbatch").read_text()
+    assert "SLURM_ARRAY_TASK_ID" in sweep and "tracking.uri=" in sweep and "tracking.experiment=" in sweep
+
+
+def test_train_script_index_rank_placement(tmp_path):
+    """Run train.sbatch with fake scontrol/srun: the index rank lands on the chosen node."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text("#!/bin/bash\nprintf 'n1\\nn2\\nn3\\n'\n")
+    (bindir / "srun").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/srun_args\n")
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-3]",
+           "SLURM_NTASKS_PER_NODE": "4", "DISTRAG_REPO": str(tmp_path), "PYTHON": "python", "INDEX_NODE": "n2"}
+    res = subprocess.run(["bash", str(SLURM / "train.sbatch"), "c.yaml", "train.seed=1"], env=env,
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    args = (tmp_path / "srun_args").read_text()
+    assert "distributed.index_rank=7" in args and "train.seed=1" in args  # node 2 of 3, its last slot
+    assert (tmp_path / "logs" / "hostfile.77").read_text() == "n1 slots=4\nn2 slots=4\nn3 slots=4\n"
+    env["INDEX_NODE"] = "nX"
+    res = subprocess.run(["bash", str(SLURM / "train.sbatch"), "c.yaml"], env=env, capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 2 and "not in this allocation" in res.stderr
+
+
+def test_handler_only_sets_flag_and_requeue_command(monkeypatch, tmp_path):
+    preemption.reset()
+    old = preemption.install([signal.SIGUSR1])
+    try:
+        assert not preemption.preemption_requested()
+        signal.raise_signal(signal.SIGUSR1)
+        assert preemption.preemption_requested() and preemption.received_signal() == signal.SIGUSR1
+    finally:
+        signal.signal(signal.SIGUSR1, old[signal.SIGUSR1])
+        preemption.reset()
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("DISTRAG_REQUEUE_CMD", raising=False)
+    assert preemption.requeue_command() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "31")
+    assert preemption.requeue_command() == ["scontrol", "requeue", "31"]
+    monkeypatch.setenv("DISTRAG_REQUEUE_CMD", "echo requeue {job_id}")
+    assert preemption.requeue_command() == ["echo", "requeue", "31"]
+
+
+def _reference_weights(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What _dist_workers.preempt_scenario computes on 2 trainers without interruption."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 3)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.05)
+    states = []
+    for r in range(2):
+        torch.manual_seed(10 + r)
+        states.append(torch.get_rng_state())
+    for _ in range(steps):
+        grads = []
+        for r in range(2):
+            torch.set_rng_state(states[r])
+            x = torch.randn(8, 6)
+            noise = torch.rand(1).item()
+            states[r] = torch.get_rng_state()
+            lin.zero_grad()
+            ((lin(x) - x[:, :3] * noise) ** 2).mean().backward()
+            grads.append([p.grad.clone() for p in lin.parameters()])
+        for p, g0, g1 in zip(lin.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+    return lin.weight.detach(), lin.bias.detach()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_preemption_checkpoint_requeue_resume(tmp_path):
+    steps = 40
+    requeue_log = tmp_path / "requeue.txt"
+    env = {"SLURM_JOB_ID": "4242", "DISTRAG_REQUEUE_CMD": f"sh -c 'echo {{job_id}} >> {requeue_log}'"}
+    job = Job("preempt", {"out": str(tmp_path), "steps": steps, "step_sleep": 0.1}, 2, tmp_path / "run1", env=env)
+    # Job writes results into args["out"]; logs into run1
+    progress = tmp_path / "progress_1"
+    deadline = time.monotonic() + 90
+    while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= 3):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in job.procs), job.output()
+        time.sleep(0.05)
+    job.procs[1].send_signal(signal.SIGUSR1)  # only trainer 1 is signalled
+    assert job.wait(60) == [0, 0], job.output()
+    r0 = json.loads((tmp_path / "result_0.json").read_text())
+    r1 = json.loads((tmp_path / "result_1.json").read_text())
+    s = r0["preempt_step"]
+    assert s is not None and s == r1["preempt_step"] and s < steps - 1  # the same step on both ranks
+    assert (r0["signalled"], r1["signalled"]) == (False, True)
+    assert (r0["requeued"], r1["requeued"]) == (True, False)
+    assert requeue_log.read_text().split() == ["4242"]  # trainer 0 only, once
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step_{s:08d}"
+    assert {p.name for p in (tmp_path / "ckpt" / f"step_{s:08d}").iterdir()} >= {
+        "trainer_state.pt", "rank_00000.pt", "rank_00001.pt", "COMPLETE"}
+
+    # the requeued job: resume=auto continues at s + 1 and ends exactly where an uninterrupted run ends
+    job2 = Job("preempt", {"out": str(tmp_path), "steps": steps, "resume": "auto"}, 2, tmp_path / "run2", env=env)
+    assert job2.wait(90) == [0, 0], job2.output()
+    r0 = json.loads((tmp_path / "result_0.json").read_text())
+    r1 = json.loads((tmp_path / "result_1.json").read_text())
+    assert r0["start"] == r1["start"] == s + 1 and r0["preempt_step"] is None
+    w, b = _reference_weights(steps)
+    torch.testing.assert_close(torch.tensor(r0["weight"]), w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(r1["bias"]), b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,66 @@
+"""Roles from the launcher environment (torchrun / deepspeed / SLURM), with and without an index rank."""
+
+from __future__ import annotations
+
+import pytest
+
+from distrag.config import DistributedConfig
+from distrag.distributed import roles
+
+
+def _env(mp, rank, world, local=0):
+    mp.setenv("RANK", str(rank))
+    mp.setenv("WORLD_SIZE", str(world))
+    mp.setenv("LOCAL_RANK", str(local))
+
+
+def test_single_process_roles(clean_env):
+    info = roles.get_dist_info(DistributedConfig())
+    assert (info.role, info.rank, info.world_size, info.trainer_rank, info.n_trainers) == ("single", 0, 1, 0, 1)
+    assert info.is_rank0 and info.is_trainer and not info.distributed
+    ctx = roles.init_roles(DistributedConfig())
+    assert ctx.store is None and not ctx.has_group
+    assert ctx.broadcast_object_trainers({"a": 1}) == {"a": 1}
+    assert ctx.all_reduce_flag(True) is True
+
+
+@pytest.mark.parametrize("index_rank,rank,expect", [
+    (-1, 3, ("index", -1)), (-1, 0, ("trainer", 0)), (-1, 2, ("trainer", 2)),
+    (0, 0, ("index", -1)), (0, 1, ("trainer", 0)), (1, 3, ("trainer", 2)), (-2, 2, ("index", -1)),
+])
+def test_roles_from_env(clean_env, index_rank, rank, expect):
+    _env(clean_env, rank, 4)
+    info = roles.get_dist_info(DistributedConfig(index_rank=index_rank))
+    assert (info.role, info.trainer_rank) == expect
+    assert info.n_trainers == 3 and info.index_rank == index_rank % 4
+
+
+def test_roles_without_index_rank_and_errors(clean_env):
+    _env(clean_env, 2, 3)
+    info = roles.get_dist_info(DistributedConfig(), with_index_rank=False)
+    assert (info.role, info.trainer_rank, info.n_trainers, info.index_rank) == ("trainer", 2, 3, -1)
+    with pytest.raises(roles.DistError, match="outside the world"):
+        roles.get_dist_info(DistributedConfig(index_rank=5))
+    clean_env.setenv("RANK", "7")
+    with pytest.raises(roles.DistError, match="inconsistent"):
+        roles.get_dist_info()
+
+
+def test_slurm_fallbacks(clean_env):
+    clean_env.setenv("SLURM_PROCID", "5")
+    clean_env.setenv("SLURM_NTASKS", "8")
+    clean_env.setenv("SLURM_LOCALID", "1")
+    clean_env.setenv("SLURM_JOB_ID", "123456")
+    clean_env.setenv("MASTER_ADDR", "node01")
+    info = roles.get_dist_info(DistributedConfig())
+    assert (info.rank, info.world_size, info.local_rank, info.role) == (5, 8, 1, "trainer")
+    assert info.master_addr == "node01" and info.master_port == 20000 + 123456 % 20000
+
+
+def test_null_logger_on_other_ranks(clean_env, capsys):
+    _env(clean_env, 1, 3)
+    roles._CTX = roles.DistContext(roles.get_dist_info(DistributedConfig()))
+    roles.print0("hidden")
+    roles.get_logger("t_other").warning("hidden too")
+    assert "hidden" not in capsys.readouterr().out + capsys.readouterr().err
+    assert not roles.is_rank0()

@@ -1,0 +1,218 @@
+"""The distributed runner: its resume step in-process, then `launch/train.py` end to end (real processes:
+torchrun, gloo, tiny models, every strategy).
+
+The launcher tests are the slowest of the suite (each job pays DeepSpeed's start-up); every one is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distrag.config import DistributedConfig, ExperimentConfig, TrainConfig
+from distrag.distributed import roles
+from distrag.distributed.runner import TrainerRun, needs_index_rank
+from distrag.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# in-process: the resume step of a single trainer
+
+
+@pytest.fixture
+def single_trainer(clean_env):
+    """The role context of a process started without a launcher (one trainer, no process group)."""
+    return roles.init_roles(DistributedConfig(), with_index_rank=False)
+
+
+def _cfg(tmp_path: Path, resume: str | None = None, seed: int = 0) -> ExperimentConfig:
+    return ExperimentConfig(output_dir=str(tmp_path), train=TrainConfig(seed=seed),
+                            distributed=DistributedConfig(resume=resume))
+
+
+def test_read_checkpoint_fresh_start_then_own_checkpoint(single_trainer, tmp_path):
+    run = TrainerRun(_cfg(tmp_path, resume="auto"), single_trainer)
+    assert run.read_checkpoint() is None  # auto and nothing saved yet: a fresh start
+    run.ckpt.save(3, {"config_hash": run.cfg.config_hash(), "run_id": "r1"}, rank_payload={"ledger": None})
+    restored = run.read_checkpoint()
+    assert restored.step == 3 and restored.payload["run_id"] == "r1"
+    assert restored.path == run.root / "checkpoints" / "step_00000003"
+
+
+def test_read_checkpoint_refuses_another_configuration(single_trainer, tmp_path):
+    other = TrainerRun(_cfg(tmp_path, seed=1), single_trainer)
+    path = other.ckpt.save(5, {"config_hash": other.cfg.config_hash()})
+    run = TrainerRun(_cfg(tmp_path, resume=str(path)), single_trainer)
+    assert run.cfg.config_hash() != other.cfg.config_hash()
+    with pytest.raises(CheckpointError, match="another configuration"):
+        run.read_checkpoint()
+
+
+def test_read_checkpoint_explicit_missing_is_an_error(single_trainer, tmp_path):
+    run = TrainerRun(_cfg(tmp_path, resume=str(tmp_path / "step_00000009")), single_trainer)
+    with pytest.raises(CheckpointError, match="step_00000009"):
+        run.read_checkpoint()
+
+
+@pytest.mark.parametrize("strategy,refresh_every,expect", [
+    ("joint", 2, True), ("joint", 0, False), ("gen_ft", 2, False), ("two_phase", 2, True)])
+def test_index_rank_only_when_a_trained_retriever_is_refreshed(strategy, refresh_every, expect):
+    cfg = ExperimentConfig(train=TrainConfig(strategy=strategy, refresh_every=refresh_every))
+    assert needs_index_rank(cfg) is expect
+
+
+# ----------------------------------------------------------------------------------------------
+# launch/train.py end to end
+
+
+def _free_port() -> int:
+    # the job uses port, port+1 and port+2
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000:
+            try:
+                for off in (1, 2):
+                    with socket.socket() as s2:
+                        s2.bind(("127.0.0.1", port + off))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port triple")
+
+
+@pytest.fixture(scope="module")
+def job_root(tmp_path_factory, tiny_encoder_dir, tiny_lm_dir):
+    root = tmp_path_factory.mktemp("launch")
+    (root / "cfg.yaml").write_text(f"""
+data: {{format: synthetic, synthetic: {{n_entities: 12, n_single_hop: 24, n_two_hop: 8}}}}
+embedder: {{model: {tiny_encoder_dir}, max_length: 64}}
+generator: {{model: {tiny_lm_dir}, max_new_tokens: 4, max_passage_chars: 100}}
+retrieval: {{top_k: 3}}
+train: {{strategy: joint, rag_loss: token, train_k: 2, batch_size: 2, micro_batch_size: 1, max_steps: 6}}
+distributed: {{index_timeout_s: 120}}
+tracking: {{experiment: launch-tests}}
+""")
+    return root
+
+
+def launch(root: Path, nproc: int, out: str, *overrides: str, timeout: int = 300) -> tuple[int, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), str(REPO / "launch" / "train.py"), "--config",
+           str(root / "cfg.yaml"), f"output_dir={root / out}",
+           f"tracking.uri=sqlite:///{root / out / 'mlflow.db'}", *overrides]
+    (root / out).mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    log = p.stdout + p.stderr
+    (root / out / "job.log").write_text(log)
+    return p.returncode, log
+
+
+def run_dir(root: Path, out: str) -> Path:
+    dirs = list((root / out / "distributed").glob("*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def _finished_runs(db: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("launch-tests")
+    return client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_joint_with_async_index_refresh(job_root, stage, tiny_encoder_dir):
+    """2 trainers + 1 index rank: versions are published, both trainers adopt each at the same step,
+    the retriever trains (gradients reached it), one MLflow run records it all."""
+    out = f"joint_z{stage}"
+    rc, log = launch(job_root, 3, out, f"distributed.zero_stage={stage}", "train.refresh_every=2",
+                     "train.max_steps=12")
+    assert rc == 0, log[-4000:]
+    rd = run_dir(job_root, out)
+    versions = sorted(p.name for p in (rd / "index").glob("v*"))
+    assert len(versions) >= 2, versions
+    a0 = json.loads((rd / "adoptions_trainer0.json").read_text())
+    a1 = json.loads((rd / "adoptions_trainer1.json").read_text())
+    assert a0, "trainers adopted no index version"
+    assert [(d["version"], d["step"]) for d in a0] == [(d["version"], d["step"]) for d in a1]
+    assert [d["version"] for d in a0] == sorted({d["version"] for d in a0})
+    # the question encoder moved (gradients reached it through p(z|q)), LoRA adapters were saved gathered
+    from safetensors.torch import load_file
+
+    model_dir = next((job_root / out / "models").glob("joint_token-*"))
+    base = load_file(str(Path(tiny_encoder_dir) / "model.safetensors"))
+    tuned = load_file(str(next((model_dir / "embedder").rglob("model.safetensors"))))
+    changed = [k for k in base if k in tuned and not torch.equal(base[k], tuned[k])]
+    assert changed, "no encoder weight changed under joint training"
+    adapter = load_file(str(model_dir / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.numel() > 0 for v in lora_b) and any(v.abs().sum() > 0 for v in lora_b)
+    runs = _finished_runs(job_root / out / "mlflow.db")
+    assert len(runs) == 1  # one run per experiment, not per rank
+    m = runs[0].data.metrics
+    assert m["dist/n_trainers"] == 2 and m["dist/index_versions"] >= 1
+    assert m["index/version"] >= 1 and "index/staleness_steps" in m and "test/em" in m
+    assert m["cost/train_flops"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["gen_ft", "independent", "two_phase"])
+def test_other_strategies_through_the_launcher(job_root, strategy):
+    out = f"s_{strategy}"
+    rc, log = launch(job_root, 2, out, f"train.strategy={strategy}", "train.max_steps=2")
+    assert rc == 0, log[-4000:]
+    hist = json.loads((run_dir(job_root, out) / "history.json").read_text())
+    phases = [h["phase"] for h in hist]
+    expected = {"gen_ft": ["gen_ft"] * 2, "independent": ["gen_ft"] * 2 + ["embed_ft"] * 2,
+                "two_phase": ["two_phase_generator"] * 2 + ["two_phase_retriever"] * 2}[strategy]
+    assert phases == expected
+    assert len(_finished_runs(job_root / out / "mlflow.db")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_equals_uninterrupted_run(job_root):
+    """Stopped at step 3 (checkpoint, exit) and resumed = the uninterrupted run, loss by loss (ZeRO-3)."""
+    common = ("distributed.zero_stage=3", "tracking.enabled=false")
+    rc, log = launch(job_root, 2, "full", *common)
+    assert rc == 0, log[-4000:]
+    rc, log = launch(job_root, 2, "cut", *common, "distributed.stop_after=3")
+    assert rc == 0, log[-4000:]
+    rd = run_dir(job_root, "cut")
+    assert not (rd / "history.json").exists()
+    assert (rd / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    rc, log = launch(job_root, 2, "cut", *common, "distributed.resume=auto")
+    assert rc == 0, log[-4000:]
+    full = json.loads((run_dir(job_root, "full") / "history.json").read_text())
+    resumed = json.loads((rd / "history.json").read_text())
+    assert len(full) == len(resumed) == 6
+    for a, b in zip(full, resumed):
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_explicit_resume_from_missing_checkpoint_is_an_error(job_root):
+    rc, log = launch(job_root, 1, "missing", "distributed.resume=/nonexistent/step_00000009",
+                     "tracking.enabled=false")
+    assert rc != 0
+    assert "/nonexistent/step_00000009" in log
