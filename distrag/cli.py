@@ -18,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from distrag.errors import user_error_exit  # noqa: E402
 from distrag.logging_setup import setup_logging  # noqa: E402
+from distrag.metric_names import KIND_EVAL  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -42,7 +43,7 @@ def cmd_eval(args) -> int:
     cfg = _load(args)
     cfg.train.strategy = "none"
     exp = Experiment(cfg, show_progress=not args.no_progress).setup()
-    res = exp.run(cfg, kind="eval")
+    res, _ = exp.run(cfg, kind=KIND_EVAL)
     print_results([res], title=f"No-FT baseline on {exp.splits.name} ({cfg.eval_split} split)")
     _where(cfg)
     return 0
@@ -54,7 +55,7 @@ def cmd_train(args) -> int:
 
     cfg = _load(args)
     exp = Experiment(cfg, show_progress=not args.no_progress).setup()
-    res = exp.run(cfg)
+    res, _ = exp.run(cfg)
     print_results([res], title=f"{res.label} on {exp.splits.name} ({cfg.eval_split} split)")
     _where(cfg)
     return 0
@@ -105,34 +106,43 @@ def _where(cfg) -> None:
               f"browse with: mlflow ui --backend-store-uri {uri}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distrag", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("eval", help="No-FT baseline: index, retrieve top-k, generate, score, record")
-    _common(p)
-    p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("train", help="train one strategy (train.strategy=...) and evaluate it")
-    _common(p)
-    p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("demo", help="all seven strategies on the synthetic task, with costs")
-    _common(p)
+def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a much smaller setting (tests, smoke runs)")
-    p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("sweep", help="learning-rate grid per strategy, selected on dev by EM (ties: F1)")
-    _common(p)
-    p.set_defaults(fn=cmd_sweep)
-    p = sub.add_parser("report", help="paper-style table (Markdown, CSV) and plots from recorded runs")
-    _common(p)
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default: <output_dir>/report)")
-    p.set_defaults(fn=cmd_report)
-    p = sub.add_parser("advise", help="which strategy to use, from the paper's decision rule and measured costs")
-    _common(p)
+
+
+def _advise_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=None,
                    help="context labels available (default: read from the recorded runs)")
     p.add_argument("--lrs-known", action=argparse.BooleanOptionalAction, default=False,
                    help="good learning rates are already known (no grid search needed)")
-    p.set_defaults(fn=cmd_advise)
+
+
+#: (command, one-line help, handler, extra arguments)
+COMMANDS = [
+    ("eval", "No-FT baseline: index, retrieve top-k, generate, score, record", cmd_eval, None),
+    ("train", "train one strategy (train.strategy=...) and evaluate it", cmd_train, None),
+    ("demo", "all seven strategies on the synthetic task, with costs", cmd_demo, _demo_args),
+    ("sweep", "learning-rate grid per strategy, selected on dev by EM (ties: F1)", cmd_sweep, None),
+    ("report", "paper-style table (Markdown, CSV) and plots from recorded runs", cmd_report, _report_args),
+    ("advise", "which strategy to use, from the paper's decision rule and measured costs", cmd_advise,
+     _advise_args),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distrag", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_, fn, extra in COMMANDS:
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        if extra is not None:
+            extra(p)
+        p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     setup_logging(not getattr(args, "quiet", False))
     t0 = time.perf_counter()

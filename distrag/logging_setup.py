@@ -21,8 +21,6 @@ def setup_logging(verbose: bool = True) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
     logging.getLogger("distrag").setLevel(logging.INFO if verbose else logging.WARNING)
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         import transformers
 
@@ -30,6 +28,9 @@ def setup_logging(verbose: bool = True) -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
+    # after the imports above: importing transformers resets huggingface_hub's level
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def quiet_rank() -> None:

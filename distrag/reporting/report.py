@@ -1,10 +1,17 @@
-"""Result tables: the paper-style comparison of strategies by quality and cost."""
+"""Result tables: the paper-style comparison of strategies by quality and cost.
+
+Rows are :class:`~distrag.reporting.results.StrategyResult` s, fresh from a run or read back from
+MLflow; the same functions print the terminal table and write ``table.md``, ``table.csv``,
+``em_vs_flops.png`` and ``cost_by_phase.png``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from distrag import metric_names as mn
+from distrag.reporting.results import StrategyResult, load_runs
 
 
 def fmt_flops(x: float | None) -> str:
@@ -16,8 +23,8 @@ def fmt_flops(x: float | None) -> str:
     return f"{x:.0f}"
 
 
-def result_rows(results: Sequence) -> list[dict]:
-    """Flatten RunResults into table rows with the columns people compare."""
+def result_rows(results: Sequence[StrategyResult]) -> list[dict]:
+    """Flatten results into table rows with the columns people compare."""
     rows = []
     for r in results:
         m, c = r.metrics, r.costs
@@ -31,19 +38,19 @@ def result_rows(results: Sequence) -> list[dict]:
             "recall_name": (k_rec or "recall_at_k").replace("_at_", "@"),
             "answer_recall": 100 * m[k_ans] if k_ans else None,
             "answer_recall_name": (k_ans or "answer_recall_at_k").replace("_at_", "@"),
-            "train_flops": c.get("cost/train_flops", 0.0),
-            "total_flops": c.get("cost/total_flops", 0.0),
-            "wall_s": c.get("cost/wall_s", r.seconds),
-            "device_hours": c.get("cost/device_hours"),
-            "trainable_params": c.get("cost/params_trainable"),
-            "search_flops": getattr(r, "search_flops", None),
+            "train_flops": c.get(mn.COST_TRAIN_FLOPS, 0.0),
+            "total_flops": c.get(mn.COST_TOTAL_FLOPS, 0.0),
+            "wall_s": c.get(mn.COST_WALL_S, r.seconds),
+            "device_hours": c.get(mn.COST_DEVICE_HOURS),
+            "trainable_params": c.get(mn.COST_TRAINABLE_PARAMS),
+            "search_flops": r.search_flops,
             "n": int(m.get("n_questions", 0)),
             "run_id": r.run_id,
         })
     return rows
 
 
-def print_results(results: Sequence, *, title: str = "Results", console=None) -> None:
+def print_results(results: Sequence[StrategyResult], *, title: str = "Results", console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -76,16 +83,7 @@ def print_results(results: Sequence, *, title: str = "Results", console=None) ->
 _COLUMNS = [("strategy", "Strategy"), ("em", "EM"), ("f1", "F1"), ("recall", "Recall@k"),
             ("answer_recall", "Answer recall@k"), ("train_flops", "Train FLOPs"),
             ("total_flops", "Total FLOPs"), ("wall_s", "Wall-clock (s)"), ("device_hours", "Device-hours"),
-            ("search_flops", "LR-search FLOPs"), ("n", "Questions")]
-
-
-def phase_costs(costs: dict[str, float], what: str = "flops") -> dict[str, float]:
-    """``{phase: value}`` from ledger metrics ``cost/phase.<phase>.<what>`` (outermost phases only)."""
-    out = {}
-    for k, v in costs.items():
-        if k.startswith("cost/phase.") and k.endswith(f".{what}"):
-            out[k[len("cost/phase."):-len(what) - 1]] = v
-    return out
+            ("trainable_params", "Trainable params"), ("search_flops", "LR-search FLOPs"), ("n", "Questions")]
 
 
 def _fmt_cell(key: str, v) -> str:
@@ -99,6 +97,8 @@ def _fmt_cell(key: str, v) -> str:
         return f"{v:.0f}"
     if key == "device_hours":
         return f"{v:.4f}"
+    if key == "trainable_params":
+        return f"{int(v):,}"
     return str(v)
 
 
@@ -159,14 +159,14 @@ def plot_cost_by_phase(results_costs: list[tuple[str, dict]], path: Path) -> Non
 
     phases: list[str] = []
     for _, c in results_costs:
-        for p in phase_costs(c):
+        for p in mn.phase_values(c):
             if p not in phases:
                 phases.append(p)
     fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=120)
     bottom = [0.0] * len(results_costs)
     labels = [lab for lab, _ in results_costs]
     for p in phases:
-        vals = [phase_costs(c).get(p, 0.0) for _, c in results_costs]
+        vals = [mn.phase_values(c).get(p, 0.0) for _, c in results_costs]
         ax.bar(labels, vals, bottom=bottom, label=p)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylabel("FLOPs")
@@ -203,91 +203,27 @@ def write_report_files(rows: list[dict], results_costs: list[tuple[str, dict]], 
     return files
 
 
-def write_report_for_results(results: Sequence, out_dir: Path, *, cfg=None, tracker=None) -> Path:
-    """Report files for in-memory results; attached to an MLflow run of kind ``report``."""
-    rows = result_rows(results)
-    files = write_report_files(rows, [(r.label, r.costs) for r in results], out_dir)
-    _attach(files, cfg, tracker)
-    return Path(out_dir)
-
-
-def _attach(files: list[Path], cfg, tracker) -> None:
-    if tracker is None and cfg is not None and cfg.tracking.enabled:
+def write_report_for_results(results: Sequence[StrategyResult], out_dir: Path, *, tracking_cfg=None,
+                             tracker=None) -> Path:
+    """Report files for ``results``, attached to ``tracker``'s run, or else (tracking on) to a new MLflow
+    run of kind ``report`` in ``tracking_cfg``'s experiment."""
+    files = write_report_files(result_rows(results), [(r.label, r.costs) for r in results], out_dir)
+    if tracker is None and tracking_cfg is not None and tracking_cfg.enabled:
         from distrag.reporting.tracking import Tracker
 
-        with Tracker.open(cfg.tracking, run_name="report", tags={"distrag.kind": "report"}) as tr:
+        with Tracker.open(tracking_cfg, run_name="report", tags={mn.TAG_KIND: mn.KIND_REPORT}) as tr:
             for f in files:
                 tr.log_artifact(f, "report")
     elif tracker is not None:
         for f in files:
             tracker.log_artifact(f, "report")
+    return Path(out_dir)
 
 
-# ----------------------------------------------------------------------------------------------
-# from MLflow
-
-
-@dataclass
-class RecordedRun:
-    """A strategy run read back from MLflow (same fields the table needs as a RunResult)."""
-
-    key: str
-    label: str
-    metrics: dict[str, float]
-    costs: dict[str, float]
-    seconds: float
-    run_id: str
-    search_flops: float | None = None
-
-
-def load_runs(tracking_cfg, *, kinds: tuple[str, ...] = ("strategy", "eval")) -> list[RecordedRun]:
-    """The newest finished run of each strategy in the experiment (split prefix stripped from metrics),
-    with the LR-search cost of the newest sweep of that strategy when there is one."""
-    from mlflow.tracking import MlflowClient
-
-    from distrag.reporting.tracking import default_tracking_uri
-
-    client = MlflowClient(tracking_uri=tracking_cfg.uri or default_tracking_uri())
-    exp = client.get_experiment_by_name(tracking_cfg.experiment)
-    if exp is None:
-        raise ValueError(f"no MLflow experiment named {tracking_cfg.experiment!r} at "
-                         f"{tracking_cfg.uri or default_tracking_uri()}")
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=5000)
-    newest: dict[str, RecordedRun] = {}
-    search: dict[str, float] = {}
-    for run in runs:
-        tags, m = run.data.tags, run.data.metrics
-        kind, key = tags.get("distrag.kind"), tags.get("distrag.strategy")
-        if key is None:
-            continue
-        if kind == "sweep" and key not in search and "sweep/search_flops" in m:
-            search[key] = m["sweep/search_flops"]
-        if kind in kinds and key not in newest:
-            split = tags.get("distrag.eval_split", "test")
-            metrics = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{split}/")}
-            costs = {k: v for k, v in m.items() if k.startswith("cost/")}
-            newest[key] = RecordedRun(key, tags.get("distrag.label", key), metrics, costs,
-                                      costs.get("cost/wall_s", 0.0), run.info.run_id)
-    order = ["none", "embed_ft", "gen_ft", "independent", "two_phase", "joint_sequence", "joint_token"]
-    out = sorted(newest.values(), key=lambda r: order.index(r.key) if r.key in order else len(order))
-    for r in out:
-        r.search_flops = search.get(r.key) or search.get(r.key.split("_")[0])
-    return out
-
-
-def write_report(tracking_cfg, out_dir: Path, *, cfg=None) -> Path:
+def write_report(tracking_cfg, out_dir: Path) -> Path:
     """`distrag report`: the paper-style table and plots from the runs recorded in MLflow."""
     runs = load_runs(tracking_cfg)
     if not runs:
         raise ValueError(f"experiment {tracking_cfg.experiment!r} has no finished strategy runs yet")
-    rows = result_rows(runs)
-    files = write_report_files(rows, [(r.label, r.costs) for r in runs], out_dir)
     print_results(runs, title=f"Strategies recorded in MLflow experiment '{tracking_cfg.experiment}'")
-    if tracking_cfg.enabled:
-        from distrag.reporting.tracking import Tracker
-
-        with Tracker.open(tracking_cfg, run_name="report", tags={"distrag.kind": "report"}) as tr:
-            for f in files:
-                tr.log_artifact(f, "report")
-    return Path(out_dir)
+    return write_report_for_results(runs, out_dir, tracking_cfg=tracking_cfg)

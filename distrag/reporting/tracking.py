@@ -5,10 +5,10 @@ Everything goes through ``MlflowClient`` with explicit run ids (no global active
 lets a sweep hold a parent run open while its grid points log as children, and lets a resumed job
 continue the same run id.
 
-Tags every distrag run carries (used by ``distrag report``):
-``distrag.kind`` (eval | strategy | sweep | sweep_point), ``distrag.strategy``, ``distrag.dataset``,
-``distrag.models.embedder``, ``distrag.models.generator``, ``distrag.config_hash``, and ``distrag.selected`` on the
-sweep point a sweep selected.
+Tags every distrag run carries (used by ``distrag report``; the names live in distrag/metric_names.py):
+``distrag.kind`` (eval | strategy | sweep | sweep_point | report), ``distrag.strategy``, ``distrag.dataset``,
+``distrag.embedder``, ``distrag.generator``, ``distrag.config_hash``; strategy runs add ``distrag.label``,
+``distrag.eval_split`` and ``distrag.decoding``, sweep runs ``distrag.selected_run`` and ``distrag.notes``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from distrag import metric_names as mn
 from distrag.config import ExperimentConfig, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -159,12 +160,12 @@ class Tracker(NullTracker):
 
 def experiment_tags(cfg: ExperimentConfig, *, kind: str, strategy: str, dataset: str) -> dict[str, str]:
     return {
-        "distrag.kind": kind,
-        "distrag.strategy": strategy,
-        "distrag.dataset": dataset,
-        "distrag.embedder": cfg.embedder.model,
-        "distrag.generator": cfg.generator.model,
-        "distrag.config_hash": cfg.config_hash(),
+        mn.TAG_KIND: kind,
+        mn.TAG_STRATEGY: strategy,
+        mn.TAG_DATASET: dataset,
+        mn.TAG_EMBEDDER: cfg.embedder.model,
+        mn.TAG_GENERATOR: cfg.generator.model,
+        mn.TAG_CONFIG_HASH: cfg.config_hash(),
     }
 
 

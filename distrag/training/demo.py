@@ -1,9 +1,11 @@
 """`make demo`: the paper's seven rows on the synthetic task, each with its quality and its cost.
 
-No-FT, Ft-Embed, Ft-Gen, Independent, Two-phase, RAG-Seq and RAG-Tok run on the same data, the same
-base models and the same frozen index, one MLflow run each, then the report (table, CSV, plots) is
-written and attached to MLflow. ``--quick`` swaps in tiny random models and a tiny world (for tests
-and smoke runs: the numbers then mean nothing, the plumbing is the same).
+Every strategy of the table (distrag/training/strategies.py: No-FT, Ft-Embed, Ft-Gen, Independent,
+Two-phase, RAG-Seq and RAG-Tok) runs on the same data, the same base models and the same frozen index,
+one MLflow run each (Independent combines the Ft-Embed and Ft-Gen rows' models instead of training them
+again), then the report (table, CSV, plots) is written and attached to MLflow. ``--quick`` swaps in tiny
+random models and a tiny world (for tests and smoke runs: the numbers then mean nothing, the plumbing is
+the same).
 """
 
 from __future__ import annotations
@@ -13,22 +15,11 @@ import time
 from pathlib import Path
 
 from distrag.config import ExperimentConfig, load_config
-from distrag.training.experiment import Models
+from distrag.training.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-#: (strategy, extra overrides) of the seven rows, in the paper's order.
-DEMO_ROWS: list[tuple[str, dict]] = [
-    ("none", {}),
-    ("embed_ft", {}),
-    ("gen_ft", {}),
-    ("independent", {}),
-    ("two_phase", {}),
-    ("joint", {"rag_loss": "sequence"}),
-    ("joint", {"rag_loss": "token"}),
-]
 
 QUICK_OVERRIDES = [
     "data.synthetic.n_entities=16", "data.synthetic.n_single_hop=24", "data.synthetic.n_two_hop=12",
@@ -54,30 +45,10 @@ def quick_models(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def demo_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
-    out = []
-    for strategy, extra in DEMO_ROWS:
-        c = cfg.model_copy(deep=True)
-        c.train.strategy = strategy
-        for k, v in extra.items():
-            setattr(c.train, k, v)
-        out.append(c)
-    return out
-
-
-def combine_independent(exp, cfg: ExperimentConfig, embed, gen):
-    """Independent = the Ft-Embed question encoder + the Ft-Gen generator, trained separately (here:
-    the two rows above, not trained a second time). Its cost is both trainings plus one index build,
-    its training curves are theirs."""
-    e, g = embed.models, gen.models
-    both = Models(e.embedder, g.generator, e.index, g.ledger, g.own)
-    return exp.run(cfg, train=False, start=both, prior_costs=[e.own], prior_history=gen.history + embed.history)
-
-
 def run_demo(config: str | None = None, overrides: list[str] | None = None, *, quick: bool = False,
              show_progress: bool = True) -> int:
     from distrag.reporting.report import print_results, write_report_for_results
-    from distrag.training.experiment import Experiment
+    from distrag.training.experiment import Experiment, combine
 
     overrides = list(overrides or [])
     cfg = load_config(config or DEMO_CONFIG, (QUICK_OVERRIDES if quick else []) + overrides)
@@ -86,19 +57,21 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
     t0 = time.perf_counter()
     exp = Experiment(cfg, show_progress=show_progress).setup()
     results, kept = [], {}
-    for c in demo_configs(cfg):
-        log.info("== %s ==", c.train.strategy + (f" ({c.train.rag_loss})" if c.train.strategy == "joint" else ""))
-        if c.train.strategy == "independent" and {"embed_ft", "gen_ft"} <= kept.keys():
-            results.append(combine_independent(exp, c, kept["embed_ft"], kept["gen_ft"]))
+    for strategy in STRATEGIES:
+        c = strategy.apply(cfg)
+        log.info("== %s ==", strategy.label)
+        if strategy.key == "independent" and {"embed_ft", "gen_ft"} <= kept.keys():
+            # Ft-Embed's encoder + Ft-Gen's generator, the two rows above: not trained a second time
+            results.append(exp.run_trained(c, combine(kept["embed_ft"], kept["gen_ft"])))
             continue
-        keep = c.train.strategy in ("embed_ft", "gen_ft")
-        results.append(exp.run(c, keep_models=keep))
-        if keep:
-            kept[c.train.strategy] = results[-1]
+        res, models = exp.run(c)
+        results.append(res)
+        if strategy.key in ("embed_ft", "gen_ft"):
+            kept[strategy.key] = models
     title = (f"Seven strategies on {exp.splits.name} ({cfg.eval_split} split, "
              f"{len(results[0].metrics) and int(results[0].metrics['n_questions'])} questions)")
     print_results(results, title=title)
-    report_dir = write_report_for_results(results, Path(cfg.output_dir) / "report", cfg=cfg)
+    report_dir = write_report_for_results(results, Path(cfg.output_dir) / "report", tracking_cfg=cfg.tracking)
     base = results[0].metrics["em"]
     best = max(results[1:], key=lambda r: r.metrics["em"])
     print("\nEM gain over No-FT: " + ", ".join(f"{r.label} {100 * (r.metrics['em'] - base):+.1f}"

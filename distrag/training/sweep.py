@@ -1,22 +1,21 @@
 """`distrag sweep`: learning-rate grids per strategy, selected on dev, with the cost of the search.
 
-How each strategy searches (m = len(sweep.lr_embedder), n = len(sweep.lr_generator)):
+How a strategy searches comes from its entry in the strategy table (``Strategy.search``, see
+distrag/training/strategies.py; m = len(sweep.lr_embedder), n = len(sweep.lr_generator)):
 
-- independent: m + n runs. Ft-Embed at each embedder rate and Ft-Gen at each generator rate, each
-  component selected on its own; the selected pair is combined and evaluated.
-- two_phase:   n + m runs. Phase 1 (generator, RAG loss) at each generator rate; the selected
-  phase-1 models continue into phase 2 (retriever, RAG loss) at each embedder rate (order follows
-  ``train.two_phase_order``).
-- joint:       m x n runs (both models train at once, so the rates interact), or 1 run with the
-  rates two-phase selected when ``sweep.joint_reuse_two_phase`` (as the paper did).
-- embed_ft / gen_ft: m or n runs.
+- ``separate`` (embed_ft: m runs, gen_ft: n, independent: m + n): each phase is searched on its own,
+  from the base models, as the one-phase strategy that trains it (independent: Ft-Embed at each
+  embedder rate and Ft-Gen at each generator rate); the selected parts are combined and evaluated.
+- ``sequential`` (two_phase: n + m): phase 1 at each of its rates; the selected phase-1 models continue
+  into phase 2 at each of its rates (order follows ``train.two_phase_order``).
+- ``grid`` (joint: m x n): both models train at once, so the rates interact; or 1 run with the rates
+  two-phase selected when ``sweep.joint_reuse_two_phase`` (as the paper did).
 
 Selection is by dev EM, ties broken by dev F1. Each grid point is an MLflow child run (kind
 ``sweep_point``) under the strategy's sweep run (kind ``sweep``), which records the search cost
 (``sweep/search_flops`` = the index build once + every point's own training and dev evaluation,
-``sweep/search_wall_s``, ``sweep/n_points``) and the selected rates; the
-selected models are then scored on ``eval_split`` in a run of kind ``strategy`` that
-``distrag report`` shows with its search cost.
+``sweep/search_wall_s``, ``sweep/n_points``) and the selected rates; the selected models are then
+scored on ``eval_split`` in a run of kind ``strategy`` that ``distrag report`` shows with its search cost.
 """
 
 from __future__ import annotations
@@ -24,10 +23,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from distrag import metric_names as mn
 from distrag.config import ExperimentConfig
+from distrag.errors import StrategyError
+from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import experiment_tags, open_tracker
-from distrag.training.experiment import Experiment, RunResult, strategy_key
-from distrag.training.strategies import phases_for
+from distrag.training.experiment import Experiment, Models, combine
+from distrag.training.strategies import STRATEGIES, Phase, Strategy, strategy_of
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class SweepResult:
     strategy: str
-    points: list[RunResult]
+    points: list[StrategyResult]
     selected: dict[str, float]
-    final: RunResult
+    final: StrategyResult
     search_flops: float = 0.0
     search_wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -47,18 +49,11 @@ class SweepResult:
         return len(self.points)
 
 
-def select(points: list[RunResult]) -> RunResult:
+def select(points: list[StrategyResult]) -> StrategyResult:
     """Best grid point on dev: highest EM, ties broken by F1, then by order (first wins)."""
     if not points:
         raise ValueError("nothing to select from")
     return max(points, key=lambda r: (r.metrics.get("em", 0.0), r.metrics.get("f1", 0.0)))
-
-
-def grid_size(cfg: ExperimentConfig, strategy: str) -> int:
-    """How many training runs the search of ``strategy`` costs (m + n or m x n, see the module doc)."""
-    m, n = len(cfg.sweep.lr_embedder), len(cfg.sweep.lr_generator)
-    return {"independent": m + n, "two_phase": m + n, "embed_ft": m, "gen_ft": n,
-            "joint": 1 if cfg.sweep.joint_reuse_two_phase else m * n}[strategy]
 
 
 def _with(cfg: ExperimentConfig, **train) -> ExperimentConfig:
@@ -68,10 +63,25 @@ def _with(cfg: ExperimentConfig, **train) -> ExperimentConfig:
     return c
 
 
-def _cost(points: list[RunResult], index_build_flops: float) -> tuple[float, float]:
-    """Search cost: the frozen index build once, plus each grid point's own training and dev
-    evaluation (a phase-2 point does not pay again for the phase-1 model it continues)."""
-    return index_build_flops + sum(p.own_flops for p in points), sum(p.seconds for p in points)
+def _swept(cfg: ExperimentConfig, name: str) -> Strategy:
+    strategy = strategy_of(_with(cfg, strategy=name))
+    if strategy.search == "none":
+        swept = ", ".join(dict.fromkeys(s.train_strategy for s in STRATEGIES if s.search != "none"))
+        raise StrategyError(f"strategy {name!r} trains nothing, so it has no learning rate to sweep; "
+                            f"choose from {swept}")
+    return strategy
+
+
+def grid_size(cfg: ExperimentConfig, strategy: str) -> int:
+    """How many training runs the search of ``strategy`` (a ``train.strategy`` value) costs."""
+    if strategy == "joint" and cfg.sweep.joint_reuse_two_phase:
+        return 1
+    return _swept(cfg, strategy).grid_size(len(cfg.sweep.lr_embedder), len(cfg.sweep.lr_generator))
+
+
+def _component(phase: Phase) -> Strategy:
+    """The one-phase strategy that trains ``phase`` alone (Ft-Embed for independent's encoder phase)."""
+    return next(s for s in STRATEGIES if s.table_phases == (phase,))
 
 
 class Sweeper:
@@ -79,75 +89,85 @@ class Sweeper:
         self.exp, self.cfg = exp, cfg
         self.selected_rates: dict[str, dict[str, float]] = {}
 
-    def _point(self, cfg: ExperimentConfig, parent, name: str, **kw) -> RunResult:
-        log.info("sweep point %s", name)
-        return self.exp.run(cfg, parent=parent, kind="sweep_point", run_name=name, eval_split="dev",
-                            keep_models=True, **kw)
+    def _points(self, cfgs: list[tuple[str, ExperimentConfig]], parent, **kw) -> list[tuple[StrategyResult, Models]]:
+        out = []
+        for name, cfg in cfgs:
+            log.info("sweep point %s", name)
+            out.append(self.exp.run(cfg, parent=parent, kind=mn.KIND_SWEEP_POINT, run_name=name, split="dev", **kw))
+        return out
 
-    def sweep(self, strategy: str, parent) -> SweepResult:
-        cfg = _with(self.cfg, strategy=strategy)
-        E, G = self.cfg.sweep.lr_embedder, self.cfg.sweep.lr_generator
-        points: list[RunResult] = []
-        notes: list[str] = []
-        if strategy in ("embed_ft", "gen_ft"):
-            grid = E if strategy == "embed_ft" else G
-            key = "lr_embedder" if strategy == "embed_ft" else "lr_generator"
-            points = [self._point(_with(cfg, **{key: lr}), parent, f"{strategy} {key}={lr:g}") for lr in grid]
-            best = select(points)
-            selected = {key: getattr(best.cfg.train, key)}
-            final_cfg, start, prior = best.cfg, best.models, []
-        elif strategy == "independent":
-            pe = [self._point(_with(cfg, strategy="embed_ft", lr_embedder=lr), parent, f"embed_ft lr_embedder={lr:g}")
-                  for lr in E]
-            pg = [self._point(_with(cfg, strategy="gen_ft", lr_generator=lr), parent, f"gen_ft lr_generator={lr:g}")
-                  for lr in G]
-            points = pe + pg
-            be, bg = select(pe), select(pg)
-            selected = {"lr_embedder": be.cfg.train.lr_embedder, "lr_generator": bg.cfg.train.lr_generator}
-            final_cfg = _with(cfg, **selected)
-            # combine: Ft-Gen's LoRA generator with Ft-Embed's question encoder
-            start = type(bg.models)(be.models.embedder, bg.models.generator, be.models.index, bg.models.ledger,
-                                    bg.models.own)
-            prior = [be.models.own]  # Ft-Embed's training; the index build is already in Ft-Gen's ledger
-            notes.append("independent = selected Ft-Embed encoder + selected Ft-Gen generator")
-        elif strategy == "two_phase":
-            first, second = phases_for(cfg)
-            k1 = "lr_generator" if first.train_generator else "lr_embedder"
-            k2 = "lr_embedder" if k1 == "lr_generator" else "lr_generator"
-            g1, g2 = (G, E) if k1 == "lr_generator" else (E, G)
-            p1 = [self._point(_with(cfg, **{k1: lr}), parent, f"two_phase {first.name} {k1}={lr:g}", phases=[first])
-                  for lr in g1]
-            b1 = select(p1)
-            p2 = [self._point(_with(b1.cfg, **{k2: lr}), parent, f"two_phase {second.name} {k2}={lr:g}",
-                              phases=[second], start=b1.models) for lr in g2]
-            points = p1 + p2
-            best = select(p2)
-            selected = {k1: getattr(b1.cfg.train, k1), k2: getattr(best.cfg.train, k2)}
-            final_cfg, start, prior = best.cfg, best.models, []
-        elif strategy == "joint":
-            if self.cfg.sweep.joint_reuse_two_phase and "two_phase" in self.selected_rates:
-                rates = self.selected_rates["two_phase"]
-                points = [self._point(_with(cfg, **rates), parent, "joint (two-phase rates)")]
-                notes.append(f"joint reused the two-phase rates {rates}")
-            else:
-                if self.cfg.sweep.joint_reuse_two_phase:
-                    notes.append("joint_reuse_two_phase is set but two_phase was not swept first: full grid")
-                points = [self._point(_with(cfg, lr_embedder=le, lr_generator=lg), parent,
-                                      f"joint lr_embedder={le:g} lr_generator={lg:g}") for le in E for lg in G]
-            best = select(points)
-            selected = {"lr_embedder": best.cfg.train.lr_embedder, "lr_generator": best.cfg.train.lr_generator}
-            final_cfg, start, prior = best.cfg, best.models, []
+    def _rates(self, key: str) -> list[float]:
+        return self.cfg.sweep.lr_embedder if key == "lr_embedder" else self.cfg.sweep.lr_generator
+
+    def _best(self, points: list[tuple[StrategyResult, Models]]) -> tuple[StrategyResult, Models]:
+        best = select([r for r, _ in points])
+        return next(p for p in points if p[0] is best)
+
+    def _by_phase(self, name: str, strategy: Strategy, cfg: ExperimentConfig, parent, notes: list[str]):
+        """``separate`` and ``sequential`` searches: one grid per phase."""
+        phases = strategy.phases(cfg.train)
+        points: list[StrategyResult] = []
+        bests: list[tuple[StrategyResult, Models]] = []
+        start: tuple[StrategyResult, Models] | None = None
+        for phase in phases:
+            key = phase.lr_key
+            tag = name if len(phases) == 1 else f"{name} {phase.name}"
+            if strategy.search == "separate":  # from the base models, as the strategy that trains it alone
+                base = _component(phase).apply(cfg)
+                pts = self._points([(f"{tag} {key}={lr:g}", _with(base, **{key: lr})) for lr in self._rates(key)],
+                                   parent)
+            else:  # sequential: continue the previous phase's selected models
+                base = start[0].cfg if start else cfg
+                pts = self._points([(f"{tag} {key}={lr:g}", _with(base, **{key: lr})) for lr in self._rates(key)],
+                                   parent, phases=[phase], start=start[1] if start else None)
+            points += [r for r, _ in pts]
+            start = self._best(pts)
+            bests.append(start)
+        selected = {p.lr_key: getattr(b.cfg.train, p.lr_key) for p, (b, _) in zip(phases, bests)}
+        if strategy.search == "sequential" or len(bests) == 1:
+            return points, selected, start[0].cfg, start[1]
+        enc = next(i for i, p in enumerate(phases) if p.train_embedder)
+        gen = next(i for i, p in enumerate(phases) if p.train_generator)
+        notes.append(f"{name} = selected {_component(phases[enc]).label} encoder + selected "
+                     f"{_component(phases[gen]).label} generator")
+        encoder, generator = bests[enc][1], bests[gen][1]
+        return points, selected, _with(cfg, **selected), combine(encoder, generator)
+
+    def _grid(self, name: str, cfg: ExperimentConfig, parent, notes: list[str]):
+        """``grid`` search: every (embedder rate, generator rate) pair."""
+        reuse = self.cfg.sweep.joint_reuse_two_phase
+        if reuse and "two_phase" in self.selected_rates:
+            rates = self.selected_rates["two_phase"]
+            pts = self._points([(f"{name} (two-phase rates)", _with(cfg, **rates))], parent)
+            notes.append(f"{name} reused the two-phase rates {rates}")
         else:
-            raise ValueError(f"strategy {strategy!r} cannot be swept; choose from embed_ft, gen_ft, independent, "
-                             f"two_phase, joint")
-        self.selected_rates[strategy] = selected
-        flops, wall = _cost(points, self.exp.index_ledger.total_flops)
-        final = self.exp.run(final_cfg, parent=parent, kind="strategy", train=False, start=start, prior_costs=prior,
-                             run_name=f"{strategy_key(final_cfg)} selected")
+            if reuse:
+                notes.append("joint_reuse_two_phase is set but two_phase was not swept first: full grid")
+            pts = self._points([(f"{name} lr_embedder={le:g} lr_generator={lg:g}",
+                                 _with(cfg, lr_embedder=le, lr_generator=lg))
+                                for le in self.cfg.sweep.lr_embedder for lg in self.cfg.sweep.lr_generator], parent)
+        best, models = self._best(pts)
+        selected = {"lr_embedder": best.cfg.train.lr_embedder, "lr_generator": best.cfg.train.lr_generator}
+        return [r for r, _ in pts], selected, best.cfg, models
+
+    def sweep(self, name: str, parent) -> SweepResult:
+        """Search ``name`` (a ``train.strategy`` value) as its table entry says; record the selected models."""
+        strategy = _swept(self.cfg, name)
+        cfg = strategy.apply(self.cfg)
+        notes: list[str] = []
+        if strategy.search == "grid":
+            points, selected, final_cfg, models = self._grid(name, cfg, parent, notes)
+        else:
+            points, selected, final_cfg, models = self._by_phase(name, strategy, cfg, parent, notes)
+        self.selected_rates[name] = selected
+        # the frozen index build once, plus each grid point's own training and dev evaluation (a phase-2
+        # point does not pay again for the phase-1 model it continues)
+        flops = self.exp.index_ledger.total_flops + sum(p.own_flops for p in points)
+        wall = sum(p.seconds for p in points)
+        final = self.exp.run_trained(final_cfg, models, parent=parent, kind=mn.KIND_STRATEGY,
+                                     run_name=f"{strategy.key} selected")
         final.search_flops = flops
-        for p in points:  # free the models of the grid points
-            p.models = None
-        return SweepResult(strategy, points, selected, final, flops, wall, notes)
+        return SweepResult(name, points, selected, final, flops, wall, notes)
 
 
 def run_sweep(cfg: ExperimentConfig, *, show_progress: bool = True, exp: Experiment | None = None) -> list[SweepResult]:
@@ -156,23 +176,30 @@ def run_sweep(cfg: ExperimentConfig, *, show_progress: bool = True, exp: Experim
 
     exp = exp or Experiment(cfg, show_progress=show_progress).setup()
     order = list(dict.fromkeys(cfg.sweep.strategies))
+    for name in order:
+        _swept(cfg, name)  # every name is known and sweepable before anything runs
     if cfg.sweep.joint_reuse_two_phase and "joint" in order and "two_phase" in order:
         order.remove("two_phase")
         order.insert(order.index("joint"), "two_phase")
     sweeper = Sweeper(exp, cfg)
     results = []
-    for strategy in order:
-        tags = experiment_tags(cfg, kind="sweep", strategy=strategy, dataset=exp.splits.name)
-        with open_tracker(cfg, run_name=f"sweep {strategy}", tags=tags, is_rank0=exp.is_rank0) as tr:
-            res = sweeper.sweep(strategy, tr)
-            tr.log_metrics({"sweep/search_flops": res.search_flops, "sweep/search_wall_s": res.search_wall_s,
-                            "sweep/n_points": float(res.n_points),
-                            **{f"sweep/selected_{k}": v for k, v in res.selected.items()},
-                            **{f"{cfg.eval_split}/{k}": v for k, v in res.final.metrics.items()}})
-            tr.set_tags({"distrag.selected_run": res.final.run_id or "", "distrag.notes": "; ".join(res.notes)})
-        log.info("%s: %d grid points, selected %s", strategy, res.n_points, res.selected)
+    for name in order:
+        tags = experiment_tags(cfg, kind=mn.KIND_SWEEP, strategy=name, dataset=exp.splits.name)
+        with open_tracker(cfg, run_name=f"sweep {name}", tags=tags, is_rank0=exp.is_rank0) as tr:
+            res = sweeper.sweep(name, tr)
+            tr.log_metrics({mn.SWEEP_SEARCH_FLOPS: res.search_flops, mn.SWEEP_SEARCH_WALL_S: res.search_wall_s,
+                            mn.SWEEP_N_POINTS: float(res.n_points),
+                            **{mn.sweep_selected(k): v for k, v in res.selected.items()},
+                            **{mn.split_metric(cfg.eval_split, k): v for k, v in res.final.metrics.items()}})
+            tr.set_tags({mn.TAG_SELECTED_RUN: res.final.run_id or "", mn.TAG_NOTES: "; ".join(res.notes)})
+        log.info("%s: %d grid points, selected %s", name, res.n_points, res.selected)
         results.append(res)
     print_results([r.final for r in results], title=f"Selected settings per strategy ({cfg.eval_split} split)")
+    _print_search(results)
+    return results
+
+
+def _print_search(results: list[SweepResult]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -183,4 +210,3 @@ def run_sweep(cfg: ExperimentConfig, *, show_progress: bool = True, exp: Experim
         t.add_row(r.strategy, str(r.n_points), ", ".join(f"{k}={v:g}" for k, v in r.selected.items()),
                   f"{r.search_flops:.3g}", f"{r.search_wall_s:.0f} s")
     Console(width=150).print(t)
-    return results

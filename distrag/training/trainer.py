@@ -22,6 +22,7 @@ from distrag.costs.accountant import Accountant
 from distrag.data.records import Corpus, Question
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
+from distrag.retrieval.corpus_encoding import encode_corpus
 from distrag.retrieval.sharded_index import ShardedIndex
 from distrag.training.losses import mnrl_loss, nll_loss, rag_sequence_loss, rag_token_loss, retrieval_log_probs
 from distrag.training.strategies import Phase, check_strategy_data, phases_for
@@ -210,11 +211,7 @@ class Trainer:
     def refresh_index(self) -> None:
         """Re-embed the corpus with the current encoder and rebuild the index (synchronous)."""
         t0 = time.perf_counter()
-        texts = self.corpus.texts()
-        was_training = self.embedder.training
-        vecs = self.embedder.encode(texts, show_progress=False)
-        self.embedder.train(was_training)
-        self.acc.encode_texts(self.embedder, texts, category="encode_passages")
+        vecs = encode_corpus(self.embedder, self.corpus, self.acc)  # charged as encode_passages
         self.index = ShardedIndex.from_config(vecs.shape[1], self.cfg.index).build(vecs)
         self.state.index_version += 1
         self.state.index_weights_step = self.state.global_step

@@ -1,8 +1,5 @@
-"""End to end through the command line, with MLflow in a temporary SQLite store.
-
-``distrag demo --quick`` (seven strategies on tiny random models), ``distrag eval`` on a tiny config,
-and the user-facing failures (bad config, Ft-Embed on data without context labels) with exit code 2.
-"""
+"""`distrag demo --quick` end to end: seven strategies on tiny random models, MLflow in a temporary SQLite
+store, the report files."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from mlflow_runs import all_runs, artifact_paths
 
 from distrag import cli
 from distrag.config import load_config
@@ -29,26 +26,6 @@ STRATEGIES = {  # distrag.strategy tag -> (distrag.label tag, train.strategy par
 QUALITY = ("test/em", "test/f1", "test/recall_at_3", "test/answer_recall_at_3", "test/n_questions")
 COSTS = ("cost/train_flops", "cost/total_flops", "cost/wall_s", "cost/encode_passages_flops",
          "cost/generate_flops")
-
-
-def client_for(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def all_runs(uri: str, experiment: str):
-    c = client_for(uri)
-    exp = c.get_experiment_by_name(experiment)
-    assert exp is not None, f"no experiment {experiment!r} in {uri}"
-    return c, c.search_runs([exp.experiment_id], max_results=1000)
-
-
-def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
-    out = set()
-    for a in client.list_artifacts(run_id, path):
-        out |= artifact_paths(client, run_id, a.path) if a.is_dir else {a.path}
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,129 +174,3 @@ def test_demo_artifacts_and_report_files(demo):
     assert saved == set(STRATEGIES) - {"none"}
     assert any((tmp / "runs" / "models").glob("gen_ft-*/adapter/adapter_config.json"))
     assert any((tmp / "runs" / "models").glob("embed_ft-*/embedder/config.json"))
-
-
-# ----------------------------------------------------------------------------------------------
-# distrag eval and failures
-
-
-def tiny_config(tmp: Path, enc: Path, lm: Path, **extra) -> Path:
-    tree = {
-        "data": {"format": "synthetic", "synthetic": {"n_entities": 8, "n_single_hop": 12, "n_two_hop": 4},
-                 "dev_fraction": 0.2, "test_fraction": 0.3},
-        "embedder": {"model": str(enc), "max_length": 64},
-        "generator": {"model": str(lm), "max_new_tokens": 3, "max_passage_chars": 80},
-        "retrieval": {"top_k": 3},
-        "index": {"device": "cpu"},
-        "train": {"max_steps": 1, "batch_size": 2, "micro_batch_size": 2, "train_k": 2},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "tiny"},
-        "output_dir": str(tmp / "runs"),
-    }
-    tree.update(extra)  # whole sections replaced
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
-@pytest.mark.timeout(120)
-def test_eval_prints_a_table_and_records_one_eval_run(tmp_path, monkeypatch, capsys, tiny_encoder_dir, tiny_lm_dir):
-    monkeypatch.chdir(tmp_path)
-    cfg_path = tiny_config(tmp_path, tiny_encoder_dir, tiny_lm_dir)
-    rc = cli.main(["eval", "--config", str(cfg_path), "--no-progress", "--quiet", "train.strategy=joint"])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "No-FT baseline on synthetic:seed0 (test split)" in out
-    assert "No-FT" in out and "EM" in out and "Recall@3" in out
-    assert f"sqlite:///{tmp_path}/mlflow.db" in out
-    c, runs = all_runs(f"sqlite:///{tmp_path}/mlflow.db", "tiny")
-    assert len(runs) == 1
-    r = runs[0]
-    assert r.info.status == "FINISHED"
-    assert r.data.tags["distrag.kind"] == "eval" and r.data.tags["distrag.strategy"] == "none"
-    assert r.data.params["train.strategy"] == "none"  # eval forces the No-FT baseline
-    assert r.data.metrics["cost/train_flops"] == 0 and r.data.metrics["cost/total_flops"] > 0
-    assert {"test/em", "test/f1", "test/recall_at_3"} <= set(r.data.metrics)
-    assert "predictions_test.jsonl" in artifact_paths(c, r.info.run_id)
-    assert not (tmp_path / "runs" / "models").exists()  # nothing trained, nothing saved
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("overrides, keys", [
-    (["train.lr_generator=-1", "index.kind=bogus"], ["train.lr_generator", "index.kind"]),
-    (["train.lr_generatr=1e-4"], ["train.lr_generatr", "unknown key"]),
-    (["train.batch_size=6", "train.micro_batch_size=4"], ["train", "multiple of"]),
-    (["retrieval.top_k"], ["retrieval.top_k", "key.sub=value"]),
-])
-def test_bad_config_exits_2_naming_every_key(tmp_path, monkeypatch, capsys, tiny_encoder_dir, tiny_lm_dir,
-                                            overrides, keys):
-    monkeypatch.chdir(tmp_path)
-    cfg_path = tiny_config(tmp_path, tiny_encoder_dir, tiny_lm_dir)
-    rc = cli.main(["train", "--config", str(cfg_path), "--no-progress", *overrides])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ")
-    for k in keys:
-        assert k in err
-    assert not (tmp_path / "mlflow.db").exists()  # rejected before anything ran or was recorded
-
-
-@pytest.mark.timeout(60)
-def test_missing_config_file_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["eval", "--config", str(tmp_path / "nope.yaml")]) == 2
-    assert "nope.yaml" in capsys.readouterr().err
-
-
-def write_popqa_selfrag(path: Path, n: int = 12) -> Path:
-    """PopQA in the Self-RAG layout: answers and retrieved ctxs, no context labels."""
-    people = ["Ana Brell", "Tom Vask", "Lia Quorn", "Sam Dretz", "Eli Moor", "Kai Sorn"]
-    cities = ["Velmora", "Tarnholm", "Quilford", "Brask", "Ostrava", "Dunvik"]
-    lines = []
-    for i in range(n):
-        p, c = people[i % 6], cities[(i * 5) % 6]
-        ctxs = [{"id": f"c{i % 6}", "title": p, "text": f"{p} was born in {c} and works as a teacher."},
-                {"id": f"d{(i + 1) % 6}", "title": cities[(i + 1) % 6],
-                 "text": f"{cities[(i + 1) % 6]} is a city on the river."}]
-        lines.append(json.dumps({"id": f"q{i}", "question": f"In what city was {p} born? ({i})",
-                                 "answers": [c], "ctxs": ctxs, "s_pop": 10 + i}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.mark.timeout(120)
-def test_embed_ft_on_unlabelled_popqa_exits_2_with_the_suggestion(tmp_path, monkeypatch, capsys, tiny_encoder_dir,
-                                                                  tiny_lm_dir):
-    monkeypatch.chdir(tmp_path)
-    data = write_popqa_selfrag(tmp_path / "popqa.jsonl")
-    cfg_path = tiny_config(tmp_path, tiny_encoder_dir, tiny_lm_dir,
-                           data={"format": "popqa", "path": str(data), "dev_fraction": 0.2,
-                                 "test_fraction": 0.3})
-    rc = cli.main(["train", "--config", str(cfg_path), "--no-progress", "--quiet", "train.strategy=embed_ft"])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "no gold passage ids" in err
-    assert "train.strategy=joint" in err and "train.strategy=two_phase" in err
-    # nothing was trained or saved, and no successful run was recorded
-    assert not (tmp_path / "runs" / "models").exists()
-    if (tmp_path / "mlflow.db").exists():
-        _, runs = all_runs(f"sqlite:///{tmp_path}/mlflow.db", "tiny")
-        assert not [r for r in runs if r.info.status == "FINISHED"]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_two_phase_on_the_same_unlabelled_data_trains(tmp_path, monkeypatch, capsys, tiny_encoder_dir, tiny_lm_dir):
-    """The suggested alternative really works on the data Ft-Embed refused."""
-    monkeypatch.chdir(tmp_path)
-    data = write_popqa_selfrag(tmp_path / "popqa.jsonl")
-    cfg_path = tiny_config(tmp_path, tiny_encoder_dir, tiny_lm_dir,
-                           data={"format": "popqa", "path": str(data), "dev_fraction": 0.2,
-                                 "test_fraction": 0.3})
-    rc = cli.main(["train", "--config", str(cfg_path), "--no-progress", "--quiet", "train.strategy=two_phase"])
-    assert rc == 0
-    _, runs = all_runs(f"sqlite:///{tmp_path}/mlflow.db", "tiny")
-    assert [(r.info.status, r.data.tags["distrag.strategy"]) for r in runs] == [("FINISHED", "two_phase")]
-    m = runs[0].data.metrics
-    assert m["cost/train_flops"] > 0
-    assert "test/recall_at_3" not in m  # no labels, no retrieval recall; answer recall still reported
-    assert "test/answer_recall_at_3" in m

@@ -1,0 +1,93 @@
+"""The names distrag records in MLflow (tags, metric names, run kinds), defined once.
+
+Writers (the ledger, the experiment, the sweep, the distributed runner, the index client) and readers
+(the report, ``advise``) use these constants, so a name cannot drift between the two sides. The
+ledger builds its ``cost/*`` names from its own keys (:meth:`distrag.costs.ledger.CostLedger.to_metrics`);
+``tests/reporting/test_report.py`` checks that every ``COST_*`` name below is one the ledger writes.
+"""
+
+from __future__ import annotations
+
+# -- tags every distrag run carries --------------------------------------------------------------
+TAG_KIND = "distrag.kind"
+"""What the run is: one of RUN_KINDS."""
+TAG_STRATEGY = "distrag.strategy"
+"""Strategy key of the table in distrag/training/strategies.py (``joint_token``, ...)."""
+TAG_LABEL = "distrag.label"
+"""The strategy's label in tables (``RAG-Tok``, ...)."""
+TAG_DATASET = "distrag.dataset"
+TAG_EMBEDDER = "distrag.embedder"
+TAG_GENERATOR = "distrag.generator"
+TAG_CONFIG_HASH = "distrag.config_hash"
+TAG_EVAL_SPLIT = "distrag.eval_split"
+"""Split the run's quality metrics were measured on (their name prefix)."""
+TAG_DECODING = "distrag.decoding"
+TAG_SELECTED_RUN = "distrag.selected_run"
+"""On a sweep run: the run id of the selected settings' final evaluation."""
+TAG_NOTES = "distrag.notes"
+
+KIND_EVAL = "eval"
+"""`distrag eval`: the No-FT baseline."""
+KIND_STRATEGY = "strategy"
+"""One strategy trained (or combined) and evaluated: a row of the report."""
+KIND_SWEEP = "sweep"
+"""A strategy's learning-rate search (parent of its points); records the search cost."""
+KIND_SWEEP_POINT = "sweep_point"
+"""One grid point of a search, evaluated on dev."""
+KIND_REPORT = "report"
+"""The report files as artifacts."""
+RUN_KINDS = (KIND_EVAL, KIND_STRATEGY, KIND_SWEEP, KIND_SWEEP_POINT, KIND_REPORT)
+
+# -- costs (written by CostLedger.to_metrics with prefix "cost") -------------------------------------
+COST_PREFIX = "cost"
+COST_TRAIN_FLOPS = "cost/train_flops"
+COST_TOTAL_FLOPS = "cost/total_flops"
+COST_WALL_S = "cost/wall_s"
+COST_DEVICE_HOURS = "cost/device_hours"
+COST_TRAINABLE_PARAMS = "cost/trainable_params"
+COST_TOTAL_PARAMS = "cost/total_params"
+COST_OWN_FLOPS = "cost/own_flops"
+"""Written by the experiment: FLOPs of a run's own training and evaluation (what a sweep point adds)."""
+COST_PHASE_PREFIX = "cost/phase."
+
+
+def phase_metric(phase: str, what: str = "flops") -> str:
+    """``cost/phase.<phase>.<what>`` (what: flops, wall_s, device_hours, tokens, passages)."""
+    return f"{COST_PHASE_PREFIX}{phase}.{what}"
+
+
+def phase_values(costs: dict[str, float], what: str = "flops") -> dict[str, float]:
+    """``{phase: value}`` of the ``cost/phase.<phase>.<what>`` entries of ``costs``."""
+    suffix = f".{what}"
+    return {k[len(COST_PHASE_PREFIX):-len(suffix)]: v for k, v in costs.items()
+            if k.startswith(COST_PHASE_PREFIX) and k.endswith(suffix)}
+
+
+# -- quality (prefixed by the split: test/em, dev/f1, ...) ------------------------------------------
+def split_metric(split: str, name: str) -> str:
+    return f"{split}/{name}"
+
+
+def train_metric(phase: str, name: str) -> str:
+    """Training curves: ``train/<phase>/<loss|p_top1|grad_norm>``."""
+    return f"train/{phase}/{name}"
+
+
+# -- sweeps ---------------------------------------------------------------------------------------
+SWEEP_SEARCH_FLOPS = "sweep/search_flops"
+SWEEP_SEARCH_WALL_S = "sweep/search_wall_s"
+SWEEP_N_POINTS = "sweep/n_points"
+
+
+def sweep_selected(key: str) -> str:
+    """``sweep/selected_<lr_embedder|lr_generator>``."""
+    return f"sweep/selected_{key}"
+
+
+# -- distributed runs -----------------------------------------------------------------------------
+DIST_N_TRAINERS = "dist/n_trainers"
+DIST_INDEX_VERSIONS = "dist/index_versions"
+INDEX_VERSION = "index/version"
+INDEX_STALENESS_STEPS = "index/staleness_steps"
+INDEX_SWAP_S = "index/swap_s"
+INDEX_BUILD_S = "index/build_s"

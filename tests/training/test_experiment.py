@@ -1,0 +1,92 @@
+"""Experiment: train on copies, evaluate into the result (never into the models), combine separately
+trained parts, and record models trained earlier."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from distrag import metric_names as mn
+from distrag.config import build_config
+from distrag.reporting.tracking import NullTracker
+from distrag.training.experiment import Experiment, combine
+from distrag.training.strategies import BY_KEY
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory, tiny_encoder_dir, tiny_lm_dir):
+    tmp = tmp_path_factory.mktemp("experiment")
+    cfg = build_config({
+        "data": {"synthetic": {"n_entities": 8, "n_single_hop": 12, "n_two_hop": 4}, "test_fraction": 0.3},
+        "embedder": {"model": str(tiny_encoder_dir), "max_length": 64},
+        "generator": {"model": str(tiny_lm_dir), "max_new_tokens": 3, "max_passage_chars": 80},
+        "retrieval": {"top_k": 3}, "index": {"device": "cpu"},
+        "train": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 2, "train_k": 2},
+        "tracking": {"enabled": False}, "output_dir": str(tmp / "runs"),
+    })
+    return Experiment(cfg, show_progress=False).setup()
+
+
+def _cfg(exp, key):
+    return BY_KEY[key].apply(exp.cfg)
+
+
+def _params(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_train_works_on_copies_and_adds_its_own_cost(exp):
+    base = exp.base_models()
+    before = _params(base.embedder)
+    m = exp.train(_cfg(exp, "embed_ft"))
+    after = _params(base.embedder)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base models are untouched
+    trained = _params(m.embedder)
+    assert any(not torch.equal(before[k], trained[k]) for k in before)
+    assert m.own.flops("train") > 0 and m.own.flops("encode_passages") == 0
+    assert m.ledger.total_flops == pytest.approx(exp.index_ledger.total_flops + m.own.total_flops)
+    assert [h["phase"] for h in m.history] == ["embed_ft", "embed_ft"]
+    untrained = exp.train(_cfg(exp, "none"))
+    assert untrained.own.total_flops == 0 and untrained.history == []
+
+
+def test_evaluation_is_charged_to_the_result_not_to_the_models(exp):
+    m = exp.train(_cfg(exp, "gen_ft"))
+    before = m.ledger.total_flops
+    res = exp.evaluate(_cfg(exp, "gen_ft"), m, NullTracker(), split="test", t0=time.perf_counter(),
+                       own_flops=m.own.total_flops)
+    assert m.ledger.total_flops == before  # the models' ledger is what producing them cost
+    eval_flops = res.costs[mn.phase_metric("eval_test")]
+    assert eval_flops > 0
+    assert res.costs[mn.COST_TOTAL_FLOPS] == pytest.approx(before + eval_flops)
+    assert res.own_flops == pytest.approx(m.own.total_flops + eval_flops)
+    assert (res.key, res.label, res.dataset) == ("gen_ft", "Ft-Gen", exp.splits.name)
+    assert res.metrics["n_questions"] == len(exp.splits.test)
+    assert res.costs[mn.COST_TRAINABLE_PARAMS] > 0
+
+
+def test_combine_and_run_trained_pay_both_trainings_once(exp):
+    e = exp.train(_cfg(exp, "embed_ft"))
+    g = exp.train(_cfg(exp, "gen_ft"))
+    c = combine(e, g)
+    assert c.embedder is e.embedder and c.index is e.index and c.generator is g.generator
+    assert c.ledger.total_flops == pytest.approx(exp.index_ledger.total_flops + e.own.total_flops
+                                                 + g.own.total_flops)
+    assert c.own.total_flops == pytest.approx(e.own.total_flops + g.own.total_flops)
+    assert [h["phase"] for h in c.history] == ["gen_ft", "gen_ft", "embed_ft", "embed_ft"]
+    res = exp.run_trained(_cfg(exp, "independent"), c)
+    assert res.key == "independent"
+    assert res.costs[mn.COST_TRAIN_FLOPS] == pytest.approx(e.own.flops("train") + g.own.flops("train"))
+    assert res.costs[mn.COST_OWN_FLOPS] == pytest.approx(res.costs[mn.phase_metric("eval_test")])  # evaluation only
+    assert res.history == c.history
+
+
+def test_run_is_train_then_evaluate_on_the_split(exp):
+    res, models = exp.run(_cfg(exp, "joint_token"), split="dev")
+    assert res.key == "joint_token" and res.metrics["n_questions"] == len(exp.splits.dev)
+    assert res.costs[mn.COST_TRAIN_FLOPS] == pytest.approx(models.own.flops("train"))
+    assert mn.phase_metric("eval_dev") in res.costs and mn.phase_metric("joint_token") in res.costs
