@@ -1,14 +1,18 @@
-"""Turns what the models just did into ledger entries (FLOPs from model dimensions, see distrag.costs.flops).
+"""Turns what the models just did into ledger entries (FLOPs from model dimensions, see distrag.costs.flops),
+at the shapes the kernels really ran, padding included.
 
 Conventions:
-- encoder batches are charged at their padded shape (what the kernels compute);
-- corpus / question encoding through ``Embedder.encode`` is charged per text at its own length
-  (``encode`` sorts by length, so padding is small);
-- generator scoring (``answer_logprobs``) is charged at the padded shape it ran; generation at the
-  average real prompt length and average new tokens of the call (padding not counted);
+- encoder batches are charged at their padded shape;
+- corpus / question encoding through ``Embedder.encode`` is charged at the batches ``encode`` runs (texts
+  sorted longest first, ``batch_size`` at a time, each batch padded to its longest text);
+- generator calls are charged from the shapes the generator records (``Generator.tokens``): scoring
+  (``answer_logprobs``) at its padded shape with the LM head on the positions whose logits were computed
+  (the answer's); generation per batch at its padded prompt length and the number of steps the batch ran
+  (until its longest answer ended);
 - training: the question encoder trains in full (3x forward); the LoRA generator is
-  ``2 F + F_attn + 6 P_lora n``; a frozen generator in a RAG loss is inference (no gradient flows
-  through it to the retriever: the retriever's gradient comes through p(z|q) only).
+  ``2 F + F_attn + 6 P_lora n``; a frozen generator in a RAG loss is a forward (no gradient flows
+  through it to the retriever: the retriever's gradient comes through p(z|q) only), charged to ``train``;
+- a generator carrying LoRA adapters pays their forward (``2 P_lora`` per token) in every call, frozen or not.
 """
 
 from __future__ import annotations
@@ -57,13 +61,13 @@ class Accountant:
         self.ledger.add("train" if train else category, flops, tokens=int(attention_mask.sum()),
                         passages=B if category == "encode_passages" else 0)
 
-    def encode_texts(self, embedder: Embedder, texts: list[str], *, category: str) -> None:
-        """``Embedder.encode(texts)``: forward only, each text at its own (truncated) length."""
+    def encode_texts(self, embedder: Embedder, texts: list[str], *, category: str,
+                     batch_size: int | None = None) -> None:
+        """``Embedder.encode(texts, batch_size=batch_size)``: forward only, at the padded batches it runs."""
         if not texts:
             return
-        lengths = [len(x) for x in embedder.tokenizer(list(texts), truncation=True,
-                                                       max_length=embedder.max_length)["input_ids"]]
-        flops = texts_forward_flops(embedder.model.config, lengths)
+        lengths = embedder.token_lengths(texts)
+        flops = texts_forward_flops(embedder.model.config, lengths, batch_size or embedder.batch_size)
         self.ledger.add(category, flops, tokens=sum(lengths),
                         passages=len(texts) if category == "encode_passages" else 0)
 
@@ -72,31 +76,31 @@ class Accountant:
     # call it just made, and charging consumes those counters.
     def generator(self, generator: Generator, *, lp_mask: torch.Tensor, prompts: list[str], answers: list[str],
                   train: bool, category: str | None = None) -> None:
-        """An ``answer_logprobs`` call that just ran, at its padded shape. ``train``: the LoRA adapters
-        get gradients. A frozen forward is charged to ``category`` (default ``score``; training
-        passes it ``train``: the frozen generator's forwards are part of a retriever phase's cost)."""
-        padded, generator.tokens.scored_padded, generator.tokens.scored = generator.tokens.scored_padded, 0, 0
-        B = len(prompts)
-        if padded <= 0 or B == 0:
+        """The ``answer_logprobs`` calls that just ran, at their padded shapes (``lp_mask``, ``prompts`` and
+        ``answers`` name the call; the shapes come from ``generator.tokens``). ``train``: the LoRA adapters
+        get gradients. A frozen forward is charged to ``category`` (default ``score``; training passes it
+        ``train``: the frozen generator's forwards are part of a retriever phase's cost)."""
+        t = generator.tokens
+        batches, padded = t.scored_batches, t.scored_padded
+        t.scored_batches, t.scored_padded, t.scored = [], 0, 0
+        if not batches:
             return
-        S = padded // B
-        cfg = generator.config
-        if train:
-            parts = forward_flops_breakdown(cfg, padded, S)
-            flops = train_flops(sum(parts.values()), "lora", lora_params=_lora_params(generator), tokens=padded,
-                                attention_flops=parts["attention"])
-            self.ledger.add("train", flops, tokens=padded)
-        else:
-            self.ledger.add(category or "score", transformer_forward_flops(cfg, padded, S), tokens=padded)
+        cfg, lora_params, flops = generator.config, _lora_params(generator), 0.0
+        for b in batches:
+            parts = forward_flops_breakdown(cfg, b.rows * b.width, b.width, lm_head_tokens=b.rows * b.logit_positions)
+            flops += train_flops(sum(parts.values()), "lora" if train else "inference", lora_params=lora_params,
+                                 tokens=b.rows * b.width, attention_flops=parts["attention"])
+        self.ledger.add("train" if train else (category or "score"), flops, tokens=padded)
 
     def generation(self, generator: Generator, prompts: list[str], outputs: list[str]) -> None:
-        """A ``generate`` call that just ran: KV-cached decoding at the call's mean lengths."""
+        """The ``generate`` batches that just ran: KV-cached decoding at each batch's padded prompt length,
+        for as many steps as the batch ran (``prompts`` and ``outputs`` name the call)."""
         t = generator.tokens
-        d_prompt, d_gen = t.prompt, t.generated
-        t.prompt = t.generated = 0
-        n = len(prompts)
-        if n == 0 or d_prompt <= 0:
+        batches, tokens = t.generated_batches, t.prompt + t.generated
+        t.generated_batches, t.prompt, t.generated = [], 0, 0
+        if not batches:
             return
-        P = max(1, round(d_prompt / n))
-        G = max(1, round(d_gen / n))
-        self.ledger.add("generate", generate_flops(generator.config, P, G, batch=n), tokens=d_prompt + d_gen)
+        lora_params = _lora_params(generator)
+        flops = sum(generate_flops(generator.config, b.prompt_width, b.new_tokens, batch=b.rows,
+                                   lora_params=lora_params) for b in batches)
+        self.ledger.add("generate", flops, tokens=tokens)

@@ -26,8 +26,12 @@ Forward pass over ``n`` tokens in sequences of length ``s`` (:func:`transformer_
   what ``torch.utils.flop_counter.FlopCounterMode`` counts for SDPA and for eager attention, what
   padded dense kernels compute, and the usual convention (Kaplan et al. 2020, Chinchilla); for a causal
   model the useful work is about half of this term.
-* ``n_head`` = tokens whose logits are computed: all ``n`` in training, one per sequence in a
-  generation prefill.
+* ``n_head`` = tokens whose logits are computed: all ``n`` by default, one per sequence in a generation
+  prefill, the answer columns only when scoring answers (``Generator.answer_logprobs`` asks the model for
+  those logits alone, in its training steps too).
+* Padded batches are charged at their padded shape (``n = rows x width``, ``s = width``): the kernels
+  compute the padding too. Texts encoded by ``Embedder.encode`` run longest first in batches padded to
+  their longest text (:func:`texts_forward_flops`).
 * Not counted: embeddings lookups, norms, activations, softmax, residual adds, biases, RoPE (all
   O(h) per token against O(h^2)); BERT's pooler (``2 h^2`` per *sequence*; sentence embedders pool
   without it); MoE routing (dense models only).
@@ -39,9 +43,12 @@ Training step, from the forward FLOPs ``F`` of the *base* model and its attentio
     lora               2 F + F_attn + 6 P_lora n   frozen base: forward + backward w.r.t. activations only;
                                                    adapters (P_lora parameters, ``r (d_in + d_out)`` each):
                                                    2 FLOPs in forward, 4 in backward, per parameter and token
-    frozen_input_grad  2 F + F_attn                frozen model that gradients must flow *through* (to
+    frozen_input_grad  2 F + F_attn + 4 P_lora n   frozen model that gradients must flow *through* (to
                                                    something trainable below it), no weight gradients
-    inference          F                           no backward
+    inference          F + 2 P_lora n              no backward
+
+``P_lora`` counts the LoRA adapters the model carries (0 without): they run in every forward, trained or
+not, until merged (a generator evaluated or frozen after a LoRA phase still pays ``2 P_lora`` per token).
 
 A weight matmul's backward is two matmuls of its forward size (``dX`` and ``dW``); a frozen one needs
 only ``dX``. The attention matmuls ``Q K^T`` and ``P V`` have activations on *both* sides, so even with
@@ -59,8 +66,12 @@ attends over the cache of length ``P + j``::
     F_gen = F_fwd(n = b P, s = P, n_head = b)
           + sum_{j=1}^{G-1} b [ 2 N_dense + 4 L a (P + j) + 2 N_head ]
 
+A generate batch is charged at its padded prompt length and for as many steps as it ran: until its
+longest answer ended (finished rows keep decoding padding), not at mean lengths.
+
 These formulas match ``FlopCounterMode`` to < 1 % on the tiny test models when attention runs as
-matmuls (``attn_implementation="eager"``); see ``tests/costs/test_flops.py`` for the measured ratios.
+matmuls (``attn_implementation="eager"``); see ``tests/costs/test_flops.py`` for the measured ratios,
+and ``tests/costs/test_real_models.py`` for every ledger category on all-MiniLM-L6-v2 and SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -222,10 +233,21 @@ def transformer_forward_flops(cfg_like: Any, n_tokens: int, seq_len: int, *, lm_
                                        gated_mlp=gated_mlp, lm_head=lm_head).values())
 
 
-def texts_forward_flops(cfg_like: Any, lengths: Iterable[int]) -> float:
-    """Forward FLOPs of encoding texts one by one at their own token lengths (``Embedder.encode`` sorts by
-    length, so its batches pad little): the sum of ``transformer_forward_flops(cfg, n, n)``."""
-    return float(sum(transformer_forward_flops(cfg_like, n, n) for n in lengths))
+def texts_forward_flops(cfg_like: Any, lengths: Iterable[int], batch_size: int) -> float:
+    """Forward FLOPs of encoding texts of token ``lengths`` the way ``Embedder.encode`` runs them: sorted
+    longest first, cut into batches of ``batch_size``, each batch padded to its longest text::
+
+        sum over batches  F_fwd(n = rows * width, s = width)
+
+    Only the multiset of lengths matters (input order does not), so the corpus encoded in one call or in
+    shards of whole batches (``CorpusEncoder``) costs the same.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    ordered = sorted((int(n) for n in lengths), reverse=True)
+    return float(sum(transformer_forward_flops(cfg_like, len(ordered[i:i + batch_size]) * ordered[i],
+                                               ordered[i])
+                     for i in range(0, len(ordered), batch_size)))
 
 
 TrainMode = Literal["full", "lora", "frozen_input_grad", "inference"]
@@ -237,8 +259,9 @@ def train_flops(forward_flops: float, mode: TrainMode = "full", *, lora_params: 
 
     ``full``: ``3 F``. ``lora``: ``2 F + F_attn + 6 P_lora tokens`` (``P_lora`` = adapter parameters, e.g.
     from :func:`lora_param_count` or ``sum(p.numel() for p in model.parameters() if p.requires_grad)``;
-    ``tokens`` = tokens that went through the adapters). ``frozen_input_grad``: ``2 F + F_attn`` (gradients
-    flow through frozen weights to the inputs). ``inference``: ``F``.
+    ``tokens`` = tokens that went through the adapters). ``frozen_input_grad``: ``2 F + F_attn + 4 P_lora
+    tokens`` (gradients flow through frozen weights, adapters included, to the inputs). ``inference``:
+    ``F + 2 P_lora tokens`` (a frozen model's adapters still run).
 
     ``attention_flops`` is the attention part ``F_attn`` of ``forward_flops``
     (``forward_flops_breakdown(...)["attention"]``); leaving it 0 ignores the extra attention backward of
@@ -246,18 +269,18 @@ def train_flops(forward_flops: float, mode: TrainMode = "full", *, lora_params: 
     """
     if forward_flops < 0 or attention_flops < 0 or attention_flops > forward_flops:
         raise ValueError("need 0 <= attention_flops <= forward_flops")
+    if lora_params < 0 or tokens < 0:
+        raise ValueError("lora_params and tokens must be >= 0")
+    if lora_params and not tokens and mode != "full":
+        raise ValueError(f"mode={mode!r} with lora_params needs tokens (adapter FLOPs scale with tokens)")
     if mode == "full":
         return 3.0 * forward_flops
     if mode == "lora":
-        if lora_params < 0 or tokens < 0:
-            raise ValueError("lora_params and tokens must be >= 0")
-        if lora_params and not tokens:
-            raise ValueError("mode='lora' with lora_params needs tokens (adapter FLOPs scale with tokens)")
         return 2.0 * forward_flops + attention_flops + 6.0 * lora_params * tokens
     if mode == "frozen_input_grad":
-        return 2.0 * forward_flops + attention_flops
+        return 2.0 * forward_flops + attention_flops + 4.0 * lora_params * tokens
     if mode == "inference":
-        return float(forward_flops)
+        return float(forward_flops) + 2.0 * lora_params * tokens
     raise ValueError(f"unknown mode {mode!r} (full, lora, frozen_input_grad, inference)")
 
 
@@ -271,17 +294,19 @@ def transformer_train_flops(cfg_like: Any, n_tokens: int, seq_len: int, mode: Tr
                        attention_flops=parts["attention"])
 
 
-def generate_flops(cfg_like: Any, prompt_tokens: int, new_tokens: int, batch: int = 1, *,
+def generate_flops(cfg_like: Any, prompt_tokens: int, new_tokens: int, batch: int = 1, *, lora_params: int = 0,
                    gated_mlp: bool | None = None, lm_head: bool | None = None) -> float:
     """Greedy/sampled generation with a KV cache (module docstring)::
 
         F_fwd(n = b P, s = P, n_head = b) + sum_{j=1}^{G-1} b [2 N_dense + 4 L a (P + j) + 2 N_head]
+        + 2 P_lora b (P + G - 1)
 
     ``prompt_tokens`` is the padded prompt length ``P``; ``new_tokens`` = ``G`` tokens produced per sequence
-    (sequences that stop early still run in a padded batch until the last one stops).
+    (sequences that stop early still run in a padded batch until the last one stops); ``lora_params``: the
+    adapters of a LoRA model, run on every token fed in.
     """
-    if prompt_tokens < 1 or new_tokens < 0 or batch < 0:
-        raise ValueError("need prompt_tokens >= 1, new_tokens >= 0, batch >= 0")
+    if prompt_tokens < 1 or new_tokens < 0 or batch < 0 or lora_params < 0:
+        raise ValueError("need prompt_tokens >= 1, new_tokens >= 0, batch >= 0, lora_params >= 0")
     d = ModelDims.from_config(cfg_like, gated_mlp=gated_mlp, lm_head=lm_head)
     if new_tokens == 0:
         return 0.0
@@ -290,7 +315,8 @@ def generate_flops(cfg_like: Any, prompt_tokens: int, new_tokens: int, batch: in
     context_sum = steps * prompt_tokens + steps * (steps + 1) / 2  # sum_{j=1}^{G-1} (P + j)
     decode = batch * (steps * (2.0 * d.dense_params + 2.0 * d.head_params)
                       + 4.0 * d.layers * d.attn_dim * context_sum)
-    return prefill + decode
+    adapters = 2.0 * lora_params * batch * (prompt_tokens + steps)  # every token fed in goes through them
+    return prefill + decode + adapters
 
 
 _LORA_SHAPES: dict[str, Callable[[ModelDims], tuple[int, int]]] = {

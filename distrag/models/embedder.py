@@ -213,6 +213,14 @@ class Embedder(torch.nn.Module):
         texts = [str(t) for t in texts]
         return [t.lower() for t in texts] if self.do_lower_case else texts
 
+    def _token_ids(self, texts: Sequence[str]):
+        """Unpadded, truncated (``max_length``) tokenizer output of ``texts`` (what ``encode`` batches)."""
+        return self.tokenizer(self._prep(texts), padding=False, truncation=True, max_length=self.max_length)
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Each text's token count as :meth:`encode` sees it (special tokens in, truncated at ``max_length``)."""
+        return [len(x) for x in self._token_ids(texts)["input_ids"]] if len(texts) else []
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded, truncated (``max_length``) tensors on the module's device."""
         enc = self.tokenizer(self._prep(texts), padding=True, truncation=True, max_length=self.max_length,
@@ -246,17 +254,20 @@ class Embedder(torch.nn.Module):
                show_progress: bool = False) -> np.ndarray:
         """Unit-norm float32 embeddings ``[N, d]`` in input order, without gradients.
 
-        All texts are tokenised in one call, sorted by token length (less padding), encoded in eval
-        mode batch by batch, and put back in input order; the module's training flag is restored.
+        All texts are tokenised in one call, sorted longest first (less padding), encoded in eval mode
+        ``batch_size`` at a time, each batch padded to its longest text (the shapes
+        ``distrag.costs.flops.texts_forward_flops`` charges), and put back in input order; the module's
+        training flag is restored.
         """
         from tqdm.auto import tqdm
 
-        texts = self._prep(texts)
+        if isinstance(texts, str):
+            raise TypeError("expected a list of strings, got a single string")
         n = len(texts)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         bs = int(batch_size or self.batch_size)
-        enc = self.tokenizer(texts, padding=False, truncation=True, max_length=self.max_length)
+        enc = self._token_ids(texts)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         lengths = np.fromiter((len(x) for x in enc["input_ids"]), dtype=np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")

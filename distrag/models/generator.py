@@ -29,8 +29,9 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,9 +41,31 @@ from distrag.errors import GeneratorError
 from distrag.models.sources import pick_device, pick_dtype, resolve_model
 
 
+class ScoredBatch(NamedTuple):
+    """The shape of one ``answer_logprobs`` forward pass."""
+
+    rows: int
+    width: int
+    """Padded positions per row (prompt + answer + eos)."""
+    logit_positions: int
+    """Positions per row whose logits (the LM head) were computed: the answer's, or every one when the
+    model cannot restrict them."""
+
+
+class GeneratedBatch(NamedTuple):
+    """The shape of one ``generate`` batch."""
+
+    rows: int
+    prompt_width: int
+    """Padded (left) prompt length."""
+    new_tokens: int
+    """Tokens the batch ran for: prefill + decode steps, i.e. until its longest answer ended."""
+
+
 @dataclass
 class TokenCounts:
-    """Tokens processed by the generator since the last :meth:`reset` (for the cost ledger)."""
+    """What the generator computed since the last :meth:`reset` (read and consumed by the cost ledger's
+    accountant): token totals, and the padded shape of every forward pass."""
 
     prompt: int = 0
     """Real (non-padding) prompt tokens fed to ``generate``."""
@@ -52,9 +75,15 @@ class TokenCounts:
     """Real tokens (prompt + answer + eos) in ``answer_logprobs`` forward passes."""
     scored_padded: int = 0
     """Positions (padding included) in ``answer_logprobs`` forward passes: the compute actually spent."""
+    scored_batches: list[ScoredBatch] = field(default_factory=list)
+    """Each ``answer_logprobs`` call's shape."""
+    generated_batches: list[GeneratedBatch] = field(default_factory=list)
+    """Each ``generate`` batch's shape."""
 
     def reset(self) -> None:
         self.prompt = self.generated = self.scored = self.scored_padded = 0
+        self.scored_batches = []
+        self.generated_batches = []
 
     def as_dict(self) -> dict[str, int]:
         return {"prompt": self.prompt, "generated": self.generated, "scored": self.scored,
@@ -219,7 +248,9 @@ class Generator:
                 out = self.model.generate(input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
                                           synced_gpus=synced_gpus)
                 self.tokens.prompt += int(attn.sum())
-                for row in out[:, input_ids.shape[1]:].tolist():
+                width = input_ids.shape[1]
+                self.tokens.generated_batches.append(GeneratedBatch(len(attn), width, out.shape[1] - width))
+                for row in out[:, width:].tolist():
                     cut = next((i for i, t in enumerate(row) if t in eos), None)
                     self.tokens.generated += len(row) if cut is None else cut + 1
                     rows.append(row if cut is None else row[:cut])
@@ -271,11 +302,13 @@ class Generator:
             attn[i, P - len(p):P + len(a)] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        # Logits at columns P-1 .. P+T-2 predict the answer tokens at columns P .. P+T-1; models that
+        # accept `logits_to_keep` compute the vocabulary projection for the last T + 1 columns only.
+        keeps_logits = self._keeps_logits()
         self.tokens.scored += int(attn.sum())
         self.tokens.scored_padded += B * (P + T)
-        # Logits at columns P-1 .. P+T-2 predict the answer tokens at columns P .. P+T-1; models that
-        # accept `logits_to_keep` compute the vocabulary projection for those columns only.
-        if self._keeps_logits():
+        self.tokens.scored_batches.append(ScoredBatch(B, P + T, T + 1 if keeps_logits else P + T))
+        if keeps_logits:
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                              logits_to_keep=T + 1)
             logits = out.logits[:, :T]

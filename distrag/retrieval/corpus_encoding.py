@@ -2,9 +2,11 @@
 
 One corpus encoding
 -------------------
-:class:`CorpusEncoder` tokenizes the corpus once. From those token lengths it sorts the passages (shards
-of similar lengths pad little) and knows what one encoding pass costs: ``encode_passages``, the forward
-FLOPs of every passage at its own (truncated) length, the same figure ``Accountant.encode_texts`` gives.
+:class:`CorpusEncoder` tokenizes the corpus once. From those token lengths it sorts the passages longest
+first and cuts them into the batches one ``Embedder.encode`` of the whole corpus would run; shards are
+runs of whole batches, so encoding shard by shard computes exactly those batches, and one encoding pass
+costs what ``Accountant.encode_texts`` charges for the corpus (``encode_passages``: the forward FLOPs of
+each padded batch, :func:`distrag.costs.flops.texts_forward_flops`), whatever the shard count.
 It encodes shard by shard (a generator: the index rank heartbeats, and can abandon a stale version,
 between shards) and puts the vectors back in corpus order. :func:`encode_corpus` is one whole pass,
 charged to an accountant. Everything that embeds the corpus goes through it: the single-process index
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from distrag.data.records import Corpus
     from distrag.models.embedder import Embedder
 
-__all__ = ["CorpusEncoder", "EncodingCost", "encode_corpus", "index_cache_dir", "index_signature",
+__all__ = ["CorpusEncoder", "EncodingCost", "build_index", "encode_corpus", "index_cache_dir", "index_signature",
            "load_or_build_index"]
 
 log = logging.getLogger(__name__)
@@ -66,26 +68,29 @@ class EncodingCost:
 class CorpusEncoder:
     """Length-sorted, shard-by-shard encoding of a fixed list of passages, and its cost.
 
-    The passages are tokenized once here (the corpus never changes): ``order`` sorts them by token
-    length, so each shard's batches pad as little as one ``Embedder.encode`` of the whole corpus would.
-    ``shards`` yields vectors in that sorted order; ``unsort`` puts them back at their corpus positions;
-    ``encode_all`` does both (and charges ``cost`` when given an accountant).
+    The passages are tokenized once here (the corpus never changes): ``order`` sorts them longest first,
+    as ``Embedder.encode`` does, and each shard is a run of whole batches of ``batch_size`` along it
+    (``shard_size`` passages; the last shard holds the rest), so the shards' batches are exactly those of
+    one ``encode`` of the whole corpus, and at most ``n_shards`` of them. ``shards`` yields vectors in
+    that sorted order; ``unsort`` puts them back at their corpus positions; ``encode_all`` does both (and
+    charges ``cost`` when given an accountant).
     """
 
     def __init__(self, embedder: Embedder, texts: Sequence[str], *, n_shards: int = 1):
         self.embedder = embedder
         texts = list(texts)
-        ids = embedder.tokenizer(texts, truncation=True, max_length=embedder.max_length)["input_ids"] if texts else []
-        self.lengths: list[int] = [len(x) for x in ids]
+        self.lengths: list[int] = embedder.token_lengths(texts)
         """Token count of each passage, in corpus order."""
-        self.order = np.argsort(self.lengths, kind="stable")
+        self.order = np.argsort(-np.asarray(self.lengths, dtype=np.int64), kind="stable")
         self.sorted_texts = [texts[i] for i in self.order]
-        self.shard_size = max(1, -(-len(texts) // max(n_shards, 1)))
+        self.batch_size = int(embedder.batch_size)
+        n_batches = -(-len(texts) // self.batch_size)
+        self.shard_size = self.batch_size * max(1, -(-n_batches // max(n_shards, 1)))
 
     @cached_property
     def cost(self) -> EncodingCost:
-        """One pass: each passage's forward FLOPs at its own length, summed in corpus order."""
-        return EncodingCost(flops=texts_forward_flops(self.embedder.model.config, self.lengths),
+        """One pass: the forward FLOPs of each padded batch (as :meth:`shards` runs them)."""
+        return EncodingCost(flops=texts_forward_flops(self.embedder.model.config, self.lengths, self.batch_size),
                             tokens=sum(self.lengths), passages=len(self.lengths))
 
     def shards(self, state_dict: dict | None = None, *, show_progress: bool = False) -> Iterator[np.ndarray]:
@@ -94,7 +99,8 @@ class CorpusEncoder:
         if state_dict is not None:
             self.embedder.load_state_dict(state_dict)
         for i in range(0, len(self.sorted_texts), self.shard_size):
-            yield self.embedder.encode(self.sorted_texts[i:i + self.shard_size], show_progress=show_progress)
+            yield self.embedder.encode(self.sorted_texts[i:i + self.shard_size], batch_size=self.batch_size,
+                                       show_progress=show_progress)
 
     def unsort(self, sorted_vectors: np.ndarray) -> np.ndarray:
         """Rows in length-sorted order -> rows in corpus order."""
@@ -149,10 +155,18 @@ def load_or_build_index(cache_root: str | Path | None, corpus: Corpus, embedder:
             if accountant is not None:
                 CorpusEncoder(embedder, corpus.texts()).cost.charge(accountant)
             return index
-    t0 = time.perf_counter()
-    vectors = encode_corpus(embedder, corpus, accountant, show_progress=show_progress)
-    index = ShardedIndex.from_config(vectors.shape[1], cfg.index).build(vectors)
-    log.info("indexed %d passages in %.1fs", len(corpus), time.perf_counter() - t0)
+    index = build_index(embedder, corpus, cfg.index, accountant, show_progress=show_progress)
     if folder is not None:
         index_store.save(index, folder, extra={"signature": sig}, overwrite=True)
+    return index
+
+
+def build_index(embedder: Embedder, corpus: Corpus, index_cfg: IndexConfig, accountant: Accountant | None = None,
+                *, show_progress: bool = False) -> ShardedIndex:
+    """Encode ``corpus`` with ``embedder`` as it is now (one pass, charged to ``accountant``) and build
+    the configured index of it."""
+    t0 = time.perf_counter()
+    vectors = encode_corpus(embedder, corpus, accountant, show_progress=show_progress)
+    index = ShardedIndex.from_config(vectors.shape[1], index_cfg).build(vectors)
+    log.info("indexed %d passages in %.1fs", len(corpus), time.perf_counter() - t0)
     return index

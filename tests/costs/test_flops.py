@@ -140,13 +140,36 @@ def test_forward_tiny_bert(tiny_encoder_dir):
     assert abs(_ratio(est, measured) - 1) < TOL
 
 
-def test_texts_encoded_one_by_one_at_their_own_lengths(tiny_encoder_dir):
+def test_texts_encoded_in_length_sorted_padded_batches(tiny_encoder_dir):
+    # Embedder.encode sorts longest first and pads each batch of 2 to its longest: (40, 19), (12, 7), (3)
     model = _tiny_bert(tiny_encoder_dir)
-    measured = sum(_count(lambda n=n: model(input_ids=torch.randint(0, 100, (1, n)))) for n in (7, 19, 40))
-    est = texts_forward_flops(model.config, [7, 19, 40])
-    assert est == sum(transformer_forward_flops(model.config, n, n) for n in (7, 19, 40))
-    assert abs(_ratio(est, measured) - 1) < TOL
-    assert texts_forward_flops(model.config, []) == 0.0
+    lengths = [7, 40, 19, 3, 12]
+    measured = sum(_count(lambda r=r, w=w: model(input_ids=torch.randint(0, 100, (r, w))))
+                   for r, w in ((2, 40), (2, 12), (1, 3)))
+    est = texts_forward_flops(model.config, lengths, 2)
+    assert abs(_ratio(est, measured) - 1) < 0.01
+    assert est == texts_forward_flops(model.config, sorted(lengths), 2)  # input order does not matter
+    # charging each text at its own length (padding ignored) would be low by a quarter here
+    own = texts_forward_flops(model.config, lengths, 1)
+    assert own == sum(transformer_forward_flops(model.config, n, n) for n in lengths)
+    assert _ratio(own, measured) < 1 - TOL
+    assert texts_forward_flops(model.config, lengths, 5) == transformer_forward_flops(model.config, 5 * 40, 40)
+    assert texts_forward_flops(model.config, [], 4) == 0.0
+    with pytest.raises(ValueError):
+        texts_forward_flops(model.config, lengths, 0)
+
+
+def test_lm_head_on_the_kept_positions_only(tiny_lm_dir):
+    # answer scoring computes logits for the answer columns only (logits_to_keep)
+    model = _tiny_lm(tiny_lm_dir)
+    b, s, keep = 3, 40, 6
+    x = torch.randint(0, model.config.vocab_size, (b, s))
+    with torch.no_grad():
+        measured = _count(lambda: model(input_ids=x, logits_to_keep=keep))
+    est = transformer_forward_flops(model.config, b * s, s, lm_head_tokens=b * keep)
+    assert abs(_ratio(est, measured) - 1) < 0.01
+    # the head on every position would over-charge (the tiny model's head is half its matmuls)
+    assert _ratio(transformer_forward_flops(model.config, b * s, s), measured) > 1 + TOL
 
 
 def test_forward_larger_llama_where_attention_matters():
@@ -255,8 +278,14 @@ def test_train_flops_modes():
     assert train_flops(f, "lora", lora_params=10, tokens=2, attention_flops=attn) == 200 + 20 + 120
     assert train_flops(f, "frozen_input_grad", attention_flops=attn) == 220.0
     assert train_flops(f, "inference") == 100.0
-    with pytest.raises(ValueError):
-        train_flops(f, "lora", lora_params=10)  # adapters without tokens
+    # adapters a frozen model carries still run: 2 FLOPs per parameter and token forward, 2 more backward
+    assert train_flops(f, "inference", lora_params=10, tokens=2) == 100 + 40
+    assert train_flops(f, "frozen_input_grad", lora_params=10, tokens=2, attention_flops=attn) == 220 + 80
+    assert generate_flops(ModelDims(32, 2, 64, 2, 1, 16, 100, True, True), 5, 3, 2, lora_params=10) == \
+        generate_flops(ModelDims(32, 2, 64, 2, 1, 16, 100, True, True), 5, 3, 2) + 2 * 10 * 2 * (5 + 2)
+    for mode in ("lora", "inference", "frozen_input_grad"):
+        with pytest.raises(ValueError):
+            train_flops(f, mode, lora_params=10)  # adapters without tokens
     with pytest.raises(ValueError):
         train_flops(f, "everything")
 

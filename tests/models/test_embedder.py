@@ -109,6 +109,26 @@ def test_encode_keeps_input_order_and_is_batch_independent(emb):
     assert emb.encode([]).shape == (0, emb.dim)
 
 
+def test_encode_runs_length_sorted_batches_of_the_token_lengths(emb):
+    # the shapes the FLOP ledger charges (distrag.costs.flops.texts_forward_flops): longest first,
+    # batch_size at a time, each batch padded to its longest text
+    emb.max_length = 16
+    emb.do_lower_case = True
+    lengths = emb.token_lengths(TEXTS)
+    assert lengths == [len(emb.tokenizer(t.lower(), truncation=True, max_length=16)["input_ids"]) for t in TEXTS]
+    assert max(lengths) == 16 and len(set(lengths)) > 3  # one truncated, several lengths
+    shapes = []
+    handle = emb.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        emb.encode(TEXTS, batch_size=3)
+    finally:
+        handle.remove()
+    desc = sorted(lengths, reverse=True)
+    assert shapes == [(len(desc[i:i + 3]), desc[i]) for i in range(0, len(desc), 3)]
+    assert emb.token_lengths([]) == []
+
+
 def test_encode_restores_training_flag_and_builds_no_graph(emb):
     emb.train()
     vecs = emb.encode(TEXTS[:3])

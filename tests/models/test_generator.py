@@ -11,7 +11,7 @@ from distrag.config import GeneratorConfig, LoRAConfig
 from distrag.data.records import Passage
 from distrag.errors import GeneratorError
 from distrag.models import sources
-from distrag.models.generator import Generator
+from distrag.models.generator import GeneratedBatch, Generator, ScoredBatch
 
 PASSAGES = [
     Passage("p1", "Fox Company", "The quick brown fox founded the company in 1999. " * 4),
@@ -96,7 +96,14 @@ def test_batched_greedy_equals_unbatched(gen):
     prompts = prompts_for(gen)
     lens = [len(gen.tokenizer(p).input_ids) for p in prompts]
     assert len(set(lens)) > 1, "prompts of different lengths are needed to exercise padding"
-    batched = gen.generate_ids(prompts, max_new_tokens=10, batch_size=4)
+    gen.tokens.reset()
+    batched = gen.generate_ids(prompts, max_new_tokens=10, batch_size=3)
+    # each batch's shape as it ran: left-padded to its longest prompt, for as many steps as its longest
+    # answer took (eos included), not the mean
+    ran = [len(r) + 1 if len(r) < 10 else len(r) for r in batched]  # tokens per row, eos included
+    assert gen.tokens.generated_batches == [GeneratedBatch(3, max(lens[:3]), max(ran[:3])),
+                                            GeneratedBatch(1, lens[3], ran[3])]
+    assert gen.tokens.generated == sum(ran)
     single = [gen.generate_ids([p], max_new_tokens=10)[0] for p in prompts]
     assert batched == single
     assert len({tuple(r) for r in batched}) == len(prompts), "outputs should differ per prompt"
@@ -116,6 +123,7 @@ def test_generate_stops_at_eos_and_counts_tokens(gen):
     gen.tokens.reset()
     assert gen.generate(prompts_for(gen)[:2], max_new_tokens=5) == ["", ""]
     assert gen.tokens.generated == 2  # one eos each
+    assert [b.new_tokens for b in gen.tokens.generated_batches] == [1]  # the batch stopped after one step
     assert gen.tokens.prompt == sum(len(gen.tokenizer(p).input_ids) for p in prompts_for(gen)[:2])
 
 
@@ -145,6 +153,12 @@ def test_answer_logprobs_batched_equals_unbatched_and_manual(gen):
         lp, mask = gen.answer_logprobs(prompts, ANSWERS)
     assert lp.dtype == torch.float32 and mask.dtype == torch.bool and lp.shape == mask.shape
     assert gen.tokens.scored == int(sum(len(gen.tokenizer(p).input_ids) for p in prompts) + mask.sum())
+    # one forward at the padded shape; the LM head ran on the answer columns only (T + 1: logits_to_keep)
+    width = max(len(gen.tokenizer(p).input_ids) for p in prompts) + mask.shape[1]
+    assert gen.tokens.scored_batches == [ScoredBatch(len(prompts), width, mask.shape[1] + 1)]
+    assert gen.tokens.scored_padded == len(prompts) * width
+    gen.tokens.reset()
+    assert (gen.tokens.scored_batches, gen.tokens.generated_batches, gen.tokens.scored_padded) == ([], [], 0)
     for i, (p, a) in enumerate(zip(prompts, ANSWERS)):
         n_answer = len(gen.tokenizer(a, add_special_tokens=False).input_ids)
         assert int(mask[i].sum()) == n_answer + 1  # answer tokens + eos

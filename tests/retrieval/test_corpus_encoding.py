@@ -9,6 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from distrag.config import SyntheticConfig, build_config
 from distrag.costs.accountant import Accountant
@@ -33,6 +34,7 @@ def world(tiny_encoder_dir):
     cfg = build_config({"embedder": {"model": str(tiny_encoder_dir), "max_length": 24, "batch_size": 8},
                         "index": {"device": "cpu"}, "tracking": {"enabled": False}})
     embedder = Embedder.from_config(cfg.embedder, device="cpu")
+    embedder.model.set_attn_implementation("eager")  # attention as matmuls, which FlopCounterMode counts
     embedder.eval()
     corpus = make_synthetic(SyntheticConfig(n_entities=10, n_single_hop=2, n_two_hop=1)).corpus
     return {"cfg": cfg, "embedder": embedder, "corpus": corpus}
@@ -52,9 +54,12 @@ def _charged(fn) -> CostLedger:
 def test_sorted_sharded_encoding_equals_a_plain_encode(world, n_shards):
     texts = world["corpus"].texts()
     encoder = CorpusEncoder(world["embedder"], texts, n_shards=n_shards)
-    assert sorted(encoder.lengths) == [encoder.lengths[i] for i in encoder.order]  # shards run short to long
+    assert sorted(encoder.lengths, reverse=True) == [encoder.lengths[i] for i in encoder.order]  # longest first
     shards = list(encoder.shards())
-    assert len(shards) == min(n_shards, len(texts)) and sum(len(s) for s in shards) == len(texts)
+    # shards are runs of whole encode batches (8 passages), at most n_shards of them
+    n_batches = -(-len(texts) // 8)
+    assert len(shards) == min(n_shards, n_batches) and sum(len(s) for s in shards) == len(texts)
+    assert all(len(s) % 8 == 0 for s in shards[:-1])
     np.testing.assert_allclose(encoder.unsort(np.concatenate(shards)), world["embedder"].encode(texts), atol=1e-5)
     np.testing.assert_allclose(encoder.encode_all(), world["embedder"].encode(texts), atol=1e-5)
 
@@ -76,8 +81,14 @@ def test_charged_cost_equals_the_accountants_for_the_same_texts(world):
     texts = corpus.texts() + ["a much longer passage " * 20]  # one truncated at max_length
     want = _charged(lambda acc: acc.encode_texts(embedder, texts, category="encode_passages"))
     encoder = CorpusEncoder(embedder, texts, n_shards=3)
-    got = _charged(lambda acc: encoder.encode_all(accountant=acc))
+    with FlopCounterMode(display=False) as counter:
+        got = _charged(lambda acc: encoder.encode_all(accountant=acc))
     assert got.to_metrics() == want.to_metrics()
+    # what the shards really ran (attention as matmuls the counter sees, BERT's unused pooler aside)
+    assert encoder.cost.flops == pytest.approx(counter.get_total_flops(), rel=0.02)
+    # the same pass whatever the shard count (shards are whole batches)
+    assert CorpusEncoder(embedder, texts, n_shards=1).cost == CorpusEncoder(embedder, texts, n_shards=5).cost \
+        == encoder.cost
     assert (encoder.cost.flops, encoder.cost.tokens, encoder.cost.passages) == (
         want.flops("encode_passages"), sum(encoder.lengths), len(texts))
     assert max(encoder.lengths) == embedder.max_length
