@@ -113,10 +113,11 @@ class GeneratorConfig(Section):
     system_prompt: str = ("Answer the question using the passages. Reply with the answer only: a few words, "
                           "no sentence.")
     """System message of the chat prompt."""
-    decoding: Literal["auto", "concat", "rag"] = "auto"
-    """`concat`: one prompt with all top-k passages, greedy. `rag`: one greedy answer per passage, the
-    answer with the highest marginal sum_z p(z|q) p(y|q,z) wins (RAG-Sequence "fast decoding").
-    `auto`: `rag` for generators trained with a RAG loss (single-passage prompts), else `concat`."""
+    decoding: Literal["concat", "rag"] = "concat"
+    """How EVERY strategy is evaluated (one decoder for all rows, so rows differ only in training; the report
+    states it). `concat`: one greedy answer from a prompt holding all top-k passages. `rag`: one greedy answer
+    per passage; the answer with the highest marginal sum_z p(z|q) p(y|q,z) wins (RAG-Sequence "fast
+    decoding", p(z|q) as in training: softmax of `retrieval.score_scale` x cosine)."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off unless you ask for it."""
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
@@ -136,11 +137,22 @@ class IndexConfig(Section):
     """PQ sub-quantisers (must divide the dimension)."""
     device: Literal["auto", "cpu", "gpu"] = "auto"
     """`auto` uses faiss-gpu when faiss sees GPUs."""
+    reembed_after_training: bool = True
+    """After a strategy that trains the question encoder (Ft-Embed, Independent, Two-phase, joint), evaluate
+    against the corpus re-embedded with the trained encoder (as the trained pipeline is deployed; charged
+    to the run as phase `index_rebuild`). `false`: keep the base encoder's passage vectors (RAG's
+    frozen-document variant). The report says which each row used."""
 
 
 class RetrievalConfig(Section):
     top_k: int = Field(5, ge=1)
-    """Passages retrieved per question (and marginalised over by the RAG losses)."""
+    """Passages retrieved per question: the k every strategy is evaluated at (prompt, RAG decoding, recall)
+    and, unless `train.train_k` says otherwise, the k the generator trains on and the RAG losses marginalise."""
+    score_scale: float = Field(20.0, gt=0)
+    """p(z|q) = softmax over the top-k of `score_scale` x cos(q, z), in the RAG losses (joint, two-phase) and
+    in RAG decoding. Embeddings are unit vectors, so cosines lie in [-1, 1]: at scale 1 p(z|q) is nearly
+    uniform and the retriever's gradient vanishes; 20 is the scale of the MNRL loss Ft-Embed trains with
+    (sentence-transformers' default)."""
 
 
 class TrainConfig(Section):
@@ -163,7 +175,8 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(8, ge=1)
     """Questions per forward/backward pass; gradients accumulate up to `batch_size`."""
     train_k: int | None = Field(None, ge=1)
-    """Passages marginalised during training (defaults to retrieval.top_k)."""
+    """Passages per question during training: in the generator's prompt (Ft-Gen) or marginalised over (RAG
+    losses). Default: retrieval.top_k, the k every row is evaluated at."""
     hard_negatives: int = Field(0, ge=0)
     """Ft-Embed: retrieved non-gold passages added per question as extra negatives."""
     mnrl_scale: float = Field(20.0, gt=0)

@@ -51,7 +51,8 @@ class DistributedTrainer(Trainer):
     # -- data: this trainer's slice of the global batch -------------------------------------------
     def step_questions(self, phase_index: int, step: int):
         t, info = self.cfg.train, self.ctx.info
-        idx = batch_indices(len(self.questions), t.batch_size * info.n_trainers, t.seed + phase_index, step)
+        idx = batch_indices(len(self.questions), t.batch_size * info.n_trainers, t.seed + self.stream(phase_index),
+                            step)
         mine = idx[info.trainer_rank * t.batch_size:(info.trainer_rank + 1) * t.batch_size]
         return [self.questions[i] for i in mine]
 

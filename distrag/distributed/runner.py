@@ -257,7 +257,7 @@ class TrainerRun:
         """Trainer 0: history.json; the evaluation with the gathered adapter, recorded with the merged
         ledger of all trainers in the MLflow run; the distributed metrics; the result table."""
         from distrag.reporting.report import print_results
-        from distrag.training.experiment import Models
+        from distrag.training.experiment import PASSAGES_REEMBEDDED, Models
 
         trainer, n_trainers = self.trainer, self.ctx.info.n_trainers
         atomic_write_json(self.root / "history.json", trainer.state.history)
@@ -265,6 +265,10 @@ class TrainerRun:
         generator = self._eval_generator(lora)
         set_embedder_trainable(trainer.embedder, False)
         models = Models(trainer.embedder, generator, trainer.index, total, CostLedger(), trainer.state.history)
+        if self.cfg.index.reembed_after_training and any(p.train_embedder for p in trainer.phases):
+            # the final encoder's corpus, as the trained pipeline is deployed (index versions lag behind)
+            models.index = self.exp.reembed(self.cfg, trainer.embedder, total)
+            models.passage_vectors = PASSAGES_REEMBEDDED
         res = self.exp.evaluate(self.cfg, models, self.tracker, split=self.cfg.eval_split, t0=self.t0)
         self.tracker.log_metrics({mn.DIST_N_TRAINERS: n_trainers,
                                   mn.DIST_INDEX_VERSIONS: trainer.state.index_version})

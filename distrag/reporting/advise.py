@@ -48,10 +48,11 @@ class _Projection:
 
 
 def training_compute(costs: dict[str, float]) -> float:
-    """FLOPs spent while training: every recorded ledger phase except the index build and evaluation
-    (so a frozen generator's forward passes in two-phase's retriever phase count too); falls back to
-    ``cost/train_flops`` when the run has no phase breakdown."""
-    train = [v for p, v in mn.phase_values(costs).items() if p != "index_build" and not p.startswith("eval_")]
+    """FLOPs spent while training: every recorded ledger phase except the index builds (the frozen one and
+    the re-embedding after training) and evaluation (so a frozen generator's forward passes in two-phase's
+    retriever phase count too); falls back to ``cost/train_flops`` when the run has no phase breakdown."""
+    not_training = (mn.PHASE_INDEX_BUILD, mn.PHASE_INDEX_REBUILD)
+    train = [v for p, v in mn.phase_values(costs).items() if p not in not_training and not p.startswith("eval_")]
     return float(sum(train)) if train else float(costs.get(mn.COST_TRAIN_FLOPS, 0.0))
 
 

@@ -7,6 +7,7 @@ MLflow; the same functions print the terminal table and write ``table.md``, ``ta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,76 +24,72 @@ def fmt_flops(x: float | None) -> str:
     return f"{x:.0f}"
 
 
+def em_interval(em: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson 95 % interval of an exact-match rate ``em`` (a fraction) measured on ``n`` questions: whether
+    two rows differ beyond noise. (0, 1) when nothing was scored."""
+    if n <= 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    mid = (em + z * z / (2 * n)) / denom
+    half = z * math.sqrt(em * (1 - em) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def _metric_at(metrics: dict[str, float], prefix: str) -> tuple[float | None, int | None]:
+    """(value, k) of the metric named ``<prefix><k>`` (e.g. recall_at_5), or (None, None)."""
+    for name, v in metrics.items():
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return v, int(name[len(prefix):])
+    return None, None
+
+
 def result_rows(results: Sequence[StrategyResult]) -> list[dict]:
-    """Flatten results into table rows with the columns people compare."""
+    """Flatten results into table rows with the columns people compare (quality in %)."""
     rows = []
     for r in results:
         m, c = r.metrics, r.costs
-        k_rec = next((k for k in m if k.startswith("recall_at_")), None)
-        k_ans = next((k for k in m if k.startswith("answer_recall_at_")), None)
+        pct, k = {}, r.k
+        for key, prefix in (("recall", "recall_at_"), ("recall_all", "recall_all_at_"),
+                            ("answer_recall", "answer_recall_at_")):
+            v, at = _metric_at(m, prefix)
+            pct[key] = None if v is None else 100 * v
+            k = k or at
+        n = int(m.get("n_questions", 0))
+        lo, hi = em_interval(m.get("em", 0.0), n)
         rows.append({
-            "strategy": r.label,
-            "em": 100 * m.get("em", 0.0),
-            "f1": 100 * m.get("f1", 0.0),
-            "recall": 100 * m[k_rec] if k_rec else None,
-            "recall_name": (k_rec or "recall_at_k").replace("_at_", "@"),
-            "answer_recall": 100 * m[k_ans] if k_ans else None,
-            "answer_recall_name": (k_ans or "answer_recall_at_k").replace("_at_", "@"),
+            "strategy": r.label, "em": 100 * m.get("em", 0.0), "em_ci_low": 100 * lo, "em_ci_high": 100 * hi,
+            "f1": 100 * m.get("f1", 0.0), **pct, "k": k,
+            "passage_vectors": r.passage_vectors or None, "decoding": r.decoding or None,
             "train_flops": c.get(mn.COST_TRAIN_FLOPS, 0.0),
             "total_flops": c.get(mn.COST_TOTAL_FLOPS, 0.0),
             "wall_s": c.get(mn.COST_WALL_S, r.seconds),
             "device_hours": c.get(mn.COST_DEVICE_HOURS),
             "trainable_params": c.get(mn.COST_TRAINABLE_PARAMS),
             "search_flops": r.search_flops,
-            "n": int(m.get("n_questions", 0)),
+            "n": n,
             "run_id": r.run_id,
         })
     return rows
 
 
-def print_results(results: Sequence[StrategyResult], *, title: str = "Results", console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    rows = result_rows(results)
-    console = console or Console(width=max(Console().width, 150))
-    t = Table(title=title, title_justify="left")
-    rec_name = next((r["recall_name"] for r in rows if r["recall"] is not None), "recall@k")
-    ans_name = next((r["answer_recall_name"] for r in rows if r["answer_recall"] is not None), "answer_recall@k")
-    for col, just in (("Strategy", "left"), ("EM", "right"), ("F1", "right"), (rec_name.capitalize(), "right"),
-                      (ans_name, "right"), ("Train FLOPs", "right"), ("Total FLOPs", "right"),
-                      ("Wall-clock", "right"), ("Questions", "right")):
-        t.add_column(col, justify=just)
-    show_search = any(r["search_flops"] for r in rows)
-    if show_search:
-        t.add_column("Search FLOPs", justify="right")
-    for r in rows:
-        cells = [r["strategy"], f"{r['em']:.1f}", f"{r['f1']:.1f}",
-                 "-" if r["recall"] is None else f"{r['recall']:.1f}",
-                 "-" if r["answer_recall"] is None else f"{r['answer_recall']:.1f}",
-                 fmt_flops(r["train_flops"]), fmt_flops(r["total_flops"]), f"{r['wall_s']:.0f} s", str(r["n"])]
-        if show_search:
-            cells.append(fmt_flops(r["search_flops"]))
-        t.add_row(*cells)
-    console.print(t)
+# One column list for the terminal table, table.md and table.csv: (row key, header; {k} is the eval k).
+_COLUMNS = [("strategy", "Strategy"), ("em", "EM"), ("em_ci", "EM 95% CI"), ("f1", "F1"),
+            ("recall", "Recall@{k}"), ("recall_all", "Recall-all@{k}"), ("answer_recall", "Answer recall@{k}"),
+            ("passage_vectors", "Passages"), ("train_flops", "Train FLOPs"), ("total_flops", "Total FLOPs"),
+            ("wall_s", "Wall-clock (s)"), ("device_hours", "Device-hours"), ("trainable_params", "Trainable params"),
+            ("search_flops", "LR-search FLOPs"), ("n", "Questions")]
 
 
-# ----------------------------------------------------------------------------------------------
-# report files: table.md, table.csv, em_vs_flops.png, cost_by_phase.png
-
-_COLUMNS = [("strategy", "Strategy"), ("em", "EM"), ("f1", "F1"), ("recall", "Recall@k"),
-            ("answer_recall", "Answer recall@k"), ("train_flops", "Train FLOPs"),
-            ("total_flops", "Total FLOPs"), ("wall_s", "Wall-clock (s)"), ("device_hours", "Device-hours"),
-            ("trainable_params", "Trainable params"), ("search_flops", "LR-search FLOPs"), ("n", "Questions")]
-
-
-def _fmt_cell(key: str, v) -> str:
+def _cell(key: str, row: dict, *, terminal: bool) -> str:
+    v = row.get(key) if key != "em_ci" else (row["em_ci_low"], row["em_ci_high"])
     if v is None:
         return "-"
-    if key in ("em", "f1", "recall", "answer_recall"):
+    if key == "em_ci":
+        return f"{v[0]:.1f}-{v[1]:.1f}"
+    if key in ("em", "f1", "recall", "recall_all", "answer_recall"):
         return f"{v:.1f}"
     if key.endswith("flops"):
-        return f"{v:.3g}"
+        return fmt_flops(v) if terminal else f"{v:.3g}"
     if key == "wall_s":
         return f"{v:.0f}"
     if key == "device_hours":
@@ -102,15 +99,54 @@ def _fmt_cell(key: str, v) -> str:
     return str(v)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    cols = [(k, h) for k, h in _COLUMNS if any(r.get(k) is not None for r in rows)]
-    rec = next((r["recall_name"] for r in rows if r.get("recall") is not None), None)
-    ans = next((r["answer_recall_name"] for r in rows if r.get("answer_recall") is not None), None)
-    head = [h.replace("Recall@k", rec.capitalize() if rec else "Recall@k")
-             .replace("Answer recall@k", ans or "Answer recall@k") for _, h in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+def _columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The columns with a value in some row, headers filled in."""
+    k = next((r["k"] for r in rows if r.get("k")), "k")
+    shown = [(key, h.format(k=k)) for key, h in _COLUMNS
+             if key == "em_ci" or any(r.get(key) is not None for r in rows)]
+    return [(key, h) for key, h in shown if key != "search_flops" or any(r.get(key) for r in rows)]
+
+
+def table_caption(rows: list[dict]) -> str:
+    """What every row shares, said once: the decoder and k (rows differ only in training)."""
+    parts = []
+    for key, what in (("decoding", "decoding"), ("k", "k")):
+        values = sorted({str(r[key]) for r in rows if r.get(key) is not None})
+        if values:
+            parts.append(f"{what}={'/'.join(values)}" + (" (MIXED)" if len(values) > 1 else ""))
+    text = "All rows evaluated with " + ", ".join(parts) if parts else ""
+    if any(r.get("recall") is not None for r in rows):
+        text += ("; Recall@k = mean share of each question's gold passages in the top k, Recall-all@k = share of "
+                 "questions with all of them")
+    if any(r.get("passage_vectors") for r in rows):
+        text += "; Passages: base = the base encoder's vectors, re-embedded = the corpus re-encoded after training"
+    return text + "." if text else ""
+
+
+def print_results(results: Sequence[StrategyResult], *, title: str = "Results", console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = result_rows(results)
+    console = console or Console(width=max(Console().width, 150))
+    t = Table(title=title, title_justify="left", caption=table_caption(rows) or None, caption_justify="left")
+    cols = _columns(rows)
+    for key, header in cols:
+        t.add_column(header, justify="left" if key in ("strategy", "passage_vectors") else "right")
     for r in rows:
-        lines.append("| " + " | ".join(_fmt_cell(k, r.get(k)) for k, _ in cols) + " |")
+        t.add_row(*[_cell(key, r, terminal=True) for key, _ in cols])
+    console.print(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# report files: table.md, table.csv, em_vs_flops.png, cost_by_phase.png
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = _columns(rows)
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(k, r, terminal=False) for k, _ in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +156,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
     from distrag.atomic_io import atomic_write_text
 
-    keys = [k for k, _ in _COLUMNS] + ["run_id"]
+    keys = [k for k, _ in _COLUMNS if k != "em_ci"] + ["em_ci_low", "em_ci_high", "k", "decoding", "run_id"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -196,7 +232,8 @@ def write_report_files(rows: list[dict], results_costs: list[tuple[str, dict]], 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "table.md", out_dir / "table.csv", out_dir / "em_vs_flops.png", out_dir / "cost_by_phase.png"]
-    atomic_write_text(files[0], markdown_table(rows))
+    caption = table_caption(rows)
+    atomic_write_text(files[0], markdown_table(rows) + (f"\n{caption}\n" if caption else ""))
     write_csv(rows, files[1])
     plot_em_vs_flops(rows, files[2])
     plot_cost_by_phase(results_costs, files[3])

@@ -41,6 +41,12 @@ class StrategyResult:
     """The dataset's name (``distrag.dataset`` tag)."""
     params: dict[str, str] = field(default_factory=dict)
     """The run's configuration as MLflow params (results read back from MLflow)."""
+    decoding: str = ""
+    """The decoder it was evaluated with."""
+    k: int | None = None
+    """The k it was evaluated at."""
+    passage_vectors: str = ""
+    """Which encoder embedded the passages it was evaluated against ("base" or "re-embedded")."""
 
     def metric(self, name: str, default: float = 0.0) -> float:
         return float(self.metrics.get(name, default))
@@ -91,4 +97,6 @@ def _from_run(run: Any, key: str) -> StrategyResult:
     costs = {k: v for k, v in m.items() if k.startswith(f"{mn.COST_PREFIX}/")}
     return StrategyResult(key, tags.get(mn.TAG_LABEL, key), metrics, costs, costs.get(mn.COST_WALL_S, 0.0),
                           run.info.run_id, own_flops=costs.get(mn.COST_OWN_FLOPS, 0.0),
-                          dataset=tags.get(mn.TAG_DATASET, ""), params=dict(run.data.params))
+                          dataset=tags.get(mn.TAG_DATASET, ""), params=dict(run.data.params),
+                          decoding=tags.get(mn.TAG_DECODING, ""), k=int(tags[mn.TAG_EVAL_K]) if mn.TAG_EVAL_K in tags
+                          else None, passage_vectors=tags.get(mn.TAG_PASSAGE_VECTORS, ""))

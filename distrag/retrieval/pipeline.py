@@ -16,7 +16,13 @@ from distrag.config import ExperimentConfig
 from distrag.data.records import Corpus, Question
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
-from distrag.retrieval.qa_metrics import answer_in_text, normalize_answer, recall_at_k, score_predictions
+from distrag.retrieval.qa_metrics import (
+    answer_in_text,
+    normalize_answer,
+    recall_all_at_k,
+    recall_at_k,
+    score_predictions,
+)
 from distrag.retrieval.sharded_index import SearchResult, ShardedIndex
 
 if TYPE_CHECKING:
@@ -77,11 +83,12 @@ class RAGPipeline:
                    show_progress: bool = True) -> list[str]:
         """RAG-Sequence "fast decoding": a greedy answer per retrieved passage; the answer string with
         the largest marginal sum_z p(z|q) p(y|q,z) (over the passages that produced it) wins. The
-        marginal runs over the top ``k`` passages (default: the k the RAG loss was trained on)."""
+        marginal runs over the top ``k`` passages (default: all retrieved), with p(z|q) as in training:
+        a softmax of ``retrieval.score_scale`` x the cosine scores."""
         import torch
 
-        k = min(k or self.cfg.train.train_k or result.ids.shape[1], result.ids.shape[1])
-        scores = torch.from_numpy(result.scores[:, :k]).float()
+        k = min(k or result.ids.shape[1], result.ids.shape[1])
+        scores = torch.from_numpy(result.scores[:, :k]).float() * self.cfg.retrieval.score_scale
         valid = torch.from_numpy(result.ids[:, :k] >= 0)
         doc_p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
         prompts = [self.generator.build_prompt(q.text, [self.corpus[int(i)]] if i >= 0 else [])
@@ -122,10 +129,13 @@ class RAGPipeline:
             raise ValueError(f"unknown decoding {decoding!r}; expected 'concat' or 'rag'")
         t2 = time.perf_counter()
         retrieved = [[self.corpus[int(i)].id for i in row if i >= 0] for row in res.ids]
-        metrics = score_predictions(preds, [q.answers for q in questions])
-        rec = recall_at_k(retrieved, [q.gold_passage_ids for q in questions], k)
-        if rec is not None:
-            metrics[f"recall_at_{k}"] = rec
+        metrics = score_predictions(preds, [q.answers for q in questions],
+                                    hotpotqa=self.cfg.data.format == "hotpotqa")
+        gold = [q.gold_passage_ids for q in questions]
+        for name, fn in ((f"recall_at_{k}", recall_at_k), (f"recall_all_at_{k}", recall_all_at_k)):
+            value = fn(retrieved, gold, k)
+            if value is not None:
+                metrics[name] = value
         hits = [any(answer_in_text(q.answers, self.corpus[int(i)].as_text()) for i in row if i >= 0)
                 for q, row in zip(questions, res.ids)]
         metrics[f"answer_recall_at_{k}"] = float(np.mean(hits)) if hits else 0.0

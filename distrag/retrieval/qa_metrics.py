@@ -1,13 +1,15 @@
 """Answer and retrieval metrics.
 
-EM and F1 follow the official SQuAD v1.1 and HotPotQA evaluation scripts exactly: answers are
-normalised (lower case, punctuation removed, articles a/an/the removed, whitespace collapsed) and the
-score of a prediction is the maximum over the gold answers. As in the HotPotQA script, F1 is 0 when
-either side is yes/no/noanswer and the two differ.
+EM and F1 follow the official SQuAD v1.1 evaluation script exactly: answers are normalised (lower case,
+punctuation removed, articles a/an/the removed, whitespace collapsed) and the score of a prediction is
+the maximum over the gold answers. On HotPotQA (``hotpotqa=True``) F1 follows the HotPotQA script
+instead, which differs in one rule: F1 is 0 when either side is yes/no/noanswer and the two differ.
 
-Retrieval is reported under two distinct names:
-- ``recall@k``: share of questions whose gold passages (context labels) are all in the top k
-  (HotPotQA-style "all supporting passages found"); only defined when labels exist.
+Retrieval is reported under three names (the first two only where questions carry context labels):
+- ``recall@k`` (``recall_at_<k>``): the mean, over questions, of the share of their gold passages found
+  in the top k (a two-hop question with one of its two passages retrieved counts 0.5);
+- ``recall_all@k`` (``recall_all_at_<k>``): the share of questions whose gold passages are ALL in the
+  top k (HotPotQA-style "all supporting passages found");
 - ``answer_recall@k``: share of questions with a gold answer string (normalised) in one of the top-k
   passages; defined for every dataset, used where there are no labels (PopQA).
 """
@@ -18,6 +20,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -36,9 +39,10 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
-def f1(prediction: str, gold: str) -> float:
+def f1(prediction: str, gold: str, *, hotpotqa: bool = False) -> float:
+    """Token F1 of SQuAD v1.1; ``hotpotqa``: with the HotPotQA script's yes/no/noanswer rule."""
     pred_n, gold_n = normalize_answer(prediction), normalize_answer(gold)
-    if (pred_n in _SPECIAL or gold_n in _SPECIAL) and pred_n != gold_n:
+    if hotpotqa and (pred_n in _SPECIAL or gold_n in _SPECIAL) and pred_n != gold_n:
         return 0.0
     pred_t, gold_t = pred_n.split(), gold_n.split()
     common = Counter(pred_t) & Counter(gold_t)
@@ -61,23 +65,39 @@ def answer_in_text(golds: Sequence[str], text: str) -> bool:
     return any(n and f" {n} " in hay for n in (normalize_answer(g) for g in golds))
 
 
-def recall_at_k(retrieved: Sequence[Sequence[str]], gold: Sequence[Sequence[str] | None], k: int) -> float | None:
-    """Share of labelled questions whose gold passage ids are all within the top k (None: no labels)."""
-    hits, n = 0, 0
+def _gold_found(retrieved: Sequence[Sequence[str]], gold: Sequence[Sequence[str] | None],
+                k: int) -> list[tuple[int, int]]:
+    """(gold passages found in the top k, gold passages) of each labelled question."""
+    out = []
     for ids, g in zip(retrieved, gold, strict=True):
-        if not g:
-            continue
-        n += 1
-        hits += set(g) <= set(ids[:k])
-    return hits / n if n else None
+        if g:
+            top = set(ids[:k])
+            out.append((sum(x in top for x in set(g)), len(set(g))))
+    return out
 
 
-def score_predictions(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean EM and F1 (in [0, 1]) over questions, each the max over that question's gold answers."""
+def recall_at_k(retrieved: Sequence[Sequence[str]], gold: Sequence[Sequence[str] | None], k: int) -> float | None:
+    """Mean share of each labelled question's gold passages within the top k (None: no labels)."""
+    found = _gold_found(retrieved, gold, k)
+    return sum(f / n for f, n in found) / len(found) if found else None
+
+
+def recall_all_at_k(retrieved: Sequence[Sequence[str]], gold: Sequence[Sequence[str] | None],
+                    k: int) -> float | None:
+    """Share of labelled questions whose gold passage ids are ALL within the top k (None: no labels)."""
+    found = _gold_found(retrieved, gold, k)
+    return sum(f == n for f, n in found) / len(found) if found else None
+
+
+def score_predictions(predictions: Sequence[str], answers: Sequence[Sequence[str]], *,
+                      hotpotqa: bool = False) -> dict[str, float]:
+    """Mean EM and F1 (in [0, 1]) over questions, each the max over that question's gold answers
+    (``hotpotqa``: F1 with the HotPotQA script's yes/no rule)."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
     if not predictions:
         return {"em": 0.0, "f1": 0.0}
     em = sum(best_over_golds(exact_match, p, a) for p, a in zip(predictions, answers)) / len(predictions)
-    f = sum(best_over_golds(f1, p, a) for p, a in zip(predictions, answers)) / len(predictions)
+    f1_rule = partial(f1, hotpotqa=hotpotqa)
+    f = sum(best_over_golds(f1_rule, p, a) for p, a in zip(predictions, answers)) / len(predictions)
     return {"em": em, "f1": f}

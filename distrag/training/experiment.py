@@ -27,15 +27,21 @@ from distrag.data import load_data
 from distrag.data.records import Splits
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
+from distrag.redaction import mask_tree
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import experiment_tags, flatten, open_tracker
-from distrag.retrieval.corpus_encoding import load_or_build_index
+from distrag.retrieval.corpus_encoding import build_index, load_or_build_index
 from distrag.retrieval.pipeline import EvalResult, RAGPipeline
 from distrag.retrieval.sharded_index import ShardedIndex
 from distrag.training.strategies import Phase, check_strategy_data, strategy_of
 from distrag.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+PASSAGES_BASE = "base"
+"""The index holds the base encoder's passage vectors."""
+PASSAGES_REEMBEDDED = "re-embedded"
+"""The index holds the passage vectors of the trained encoder (re-embedded after training)."""
 
 
 @dataclass
@@ -51,6 +57,8 @@ class Models:
     """The training that produced them, alone (what a search point adds)."""
     history: list[dict] = field(default_factory=list)
     """Their training curves, one record per optimizer step."""
+    passage_vectors: str = PASSAGES_BASE
+    """Which encoder embedded the index's passages: the base one, or the trained one (re-embedded)."""
 
 
 def combine(encoder_from: Models, generator_from: Models) -> Models:
@@ -59,7 +67,7 @@ def combine(encoder_from: Models, generator_from: Models) -> Models:
     ledger = copy.deepcopy(generator_from.ledger).merge(encoder_from.own)
     own = copy.deepcopy(generator_from.own).merge(encoder_from.own)
     return Models(encoder_from.embedder, generator_from.generator, encoder_from.index, ledger, own,
-                  generator_from.history + encoder_from.history)
+                  generator_from.history + encoder_from.history, encoder_from.passage_vectors)
 
 
 class Experiment:
@@ -87,7 +95,7 @@ class Experiment:
         self.embedder.eval()
         self.generator = Generator.from_config(cfg.generator)
         log.info("models loaded in %.1fs", time.perf_counter() - t0)
-        with self.index_ledger.phase("index_build"):  # cached under output_dir/index/<signature hash>
+        with self.index_ledger.phase(mn.PHASE_INDEX_BUILD):  # cached under output_dir/index/<signature hash>
             self.index = load_or_build_index(self.out / "index", self.splits.corpus, self.embedder, cfg,
                                              Accountant(self.index_ledger), show_progress=self.show_progress)
         return self
@@ -106,14 +114,24 @@ class Experiment:
         generator.tokens.reset()
         own = CostLedger()
         index, history = src.index, []
+        vectors = src.passage_vectors
         if strategy_of(cfg).trains:
             trainer = Trainer(cfg, self.splits.corpus, self.splits.train, embedder, generator, src.index,
                               Accountant(own), on_metrics=on_metrics, show_progress=self.show_progress,
                               phases=phases)
             trainer.train()
             index, history = trainer.index, trainer.state.history
+            if cfg.index.reembed_after_training and any(p.train_embedder for p in trainer.phases):
+                index = self.reembed(cfg, embedder, own)
+                vectors = PASSAGES_REEMBEDDED
         ledger = copy.deepcopy(src.ledger).merge(own)
-        return Models(embedder, generator, index, ledger, own, history)
+        return Models(embedder, generator, index, ledger, own, history, vectors)
+
+    def reembed(self, cfg: ExperimentConfig, embedder: Embedder, ledger: CostLedger) -> ShardedIndex:
+        """The corpus re-embedded with a trained ``embedder`` and indexed, as the trained pipeline is
+        deployed; charged to ``ledger`` as phase ``index_rebuild``."""
+        with ledger.phase(mn.PHASE_INDEX_REBUILD):
+            return build_index(embedder, self.splits.corpus, cfg.index, Accountant(ledger))
 
     # -- evaluate ----------------------------------------------------------------------------------
     def evaluate(self, cfg: ExperimentConfig, models: Models, tracker, *, split: str, t0: float,
@@ -130,14 +148,15 @@ class Experiment:
         models.generator.tokens.reset()
         pipe = RAGPipeline(cfg, self.splits.corpus, models.embedder, models.generator, models.index,
                            accountant=Accountant(ledger))
-        decoding = strategy.decoding if cfg.generator.decoding == "auto" else cfg.generator.decoding
+        decoding = cfg.generator.decoding  # the same for every row: rows differ only in training
         with ledger.phase(f"eval_{split}"):
             res: EvalResult = pipe.evaluate(questions, show_progress=self.show_progress, decoding=decoding)
         costs = ledger.to_metrics()
         if own_flops is not None:
             costs[mn.COST_OWN_FLOPS] = own_flops + ledger.phase_totals(f"eval_{split}")["flops"]
         tracker.log_metrics({**{mn.split_metric(split, k): v for k, v in res.metrics.items()}, **costs})
-        tracker.set_tags({mn.TAG_DECODING: decoding})
+        tracker.set_tags({mn.TAG_DECODING: decoding, mn.TAG_EVAL_K: str(cfg.retrieval.top_k),
+                          mn.TAG_PASSAGE_VECTORS: models.passage_vectors})
         if models.history:
             tracker.log_dict(models.history, "train_history.json")
         tracker.log_text("\n".join(json.dumps(r) for r in res.rows(questions)) + "\n", f"predictions_{split}.jsonl")
@@ -145,7 +164,8 @@ class Experiment:
             self._save_models(cfg, models)
         return StrategyResult(strategy.key, strategy.label, res.metrics, costs, time.perf_counter() - t0,
                               getattr(tracker, "run_id", None), own_flops=costs.get(mn.COST_OWN_FLOPS, 0.0),
-                              history=list(models.history), cfg=cfg, dataset=self.splits.name)
+                              history=list(models.history), cfg=cfg, dataset=self.splits.name, decoding=decoding,
+                              k=cfg.retrieval.top_k, passage_vectors=models.passage_vectors)
 
     # -- both, in one MLflow run -------------------------------------------------------------------
     def run(self, cfg: ExperimentConfig | None = None, *, start: Models | None = None,
@@ -198,7 +218,7 @@ class Experiment:
             models.embedder.save(d / "embedder")
         if strategy.trains_generator:
             models.generator.save_adapter(d / "adapter")
-        atomic_write_text(d / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
+        atomic_write_text(d / "config.json", json.dumps(mask_tree(cfg.model_dump(mode="json")), indent=2))
 
 
 def _trainable_count(cfg: ExperimentConfig, models: Models) -> int:

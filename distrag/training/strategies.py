@@ -1,22 +1,23 @@
 """The strategy table: every fine-tuning strategy is declared here, once.
 
 =============  ===========  ==========================================  ===============  ========  =======
-key            label        phases (what trains: loss)                  LR search        labels    decoding
-=============  ===========  ==========================================  ===============  ========  =======
-none           No-FT        -                                           -                no        concat
-embed_ft       Ft-Embed     encoder: MNRL                               m                **yes**   concat
-gen_ft         Ft-Gen       generator: NLL                              n                no        concat
-independent    Independent  generator: NLL, then encoder: MNRL          m + n separate   **yes**   concat
-two_phase      Two-phase    generator: RAG, then encoder: RAG           m + n in turn    no        rag
-joint_sequence RAG-Seq      both at once: RAG-Sequence                  m x n            no        rag
-joint_token    RAG-Tok      both at once: RAG-Token                     m x n            no        rag
-=============  ===========  ==========================================  ===============  ========  =======
+key            label        phases (what trains: loss)                  LR search        labels
+=============  ===========  ==========================================  ===============  ========
+none           No-FT        -                                           -                no
+embed_ft       Ft-Embed     encoder: MNRL                               m                **yes**
+gen_ft         Ft-Gen       generator: NLL                              n                no
+independent    Independent  generator: NLL, then encoder: MNRL          m + n separate   **yes**
+two_phase      Two-phase    generator: RAG, then encoder: RAG           m + n in turn    no
+joint_sequence RAG-Seq      both at once: RAG-Sequence                  m x n            no
+joint_token    RAG-Tok      both at once: RAG-Token                     m x n            no
+=============  ===========  ==========================================  ===============  ========
 
 (m = embedder learning rates searched, n = generator learning rates; "RAG" in two-phase is the
-configured ``train.rag_loss``; the two phases run in ``train.two_phase_order``.)
+configured ``train.rag_loss``; the two phases run in ``train.two_phase_order``. Every strategy is
+evaluated the same way, with ``generator.decoding`` at ``retrieval.top_k``: rows differ only in training.)
 
 Everything that needs to know about strategies reads this table: the configuration's allowed
-``train.strategy`` values, the trainer's phases, the experiment's labels, MLflow keys and decoding,
+``train.strategy`` values, the trainer's phases and random streams, the experiment's labels and MLflow keys,
 the demo's rows, the sweep's search, ``advise``'s rule and the report's row order. Adding a strategy
 is one :class:`Strategy` entry below plus, if it needs one, its loss in :mod:`distrag.training.losses`
 (dispatched in :meth:`distrag.training.trainer.Trainer.compute_loss`).
@@ -119,11 +120,11 @@ class Strategy:
     def uses_rag(self) -> bool:
         return any(p.uses_rag for p in self.table_phases)
 
-    @property
-    def decoding(self) -> str:
-        """What ``generator.decoding=auto`` evaluates with: RAG-Sequence fast decoding for generators
-        trained with a RAG loss on single-passage prompts, else one prompt of all top-k passages."""
-        return "rag" if self.uses_rag else "concat"
+    def phase_stream(self, index: int) -> int:
+        """The random stream (data order, dropout, per-step draws) phase ``index`` uses: phases trained
+        separately (``search='separate'``) each draw the stream of a run of their own (0), so Independent's
+        phases equal the Ft-Gen and Ft-Embed rows exactly; phases that build on each other draw their own."""
+        return 0 if self.search == "separate" else index
 
     def grid_size(self, m: int, n: int) -> int:
         """Training runs its learning-rate search costs, for m embedder and n generator rates."""

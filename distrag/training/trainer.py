@@ -22,10 +22,10 @@ from distrag.costs.accountant import Accountant
 from distrag.data.records import Corpus, Question
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
-from distrag.retrieval.corpus_encoding import encode_corpus
+from distrag.retrieval.corpus_encoding import build_index
 from distrag.retrieval.sharded_index import ShardedIndex
 from distrag.training.losses import mnrl_loss, nll_loss, rag_sequence_loss, rag_token_loss, retrieval_log_probs
-from distrag.training.strategies import Phase, check_strategy_data, phases_for
+from distrag.training.strategies import Phase, check_strategy_data, phases_for, strategy_of
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Trainer:
         self.on_metrics = on_metrics or (lambda m, s: None)
         self.show_progress = show_progress
         self.k = cfg.train.train_k or cfg.retrieval.top_k
+        self.strategy = strategy_of(cfg)
         self.phases = phases_for(cfg) if phases is None else phases
         self.state = TrainState()
         check_strategy_data(cfg, train_questions, self.phases)
@@ -134,7 +135,7 @@ class Trainer:
         # RAG-Sequence / RAG-Token: one prompt per (question, retrieved passage)
         valid = torch.from_numpy(res.ids >= 0)
         pvecs = torch.from_numpy(res.vectors).to(qv.device, qv.dtype)  # frozen index vectors
-        doc_lp = retrieval_log_probs(qv, pvecs, valid.to(qv.device))
+        doc_lp = retrieval_log_probs(qv, pvecs, valid.to(qv.device), temperature=1.0 / self.cfg.retrieval.score_scale)
         prompts, ans = [], []
         for q, row in zip(questions, res.ids):
             for i in row:
@@ -211,8 +212,7 @@ class Trainer:
     def refresh_index(self) -> None:
         """Re-embed the corpus with the current encoder and rebuild the index (synchronous)."""
         t0 = time.perf_counter()
-        vecs = encode_corpus(self.embedder, self.corpus, self.acc)  # charged as encode_passages
-        self.index = ShardedIndex.from_config(vecs.shape[1], self.cfg.index).build(vecs)
+        self.index = build_index(self.embedder, self.corpus, self.cfg.index, self.acc)  # charged: encode_passages
         self.state.index_version += 1
         self.state.index_weights_step = self.state.global_step
         log.info("index refreshed (v%d) in %.1fs", self.state.index_version, time.perf_counter() - t0)
@@ -221,8 +221,12 @@ class Trainer:
     def step_questions(self, phase_index: int, step: int) -> list[Question]:
         """The questions of optimizer step ``step`` of phase ``phase_index`` on this process."""
         t = self.cfg.train
-        idx = batch_indices(len(self.questions), t.batch_size, t.seed + phase_index, step)
+        idx = batch_indices(len(self.questions), t.batch_size, t.seed + self.stream(phase_index), step)
         return [self.questions[i] for i in idx]
+
+    def stream(self, phase_index: int) -> int:
+        """The random stream phase ``phase_index`` draws from (data order, dropout, per-step choices)."""
+        return self.strategy.phase_stream(phase_index)
 
     def on_step_start(self, phase: Phase) -> None:
         """Before each optimizer step (the distributed runner adopts new index versions here)."""
@@ -239,7 +243,7 @@ class Trainer:
         """Per-step randomness (gold passage choice, negative padding): a function of the position
         alone, so a resumed run draws exactly what the uninterrupted one drew."""
         t = self.cfg.train
-        return random.Random(f"{t.seed}/{self.state.phase_index}/{self.state.step}")
+        return random.Random(f"{t.seed}/{self.stream(self.state.phase_index)}/{self.state.step}")
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -252,7 +256,7 @@ class Trainer:
         while self.state.phase_index < len(self.phases):
             phase = self.phases[self.state.phase_index]
             if self.state.step == 0:
-                torch.manual_seed(t.seed + self.state.phase_index)
+                torch.manual_seed(t.seed + self.stream(self.state.phase_index))
             self.make_optimizers(phase, n_steps)
             self.after_optimizers(phase)
             with self.acc.phase(phase.name):

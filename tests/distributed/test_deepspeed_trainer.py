@@ -32,7 +32,7 @@ def test_trainers_take_disjoint_slices_of_one_global_batch(n_trainers):
     questions = list(range(50))
     for step in (0, 7):
         slices = [DistributedTrainer.step_questions(
-            SimpleNamespace(cfg=cfg, questions=questions, ctx=SimpleNamespace(
+            SimpleNamespace(cfg=cfg, questions=questions, stream=lambda i: i, ctx=SimpleNamespace(
                 info=SimpleNamespace(trainer_rank=r, n_trainers=n_trainers))), 1, step) for r in range(n_trainers)]
         assert all(len(s) == 4 for s in slices)
         assert sum(slices, []) == batch_indices(50, 4 * n_trainers, 3 + 1, step)

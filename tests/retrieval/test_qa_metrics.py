@@ -5,6 +5,7 @@ from distrag.retrieval.qa_metrics import (
     exact_match,
     f1,
     normalize_answer,
+    recall_all_at_k,
     recall_at_k,
     score_predictions,
 )
@@ -37,11 +38,17 @@ def test_f1_hand_computed():
     assert f1("", "London") == 0.0
 
 
-def test_yes_no_rule_of_hotpotqa_script():
-    assert f1("yes", "yes") == 1.0
-    assert f1("yes it is", "yes") == 0.0     # a yes/no gold only matches exactly
-    assert f1("no", "no way") == 0.0         # a yes/no prediction only matches exactly
+def test_yes_no_rule_of_hotpotqa_script_on_hotpotqa_only():
+    assert f1("yes", "yes", hotpotqa=True) == 1.0
+    assert f1("yes it is", "yes", hotpotqa=True) == 0.0     # a yes/no gold only matches exactly
+    assert f1("no", "no way", hotpotqa=True) == 0.0         # a yes/no prediction only matches exactly
     assert exact_match("Yes.", "yes") == 1.0
+    # SQuAD v1.1's script (every other dataset) has no such rule: plain token overlap
+    assert f1("yes it is", "yes") == pytest.approx(0.5)
+    assert f1("no", "no way") == pytest.approx(2 / 3)
+    preds, golds = ["yes it is", "no"], [["yes"], ["no way"]]
+    assert score_predictions(preds, golds)["f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert score_predictions(preds, golds, hotpotqa=True)["f1"] == 0.0
 
 
 def test_score_takes_max_over_golds_and_averages():
@@ -53,11 +60,20 @@ def test_score_takes_max_over_golds_and_averages():
         score_predictions(["a"], [[]])
 
 
-def test_recall_at_k_needs_all_gold_passages():
+def test_recall_all_at_k_needs_all_gold_passages():
     retrieved = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]]
     gold = [["a", "c"], ["d", "z"], None]
-    assert recall_at_k(retrieved, gold, 3) == pytest.approx(0.5)  # unlabelled question not counted
-    assert recall_at_k(retrieved, gold, 1) == 0.0
+    assert recall_all_at_k(retrieved, gold, 3) == pytest.approx(0.5)  # unlabelled question not counted
+    assert recall_all_at_k(retrieved, gold, 1) == 0.0
+    assert recall_all_at_k(retrieved, [None, None, None], 3) is None
+
+
+def test_recall_at_k_is_the_mean_share_of_gold_passages_found():
+    retrieved = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]]
+    gold = [["a", "c"], ["d", "z"], None]
+    assert recall_at_k(retrieved, gold, 3) == pytest.approx((2 / 2 + 1 / 2) / 2)
+    assert recall_at_k(retrieved, gold, 1) == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert recall_at_k([["a", "a"]], [["a", "a", "b"]], 2) == pytest.approx(0.5)  # gold ids counted once
     assert recall_at_k(retrieved, [None, None, None], 3) is None
 
 

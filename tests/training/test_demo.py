@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mlflow_runs import all_runs, artifact_paths
+from sample_data import write_popqa_selfrag
 
 from distrag import cli
 from distrag.config import load_config
@@ -23,7 +24,8 @@ STRATEGIES = {  # distrag.strategy tag -> (distrag.label tag, train.strategy par
     "joint_sequence": ("RAG-Seq", "joint", "sequence"),
     "joint_token": ("RAG-Tok", "joint", "token"),
 }
-QUALITY = ("test/em", "test/f1", "test/recall_at_3", "test/answer_recall_at_3", "test/n_questions")
+QUALITY = ("test/em", "test/f1", "test/recall_at_3", "test/recall_all_at_3", "test/answer_recall_at_3",
+           "test/n_questions")
 COSTS = ("cost/train_flops", "cost/total_flops", "cost/wall_s", "cost/encode_passages_flops",
          "cost/generate_flops")
 
@@ -72,9 +74,11 @@ def test_demo_records_seven_finished_strategy_runs_and_a_report(demo):
         assert len(t["distrag.config_hash"]) == 12
         assert t["mlflow.runName"] == f"{STRATEGIES[key][0]} synthetic:seed0"
         assert "mlflow.parentRunId" not in t
-        # RAG-trained generators decode with the RAG marginal, the others with one concatenated prompt
-        assert t["distrag.decoding"] == ("rag" if key in ("two_phase", "joint_sequence", "joint_token")
-                                         else "concat")
+        # every row is evaluated the same way (rows differ only in training) ...
+        assert (t["distrag.decoding"], t["distrag.eval_k"]) == ("concat", "3")
+        # ... against the corpus embedded by the encoder it deploys
+        trains_encoder = key not in ("none", "gen_ft")
+        assert t["distrag.passage_vectors"] == ("re-embedded" if trains_encoder else "base")
     # seven different configurations
     assert len({r.data.tags["distrag.config_hash"] for r in by_key.values()}) == 7
     assert cfg.tracking.experiment == "distrag-demo"
@@ -91,7 +95,7 @@ def test_demo_metrics_quality_and_cost(demo):
             assert name in m, f"{key}: metric {name} missing"
         assert 0.0 <= m["test/em"] <= 1.0 and 0.0 <= m["test/f1"] <= 1.0
         assert m["test/f1"] >= m["test/em"] - 1e-9  # an exact match is an F1 of 1
-        assert 0.0 <= m["test/recall_at_3"] <= 1.0
+        assert 0.0 <= m["test/recall_all_at_3"] <= m["test/recall_at_3"] <= 1.0
         n_test = n_test or m["test/n_questions"]
         assert m["test/n_questions"] == n_test > 0  # every strategy scored on the same questions
         assert m["cost/total_flops"] > 0 and m["cost/wall_s"] > 0
@@ -105,8 +109,14 @@ def test_demo_metrics_quality_and_cost(demo):
             assert m["cost/trainable_params"] > 0
             assert any(k.startswith("train/") for k in m), f"{key}: no training curves"
     m = {k: r.data.metrics for k, r in by_key.items()}
-    # the index build is charged identically to every row (cached or not)
-    assert len({v["cost/encode_passages_flops"] for v in m.values()}) == 1
+    # the frozen index build is charged identically to every row (cached or not); the rows that train the
+    # encoder pay one more pass over the corpus, the re-embedding they are evaluated against
+    one_pass = m["none"]["cost/encode_passages_flops"]
+    assert len({v["cost/phase.index_build.flops"] for v in m.values()}) == 1
+    for key, v in m.items():
+        extra = v["cost/encode_passages_flops"] - one_pass
+        assert extra == pytest.approx(0.0 if key in ("none", "gen_ft") else one_pass, rel=1e-9), key
+        assert ("cost/phase.index_rebuild.flops" in v) == (key not in ("none", "gen_ft"))
     # training the generator (LoRA, through a causal LM) costs more than training the small encoder
     assert m["gen_ft"]["cost/train_flops"] > m["embed_ft"]["cost/train_flops"]
     # independent = both phases; the RAG losses run k prompts per question
@@ -174,3 +184,20 @@ def test_demo_artifacts_and_report_files(demo):
     assert saved == set(STRATEGIES) - {"none"}
     assert any((tmp / "runs" / "models").glob("gen_ft-*/adapter/adapter_config.json"))
     assert any((tmp / "runs" / "models").glob("embed_ft-*/embedder/config.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_on_data_without_context_labels_skips_the_rows_that_need_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = write_popqa_selfrag(tmp_path / "popqa.jsonl", n=16)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = cli.main(["demo", "--quick", "--no-progress", "--quiet", f"output_dir={tmp_path}/runs", f"tracking.uri={uri}",
+                   "data.format=popqa", f"data.path={data}", "data.dev_fraction=0.2", "data.test_fraction=0.3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "skipped (the training questions have no context labels): Ft-Embed, Independent" in out
+    _, runs = all_runs(uri, "distrag-demo")
+    keys = {r.data.tags["distrag.strategy"] for r in runs if r.data.tags.get("distrag.kind") == "strategy"}
+    assert keys == {"none", "gen_ft", "two_phase", "joint_sequence", "joint_token"}
+    assert "EM 95% CI" in out

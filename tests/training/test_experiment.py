@@ -47,7 +47,8 @@ def test_train_works_on_copies_and_adds_its_own_cost(exp):
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base models are untouched
     trained = _params(m.embedder)
     assert any(not torch.equal(before[k], trained[k]) for k in before)
-    assert m.own.flops("train") > 0 and m.own.flops("encode_passages") == 0
+    assert m.own.flops("train") > 0  # and the only passage encoding is the re-embedding after training
+    assert m.own.flops("encode_passages") == m.own.phase_totals(mn.PHASE_INDEX_REBUILD)["flops"]
     assert m.ledger.total_flops == pytest.approx(exp.index_ledger.total_flops + m.own.total_flops)
     assert [h["phase"] for h in m.history] == ["embed_ft", "embed_ft"]
     untrained = exp.train(_cfg(exp, "none"))
@@ -90,3 +91,48 @@ def test_run_is_train_then_evaluate_on_the_split(exp):
     assert res.key == "joint_token" and res.metrics["n_questions"] == len(exp.splits.dev)
     assert res.costs[mn.COST_TRAIN_FLOPS] == pytest.approx(models.own.flops("train"))
     assert mn.phase_metric("eval_dev") in res.costs and mn.phase_metric("joint_token") in res.costs
+
+
+def test_encoder_strategies_are_evaluated_against_the_re_embedded_corpus(exp):
+    import numpy as np
+
+    from distrag.retrieval.corpus_encoding import CorpusEncoder, encode_corpus
+
+    corpus = exp.splits.corpus
+    m = exp.train(_cfg(exp, "embed_ft"))
+    assert m.passage_vectors == "re-embedded" and m.index is not exp.index
+    np.testing.assert_allclose(m.index.reconstruct(np.arange(len(corpus))), encode_corpus(m.embedder, corpus),
+                               atol=1e-5)
+    # the re-embedding is charged to the run, as its own phase (not training compute)
+    rebuild = m.own.phase_totals(mn.PHASE_INDEX_REBUILD)
+    assert rebuild["flops"] == pytest.approx(CorpusEncoder(m.embedder, corpus.texts()).cost.flops)
+    assert rebuild["passages"] == len(corpus) and rebuild["wall_s"] > 0
+    res = exp.evaluate(_cfg(exp, "embed_ft"), m, NullTracker(), split="test", t0=time.perf_counter())
+    assert res.passage_vectors == "re-embedded"
+    # RAG's frozen-document variant on request; generator-only strategies never re-embed
+    frozen_cfg = _cfg(exp, "embed_ft")
+    frozen_cfg.index.reembed_after_training = False
+    frozen = exp.train(frozen_cfg)
+    assert frozen.passage_vectors == "base" and frozen.index is exp.index
+    assert mn.PHASE_INDEX_REBUILD not in frozen.own.phases
+    gen = exp.train(_cfg(exp, "gen_ft"))
+    assert gen.passage_vectors == "base" and gen.index is exp.index
+
+
+def test_independent_in_one_job_equals_the_ft_embed_and_ft_gen_rows(exp):
+    ind = exp.train(_cfg(exp, "independent"))
+    e, g = exp.train(_cfg(exp, "embed_ft")), exp.train(_cfg(exp, "gen_ft"))
+    for k, v in e.embedder.state_dict().items():
+        assert torch.equal(v, ind.embedder.state_dict()[k]), k
+    lora = {k: v for k, v in g.generator.model.state_dict().items() if "lora_" in k}
+    assert lora and all(torch.equal(v, ind.generator.model.state_dict()[k]) for k, v in lora.items())
+    assert [h["loss"] for h in ind.history] == [h["loss"] for h in g.history + e.history]
+
+
+def test_every_row_is_evaluated_with_the_configured_decoder_and_k(exp):
+    m = exp.train(_cfg(exp, "joint_token"))
+    cfg = _cfg(exp, "joint_token")
+    res = exp.evaluate(cfg, m, NullTracker(), split="test", t0=time.perf_counter())
+    assert (res.decoding, res.k) == ("concat", cfg.retrieval.top_k)  # not chosen by the strategy
+    cfg.generator.decoding = "rag"
+    assert exp.evaluate(cfg, m, NullTracker(), split="test", t0=time.perf_counter()).decoding == "rag"

@@ -49,7 +49,12 @@ def test_what_trains_and_what_needs_labels():
                       "independent": (True, True), "two_phase": (True, True), "joint_sequence": (True, True),
                       "joint_token": (True, True)}
     assert {s.key for s in STRATEGIES if s.needs_labels} == {"embed_ft", "independent"}
-    assert {s.key for s in STRATEGIES if s.decoding == "rag"} == {"two_phase", "joint_sequence", "joint_token"}
+    assert {s.key for s in STRATEGIES if s.uses_rag} == {"two_phase", "joint_sequence", "joint_token"}
+
+
+def test_separately_trained_phases_draw_the_stream_of_a_run_of_their_own():
+    assert [BY_KEY["independent"].phase_stream(i) for i in (0, 1)] == [0, 0]  # as Ft-Gen, then as Ft-Embed
+    assert [BY_KEY["two_phase"].phase_stream(i) for i in (0, 1)] == [0, 1]
 
 
 @pytest.mark.parametrize("m, n", [(1, 1), (2, 3), (4, 2)])
@@ -87,7 +92,7 @@ def test_a_new_strategy_is_one_entry():
     """Everything a strategy is asked derives from its phases and search shape."""
     s = Strategy("embed_then_gen", "E-then-G", "embed_then_gen",
                  (Phase("e", True, False, "mnrl"), Phase("g", False, True, "rag")), "sequential", "test entry")
-    assert s.needs_labels and s.uses_rag and s.decoding == "rag"
+    assert s.needs_labels and s.uses_rag and s.phase_stream(1) == 1
     assert s.trains_embedder and s.trains_generator and s.grid_size(3, 5) == 8
     assert [p.loss for p in s.phases(TrainConfig(rag_loss="sequence"))] == ["mnrl", "rag_sequence"]
     assert s.train_overrides() == {"strategy": "embed_then_gen"}

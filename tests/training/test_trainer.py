@@ -249,6 +249,21 @@ def test_joint_gradients_reach_the_retriever(world, rag_loss):
     assert all(p.grad is None for k, p in named.items() if "lora_" not in k)
 
 
+def test_score_scale_sharpens_p_z_given_q_and_the_retrievers_gradient(world):
+    """p(z|q) = softmax(scale x cosine): at scale 1 it is nearly uniform over the top-k and the retriever
+    learns almost nothing; the default scale (MNRL's 20) makes both move."""
+    stats, grads = {}, {}
+    for scale in (1.0, 20.0):
+        cfg = cfg_for(world, strategy="two_phase", train_k=2)
+        cfg.retrieval.score_scale = scale
+        tr, phase, stats[scale] = _one_backward(world, cfg, phase_index=1)  # retriever phase: RAG loss only
+        grads[scale] = sum(float(p.grad.norm()) ** 2 for p in tr.embedder.parameters() if p.grad is not None) ** 0.5
+    assert build_config().retrieval.score_scale == 20.0
+    assert stats[1.0]["p_top1"] < stats[20.0]["p_top1"]
+    assert stats[1.0]["p_top1"] == pytest.approx(0.5, abs=0.05)  # k = 2: uniform is 0.5
+    assert grads[20.0] > 5 * grads[1.0] > 0
+
+
 def test_two_phase_phases_send_gradient_to_one_side_only(world):
     cfg = cfg_for(world, strategy="two_phase")
     tr, phase, _ = _one_backward(world, cfg, 0)  # generator phase
