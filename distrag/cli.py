@@ -98,12 +98,10 @@ def cmd_advise(args) -> int:
 
 
 def _where(cfg) -> None:
-    from distrag.reporting.tracking import default_tracking_uri
+    from distrag.reporting.tracking import where_runs_are
 
     if cfg.tracking.enabled:
-        uri = cfg.tracking.uri or default_tracking_uri()
-        print(f"MLflow runs in {uri} (experiment '{cfg.tracking.experiment}'); "
-              f"browse with: mlflow ui --backend-store-uri {uri}")
+        print(where_runs_are(cfg.tracking))
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

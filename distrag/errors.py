@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from distrag.redaction import mask_credentials
+
 EXIT_USER_ERROR = 2
 
 
@@ -90,5 +92,5 @@ def user_error_exit(fn: Callable[[], int], *, speak: Callable[[], bool] = lambda
         return fn()
     except UserError as e:
         if speak():
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {mask_credentials(str(e))}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR

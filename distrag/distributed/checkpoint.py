@@ -1,33 +1,46 @@
-"""Checkpoints that resume exactly, written atomically by several trainers.
+"""Checkpoints that resume exactly, written atomically by several trainers and verified before they are read.
 
-Layout of ``root``::
+Layout of ``root`` (its parent is the run folder, which holds the run's secret: :mod:`run_secret`)::
 
     step_00000120/
         trainer_state.pt    payload of trainer 0 (embedder + optimizer + scheduler state, data
                             position, index version/path, ledger totals, MLflow run id, ...)
         rank_00000.pt ...   per-trainer RNG states (python, numpy, torch, cuda) + rank_payload
         ds/                 DeepSpeed's engine.save_checkpoint (tag "ds"), when an engine is passed
-        COMPLETE            manifest (step, trainers, time); its presence marks a complete checkpoint
+        COMPLETE            manifest, written last: step, trainers, time, ``files`` (size and sha256 of
+                            every other file) and ``signature`` (HMAC of the manifest under the run's
+                            secret); its presence marks a complete checkpoint
     latest                  name of the newest complete checkpoint (replaced atomically, LAST)
 
 Save protocol (every trainer calls ``save``; it contains collectives): trainer 0 clears and creates
 ``.step_XXXXXXXX.tmp``; barrier; trainer 0 writes the shared payload, every trainer its RNG file,
-all of them DeepSpeed's checkpoint; barrier; trainer 0 writes COMPLETE, renames the folder into
-place, replaces ``latest``, prunes; barrier. A crash anywhere before the rename leaves only a
-``.tmp`` folder and ``latest`` still names the previous complete checkpoint. The folder must be on
-a file system shared by all trainers (multi-node: the cluster's shared storage).
+all of them DeepSpeed's checkpoint; barrier; trainer 0 hashes every file, writes COMPLETE, renames
+the folder into place, replaces ``latest``, prunes; barrier. A crash anywhere before the rename leaves
+only a ``.tmp`` folder and ``latest`` still names the previous complete checkpoint. The folder must be
+on a file system shared by all trainers (multi-node: the cluster's shared storage).
+
+Reading never runs code from the files: ``trainer_state.pt`` and ``rank_*.pt`` hold tensors and plain
+data only (checked when saved) and are read with ``torch.load(weights_only=True)``. DeepSpeed's own
+loader unpickles, so it runs only on a checkpoint whose manifest verifies under this run's secret and
+whose every file matches the manifest. Resume (:meth:`CheckpointManager.resolve`): ``auto`` takes the
+newest checkpoint that is complete and valid, saying on trainer 0 which newer ones it skipped and why;
+an explicit checkpoint that is not valid is a :class:`CheckpointError` naming the bad file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +49,17 @@ import numpy as np
 import torch
 
 from distrag.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from distrag.distributed import roles
+from distrag.distributed import roles, run_secret
 from distrag.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"step_(\d{8,})")
 MANIFEST = "COMPLETE"
+TRAINER_STATE = "trainer_state.pt"
 DS_SUBDIR = "ds"
 DS_TAG = "ds"
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -58,7 +75,10 @@ class Restored:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's generators as tensors and plain data (what ``weights_only`` loading accepts)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -66,7 +86,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -77,76 +98,102 @@ def set_rng_state(state: dict) -> None:
                           stacklevel=2)
 
 
+_LEAVES = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def check_plain(obj: Any, where: str = "payload") -> None:
+    """Raise TypeError unless ``obj`` is tensors and plain data (dict, list, tuple, str, int, float, bool,
+    None): what ``torch.load(weights_only=True)`` reads back. Exact types: a numpy scalar or a dataclass
+    would need pickle."""
+    if type(obj) in _LEAVES or isinstance(obj, torch.Tensor):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            check_plain(k, f"{where} key")
+            check_plain(v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot go into a checkpoint "
+                        "(tensors, dict, list, tuple, str, int, float, bool and None only)")
+
+
 def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def _torch_load(path: Path) -> Any:
-    # Our own files hold arbitrary picklable payloads (RNG tuples, numpy states, dicts).
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _read_state(path: Path, keys: tuple[str, ...]) -> dict:
+    """A state file as a dict holding ``keys``; tensors and plain data only (no pickled objects)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"cannot read {path}: it holds objects other than tensors and plain data "
+                              f"({found.group(1) if found else 'refused by weights_only'}); they are not "
+                              "loaded, because unpickling them could run code") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse (bad zip, EOF, ...) is a bad file
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {str(e).strip()[:300]}") from None
+    if not isinstance(obj, dict) or any(k not in obj for k in keys):
+        raise CheckpointError(f"{path} does not hold a distrag checkpoint state (expected keys {list(keys)})")
+    return obj
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    """Every entry below ``folder`` except the manifest and folders, as sorted relative POSIX paths."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        base = Path(dirpath)
+        for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
+            rel = (base / name).relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def _stats(folder: Path) -> tuple:
+    """Size, modification time and inode of every file below ``folder``: changes when a file is rewritten."""
+    out = []
+    for rel in _files(folder):
+        st = (folder / rel).lstat()
+        out.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+def _signed_text(manifest: dict) -> str:
+    return json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True)
 
 
 def is_complete(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _read_manifest(path: Path) -> dict:
-    try:
-        return json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt (no readable {MANIFEST}): {e}") from None
-
-
 def list_complete(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
+    return [p for p in reversed(_step_dirs(root)) if is_complete(p)]
+
+
+def _step_dirs(root: str | Path) -> list[Path]:
+    """Checkpoint folders under ``root`` (complete or not), newest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := _STEP_RE.fullmatch(p.name)) and is_complete(p)]
-    return [p for _, p in sorted(found)]
-
-
-def resolve_resume(spec: str | None, root: str | Path | None = None) -> Path | None:
-    """Which checkpoint to resume from.
-
-    * None / "" / "none": fresh start -> None.
-    * "auto": the checkpoint ``root/latest`` names if complete, else the newest complete one under
-      ``root``; None when there is none (a first run).
-    * a path: a complete checkpoint folder, or a checkpoint root (its newest complete one). Missing
-      or incomplete -> :class:`CheckpointError`: an explicit resume never silently starts fresh.
-    """
-    if spec is None or spec in ("", "none"):
-        return None
-    if spec == "auto":
-        if root is None:
-            raise CheckpointError("resume=auto needs the checkpoint root")
-        root = Path(root)
-        try:
-            name = (root / "latest").read_text().strip()
-            if name and is_complete(root / name):
-                return root / name
-        except OSError:
-            pass
-        done = list_complete(root)
-        return done[-1] if done else None
-    path = Path(spec)
-    if not path.exists():
-        raise CheckpointError(f"resume checkpoint {path} does not exist")
-    if is_complete(path):
-        return path
-    if (path / "latest").is_file() or list_complete(path):
-        found = resolve_resume("auto", path)
-        if found is not None:
-            return found
-    raise CheckpointError(f"resume checkpoint {path} is incomplete (no {MANIFEST} marker): the save was "
-                          "interrupted; pick a complete one or resume=auto")
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 class CheckpointManager:
-    """Save / load / prune checkpoints under ``root``. Construct on every trainer (not the index rank)."""
+    """Save / validate / load / prune checkpoints under ``root``. Construct on every trainer (not the index rank)."""
 
     def __init__(self, root: str | Path, keep: int = 2, ctx: roles.DistContext | None = None):
         if keep < 1:
@@ -156,33 +203,52 @@ class CheckpointManager:
         self.ctx = ctx or roles.current()
         if self.ctx.info.is_index:
             raise ValueError("checkpoints are written by the trainers; the index rank holds no state to save")
+        self._valid: dict[Path, tuple] = {}  # checkpoint -> (manifest, files' stats) when its files last matched
 
     @property
     def _rank(self) -> int:
         return self.ctx.info.trainer_rank
 
+    def _secret(self) -> bytes:
+        return run_secret.run_secret(self.root.parent)
+
+    # -- saving --------------------------------------------------------------------------------------
     def save(self, step: int, payload: dict, *, engine=None, rank_payload: dict | None = None) -> Path:
         """Collective: every trainer calls it with the same ``step``. Only trainer 0's ``payload`` is
-        written; each trainer's RNG state and ``rank_payload`` go to its own file."""
+        written; each trainer's RNG state and ``rank_payload`` go to its own file. Payloads must be tensors
+        and plain data (TypeError otherwise, before anything is written)."""
         name = f"step_{step:08d}"
         final = self.root / name
         tmp = self.root / f".{name}.tmp"
+        try:  # serialised first: a payload that cannot be saved stops every trainer before anything is written
+            check_plain(rank_payload, "rank_payload")
+            if self.ctx.info.is_rank0:
+                check_plain(payload, "payload")
+            shared = _torch_bytes({"step": step, "payload": payload}) if self.ctx.info.is_rank0 else b""
+            mine, error = _torch_bytes({"rng": rng_state(), "rank_payload": rank_payload}), None
+        except TypeError as e:
+            error = e
+        if self.ctx.all_reduce_flag(error is not None):
+            raise error or RuntimeError("another trainer's checkpoint state cannot be saved (see its log)")
         if self.ctx.info.is_rank0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
             tmp.mkdir()
         self.ctx.barrier_trainers()
         if self.ctx.info.is_rank0:
-            atomic_write_bytes(tmp / "trainer_state.pt", _torch_bytes({"step": step, "payload": payload}))
-        atomic_write_bytes(tmp / f"rank_{self._rank:05d}.pt",
-                           _torch_bytes({"rng": rng_state(), "rank_payload": rank_payload}))
+            atomic_write_bytes(tmp / TRAINER_STATE, shared)
+        atomic_write_bytes(tmp / f"rank_{self._rank:05d}.pt", mine)
         if engine is not None:
             # a collective (every trainer); ZeRO shards are written by their owners
             engine.save_checkpoint(str(tmp / DS_SUBDIR), tag=DS_TAG)
         self.ctx.barrier_trainers()
         if self.ctx.info.is_rank0:
-            atomic_write_json(tmp / MANIFEST, {"step": step, "n_trainers": self.ctx.info.n_trainers,
-                                               "engine": engine is not None, "time": time.time()})
+            manifest = {"step": step, "n_trainers": self.ctx.info.n_trainers, "engine": engine is not None,
+                        "time": time.time(),
+                        "files": {rel: {"size": (tmp / rel).stat().st_size, "sha256": _sha256(tmp / rel)}
+                                  for rel in _files(tmp)}}
+            manifest["signature"] = run_secret.sign(self._secret(), _signed_text(manifest))
+            atomic_write_json(tmp / MANIFEST, manifest)
             if final.exists():  # the same step saved twice (e.g. preemption right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -198,20 +264,70 @@ class CheckpointManager:
         for p in self.root.glob(".step_*.tmp"):  # crashed saves
             shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, path: str | Path, engine=None, *, load_optimizer_states: bool = True) -> Restored:
-        """Every trainer: read the payload, restore this trainer's RNG, and (collective) load the
-        DeepSpeed engine state. An engine checkpoint that DeepSpeed cannot find is an error."""
+    # -- validating ----------------------------------------------------------------------------------
+    def validate(self, path: str | Path, *, signed: bool = False) -> dict:
+        """The manifest of checkpoint ``path`` once every file matches it: present, same size, same
+        sha256, and no file it does not list. ``signed``: the manifest must also verify under this run's
+        secret (required before DeepSpeed's unpickling loader). Raises :class:`CheckpointError` naming
+        the bad file."""
         path = Path(path)
-        manifest = _read_manifest(path)
+        mpath = path / MANIFEST
         try:
-            shared = _torch_load(path / "trainer_state.pt")
-        except (OSError, RuntimeError, EOFError) as e:
-            raise CheckpointError(f"cannot read {path / 'trainer_state.pt'}: {e}") from None
+            text = mpath.read_text()
+            manifest = json.loads(text)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt (no readable {MANIFEST}): {e}") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
+            raise CheckpointError(f"{mpath} lists no file checksums (written by an older distrag, or edited): "
+                                  "it cannot be verified")
+        if signed and not run_secret.verify(self._secret(), manifest.get("signature"), _signed_text(manifest)):
+            raise CheckpointError(
+                f"{mpath}: signature does not verify under this run's secret "
+                f"({run_secret.secret_path(self.root.parent)}): the checkpoint was not written by this run or "
+                "its manifest was edited; DeepSpeed's loader unpickles, so it is not loaded")
+        seen = (text, _stats(path))  # a resume validates, then loads (twice): hash the files once
+        if self._valid.get(path.resolve()) == seen:
+            return manifest
+        self._check_files(path, files)
+        self._valid[path.resolve()] = seen
+        return manifest
+
+    @staticmethod
+    def _check_files(path: Path, files: dict) -> None:
+        present = _files(path)
+        for rel in present:
+            if rel not in files:
+                raise CheckpointError(f"{path / rel} is not in the checkpoint's manifest ({MANIFEST}): "
+                                      "the folder was changed after it was saved")
+        for rel, want in files.items():  # sizes first: cheap, and they name truncated files
+            f = path / rel
+            if not f.is_file() or f.is_symlink():
+                raise CheckpointError(f"{f} is missing or not a regular file (listed in the checkpoint's manifest)")
+            size = f.stat().st_size
+            if size != want["size"]:
+                what = "empty" if size == 0 else "truncated" if size < want["size"] else "longer than saved"
+                raise CheckpointError(f"{f} is {what}: {size} bytes, the manifest says {want['size']}")
+        for rel, want in files.items():
+            if _sha256(path / rel) != want["sha256"]:
+                raise CheckpointError(f"{path / rel} does not match its checksum in the manifest (sha256): "
+                                      "corrupted or replaced")
+
+    # -- loading -------------------------------------------------------------------------------------
+    def load(self, path: str | Path, engine=None, *, load_optimizer_states: bool = True) -> Restored:
+        """Every trainer: validate, read the payload, restore this trainer's RNG, and (collective) load
+        the DeepSpeed engine state. An engine checkpoint that DeepSpeed cannot find is an error."""
+        path = Path(path)
+        manifest = self.validate(path, signed=engine is not None)
+        shared = _read_state(path / TRAINER_STATE, ("step", "payload"))
         rank_file = path / f"rank_{self._rank:05d}.pt"
         rank_payload = None
         if rank_file.is_file():
-            mine = _torch_load(rank_file)
-            set_rng_state(mine["rng"])
+            mine = _read_state(rank_file, ("rng", "rank_payload"))
+            try:
+                set_rng_state(mine["rng"])
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+                raise CheckpointError(f"{rank_file}: RNG state unusable ({type(e).__name__}: {e})") from None
             rank_payload = mine["rank_payload"]
         else:
             warnings.warn(f"{rank_file.name} missing (saved with {manifest.get('n_trainers')} trainers, now "
@@ -230,5 +346,48 @@ class CheckpointManager:
         return Restored(step=int(shared["step"]), payload=shared["payload"], rank_payload=rank_payload,
                         path=path, client_state=client_state)
 
+    # -- choosing ------------------------------------------------------------------------------------
     def resolve(self, spec: str | None) -> Path | None:
-        return resolve_resume(spec, self.root)
+        """Which checkpoint to resume from.
+
+        * None / "" / "none": fresh start -> None.
+        * "auto": the newest complete and valid checkpoint under ``root`` (trainer 0 logs a warning for
+          each newer one skipped, with the reason); None when there is none (a first run).
+        * a path: a checkpoint folder, which must be complete and valid, or a checkpoint root (its newest
+          valid one). Missing, incomplete or invalid -> :class:`CheckpointError` naming the bad file: an
+          explicit resume never silently starts fresh.
+        """
+        if spec is None or spec in ("", "none"):
+            return None
+        if spec == "auto":
+            return self._newest_valid(self.root)[0]
+        path = Path(spec)
+        if not path.exists():
+            raise CheckpointError(f"resume checkpoint {path} does not exist")
+        if is_complete(path):
+            self.validate(path)
+            return path
+        if (path / "latest").is_file() or _step_dirs(path):
+            found, skipped = self._newest_valid(path)
+            if found is not None:
+                return found
+            if skipped:
+                raise CheckpointError(f"no valid checkpoint under {path}: " + "; ".join(skipped))
+        raise CheckpointError(f"resume checkpoint {path} is incomplete (no {MANIFEST} marker): the save was "
+                              "interrupted; pick a complete one or resume=auto")
+
+    def _newest_valid(self, root: Path) -> tuple[Path | None, list[str]]:
+        """The newest valid checkpoint under ``root`` and why each newer one was skipped."""
+        skipped: list[str] = []
+        for cand in _step_dirs(root):
+            try:
+                self.validate(cand)
+            except CheckpointError as e:
+                skipped.append(str(e))
+                if self.ctx.info.is_rank0:
+                    log.warning("resume: skipping checkpoint %s: %s", cand, e)
+                continue
+            if skipped and self.ctx.info.is_rank0:
+                log.warning("resume: using %s, the newest valid checkpoint", cand)
+            return cand, skipped
+        return None, skipped

@@ -23,6 +23,14 @@ Versions are :class:`~distrag.retrieval.sharded_index.ShardedIndex` directories 
 :func:`distrag.retrieval.index_store.publish` (``root/v000001`` ..., atomically, then ``root/LATEST``);
 the store's ``meta/<c>`` names the folder, and ``load_fn(path)`` (e.g. ``index_store.load``) reads it.
 
+Trust: the store has no authentication, so every record the index rank *sets* (``meta/<c>``, ``pid``,
+``error``) is signed (:func:`signed_record`: HMAC-SHA256 under the run's secret, bound to its key; see
+:mod:`distrag.distributed.run_secret`), and trainer 0 acts only on records that verify and, for
+``meta/<c>``, name a folder inside the run folder (symlinks resolved). Anything else is ignored with a
+warning, so a foreign client can never make the trainers open a path. Counters (``add``) cannot be
+signed: a client that reaches the store can still disturb a run (stall adoption, fake a heartbeat,
+signal ``done``); the stores' binding (:mod:`distrag.distributed.stores`) keeps strangers away from them.
+
 Training-loop use (every trainer)::
 
     client = IndexClient(ctx, weights_dir, index_timeout_s=cfg.index_timeout_s,
@@ -42,7 +50,6 @@ Index rank: ``IndexServer(ctx.store, encode_corpus_fn, build_index_fn, publish_r
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import socket
@@ -57,6 +64,7 @@ from typing import Any
 import torch
 
 from distrag.atomic_io import atomic_write_bytes
+from distrag.distributed import run_secret
 from distrag.errors import IndexRankFailed
 
 PREFIX = "distrag/index/"
@@ -78,6 +86,14 @@ def meta_key(count: int) -> str:
 def hostname() -> str:
     """This machine's name (the index rank records ``host:pid``; a pid is only checked on the same host)."""
     return socket.gethostname()
+
+
+def inside(path: str, folder: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies inside ``folder``."""
+    try:
+        return Path(path).resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 @dataclass
@@ -103,11 +119,14 @@ class AdoptDecision:
 
 
 class IndexClient:
-    """Trainer side of the refresh protocol. Construct and call on EVERY trainer."""
+    """Trainer side of the refresh protocol. Construct and call on EVERY trainer.
+
+    ``run_root`` (default: the parent of ``weights_dir``) is the run folder: it holds the run's secret,
+    and only index versions inside it are adopted."""
 
     def __init__(self, ctx, weights_dir: str | Path, *, index_timeout_s: float = 600.0,
                  on_index_failure: str = "continue", log_fn: Callable[[dict, int], None] | None = None,
-                 current: AdoptDecision | None = None):
+                 current: AdoptDecision | None = None, run_root: str | Path | None = None):
         if on_index_failure not in ("continue", "stop"):
             raise ValueError(f"on_index_failure must be 'continue' or 'stop', not {on_index_failure!r}")
         if ctx.info.is_index:
@@ -115,6 +134,7 @@ class IndexClient:
         self.ctx = ctx
         self.store = ctx.store
         self.weights_dir = Path(weights_dir)
+        self.run_root = Path(run_root) if run_root is not None else self.weights_dir.parent
         self.timeout_s = float(index_timeout_s)
         self.on_failure = on_index_failure
         self.log_fn = log_fn or _print_metrics
@@ -129,7 +149,10 @@ class IndexClient:
         self._hb_t = time.monotonic()
         self._n_submitted = 0
         self._writer: threading.Thread | None = None
+        self._ignored: set[tuple[str, bytes]] = set()  # foreign records already warned about
+        self._key = b""
         if self._rank0 and self.store is not None:
+            self._key = run_secret.run_secret(self.run_root)
             self._n_submitted = self.store.add(K_WEIGHTS, 0)
             self._seen_pub = self.store.add(K_PUBLISHED, 0)
 
@@ -185,13 +208,39 @@ class IndexClient:
                 p.unlink(missing_ok=True)
 
     # -- adoption --------------------------------------------------------------------------------
+    def _trusted(self, store_key: str) -> dict | None:
+        """The record under ``store_key`` if the index rank of this run signed it (trainer 0); a foreign
+        record is ignored, with one warning."""
+        raw = self.store.get(store_key)
+        record, why = run_secret.read_record(self._key, store_key, raw)
+        if record is None and (store_key, raw) not in self._ignored:
+            self._ignored.add((store_key, raw))
+            warnings.warn(f"ignoring {store_key!r} in the coordination store: {why} (not written by this "
+                          "run's index rank)", RuntimeWarning, stacklevel=3)
+        return record
+
+    def _trusted_meta(self, store_key: str) -> dict | None:
+        """A publication record that is signed, well formed and names a folder inside the run folder."""
+        meta = self._trusted(store_key)
+        if meta is None:
+            return None
+        if not (isinstance(meta.get("version"), int) and isinstance(meta.get("weights_step"), int)
+                and isinstance(meta.get("path"), str)):
+            warnings.warn(f"ignoring {store_key!r}: malformed publication record", RuntimeWarning, stacklevel=2)
+            return None
+        if not inside(meta["path"], self.run_root):
+            warnings.warn(f"ignoring {store_key!r}: index path {meta['path']} is outside the run folder "
+                          f"{self.run_root}", RuntimeWarning, stacklevel=2)
+            return None
+        return meta
+
     def _health(self) -> str | None:
         s = self.store
-        if s.check([K_ERROR]):
-            return f"the index rank raised: {s.get(K_ERROR).decode(errors='replace')}"
-        if s.check([K_PID]):
-            host, _, pid = s.get(K_PID).decode().rpartition(":")
-            if host == hostname() and not _pid_alive(int(pid)):
+        if s.check([K_ERROR]) and (err := self._trusted(K_ERROR)) is not None:
+            return f"the index rank raised: {err.get('error')}"
+        if s.check([K_PID]) and (who := self._trusted(K_PID)) is not None:
+            pid = who.get("pid")
+            if who.get("host") == hostname() and isinstance(pid, int) and not _pid_alive(pid):
                 return f"the index rank process (pid {pid}) is gone"
         hb = s.add(K_HEARTBEAT, 0)
         now = time.monotonic()
@@ -207,9 +256,9 @@ class IndexClient:
             out = None
             pub = self.store.add(K_PUBLISHED, 0)
             if pub > self._seen_pub and self.store.check([meta_key(pub)]):
-                meta = json.loads(self.store.get(meta_key(pub)))
+                meta = self._trusted_meta(meta_key(pub))
                 self._seen_pub = pub
-                if self.current is None or meta["version"] > self.current.version:
+                if meta is not None and (self.current is None or meta["version"] > self.current.version):
                     out = ("adopt", meta)
             why = self._health()
         except (RuntimeError, OSError) as e:  # the store itself is gone (it lived in the index process)

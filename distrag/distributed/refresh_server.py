@@ -9,7 +9,6 @@ The index rank waits for embedder weights that trainer 0 hands off, re-embeds th
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +31,7 @@ from distrag.distributed.refresh_client import (
     hostname,
     meta_key,
 )
+from distrag.distributed.run_secret import run_secret, signed_record
 from distrag.models.embedder import Embedder
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import CorpusEncoder
@@ -48,17 +48,20 @@ class IndexServer:
     :class:`ShardedIndex`, published as ``publish_root/v<version>`` with the version's facts (weights
     step, build time, ...) and ``extra`` in its manifest's ``extra``. Both functions are injectable, so
     tests run the protocol without models. Runs in the launcher-started index process (never a fork:
-    faiss)."""
+    faiss). Every record it sets in the store is signed with the secret of ``run_root`` (default: the
+    parent of ``weights_dir``), the run folder the trainers trust."""
 
     def __init__(self, store, encode_corpus_fn: Callable[[dict], Iterable[np.ndarray]],
                  build_index_fn: Callable[[np.ndarray], ShardedIndex], publish_root: str | Path,
                  weights_dir: str | Path, *, extra: dict[str, Any] | None = None, poll_interval_s: float = 0.2,
-                 log: Callable[[str], None] | None = None, start_version: int | None = None):
+                 log: Callable[[str], None] | None = None, start_version: int | None = None,
+                 run_root: str | Path | None = None):
         self.store = store
         self.encode_corpus_fn = encode_corpus_fn
         self.build_index_fn = build_index_fn
         self.root = Path(publish_root)
         self.weights_dir = Path(weights_dir)
+        self._key = run_secret(Path(run_root) if run_root is not None else self.weights_dir.parent)
         self.extra = dict(extra or {})
         self.poll_s = poll_interval_s
         self.log = log or (lambda msg: print(f"[index rank] {msg}", flush=True))
@@ -69,6 +72,10 @@ class IndexServer:
         self.consumed = 0
         self.published = 0
 
+    def _set(self, key: str, record: dict) -> None:
+        """Set a record in the store, signed: trainer 0 ignores what does not verify."""
+        self.store.set(key, signed_record(self._key, key, record))
+
     def heartbeat(self) -> None:
         self.store.add(K_HEARTBEAT, 1)
 
@@ -77,7 +84,7 @@ class IndexServer:
 
     def run(self) -> int:
         """Serve until trainer 0 calls ``done()``. Returns the number of versions published."""
-        self.store.set(K_PID, f"{hostname()}:{os.getpid()}")
+        self._set(K_PID, {"host": hostname(), "pid": os.getpid()})
         self.consumed = self.store.add(K_CONSUMED, 0)
         try:
             while True:
@@ -97,7 +104,7 @@ class IndexServer:
                     time.sleep(self.poll_s)
         except BaseException as e:
             try:
-                self.store.set(K_ERROR, f"{type(e).__name__}: {e}")
+                self._set(K_ERROR, {"error": f"{type(e).__name__}: {e}"})
             except (RuntimeError, OSError) as e2:
                 self.log(f"could not record the error in the store: {e2!r}")
             raise
@@ -127,7 +134,7 @@ class IndexServer:
         self.version = version
         self.published += 1
         # details first, then the counter: a reader that sees the count finds the details
-        self.store.set(meta_key(self.published), json.dumps({**meta, "version": version, "path": str(path)}))
+        self._set(meta_key(self.published), {**meta, "version": version, "path": str(path)})
         self.store.add(K_PUBLISHED, 1)
         self.log(f"published version {version} from step {blob['step']} in {build_s:.2f}s -> {path}")
 
@@ -146,5 +153,5 @@ def serve_index(cfg: ExperimentConfig, ctx: DistContext, run_root: Path) -> int:
         return ShardedIndex.from_config(vectors.shape[1], cfg.index).build(vectors)
 
     server = IndexServer(ctx.store, encoder.shards, build, run_root / "index", run_root / "weights",
-                         extra={"corpus": corpus.fingerprint()})
+                         extra={"corpus": corpus.fingerprint()}, run_root=run_root)
     return server.run()

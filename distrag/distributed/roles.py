@@ -21,6 +21,10 @@ Both store servers live in global rank 0 (the process on MASTER_ADDR). With the 
 ``index_rank=-1`` that is trainer 0; an index rank placed at 0 works too, but its death then also
 takes the stores down (trainers see that as an index failure).
 
+The stores listen only where the job needs them (loopback on one node, else MASTER_ADDR's address:
+:mod:`distrag.distributed.stores`); what the index rank publishes through them is signed with the run's
+secret and checked by trainer 0 (:mod:`distrag.distributed.refresh_client`).
+
 Rank helpers: :func:`print0`, :func:`is_rank0` (trainer 0), :func:`get_logger` (a null logger on
 other ranks), :func:`barrier_trainers`, :func:`broadcast_object_trainers`, :func:`all_reduce_flag`,
 and :meth:`DistContext.shutdown` / :func:`finish` for deterministic exits (see ``finish``).
@@ -43,6 +47,7 @@ import torch
 import torch.distributed as tdist
 
 from distrag.config import DistributedConfig
+from distrag.distributed.stores import open_store
 from distrag.errors import DistError
 
 Role = Literal["trainer", "index", "single"]
@@ -73,6 +78,8 @@ class DistInfo:
     """Global rank of the index process; -1 when there is none."""
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_MASTER_PORT
+    one_node: bool = False
+    """The launcher says every process of the job is on one node (loopback is enough for the stores)."""
 
     @property
     def is_trainer(self) -> bool:
@@ -115,6 +122,15 @@ def _slurm_master_addr() -> str | None:
         return None
 
 
+def _one_node(world_size: int) -> bool:
+    """Whether the launcher says every process of the job runs on one node (srun, deepspeed, torchrun)."""
+    nodes = _env_int("SLURM_JOB_NUM_NODES", "SLURM_NNODES", "CROSS_SIZE", default=None)
+    if nodes is not None:
+        return nodes == 1
+    local = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=None)
+    return world_size == 1 or (local is not None and local == world_size)
+
+
 def get_dist_info(cfg: DistributedConfig | None = None, *, with_index_rank: bool = True) -> DistInfo:
     """Roles from the launcher's environment (torchrun/deepspeed: RANK..., srun: SLURM_PROCID...).
 
@@ -134,19 +150,20 @@ def get_dist_info(cfg: DistributedConfig | None = None, *, with_index_rank: bool
         port = 20000 + job % 20000 if job is not None else DEFAULT_MASTER_PORT
     if world < 1 or not 0 <= rank < world:
         raise DistError(f"inconsistent launcher environment: rank {rank}, world size {world}")
+    where = (addr, port, _one_node(world))
     if world == 1:
-        return DistInfo(rank, 1, local, "single", 0, 1, -1, addr, port)
+        return DistInfo(rank, 1, local, "single", 0, 1, -1, *where)
     if not with_index_rank:
-        return DistInfo(rank, world, local, "trainer", rank, world, -1, addr, port)
+        return DistInfo(rank, world, local, "trainer", rank, world, -1, *where)
     if world < 2:
         raise DistError("an index rank needs a world of at least 2 processes")
     idx = cfg.index_rank if cfg.index_rank >= 0 else world + cfg.index_rank
     if not 0 <= idx < world:
         raise DistError(f"distributed.index_rank={cfg.index_rank} is outside the world of {world} processes")
     if rank == idx:
-        return DistInfo(rank, world, local, "index", -1, world - 1, idx, addr, port)
+        return DistInfo(rank, world, local, "index", -1, world - 1, idx, *where)
     trank = rank if rank < idx else rank - 1
-    return DistInfo(rank, world, local, "trainer", trank, world - 1, idx, addr, port)
+    return DistInfo(rank, world, local, "trainer", trank, world - 1, idx, *where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,15 +268,12 @@ def init_roles(cfg: DistributedConfig | None = None, *, with_index_rank: bool = 
         return _CTX
 
     timeout = timedelta(seconds=timeout_s)
-    is_host = info.rank == 0
     # Coordination store, world-wide: trainers and the index rank.
-    store = tdist.TCPStore(info.master_addr, info.master_port + STORE_PORT_OFFSET, world_size=None,
-                           is_master=is_host, timeout=timeout, wait_for_workers=False)
+    store = open_store(info, info.master_port + STORE_PORT_OFFSET, timeout)
     ctx = DistContext(info, store=store, device=device)
     # The trainers' group store is also hosted by global rank 0, even when that is the index rank
     # (it serves the rendezvous only; it never joins the group).
-    pg_store = tdist.TCPStore(info.master_addr, info.master_port + PG_PORT_OFFSET, world_size=None,
-                              is_master=is_host, timeout=timeout, wait_for_workers=False)
+    pg_store = open_store(info, info.master_port + PG_PORT_OFFSET, timeout)
     ctx._pg_store = pg_store
     if info.is_trainer:
         backend = _choose_backend(cfg)

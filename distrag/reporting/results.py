@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distrag import metric_names as mn
+from distrag.redaction import mask_credentials
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig, TrackingConfig
@@ -68,7 +69,7 @@ def load_runs(tracking_cfg: TrackingConfig, *, kinds: tuple[str, ...] = (mn.KIND
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(tracking_cfg.experiment)
     if exp is None:
-        raise ValueError(f"no MLflow experiment named {tracking_cfg.experiment!r} at {uri}")
+        raise ValueError(f"no MLflow experiment named {tracking_cfg.experiment!r} at {mask_credentials(uri)}")
     runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=5000)
     newest: dict[str, StrategyResult] = {}

@@ -5,6 +5,12 @@ Everything goes through ``MlflowClient`` with explicit run ids (no global active
 lets a sweep hold a parent run open while its grid points log as children, and lets a resumed job
 continue the same run id.
 
+Credentials in the tracking URI (``http://user:token@host``) never leave through a run: params, tags and
+texts are logged with :func:`distrag.redaction.mask_credentials` applied, and an error raised by MLflow
+(whose messages quote the URI) is re-raised with its message masked. Better still, give a server's
+credentials as ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``)
+in the environment, where MLflow reads them, and keep them out of the URI.
+
 Tags every distrag run carries (used by ``distrag report``; the names live in distrag/metric_names.py):
 ``distrag.kind`` (eval | strategy | sweep | sweep_point | report), ``distrag.strategy``, ``distrag.dataset``,
 ``distrag.embedder``, ``distrag.generator``, ``distrag.config_hash``; strategy runs add ``distrag.label``,
@@ -13,16 +19,21 @@ Tags every distrag run carries (used by ``distrag report``; the names live in di
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import logging
 import os
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from distrag import metric_names as mn
 from distrag.config import ExperimentConfig, TrackingConfig
+from distrag.redaction import mask_credentials, masked_exception
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +44,19 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 def default_tracking_uri(workdir: str | Path | None = None) -> str:
     workdir = Path(workdir or os.getcwd()).resolve()
     return f"sqlite:///{workdir / DEFAULT_DB}"
+
+
+def _masks_errors(fn: Callable) -> Callable:
+    """Re-raise what ``fn`` raises with credentials masked in its message (MLflow quotes the URI)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise masked_exception(e) from None
+
+    return wrapper
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -83,6 +107,7 @@ class Tracker(NullTracker):
 
     # -- lifecycle -----------------------------------------------------------------------------
     @classmethod
+    @_masks_errors
     def open(cls, cfg: TrackingConfig, *, run_name: str, tags: Mapping[str, str] | None = None,
              run_id: str | None = None, parent_run_id: str | None = None,
              workdir: str | Path | None = None) -> Tracker:
@@ -111,6 +136,7 @@ class Tracker(NullTracker):
             run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
         return cls(client, exp_id, run_id, uri)
 
+    @_masks_errors
     def child(self, *, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
         from mlflow.tracking import MlflowClient  # noqa: F401  (same client, new run)
 
@@ -118,23 +144,31 @@ class Tracker(NullTracker):
         rid = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
         return Tracker(self.client, self.experiment_id, rid, self.uri)
 
+    @_masks_errors
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):  # MLflow prints the run's URL, credentials included
+                self.client.set_terminated(self.run_id, status=status)
+        finally:
+            sys.stdout.write(mask_credentials(printed.getvalue()))
 
     def __exit__(self, exc_type, *exc):
         self.end("FAILED" if exc_type else "FINISHED")
         return False
 
     # -- logging -------------------------------------------------------------------------------
+    @_masks_errors
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Params are logged once per run (MLflow rejects changed values)."""
+        """Params are logged once per run (MLflow rejects changed values), credentials masked."""
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        batch = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        batch = [Param(k, mask_credentials(str(v))[:6000]) for k, v in params.items() if k not in existing]
         for i in range(0, len(batch), 100):
             self.client.log_batch(self.run_id, params=batch[i:i + 100])
 
+    @_masks_errors
     def log_metrics(self, metrics: Mapping[str, float | None], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
@@ -143,19 +177,23 @@ class Tracker(NullTracker):
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
 
+    @_masks_errors
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, mask_credentials(str(v))) for k, v in tags.items()])
 
+    @_masks_errors
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_masks_errors
     def log_dict(self, obj: Any, name: str) -> None:
-        self.client.log_text(self.run_id, json.dumps(obj, indent=2, default=str), name)
+        self.client.log_text(self.run_id, mask_credentials(json.dumps(obj, indent=2, default=str)), name)
 
+    @_masks_errors
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self.client.log_text(self.run_id, mask_credentials(text), name)
 
 
 def experiment_tags(cfg: ExperimentConfig, *, kind: str, strategy: str, dataset: str) -> dict[str, str]:
@@ -177,3 +215,10 @@ def open_tracker(cfg: ExperimentConfig, *, run_name: str, tags: Mapping[str, str
     tr = Tracker.open(cfg.tracking, run_name=run_name, tags=tags, run_id=run_id, parent_run_id=parent_run_id)
     tr.log_params(flatten(cfg.model_dump(mode="json")))
     return tr
+
+
+def where_runs_are(tracking_cfg: TrackingConfig) -> str:
+    """One line telling the user where their runs are and how to browse them (credentials masked)."""
+    uri = mask_credentials(tracking_cfg.uri or default_tracking_uri())
+    return (f"MLflow runs in {uri} (experiment '{tracking_cfg.experiment}'); "
+            f"browse with: mlflow ui --backend-store-uri {uri}")

@@ -87,9 +87,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
     print(f"best: {best.label} ({100 * best.metrics['em']:.1f} EM); demo took {time.perf_counter() - t0:.0f} s")
     print(f"report (Markdown, CSV, plots): {report_dir}")
     if cfg.tracking.enabled:
-        from distrag.reporting.tracking import default_tracking_uri
+        from distrag.reporting.tracking import where_runs_are
 
-        uri = cfg.tracking.uri or default_tracking_uri()
-        print(f"MLflow store: {uri} (experiment '{cfg.tracking.experiment}'); "
-              f"open the UI with: mlflow ui --backend-store-uri {uri}")
+        print(where_runs_are(cfg.tracking))
     return 0

@@ -4,6 +4,7 @@ failure policies (real 3-process runs on gloo; the index rank publishes ShardedI
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,8 +16,16 @@ import torch
 from _dist_workers import TOY_IN, Job, toy_corpus, toy_embed
 
 from distrag.config import DistributedConfig
-from distrag.distributed import roles
-from distrag.distributed.refresh_client import AdoptDecision, IndexClient
+from distrag.distributed import roles, run_secret
+from distrag.distributed.refresh_client import (
+    K_ERROR,
+    K_PID,
+    K_PUBLISHED,
+    AdoptDecision,
+    IndexClient,
+    hostname,
+    meta_key,
+)
 from distrag.retrieval import index_store
 
 
@@ -46,6 +55,74 @@ def test_without_a_store_nothing_is_submitted_or_adopted_and_the_version_in_use_
     assert resumed.current == client.current
     resumed.load_state_dict(IndexClient(ctx, tmp_path).state_dict())
     assert resumed.current is None
+
+
+# ----------------------------------------------------------------------------------------------
+# trust: only what this run's index rank signed, and only paths inside the run folder
+
+
+@pytest.fixture
+def trainer0(clean_env, tmp_path):
+    """Trainer 0 with a coordination store, its client for the run folder ``tmp_path/run``, and a
+    foreign client of the same store (anyone who can reach its port)."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ctx = roles.DistContext(roles.get_dist_info(DistributedConfig()), store=store)
+    client = IndexClient(ctx, tmp_path / "run" / "weights", index_timeout_s=60)
+    foreign = torch.distributed.TCPStore("127.0.0.1", store.port, is_master=False, wait_for_workers=False)
+    return client, store, foreign
+
+
+def _publish(store, n: int, record: dict, key: bytes | None) -> None:
+    """What an index rank does: set meta/<n> (signed under ``key``; plain JSON when None), then count it."""
+    value = run_secret.signed_record(key, meta_key(n), record) if key is not None else json.dumps(record)
+    store.set(meta_key(n), value)
+    store.add(K_PUBLISHED, 1)
+
+
+def test_records_from_a_foreign_client_are_ignored_and_their_paths_never_opened(trainer0, tmp_path):
+    client, store, foreign = trainer0
+    run = tmp_path / "run"
+    evil = tmp_path / "evil"
+    opened: list[str] = []
+    record = {"version": 1, "path": str(evil), "weights_step": 0}
+    with pytest.warns(RuntimeWarning, match="not a signed record"):  # no secret at all
+        _publish(foreign, 1, record, None)
+        assert client.poll(0, load_fn=opened.append) is None
+    wrong = run_secret.run_secret(tmp_path / "attacker")  # a secret, but not this run's
+    with pytest.warns(RuntimeWarning, match="does not verify"):
+        _publish(foreign, 2, record, wrong)
+        assert client.poll(1, load_fn=opened.append) is None
+    key = run_secret.run_secret(run)
+    with pytest.warns(RuntimeWarning, match="does not verify"):  # a genuine record replayed under another key
+        foreign.set(meta_key(3), run_secret.signed_record(key, meta_key(4), {**record, "path": str(run / "v")}))
+        foreign.add(K_PUBLISHED, 1)
+        assert client.poll(2, load_fn=opened.append) is None
+    with pytest.warns(RuntimeWarning, match="not a signed record"):  # nor can it fake a failure of the index rank
+        foreign.set(K_ERROR, "RuntimeError: give up")
+        foreign.set(K_PID, f"{hostname()}:999999999")
+        assert client.poll(3, load_fn=opened.append) is None
+    assert client.failed is None and opened == []
+    good = run / "index" / "v000001"  # the real index rank still gets through
+    _publish(store, 4, {"version": 1, "path": str(good), "weights_step": 3}, key)
+    d = client.poll(5, load_fn=opened.append)
+    assert (d.version, d.path, d.staleness) == (1, str(good), 2) and opened == [str(good)]
+
+
+def test_a_signed_path_outside_the_run_folder_is_refused(trainer0, tmp_path):
+    client, store, _ = trainer0
+    run = tmp_path / "run"
+    key = run_secret.run_secret(run)
+    outside = tmp_path / "elsewhere" / "v000001"
+    outside.mkdir(parents=True)
+    (run / "index").mkdir(parents=True)
+    (run / "index" / "v000002").symlink_to(outside, target_is_directory=True)
+    opened: list[str] = []
+    paths = [str(outside), str(run / "index" / ".." / ".." / "elsewhere" / "v000001"), str(run / "index" / "v000002")]
+    for n, path in enumerate(paths, start=1):
+        with pytest.warns(RuntimeWarning, match="outside the run folder"):
+            _publish(store, n, {"version": n, "path": path, "weights_step": 0}, key)
+            assert client.poll(n, load_fn=opened.append) is None
+    assert opened == [] and client.current is None
 
 
 # ----------------------------------------------------------------------------------------------

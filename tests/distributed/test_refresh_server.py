@@ -4,7 +4,7 @@ restart), and serve_index publishes the index of the real corpus under the hande
 
 from __future__ import annotations
 
-import json
+import os
 import threading
 
 import numpy as np
@@ -15,8 +15,9 @@ from _dist_workers import TOY_IN, toy_corpus, toy_embed, toy_index
 from distrag.config import DistributedConfig, build_config
 from distrag.data import load_data
 from distrag.distributed import roles
-from distrag.distributed.refresh_client import K_DONE, IndexClient, meta_key
+from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID, K_WEIGHTS, IndexClient, hostname, meta_key
 from distrag.distributed.refresh_server import IndexServer, serve_index
+from distrag.distributed.run_secret import read_record, run_secret
 from distrag.models.embedder import Embedder
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import encode_corpus
@@ -91,8 +92,34 @@ def test_versions_continue_after_those_on_disk_and_carry_their_facts(tmp_path, s
     assert m["version"] == 4 and m["count"] == len(corpus)
     assert {k: m["extra"][k] for k in ("weights_step", "weights_n", "n_vectors", "corpus")} == {
         "weights_step": 40, "weights_n": 1, "n_vectors": len(corpus), "corpus": "f00"}
-    published = json.loads(store.get(meta_key(1)))
-    assert (published["version"], published["path"], published["weights_step"]) == (4, d.path, 40)
+    raw = store.get(meta_key(1))
+    published, why = read_record(run_secret(tmp_path), meta_key(1), raw)
+    assert why == "" and (published["version"], published["path"], published["weights_step"]) == (4, d.path, 40)
+    assert read_record(run_secret(tmp_path), meta_key(2), raw)[0] is None  # bound to its key: no replay elsewhere
+
+
+def test_every_record_the_server_sets_is_signed_with_the_run_secret(tmp_path, store_ctx):
+    """pid, error and publication records verify under the run folder's secret (and only under it)."""
+    store, _ = store_ctx
+
+    def failing_encode(sd):
+        raise ValueError("no corpus")
+        yield  # makes this a generator, like the real encoder
+
+    server = IndexServer(store, failing_encode, toy_index, tmp_path / "idx", tmp_path / "w", poll_interval_s=0.02,
+                         log=lambda m: None)
+    (tmp_path / "w").mkdir()
+    torch.save({"step": 0, "state_dict": {}}, tmp_path / "w" / "w_000001.pt")
+    store.add(K_WEIGHTS, 1)
+    with pytest.raises(ValueError, match="no corpus"):
+        server.run()
+    key = run_secret(tmp_path)
+    pid, _ = read_record(key, K_PID, store.get(K_PID))
+    err, _ = read_record(key, K_ERROR, store.get(K_ERROR))
+    assert pid == {"host": hostname(), "pid": os.getpid()} and err == {"error": "ValueError: no corpus"}
+    assert read_record(run_secret(tmp_path / "elsewhere"), K_PID, store.get(K_PID)) == (
+        None, "its signature does not verify under the run's secret")
+    assert (tmp_path / ".distrag_secret").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.timeout(180)

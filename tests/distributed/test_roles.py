@@ -64,3 +64,21 @@ def test_null_logger_on_other_ranks(clean_env, capsys):
     roles.get_logger("t_other").warning("hidden too")
     assert "hidden" not in capsys.readouterr().out + capsys.readouterr().err
     assert not roles.is_rank0()
+
+
+NODE_ENV = ("SLURM_JOB_NUM_NODES", "SLURM_NNODES", "CROSS_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+
+
+@pytest.mark.parametrize("env,one_node", [
+    ({}, False),  # nothing says so: assume several nodes (the stores listen on MASTER_ADDR's address)
+    ({"LOCAL_WORLD_SIZE": "4"}, True), ({"LOCAL_WORLD_SIZE": "2"}, False),  # torchrun
+    ({"LOCAL_SIZE": "4", "CROSS_SIZE": "1"}, True), ({"LOCAL_SIZE": "2", "CROSS_SIZE": "2"}, False),  # deepspeed
+    ({"SLURM_NNODES": "1"}, True), ({"SLURM_JOB_NUM_NODES": "3", "LOCAL_WORLD_SIZE": "4"}, False),  # srun
+])
+def test_one_node_from_the_launcher(clean_env, env, one_node):
+    for k in NODE_ENV:
+        clean_env.delenv(k, raising=False)
+    _env(clean_env, 1, 4)
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    assert roles.get_dist_info(DistributedConfig()).one_node is one_node

@@ -3,6 +3,9 @@ status on exit, resume, and the null tracker of other ranks."""
 
 from __future__ import annotations
 
+import json
+import traceback
+
 import pytest
 from mlflow.exceptions import MlflowException
 
@@ -106,3 +109,47 @@ def test_flatten_joins_nested_keys_with_dots(tmp_path):
     assert flatten({"x": {"y": 1}}, prefix="cfg.") == {"cfg.x.y": 1}
     assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"  # the working directory
+
+
+# ----------------------------------------------------------------------------------------------
+# credentials in the tracking URI never reach params, tags, texts or error messages
+
+SECRET_URI = "http://alice:s3cr3t-token@127.0.0.1:9"
+
+
+def test_params_tags_and_texts_are_logged_with_credentials_masked(uri):
+    tr = _open(uri, "exp-mask")
+    cfg = build_config(overrides=[f"tracking.uri={SECRET_URI}"])
+    tr.log_params(flatten(cfg.model_dump(mode="json")))
+    tr.set_tags({"note": f"server {SECRET_URI}"})
+    tr.log_text(f"uri: {SECRET_URI}", "notes.txt")
+    tr.log_dict({"tracking": {"uri": SECRET_URI}}, "cfg.json")
+    run = tr.client.get_run(tr.run_id)
+    assert run.data.params["tracking.uri"] == "http://***@127.0.0.1:9"
+    assert run.data.tags["note"] == "server http://***@127.0.0.1:9"
+    for name in ("notes.txt", "cfg.json"):
+        text = (tr.client.download_artifacts(tr.run_id, name, dst_path=None))
+        assert "s3cr3t" not in open(text).read() and "***@127.0.0.1:9" in open(text).read()
+    assert "s3cr3t" not in json.dumps(run.to_dictionary())
+
+
+def test_an_unreachable_server_error_does_not_quote_the_credentials(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(MlflowException) as err:
+        Tracker.open(TrackingConfig(uri=SECRET_URI, experiment="e"), run_name="r")
+    text = "".join(traceback.format_exception(err.value))
+    assert "s3cr3t" not in text and "alice" not in text and "http://***@127.0.0.1:9" in str(err.value)
+
+
+def test_the_run_url_mlflow_prints_at_the_end_is_masked(uri, capsys, monkeypatch):
+    tr = _open(uri, "exp-url")
+    tr.uri = SECRET_URI
+
+    def set_terminated(run_id, status=None):  # what MLflow's client does for a server URI
+        print(f"🏃 View run r at: {tr.uri}/#/experiments/1/runs/{run_id}")
+
+    monkeypatch.setattr(tr.client, "set_terminated", set_terminated)
+    tr.end()
+    out = capsys.readouterr().out
+    assert "s3cr3t" not in out and f"http://***@127.0.0.1:9/#/experiments/1/runs/{tr.run_id}" in out

@@ -1,0 +1,121 @@
+"""The run's secret: a random key that signs what the processes of a run tell each other.
+
+Two things cross a boundary an attacker can reach and are then trusted: the records the index rank
+publishes through the coordination TCPStore (a TCP port anyone on the network can connect to; trainers
+open the index folder a record names), and checkpoint manifests (a checkpoint with a DeepSpeed engine is
+read by DeepSpeed's loader, which unpickles). Both are signed with HMAC-SHA256 under this key, and a
+reader accepts only what verifies.
+
+Design: the key is 32 random bytes kept in ``<run folder>/.distrag_secret`` (hex, mode 0600, owned by the
+user running the job). The run folder (``output_dir/distributed/<strategy>-<hash>``) is already the one
+place every process of a run shares (weights hand-offs, index versions and checkpoints live there, on
+the cluster's shared storage), so the key reaches every node without passing through the network or the
+environment, and it survives a requeue: checkpoints written by an earlier job of the same run still
+verify. Whoever needs the key first creates it atomically (a complete file is hard-linked into place,
+so concurrent creators agree on one key); a key file that other users can read or that another user
+owns is refused, as ssh refuses a private key with open permissions. Anyone who can read the run folder
+as this user can sign; such a user could rewrite the checkpoints and index versions directly anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from distrag.errors import DistError
+
+SECRET_FILE = ".distrag_secret"
+_KEY_BYTES = 32
+
+
+def secret_path(run_folder: str | Path) -> Path:
+    """Where the key of the run in ``run_folder`` lives."""
+    return Path(run_folder) / SECRET_FILE
+
+
+def _create(path: Path) -> None:
+    """Create ``path`` holding a fresh key, unless it exists (atomic: never a half-written key)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(_KEY_BYTES) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if another process created it first: theirs is the key
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_secret(run_folder: str | Path, *, create: bool = True) -> bytes:
+    """The key of the run in ``run_folder``, created (mode 0600) when missing and ``create``.
+
+    Raises :class:`DistError` when the key file is readable by others, owned by another user, or not a
+    key; with ``create=False`` a missing key is a :class:`DistError` too.
+    """
+    path = secret_path(run_folder)
+    if create and not path.exists():
+        _create(path)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise DistError(f"{path}: the run's secret is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DistError(f"{path}: the run's secret must be a regular file")
+    if st.st_uid != os.getuid():
+        raise DistError(f"{path}: the run's secret belongs to another user (uid {st.st_uid}); remove it")
+    if st.st_mode & 0o077:
+        raise DistError(f"{path}: the run's secret is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                        f"run: chmod 600 {path}")
+    text = path.read_text().strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != _KEY_BYTES:
+        raise DistError(f"{path}: not a distrag run secret (expected {2 * _KEY_BYTES} hex digits); remove it")
+    return key
+
+
+def sign(key: bytes, *parts: str) -> str:
+    """HMAC-SHA256 (hex) of ``parts`` under ``key``; each part is length-prefixed, so the split between
+    parts is signed too."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        data = part.encode()
+        mac.update(len(data).to_bytes(8, "big"))
+        mac.update(data)
+    return mac.hexdigest()
+
+
+def verify(key: bytes, signature: object, *parts: str) -> bool:
+    """Whether ``signature`` is :func:`sign` of ``parts`` under ``key`` (constant-time comparison)."""
+    return isinstance(signature, str) and hmac.compare_digest(signature, sign(key, *parts))
+
+
+def signed_record(key: bytes, store_key: str, record: dict) -> str:
+    """The store value of ``record`` for ``store_key``: JSON of the record and its HMAC under ``key``."""
+    body = json.dumps(record, sort_keys=True)
+    return json.dumps({"record": record, "hmac": sign(key, store_key, body)})
+
+
+def read_record(key: bytes, store_key: str, raw: bytes) -> tuple[dict | None, str]:
+    """``(record, "")`` when ``raw`` is a :func:`signed_record` for ``store_key`` under ``key``, else
+    ``(None, why not)``."""
+    try:
+        value = json.loads(raw)
+        record, mac = value["record"], value["hmac"]
+    except (ValueError, TypeError, KeyError):
+        return None, "not a signed record"
+    if not isinstance(record, dict) or not verify(key, mac, store_key, json.dumps(record, sort_keys=True)):
+        return None, "its signature does not verify under the run's secret"
+    return record, ""
