@@ -104,3 +104,26 @@ def test_concat_and_rag_decoding_both_run_and_are_charged(world):
 def test_unknown_decoding_is_refused(world):
     with pytest.raises(ValueError, match="unknown decoding 'beam'"):
         _pipeline(world).evaluate(world["data"].questions[:1], show_progress=False, decoding="beam")
+
+
+def test_f1_follows_the_hotpotqa_script_on_hotpotqa_only(world, monkeypatch):
+    questions = _probe_questions(world, [("yes",), ("no way",)])
+    monkeypatch.setattr(world["generator"], "generate", lambda prompts, **kw: ["yes it is", "no"])
+    squad = _pipeline(world).evaluate(questions, show_progress=False)
+    assert squad.metrics["f1"] == pytest.approx((0.5 + 2 / 3) / 2)  # SQuAD v1.1: token overlap
+    hotpot_cfg = build_config(world["cfg"].model_dump(mode="json"),
+                              overrides=["data.format=hotpotqa", "data.path=dev.json"])
+    hotpot = RAGPipeline(hotpot_cfg, world["data"].corpus, world["embedder"], world["generator"],
+                         world["index"]).evaluate(questions, show_progress=False)
+    assert hotpot.metrics["f1"] == 0.0  # HotPotQA: a yes/no answer matches exactly or not at all
+
+
+def test_recall_at_k_counts_each_gold_passage_and_recall_all_needs_all(world, monkeypatch):
+    corpus = world["data"].corpus
+    far = len(corpus) - 1  # a gold passage the question's own text does not retrieve first
+    questions = [Question("q0", corpus[0].as_text(), ("x",), (corpus[0].id, corpus[far].id))]
+    monkeypatch.setattr(world["generator"], "generate", lambda prompts, **kw: ["x"])
+    res = _pipeline(world).evaluate(questions, show_progress=False)
+    found = sum(i in res.retrieved[0] for i in (corpus[0].id, corpus[far].id))
+    assert res.metrics["recall_at_3"] == pytest.approx(found / 2)
+    assert res.metrics["recall_all_at_3"] == float(found == 2)
