@@ -3,6 +3,9 @@
 Every command takes ``--config FILE`` (YAML) plus dotted overrides, e.g.::
 
     distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3 data.max_questions=100
+
+``distrag COMMAND --help`` says what a command does, what it writes, the strategies it runs (read from
+the strategy table, distrag/training/strategies.py) and an example; ``distrag --version`` the version.
 """
 
 from __future__ import annotations
@@ -12,13 +15,18 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from distrag import __version__  # noqa: E402
 from distrag.errors import user_error_exit  # noqa: E402
-from distrag.logging_setup import setup_logging  # noqa: E402
+from distrag.logging_setup import progress_enabled, setup_logging  # noqa: E402
 from distrag.metric_names import KIND_EVAL  # noqa: E402
+from distrag.reporting.groups import add_selection_args, selection_from_args  # noqa: E402
+from distrag.training.strategies import STRATEGIES, Strategy  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -26,7 +34,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="experiment YAML (see distrag/configs/ and launch/configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr_generator=1e-4")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars or progress lines (bars are drawn on a terminal only; "
+                        "elsewhere, e.g. a SLURM job, progress is a log line every 10%%)")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the result table")
 
 
@@ -42,7 +52,7 @@ def cmd_eval(args) -> int:
 
     cfg = _load(args)
     cfg.train.strategy = "none"
-    exp = Experiment(cfg, show_progress=not args.no_progress).setup()
+    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress)).setup()
     res, _ = exp.run(cfg, kind=KIND_EVAL)
     print_results([res], title=f"No-FT baseline on {exp.splits.name} ({cfg.eval_split} split)")
     _where(cfg)
@@ -54,7 +64,7 @@ def cmd_train(args) -> int:
     from distrag.training.experiment import Experiment
 
     cfg = _load(args)
-    exp = Experiment(cfg, show_progress=not args.no_progress).setup()
+    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress)).setup()
     res, _ = exp.run(cfg)
     print_results([res], title=f"{res.label} on {exp.splits.name} ({cfg.eval_split} split)")
     _where(cfg)
@@ -82,8 +92,9 @@ def cmd_report(args) -> int:
     from distrag.reporting.report import write_report
 
     cfg = load_config(args.config, args.overrides)
-    out = write_report(cfg.tracking, Path(args.out or Path(cfg.output_dir) / "report"))
-    print(f"report written to {out}")
+    out = write_report(cfg.tracking, Path(args.out or Path(cfg.output_dir) / "report"), selection_from_args(args))
+    if out is not None:  # None: --list-groups
+        print(f"report written to {out}")
     return 0
 
 
@@ -93,7 +104,7 @@ def cmd_advise(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(advise(cfg.tracking, labels_available=args.labels, lrs_known=args.lrs_known,
-                 grid=cfg if args.config else None))
+                 grid=cfg if args.config else None, selection=selection_from_args(args)))
     return 0
 
 
@@ -110,39 +121,159 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default: <output_dir>/report)")
+    add_selection_args(p)
 
 
 def _advise_args(p: argparse.ArgumentParser) -> None:
+    add_selection_args(p)
     p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=None,
                    help="context labels available (default: read from the recorded runs)")
     p.add_argument("--lrs-known", action=argparse.BooleanOptionalAction, default=False,
                    help="good learning rates are already known (no grid search needed)")
 
 
-#: (command, one-line help, handler, extra arguments)
+# ----------------------------------------------------------------------------------------------
+# help texts: the strategy lists come from the strategy table
+
+
+def _selector(s: Strategy) -> str:
+    """The overrides that select ``s`` (``train.strategy=joint train.rag_loss=token``)."""
+    return " ".join(f"train.{k}={v}" for k, v in s.train_overrides().items())
+
+
+def strategy_list() -> str:
+    """Every strategy of the table: key, label, what it trains, and how to select it."""
+    width = max(len(s.key) for s in STRATEGIES)
+    label_width = max(len(s.label) for s in STRATEGIES)
+    lines = ["strategies (distrag/training/strategies.py; select with train.strategy=KEY):"]
+    for s in STRATEGIES:
+        lines.append(f"  {s.key:<{width}}  {s.label:<{label_width}}  {s.summary}")
+        if _selector(s) != f"train.strategy={s.key}":
+            lines.append(f"  {'':<{width}}  {'':<{label_width}}  select with: {_selector(s)}")
+    return "\n".join(lines)
+
+
+def _search_runs(s: Strategy) -> str:
+    """How many training runs the search of ``s`` costs, as a formula in m and n."""
+    if s.search == "grid":
+        return "m x n"
+    return " + ".join(sorted("m" if p.train_embedder else "n" for p in s.table_phases))
+
+
+def sweep_strategy_list() -> str:
+    """The ``sweep.strategies`` values and what each search costs (m = len(sweep.lr_embedder),
+    n = len(sweep.lr_generator))."""
+    seen: dict[str, list[Strategy]] = {}
+    for s in STRATEGIES:
+        if s.search != "none":
+            seen.setdefault(s.train_strategy, []).append(s)
+    width = max(len(k) for k in seen)
+    lines = ["sweep.strategies values (m = len(sweep.lr_embedder), n = len(sweep.lr_generator) rates):"]
+    for name, rows in seen.items():
+        labels = " / ".join(s.label for s in rows)
+        lines.append(f"  {name:<{width}}  {labels}: {rows[0].search} search, {_search_runs(rows[0])} runs")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``distrag`` subcommand: its handler, help texts and extra arguments."""
+
+    name: str
+    help: str
+    """One line, in ``distrag --help``."""
+    handler: Callable[[argparse.Namespace], int]
+    description: str
+    """What it does and what it writes (``distrag NAME --help``)."""
+    example: str
+    strategies: Callable[[], str] | None = None
+    """The strategy list shown in its help, when it runs strategies."""
+    extra: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def epilog(self) -> str:
+        parts = [self.strategies()] if self.strategies else []
+        parts.append("example:\n" + "\n".join(f"  {line}" for line in self.example.splitlines()))
+        return "\n\n".join(parts)
+
+
+_WRITES_RUN = ("Writes one MLflow run (tracking.uri, default ./mlflow.db; experiment tracking.experiment)\n"
+               "with the metrics, costs, parameters and predictions_<split>.jsonl.")
+
 COMMANDS = [
-    ("eval", "No-FT baseline: index, retrieve top-k, generate, score, record", cmd_eval, None),
-    ("train", "train one strategy (train.strategy=...) and evaluate it", cmd_train, None),
-    ("demo", "all seven strategies on the synthetic task, with costs", cmd_demo, _demo_args),
-    ("sweep", "learning-rate grid per strategy, selected on dev by EM (ties: F1)", cmd_sweep, None),
-    ("report", "paper-style table (Markdown, CSV) and plots from recorded runs", cmd_report, _report_args),
-    ("advise", "which strategy to use, from the paper's decision rule and measured costs", cmd_advise,
-     _advise_args),
+    Command("eval", "No-FT baseline: index, retrieve top-k, generate, score, record", cmd_eval,
+            "Evaluate the base retriever and generator without training (the No-FT row): build the\n"
+            "index of the corpus (cached under <output_dir>/index/), retrieve the top-k passages for every\n"
+            "question of eval_split, generate answers and score EM, F1 and recall@k.\n" + _WRITES_RUN,
+            "distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3"),
+    Command("train", "train one strategy (train.strategy=...) and evaluate it", cmd_train,
+            "Train one strategy on the training split, then evaluate it on eval_split as `eval` does.\n"
+            + _WRITES_RUN + "\nThe trained parts (question encoder, LoRA adapter, config.json) go to\n"
+            "<output_dir>/models/<strategy>-<config hash>/.",
+            "distrag train --config distrag/configs/demo.yaml train.strategy=joint train.rag_loss=sequence",
+            strategy_list),
+    Command("demo", "every strategy of the table on the synthetic task (or any data), with costs", cmd_demo,
+            "Run every strategy of the table on the same data, base models and index (the paper's rows),\n"
+            "one MLflow run each, and print the comparison table with EM, its 95% interval, and costs.\n"
+            "Writes the MLflow runs (experiment distrag-demo) and the report (table.md, table.csv, plots)\n"
+            "to <output_dir>/report/ (runs/demo/report/). Rows that need context labels are skipped on\n"
+            "data without them. --quick: tiny random models (the plumbing, not the numbers).",
+            "distrag demo\ndistrag demo --quick\ndistrag demo data.format=hotpotqa data.path=hotpot_dev.json",
+            strategy_list, _demo_args),
+    Command("sweep", "learning-rate grid per strategy, selected on dev by EM (ties: F1)", cmd_sweep,
+            "Search the learning rates of each strategy in sweep.strategies over the sweep.lr_embedder x\n"
+            "sweep.lr_generator grids: every grid point is trained and scored on the dev split, the best\n"
+            "(dev EM, ties: dev F1) is selected and only the selected models are evaluated on eval_split.\n"
+            "Writes per strategy an MLflow run of kind 'sweep' (search FLOPs and wall-clock, selected\n"
+            "rates) with one child run per grid point (dev metrics) and one for the selected models.",
+            "distrag sweep --config distrag/configs/demo.yaml 'sweep.strategies=[two_phase,joint]' "
+            "'sweep.lr_generator=[3e-4,1e-3]'",
+            sweep_strategy_list),
+    Command("report", "paper-style table, plots and an HTML page from recorded runs", cmd_report,
+            "Read the strategy runs recorded in the MLflow experiment (tracking.uri, tracking.experiment),\n"
+            "keep one comparison group (same dataset, models, eval split, k and settings; by default the\n"
+            "newest complete group, else --group / --dataset; --list-groups lists them) and write its\n"
+            "comparison table (table.md, table.csv), plots (EM against training FLOPs and device-hours,\n"
+            "cost by phase) and report.html (table and plots in one page, for a browser) to --out\n"
+            "(default <output_dir>/report/); the same files are attached to the group's report run in MLflow.",
+            "distrag report --config distrag/configs/demo.yaml\n"
+            "distrag report --config distrag/configs/demo.yaml --list-groups\n"
+            "distrag report tracking.uri=http://mlflow-node:5000 tracking.experiment=distrag-sweep-1234 --out report",
+            None, _report_args),
+    Command("advise", "which strategy to use, from the paper's decision rule and measured costs", cmd_advise,
+            "Apply the paper's decision rule (context labels -> independent; no labels and known learning\n"
+            "rates -> joint; no labels, rates to search -> two-phase) to what one comparison group of the\n"
+            "MLflow experiment measured (chosen as for `report`): EM/F1, training FLOPs, wall-clock and the\n"
+            "projected cost of each strategy's learning-rate search (grid sizes from --config's sweep\n"
+            "section). Prints the recommendation; writes nothing.",
+            "distrag advise --config distrag/configs/demo.yaml --labels\n"
+            "distrag advise --config distrag/configs/demo.yaml --no-labels --lrs-known",
+            strategy_list, _advise_args),
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distrag", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_, fn, extra in COMMANDS:
-        p = sub.add_parser(name, help=help_)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``distrag`` argument parser, one subparser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="distrag", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="distrag: fine-tune retrieval-augmented generation pipelines (retriever, generator or both,\n"
+                    "with the strategies of distrag/training/strategies.py) and account for what each costs.",
+        epilog="examples:\n  distrag demo --quick\n  distrag train --help\n\n"
+               "Every command takes --config FILE.yaml plus dotted overrides (train.lr_generator=1e-4).")
+    parser.add_argument("--version", action="version", version=f"distrag {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.description, epilog=c.epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p)
-        if extra is not None:
-            extra(p)
-        p.set_defaults(fn=fn)
-    args = parser.parse_args(argv)
-    setup_logging(not getattr(args, "quiet", False))
+        if c.extra is not None:
+            c.extra(p)
+        p.set_defaults(fn=c.handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(not getattr(args, "quiet", False), progress=not args.no_progress)
     t0 = time.perf_counter()
     rc = user_error_exit(lambda: args.fn(args))
     if rc == 0:

@@ -19,6 +19,13 @@ TAG_DATASET = "distrag.dataset"
 TAG_EMBEDDER = "distrag.embedder"
 TAG_GENERATOR = "distrag.generator"
 TAG_CONFIG_HASH = "distrag.config_hash"
+"""Hash of the whole configuration (distrag.config.ExperimentConfig.config_hash)."""
+TAG_COMPARISON = "distrag.comparison"
+"""Hash of the settings rows must share to be compared: the configuration without the strategy's own
+fields (distrag.reporting.groups.comparison_hash)."""
+TAG_GROUP = "distrag.group"
+"""The comparison group of a strategy or report run: (dataset, models, eval split, k, comparison hash)
+hashed (distrag.reporting.groups.GroupKey.id); the report and ``advise`` never mix groups."""
 TAG_EVAL_SPLIT = "distrag.eval_split"
 """Split the run's quality metrics were measured on (their name prefix)."""
 TAG_DECODING = "distrag.decoding"
@@ -40,7 +47,7 @@ KIND_SWEEP = "sweep"
 KIND_SWEEP_POINT = "sweep_point"
 """One grid point of a search, evaluated on dev."""
 KIND_REPORT = "report"
-"""The report files as artifacts."""
+"""The report files of one comparison group as artifacts (one run per group, updated in place)."""
 RUN_KINDS = (KIND_EVAL, KIND_STRATEGY, KIND_SWEEP, KIND_SWEEP_POINT, KIND_REPORT)
 
 # -- costs (written by CostLedger.to_metrics with prefix "cost") -------------------------------------
@@ -77,6 +84,23 @@ def split_metric(split: str, name: str) -> str:
     return f"{split}/{name}"
 
 
+AT_K_METRICS = ("recall", "recall_all", "answer_recall")
+"""Quality metrics measured at the eval k: logged as ``<name>_at_<k>`` (e.g. ``test/recall_at_5``) and
+under the k-free name ``<name>`` (``test/recall``), which MLflow's compare view lines up across runs
+evaluated at different k (k itself is the param ``retrieval.top_k`` and the tag ``distrag.eval_k``)."""
+
+
+def k_free(metrics: dict[str, float]) -> dict[str, float]:
+    """The k-free names of the ``<name>_at_<k>`` entries of ``metrics`` (split prefix kept, if any):
+    ``{"test/recall_at_5": 0.4}`` -> ``{"test/recall": 0.4}``."""
+    out = {}
+    for key, v in metrics.items():
+        head, _, tail = key.rpartition("_at_")
+        if head and tail.isdigit() and head.rsplit("/", 1)[-1] in AT_K_METRICS:
+            out[head] = v
+    return out
+
+
 def train_metric(phase: str, name: str) -> str:
     """Training curves: ``train/<phase>/<loss|p_top1|grad_norm>``."""
     return f"train/{phase}/{name}"
@@ -100,3 +124,20 @@ INDEX_VERSION = "index/version"
 INDEX_STALENESS_STEPS = "index/staleness_steps"
 INDEX_SWAP_S = "index/swap_s"
 INDEX_BUILD_S = "index/build_s"
+INDEX_BLOCKED_S = "index/blocked_s"
+"""Seconds a trainer's training steps waited on the index protocol (polls, swaps, weights hand-offs)."""
+INDEX_BLOCKED_SHARE = "index/blocked_share"
+"""``index/blocked_s`` over the trainer's training wall-clock."""
+INDEX_STALENESS_MEAN = "index/staleness_mean"
+"""Mean, over training steps, of the optimizer steps the index in use lagged behind the encoder."""
+INDEX_STALENESS_MAX = "index/staleness_max"
+PHASE_INDEX_RANK = "index_rank"
+"""Ledger phase of a distributed run: the index rank's device time (it holds a device for the whole
+run) and the re-embeddings it published that no trainer adopted (adopted ones are charged to trainer 0
+when it adopts them)."""
+
+
+def trainer_metric(trainer: int, metric: str) -> str:
+    """One trainer's value of an ``index/*`` metric: ``index/blocked_s`` -> ``index/trainer1/blocked_s``."""
+    head, _, name = metric.partition("/")
+    return f"{head}/trainer{trainer}/{name}"

@@ -1,9 +1,13 @@
-"""Atomic writes: files and directories appear complete or not at all, and leave no temporary behind."""
+"""Atomic writes: files and directories appear complete or not at all, leave no temporary behind, and get the
+modes the user's umask gives (the run's secret aside)."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 
+import numpy as np
 import pytest
 
 from distrag import atomic_io
@@ -76,3 +80,64 @@ def test_existing_directory_needs_overwrite(tmp_path):
         (tmp / "w").write_text("2")
     assert sorted(p.name for p in final.iterdir()) == ["w"]  # replaced as a whole, not merged
     assert [p.name for p in tmp_path.iterdir()] == ["index"]  # the old copy is gone
+
+
+# ----------------------------------------------------------------------------------------------
+# modes: what the user's umask gives, like any file they write (teammates on a shared cluster can read)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (``umask(0o027)``), restored afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750),
+                                                       (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+def test_files_and_folders_follow_the_umask(tmp_path, umask, mask, file_mode, dir_mode):
+    umask(mask)
+    assert atomic_io.current_umask() == mask
+    atomic_write_text(tmp_path / "report" / "table.md", "| a |\n")
+    atomic_write_json(tmp_path / "manifest.json", {"a": 1})
+    atomic_write_bytes(tmp_path / "plot.png", b"\x89PNG", fsync=False)
+    with atomic_directory(tmp_path / "index") as tmp:
+        (tmp / "part").write_text("1")
+    assert _mode(tmp_path / "report" / "table.md") == _mode(tmp_path / "manifest.json") == file_mode
+    assert _mode(tmp_path / "plot.png") == file_mode
+    assert _mode(tmp_path / "index") == _mode(tmp_path / "report") == dir_mode
+    atomic_write_text(tmp_path / "manifest.json", "{}")  # replacing a file gives the new one the same mode
+    assert _mode(tmp_path / "manifest.json") == file_mode
+
+
+def test_an_index_folder_is_readable_as_the_umask_allows_and_the_run_secret_stays_private(tmp_path, umask):
+    from distrag.distributed.run_secret import run_secret, secret_path
+    from distrag.retrieval import index_store
+    from distrag.retrieval.sharded_index import ShardedIndex
+
+    umask(0o022)
+    index = ShardedIndex(8, n_shards=2).build(np.random.default_rng(0).standard_normal((20, 8)).astype("float32"))
+    out = index_store.save(index, tmp_path / "run" / "index_v1")
+    assert _mode(out) == 0o755
+    assert {_mode(p) for p in out.rglob("*") if p.is_file()} == {0o644}  # manifest, shards, vectors
+    run_secret(tmp_path / "run")
+    assert _mode(secret_path(tmp_path / "run")) == 0o600  # a key: never what the umask would give
+
+
+def test_the_umask_is_read_without_changing_it(monkeypatch, umask):
+    umask(0o027)
+    if atomic_io._umask_from_proc() is not None:  # Linux: /proc/self/status
+        assert atomic_io._umask_from_proc() == 0o027
+    monkeypatch.setattr(atomic_io, "_umask_from_proc", lambda: None)  # elsewhere: set and put back, once
+    atomic_io._umask_by_setting.cache_clear()
+    try:
+        assert atomic_io.current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        atomic_io._umask_by_setting.cache_clear()

@@ -1,8 +1,12 @@
-"""The command line end to end: `distrag eval` / `train` on tiny configs, and the user-facing failures
-(bad config, missing file, Ft-Embed on data without context labels) with exit code 2."""
+"""The command line end to end: `distrag eval` / `train` / `sweep` on tiny configs, the user-facing failures
+(bad config, missing file, Ft-Embed on data without context labels) with exit code 2, the help texts,
+``--version`` and the progress a sweep logs."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,9 @@ import yaml
 from mlflow_runs import all_runs, artifact_paths
 from sample_data import write_popqa_selfrag
 
+import distrag
 from distrag import cli
+from distrag.training.strategies import GEN, STRATEGIES, Strategy
 
 # ----------------------------------------------------------------------------------------------
 # distrag eval and failures
@@ -120,3 +126,64 @@ def test_two_phase_on_the_same_unlabelled_data_trains(tmp_path, monkeypatch, cap
     assert m["cost/train_flops"] > 0
     assert "test/recall_at_3" not in m  # no labels, no retrieval recall; answer recall still reported
     assert "test/answer_recall_at_3" in m
+
+
+# ----------------------------------------------------------------------------------------------
+# help, version, progress
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"distrag {distrag.__version__}"
+    try:
+        assert importlib.metadata.version("distrag") == distrag.__version__  # the installed package agrees
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was not installed
+        pass
+
+
+@pytest.mark.parametrize("command", [c.name for c in cli.COMMANDS])
+def test_every_command_says_what_it_does_and_writes_with_examples_that_parse(command, capsys):
+    spec = next(c for c in cli.COMMANDS if c.name == command)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert spec.description.splitlines()[0] in out and "write" in spec.description.lower()
+    assert f"example:\n  distrag {command}" in out
+    for line in spec.example.splitlines():
+        args = cli.build_parser().parse_args(shlex.split(line)[1:])  # every example is a valid command line
+        assert args.command == command and args.fn is spec.handler
+    if command in ("train", "demo", "advise"):
+        for s in STRATEGIES:
+            assert re.search(rf"^  {s.key} +{re.escape(s.label)} +{re.escape(s.summary)}$", out, re.M), s.key
+        assert "select with: train.strategy=joint train.rag_loss=sequence" in out
+    if command == "sweep":
+        assert "m x n runs" in out and "m + n runs" in out
+        for s in STRATEGIES:
+            assert (s.train_strategy in out) == (s.search != "none")
+
+
+def test_the_strategy_lists_are_read_from_the_table(monkeypatch):
+    added = Strategy("retro", "Retro-FT", "retro", (GEN,), "separate", "a strategy added to the table")
+    monkeypatch.setattr(cli, "STRATEGIES", (*STRATEGIES, added))
+    assert "retro" in cli.strategy_list() and "a strategy added to the table" in cli.strategy_list()
+    assert "  retro " in cli.sweep_strategy_list() and "Retro-FT: separate search, n runs" in cli.sweep_strategy_list()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sweep_logs_progress_over_its_grid_points_as_plain_lines(tmp_path, monkeypatch, capsys, tiny_encoder_dir,
+                                                                tiny_lm_dir):
+    """Off a terminal (a SLURM job): a progress line per grid point, no progress bar, no carriage return."""
+    monkeypatch.chdir(tmp_path)
+    cfg_path = tiny_config(tmp_path, tiny_encoder_dir, tiny_lm_dir)
+    rc = cli.main(["sweep", "--config", str(cfg_path), "sweep.strategies=[gen_ft]", "sweep.lr_generator=[1e-4,1e-3]"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    progress = [line for line in err.splitlines() if "distrag.progress:" in line]
+    assert [line.split("distrag.progress: ")[1].split(";")[0] for line in progress] == [
+        "sweep: 1/2 grid points (50%), gen_ft lr_generator=0.0001 done",
+        "sweep: 2/2 grid points (100%), gen_ft lr_generator=0.001 done"]
+    assert "\r" not in err and "it/s" not in err

@@ -63,8 +63,10 @@ from typing import Any
 
 import torch
 
+from distrag import metric_names as mn
 from distrag.atomic_io import atomic_write_bytes
 from distrag.distributed import run_secret
+from distrag.distributed.refresh_stats import RefreshStats
 from distrag.errors import IndexRankFailed
 
 PREFIX = "distrag/index/"
@@ -143,6 +145,8 @@ class IndexClient:
         self.history: list[AdoptDecision] = []
         self.failed: str | None = None
         """Why the index rank was declared failed (same on every trainer), else None."""
+        self.stats = RefreshStats()
+        """Time blocked on the protocol, staleness of the index in use, versions adopted."""
         self._rank0 = ctx.info.is_rank0
         self._seen_pub = 0
         self._hb = -1
@@ -166,20 +170,21 @@ class IndexClient:
         store from the training thread once the file is complete (next ``poll`` or submission)."""
         if not self._rank0 or self.store is None:
             return None
-        self._finish_write(block=True)
-        n = self._n_submitted + self._pending_count() + 1
-        blob = {"step": int(step), "n": n,
-                "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}}
-        path = self.weights_dir / f"w_{n:06d}.pt"
+        with self.stats.blocking():
+            self._finish_write(block=True)
+            n = self._n_submitted + self._pending_count() + 1
+            blob = {"step": int(step), "n": n,
+                    "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}}
+            path = self.weights_dir / f"w_{n:06d}.pt"
 
-        def write() -> None:
-            buf = io.BytesIO()
-            torch.save(blob, buf)
-            # the rename keeps it all-or-nothing; a hand-off file is useless after a crash, so no fsync
-            atomic_write_bytes(path, buf.getvalue(), fsync=False)
+            def write() -> None:
+                buf = io.BytesIO()
+                torch.save(blob, buf)
+                # the rename keeps it all-or-nothing; a hand-off file is useless after a crash, so no fsync
+                atomic_write_bytes(path, buf.getvalue(), fsync=False)
 
-        self._writer = threading.Thread(target=write, name=f"distrag-weights-{n}", daemon=True)
-        self._writer.start()
+            self._writer = threading.Thread(target=write, name=f"distrag-weights-{n}", daemon=True)
+            self._writer.start()
         return n
 
     def _pending_count(self) -> int:
@@ -188,7 +193,8 @@ class IndexClient:
     def flush(self) -> None:
         """Wait for the weights being written (if any) and announce them (trainer 0; not a collective)."""
         if self._rank0 and self.store is not None:
-            self._finish_write(block=True)
+            with self.stats.blocking():
+                self._finish_write(block=True)
 
     def _finish_write(self, *, block: bool) -> None:
         """Announce a finished background write (trainer 0, training thread only)."""
@@ -271,7 +277,14 @@ class IndexClient:
     def poll(self, step: int, load_fn: Callable[[str], Any] | None = None) -> AdoptDecision | None:
         """Call on EVERY trainer at EVERY step (a small broadcast). Returns the decision when a newer
         version is adopted at this step (after ``load_fn(path)`` ran on this trainer), else None.
-        Raises :class:`IndexRankFailed` on every trainer at the same step under ``stop``."""
+        Raises :class:`IndexRankFailed` on every trainer at the same step under ``stop``. Its time counts
+        as blocked, and the staleness of the index in use at ``step`` is recorded (``stats``)."""
+        with self.stats.blocking():
+            decision = self._poll(step, load_fn)
+        self.stats.note_step(step, self.current.weights_step if self.current is not None else None)
+        return decision
+
+    def _poll(self, step: int, load_fn: Callable[[str], Any] | None) -> AdoptDecision | None:
         if self.failed is not None or self.store is None:
             return None  # every trainer knows the same thing: no collective needed any more
         if self._rank0:
@@ -306,15 +319,21 @@ class IndexClient:
                           staleness=int(step) - int(meta["weights_step"]), swap_s=time.perf_counter() - t0)
         self.current = d
         self.history.append(d)
+        self.stats.n_adopted += 1
         if self._rank0:
-            self.log_fn({"index/version": d.version, "index/staleness_steps": d.staleness,
-                         "index/swap_s": d.swap_s, "index/build_s": float(meta.get("build_s", 0.0))}, step)
+            self.log_fn({mn.INDEX_VERSION: d.version, mn.INDEX_STALENESS_STEPS: d.staleness,
+                         mn.INDEX_SWAP_S: d.swap_s, mn.INDEX_BUILD_S: float(meta.get("build_s", 0.0))}, step)
         return d
 
     def wait_for_version(self, version: int, step: int, load_fn: Callable[[str], Any] | None = None, *,
                          timeout_s: float | None = None, interval_s: float = 0.2) -> AdoptDecision:
         """Block (every trainer) until a version >= ``version`` is adopted, e.g. the first index.
         Bounded by ``timeout_s`` (default ``index_timeout_s``); a failure raises under both policies."""
+        with self.stats.blocking():
+            return self._wait_for_version(version, step, load_fn, timeout_s, interval_s)
+
+    def _wait_for_version(self, version: int, step: int, load_fn: Callable[[str], Any] | None,
+                          timeout_s: float | None, interval_s: float) -> AdoptDecision:
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
         while True:
             if self.current is not None and self.current.version >= version:
@@ -353,11 +372,12 @@ class IndexClient:
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to know about the index in use."""
-        return {"current": asdict(self.current) if self.current else None}
+        return {"current": asdict(self.current) if self.current else None, "stats": self.stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         cur = state.get("current")
         self.current = AdoptDecision(**cur) if cur else None
+        self.stats.load_state_dict(state.get("stats") or {})
 
 
 def _print_metrics(metrics: dict, step: int) -> None:

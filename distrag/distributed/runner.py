@@ -22,10 +22,12 @@ joins a trainer collective; DeepSpeed only ever sees the trainers (its default g
   5. ``train_loop``       the preemption handler, then the strategy's phases (index adoption and
                           checkpoints happen in the trainer's hooks).
   6. ``finalize``         the collectives every trainer calls (gathered LoRA adapter, so ZeRO-3
-                          adapters are never saved empty; all trainers' ledgers); then trainer 0
-                          evaluates with the gathered adapter and records quality and the merged ledger
-                          of all trainers in ONE MLflow run, or, when the run stopped early, requeues
-                          the job; every trainer records the index versions it adopted.
+                          adapters are never saved empty; all trainers' ledgers and refresh stats); then
+                          trainer 0 evaluates with the gathered adapter and records quality, the merged
+                          ledger of all trainers and of the index rank (its device time, phase
+                          ``index_rank``), and each trainer's time blocked on the index and staleness in
+                          ONE MLflow run, or, when the run stopped early, requeues the job; every trainer
+                          records the index versions it adopted.
 
   Every collective is called by every trainer, in the same order.
 """
@@ -52,7 +54,9 @@ from distrag.distributed.deepspeed_trainer import DistributedTrainer
 from distrag.distributed.refresh_client import K_DONE, IndexClient
 from distrag.distributed.refresh_server import serve_index
 from distrag.errors import CheckpointError
+from distrag.logging_setup import progress_enabled
 from distrag.retrieval import index_store
+from distrag.retrieval.corpus_encoding import CorpusEncoder
 from distrag.training.strategies import phases_for
 from distrag.training.trainer import TrainState, set_embedder_trainable
 
@@ -138,7 +142,7 @@ class TrainerRun:
         from distrag.training.experiment import Experiment
 
         attach_deepspeed(self.ctx)
-        self.exp = Experiment(self.cfg, show_progress=self.rank0, is_rank0=self.rank0)
+        self.exp = Experiment(self.cfg, show_progress=self.rank0 and progress_enabled(), is_rank0=self.rank0)
         with outside_zero3_init():
             if self.rank0:
                 self.exp.setup()
@@ -179,17 +183,19 @@ class TrainerRun:
         self.t0 = time.perf_counter()
         self.trainer = DistributedTrainer(
             cfg, exp.splits.corpus, exp.splits.train, embedder, generator, exp.index, self.acc,
-            on_metrics=self.tracker.log_metrics, show_progress=self.rank0, ctx=self.ctx, ckpt=self.ckpt,
+            on_metrics=self.tracker.log_metrics, show_progress=self.exp.show_progress, ctx=self.ctx, ckpt=self.ckpt,
             client=self.client, tracker=self.tracker,
             restored=(restored.path, restored.payload) if restored is not None else None)
 
     def _start_ledger(self, restored: Restored | None) -> CostLedger:
-        """This trainer's ledger as saved in the checkpoint, else a fresh one holding the index build."""
+        """This trainer's ledger as saved in the checkpoint, else a fresh one; trainer 0's holds the
+        frozen index build (the others load the index trainer 0 built: the merged ledger charges it once)."""
         rank_payload = restored.rank_payload if restored is not None else None
         if rank_payload and rank_payload.get("ledger"):
             return CostLedger.from_state_dict(rank_payload["ledger"])
         ledger = CostLedger()
-        ledger.merge(self.exp.index_ledger)
+        if self.rank0:
+            ledger.merge(self.exp.index_ledger)
         return ledger
 
     # -- 4. resume -----------------------------------------------------------------------------------
@@ -223,25 +229,29 @@ class TrainerRun:
     def finalize(self) -> int:
         """Collectives first (every trainer), then trainer 0's records; returns the exit code."""
         lora = self.trainer.lora_state()  # collective (ZeRO-3 gathers the adapter)
-        ledgers = self._gather_ledgers()  # collective
+        records = self._gather_records()  # collective
         rc = 0
         if self.trainer.stopped:
             rc = self._stopped_early()
         elif self.rank0:
-            self._record_results(lora, ledgers)
+            self._record_results(lora, records)
         if self.client is not None:
             self._record_adoptions()
             self.client.done()
         self.ctx.barrier_trainers()
         return rc
 
-    def _gather_ledgers(self) -> list[dict]:
-        """Every trainer's ledger state (an all_gather over the trainers; just this one without a group)."""
+    def _gather_records(self) -> list[dict]:
+        """Every trainer's ledger state and, with an index rank, its refresh stats (``index``: blocked
+        time and share of its training wall-clock, staleness), in trainer order (an all_gather over the
+        trainers; just this one without a group)."""
+        mine = {"ledger": self.acc.ledger.state_dict(),
+                "index": self.client.stats.summary(time.perf_counter() - self.t0) if self.client is not None else None}
         if not self.ctx.has_group:
-            return [self.acc.ledger.state_dict()]
-        states = [None] * self.ctx.info.n_trainers
-        torch.distributed.all_gather_object(states, self.acc.ledger.state_dict())
-        return states
+            return [mine]
+        records = [None] * self.ctx.info.n_trainers
+        torch.distributed.all_gather_object(records, mine)
+        return records
 
     def _stopped_early(self) -> int:
         """``distributed.stop_after`` or a preemption: the checkpoint is written; trainer 0 requeues a
@@ -253,15 +263,18 @@ class TrainerRun:
                 preemption.requeue(self.ctx)
         return preemption.EXIT_REQUEUED
 
-    def _record_results(self, lora: dict | None, ledgers: list[dict]) -> None:
+    def _record_results(self, lora: dict | None, records: list[dict]) -> None:
         """Trainer 0: history.json; the evaluation with the gathered adapter, recorded with the merged
-        ledger of all trainers in the MLflow run; the distributed metrics; the result table."""
+        ledger of all trainers (and of the index rank) in the MLflow run; the distributed and index-refresh
+        metrics; the result table."""
         from distrag.reporting.report import print_results
         from distrag.training.experiment import PASSAGES_REEMBEDDED, Models
 
         trainer, n_trainers = self.trainer, self.ctx.info.n_trainers
         atomic_write_json(self.root / "history.json", trainer.state.history)
-        total = _merged_ledger(ledgers)
+        total = _merged_ledger([r["ledger"] for r in records])
+        if self.client is not None:  # the index rank held a device as long as the trainers did
+            total.merge(self._index_rank_ledger(total.wall_s), parallel=True)
         generator = self._eval_generator(lora)
         set_embedder_trainable(trainer.embedder, False)
         models = Models(trainer.embedder, generator, trainer.index, total, CostLedger(), trainer.state.history)
@@ -271,8 +284,25 @@ class TrainerRun:
             models.passage_vectors = PASSAGES_REEMBEDDED
         res = self.exp.evaluate(self.cfg, models, self.tracker, split=self.cfg.eval_split, t0=self.t0)
         self.tracker.log_metrics({mn.DIST_N_TRAINERS: n_trainers,
-                                  mn.DIST_INDEX_VERSIONS: trainer.state.index_version})
+                                  mn.DIST_INDEX_VERSIONS: trainer.state.index_version,
+                                  **refresh_metrics([r["index"] for r in records if r["index"] is not None])})
         print_results([res], title=f"{res.label} on {self.exp.splits.name}, {n_trainers} trainer(s)")
+
+    def _index_rank_ledger(self, seconds: float) -> CostLedger:
+        """The index rank's costs, phase ``index_rank``: one device for ``seconds`` (the run's wall-clock),
+        and one corpus pass per version it published (by now) that trainer 0 never adopted (trainer 0 is
+        charged a pass per adopted version when it adopts it; a version abandoned half-way is not charged)."""
+        latest = index_store.latest_version(self.root / "index")
+        unadopted = max(0, (latest[0] if latest else 0) - self.client.stats.n_adopted)
+        now = [0.0]
+        ledger = CostLedger(clock=lambda: now[0])
+        with ledger.phase(mn.PHASE_INDEX_RANK):
+            if unadopted:
+                corpus = self.exp.splits.corpus
+                one_pass = CorpusEncoder(self.trainer.embedder, corpus.texts()).cost.flops
+                ledger.add("encode_passages", unadopted * one_pass, passages=unadopted * len(corpus))
+            now[0] = seconds
+        return ledger
 
     def _eval_generator(self, lora: dict | None) -> Generator:
         """A copy of the base generator carrying the gathered LoRA adapter (when one was trained)."""
@@ -291,11 +321,29 @@ class TrainerRun:
 
 
 def _merged_ledger(states: list[dict]) -> CostLedger:
-    """All trainers' ledgers as one: the trainers ran in parallel."""
+    """All trainers' ledgers as one: the trainers ran in parallel (FLOPs and device-seconds add, the
+    wall-clock is the longest)."""
     total = CostLedger(n_devices=1)
     for st in states:
         total.merge(CostLedger.from_state_dict(st), parallel=True)
     return total
+
+
+def refresh_metrics(stats: list[dict]) -> dict[str, float]:
+    """The index-refresh metrics of a run from every trainer's :meth:`RefreshStats.summary` (trainer
+    order): per trainer ``index/trainer<i>/blocked_s`` and ``.../blocked_share``; overall the mean blocked
+    time and share over the trainers, and the staleness (agreed: trainer 0's)."""
+    if not stats:
+        return {}
+    out = {}
+    for i, st in enumerate(stats):
+        out[mn.trainer_metric(i, mn.INDEX_BLOCKED_S)] = st["blocked_s"]
+        out[mn.trainer_metric(i, mn.INDEX_BLOCKED_SHARE)] = st["blocked_share"]
+    out[mn.INDEX_BLOCKED_S] = sum(st["blocked_s"] for st in stats) / len(stats)
+    out[mn.INDEX_BLOCKED_SHARE] = sum(st["blocked_share"] for st in stats) / len(stats)
+    out[mn.INDEX_STALENESS_MEAN] = stats[0]["staleness_mean"]
+    out[mn.INDEX_STALENESS_MAX] = stats[0]["staleness_max"]
+    return out
 
 
 def run(cfg: ExperimentConfig) -> int:

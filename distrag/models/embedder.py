@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distrag.atomic_io import follow_umask
 from distrag.config import EmbedderConfig
 from distrag.errors import EmbedderError
 from distrag.models.sources import ModelSource, pick_device, resolve_model
@@ -187,7 +188,7 @@ class Embedder(torch.nn.Module):
             "pooling_mode_mean_tokens": self.pooling == "mean", "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
         (path / "2_Normalize").mkdir(exist_ok=True)
-        return path
+        return follow_umask(path)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 
+from distrag.atomic_io import follow_umask
 from distrag.config import GeneratorConfig, LoRAConfig
 from distrag.data.records import Passage
 from distrag.errors import GeneratorError
@@ -359,7 +360,7 @@ class Generator:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
-        return path
+        return follow_umask(path)
 
     def load_adapter(self, path: str | Path, *, trainable: bool = True) -> Generator:
         """Load a LoRA adapter saved by :meth:`save_adapter` (wraps the model, or replaces its weights)."""

@@ -8,7 +8,9 @@ different compute. Their rule:
 - no context labels, good learning rates known -> joint (RAG-Sequence / RAG-Token): one run;
 - no context labels, learning rates to search -> two-phase: its search is m + n runs, joint's m x n.
 
-``advise`` applies the rule to what this MLflow experiment measured (``distrag.reporting.results.load_runs``):
+``advise`` applies the rule to what one comparison group of this MLflow experiment measured
+(:func:`distrag.reporting.results.load_group`: same dataset, models, eval split, k and settings; by
+default the newest complete group, see :mod:`distrag.reporting.groups`):
 EM/F1 of each recorded strategy, training FLOPs, wall-clock, the search cost projected from the
 measured per-run (or per-phase) cost and the grid sizes (m = len(sweep.lr_embedder),
 n = len(sweep.lr_generator); the search shape of each strategy comes from the strategy table), and
@@ -22,8 +24,10 @@ import math
 from dataclasses import dataclass
 
 from distrag import metric_names as mn
+from distrag.errors import ConfigError
+from distrag.reporting.groups import GroupSelection, other_groups_note
 from distrag.reporting.report import fmt_flops
-from distrag.reporting.results import StrategyResult
+from distrag.reporting.results import Loaded, StrategyResult
 from distrag.training.strategies import BY_KEY, STRATEGIES, Strategy
 
 __all__ = ["advise", "em_noise", "training_compute"]
@@ -96,10 +100,10 @@ def _secs(s: float) -> str:
 # what was measured
 
 
-def _measured(runs: list[StrategyResult], experiment: str) -> list[str]:
-    if not runs:
-        return [f"No finished strategy runs in MLflow experiment '{experiment}'."]
-    lines = [f"Measured in MLflow experiment '{experiment}' ({len(runs)} strategies):"]
+def _measured(runs: list[StrategyResult], experiment: str, loaded: Loaded) -> list[str]:
+    g = loaded.group
+    lines = [f"Measured in MLflow experiment '{experiment}', comparison group {g.id} ({loaded.why}): "
+             f"{g.key.describe()} ({len(runs)} strategies):"]
     width = max(len(r.label) for r in runs)
     for r in runs:
         search = f", LR search {fmt_flops(r.search_flops)} FLOPs (measured)" if r.search_flops else ""
@@ -107,7 +111,8 @@ def _measured(runs: list[StrategyResult], experiment: str) -> list[str]:
                      f"train {fmt_flops(r.costs.get(mn.COST_TRAIN_FLOPS, 0.0))} "
                      f"FLOPs (training compute {fmt_flops(training_compute(r.costs))})  wall-clock "
                      f"{_secs(r.seconds)}  on {int(r.metric('n_questions'))} questions{search}")
-    return lines
+    note = other_groups_note(loaded.groups, g)
+    return lines + ([f"  ({note})"] if note else [])
 
 
 def _noise(runs: list[StrategyResult]) -> list[str]:
@@ -275,24 +280,33 @@ def _rec_no_labels(by_key: dict[str, StrategyResult], proj: dict[str, _Projectio
     return out
 
 
-def advise(tracking_cfg, *, labels_available: bool | None, lrs_known: bool, grid=None) -> str:
-    """The recommendation, explained with the numbers measured in ``tracking_cfg``'s experiment.
+def advise(tracking_cfg, *, labels_available: bool | None, lrs_known: bool, grid=None,
+           selection: GroupSelection | None = None) -> str:
+    """The recommendation, explained with the numbers measured in one comparison group of
+    ``tracking_cfg``'s experiment: the one ``selection`` picks, by default the newest complete group
+    (:mod:`distrag.reporting.groups`); ``selection.list_groups`` lists the groups instead.
 
     ``labels_available=None`` reads it from the runs (an Ft-Embed / Independent run exists, retrieval
     recall was measured, or the dataset is PopQA) or says it could not tell. ``grid`` is an
     ``ExperimentConfig``, a ``SweepConfig`` or ``(m, n)``; by default the sweep grid recorded with the
     runs (else the default grid).
     """
-    from distrag.reporting.results import load_runs
+    from distrag.reporting.report import groups_text
+    from distrag.reporting.results import load_group
 
+    if selection is not None and selection.list_groups:
+        return groups_text(tracking_cfg) + "\n"
     lines: list[str] = []
+    runs: list[StrategyResult] = []
     try:
-        runs = load_runs(tracking_cfg)
-    except ValueError as e:
-        runs = []
-        lines.append(f"No measurements: {e}.")
-    if runs or not lines:
-        lines += _measured(runs, tracking_cfg.experiment)
+        loaded = load_group(tracking_cfg, selection)
+    except ConfigError as e:
+        if selection is not None and (selection.group or selection.dataset):
+            raise  # a group that was asked for and is not there is the user's error
+        lines.append("No measurements: " + "; ".join(msg for _, msg in e.problems) + ".")
+    else:
+        runs = loaded.group.rows
+        lines += _measured(runs, tracking_cfg.experiment, loaded)
     lines += _noise(runs)
     g = _grid(grid, runs[0].params if runs else {})
     by_key = {r.key: r for r in runs}

@@ -1,8 +1,12 @@
-"""Result tables: the paper-style comparison of strategies by quality and cost.
+"""Result tables and the report: the paper-style comparison of strategies by quality and cost.
 
-Rows are :class:`~distrag.reporting.results.StrategyResult` s, fresh from a run or read back from
-MLflow; the same functions print the terminal table and write ``table.md``, ``table.csv``,
-``em_vs_flops.png`` and ``cost_by_phase.png``.
+Rows are :class:`~distrag.reporting.results.StrategyResult` s of ONE comparison group
+(:mod:`distrag.reporting.groups`), fresh from a run or read back from MLflow. The same column list makes
+the terminal table, ``table.md`` and ``table.csv``; the report adds the plots (:mod:`distrag.reporting.plots`:
+``em_vs_flops.png``, ``em_vs_device_hours.png``, ``cost_by_phase.png``) and ``report.html``, one
+self-contained page with the table and the plots (:mod:`distrag.reporting.html_page`). Each group has
+one MLflow run of kind ``report`` (tag ``distrag.group``), found again and updated in place by every
+later report of that group.
 """
 
 from __future__ import annotations
@@ -10,9 +14,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distrag import metric_names as mn
-from distrag.reporting.results import StrategyResult, load_runs
+from distrag.reporting.groups import GroupKey, GroupSelection, describe_groups, key_of, other_groups_note
+from distrag.reporting.results import StrategyResult, load_group, load_groups
+from distrag.training.strategies import BY_KEY
+
+if TYPE_CHECKING:
+    from distrag.config import TrackingConfig
 
 
 def fmt_flops(x: float | None) -> str:
@@ -35,12 +45,14 @@ def em_interval(em: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
-def _metric_at(metrics: dict[str, float], prefix: str) -> tuple[float | None, int | None]:
-    """(value, k) of the metric named ``<prefix><k>`` (e.g. recall_at_5), or (None, None)."""
-    for name, v in metrics.items():
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return v, int(name[len(prefix):])
-    return None, None
+def _at_k(metrics: dict[str, float], name: str) -> tuple[float | None, int | None]:
+    """(value, k) of an at-k metric: its k-free name (``recall``), else ``<name>_at_<k>`` (runs recorded
+    before the k-free names); (None, None) when not measured."""
+    for key, v in metrics.items():
+        head, _, tail = key.rpartition("_at_")
+        if head == name and tail.isdigit():
+            return metrics.get(name, v), int(tail)
+    return metrics.get(name), None
 
 
 def result_rows(results: Sequence[StrategyResult]) -> list[dict]:
@@ -49,13 +61,13 @@ def result_rows(results: Sequence[StrategyResult]) -> list[dict]:
     for r in results:
         m, c = r.metrics, r.costs
         pct, k = {}, r.k
-        for key, prefix in (("recall", "recall_at_"), ("recall_all", "recall_all_at_"),
-                            ("answer_recall", "answer_recall_at_")):
-            v, at = _metric_at(m, prefix)
-            pct[key] = None if v is None else 100 * v
+        for name in mn.AT_K_METRICS:
+            v, at = _at_k(m, name)
+            pct[name] = None if v is None else 100 * v
             k = k or at
         n = int(m.get("n_questions", 0))
         lo, hi = em_interval(m.get("em", 0.0), n)
+        blocked = r.extra.get(mn.INDEX_BLOCKED_SHARE)
         rows.append({
             "strategy": r.label, "em": 100 * m.get("em", 0.0), "em_ci_low": 100 * lo, "em_ci_high": 100 * hi,
             "f1": 100 * m.get("f1", 0.0), **pct, "k": k,
@@ -65,6 +77,8 @@ def result_rows(results: Sequence[StrategyResult]) -> list[dict]:
             "wall_s": c.get(mn.COST_WALL_S, r.seconds),
             "device_hours": c.get(mn.COST_DEVICE_HOURS),
             "trainable_params": c.get(mn.COST_TRAINABLE_PARAMS),
+            "staleness": r.extra.get(mn.INDEX_STALENESS_MEAN),
+            "blocked_share": None if blocked is None else 100 * blocked,
             "search_flops": r.search_flops,
             "n": n,
             "run_id": r.run_id,
@@ -77,6 +91,7 @@ _COLUMNS = [("strategy", "Strategy"), ("em", "EM"), ("em_ci", "EM 95% CI"), ("f1
             ("recall", "Recall@{k}"), ("recall_all", "Recall-all@{k}"), ("answer_recall", "Answer recall@{k}"),
             ("passage_vectors", "Passages"), ("train_flops", "Train FLOPs"), ("total_flops", "Total FLOPs"),
             ("wall_s", "Wall-clock (s)"), ("device_hours", "Device-hours"), ("trainable_params", "Trainable params"),
+            ("staleness", "Index staleness (steps)"), ("blocked_share", "Blocked on index (%)"),
             ("search_flops", "LR-search FLOPs"), ("n", "Questions")]
 
 
@@ -86,7 +101,7 @@ def _cell(key: str, row: dict, *, terminal: bool) -> str:
         return "-"
     if key == "em_ci":
         return f"{v[0]:.1f}-{v[1]:.1f}"
-    if key in ("em", "f1", "recall", "recall_all", "answer_recall"):
+    if key in ("em", "f1", *mn.AT_K_METRICS, "staleness", "blocked_share"):
         return f"{v:.1f}"
     if key.endswith("flops"):
         return fmt_flops(v) if terminal else f"{v:.3g}"
@@ -124,11 +139,15 @@ def table_caption(rows: list[dict]) -> str:
 
 
 def print_results(results: Sequence[StrategyResult], *, title: str = "Results", console=None) -> None:
+    """The table on the terminal (rich), caption included."""
     from rich.console import Console
     from rich.table import Table
 
+    from distrag.logging_setup import is_interactive
+
     rows = result_rows(results)
-    console = console or Console(width=max(Console().width, 150))
+    # a log file (every SLURM job) gets the table at its natural width: nothing cut to fit 80 columns
+    console = console or Console(width=max(Console().width, 150) if is_interactive() else 1000)
     t = Table(title=title, title_justify="left", caption=table_caption(rows) or None, caption_justify="left")
     cols = _columns(rows)
     for key, header in cols:
@@ -139,7 +158,11 @@ def print_results(results: Sequence[StrategyResult], *, title: str = "Results", 
 
 
 # ----------------------------------------------------------------------------------------------
-# report files: table.md, table.csv, em_vs_flops.png, cost_by_phase.png
+# report files: table.md, table.csv, the plots, report.html
+
+REPORT_FILES = ("table.md", "table.csv", "em_vs_flops.png", "em_vs_device_hours.png", "cost_by_phase.png",
+                "report.html")
+"""What a report writes, in this order (and attaches to the group's report run under ``report/``)."""
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -165,102 +188,110 @@ def write_csv(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def plot_em_vs_flops(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for i, r in enumerate(rows):
-        x = max(r["train_flops"] or 0.0, 1.0)
-        ax.scatter(x, r["em"], s=60, zorder=3)
-        # staggered labels: strategies often land on the same spot
-        ax.annotate(r["strategy"], (x, r["em"]), textcoords="offset points", xytext=(-8, 6 - 11 * (i % 3)),
-                    ha="right", fontsize=9)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (log scale; No-FT drawn at 1)")
-    ax.set_ylabel("EM (%)")
-    ax.set_title("Quality vs training compute")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    _save_fig(fig, path)
+def report_heading(key: GroupKey | None, results: Sequence[StrategyResult], why: str = "") -> tuple[str, list[str]]:
+    """Title and lines under it: what the rows share (the group) and where they come from."""
+    if key is None:
+        return "distrag report", []
+    title = f"distrag report: {key.dataset or '?'}, {key.eval_split or '?'} split, k={key.k}"
+    meta = [f"Comparison group {key.id}" + (f" ({why})" if why else "") + f": {key.describe()}.",
+            f"{len(results)} strategies; runs: " + ", ".join(f"{r.label} {r.run_id}" for r in results if r.run_id)]
+    return title, meta
 
 
-def plot_cost_by_phase(results_costs: list[tuple[str, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    phases: list[str] = []
-    for _, c in results_costs:
-        for p in mn.phase_values(c):
-            if p not in phases:
-                phases.append(p)
-    fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=120)
-    bottom = [0.0] * len(results_costs)
-    labels = [lab for lab, _ in results_costs]
-    for p in phases:
-        vals = [mn.phase_values(c).get(p, 0.0) for _, c in results_costs]
-        ax.bar(labels, vals, bottom=bottom, label=p)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_ylabel("FLOPs")
-    ax.set_title("Cost per strategy, stacked by phase")
-    ax.legend(fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    _save_fig(fig, path)
-
-
-def _save_fig(fig, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from distrag.atomic_io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def write_report_files(rows: list[dict], results_costs: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
+def write_report_files(results: Sequence[StrategyResult], out_dir: Path, *, title: str = "distrag report",
+                       meta: Sequence[str] = ()) -> list[Path]:
+    """``REPORT_FILES`` for ``results`` (one comparison group) under ``out_dir``; returns their paths."""
     from distrag.atomic_io import atomic_write_text
+    from distrag.reporting.html_page import Plot, report_page
+    from distrag.reporting.plots import cost_by_phase_figure, em_vs_cost_figure, save_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [out_dir / "table.md", out_dir / "table.csv", out_dir / "em_vs_flops.png", out_dir / "cost_by_phase.png"]
+    files = [out_dir / name for name in REPORT_FILES]
+    rows = result_rows(results)
     caption = table_caption(rows)
-    atomic_write_text(files[0], markdown_table(rows) + (f"\n{caption}\n" if caption else ""))
+    atomic_write_text(files[0], markdown_table(rows) + (f"\n{caption}\n" if caption else "")
+                      + "".join(f"\n{line}\n" for line in meta))
     write_csv(rows, files[1])
-    plot_em_vs_flops(rows, files[2])
-    plot_cost_by_phase(results_costs, files[3])
+    plots = [
+        Plot("EM vs training FLOPs", save_png(em_vs_cost_figure(
+            rows, "train_flops", xlabel="training FLOPs", title="Quality vs training compute"), files[2]),
+            "EM with its 95% Wilson interval against the FLOPs spent training (a row that trains nothing is the "
+            "dashed band)."),
+        Plot("EM vs device-hours", save_png(em_vs_cost_figure(
+            rows, "device_hours", xlabel="device-hours (whole run)", title="Quality vs device time"), files[3]),
+            "EM with its 95% Wilson interval against the device-hours of the whole run (index, training, "
+            "evaluation; every device of a distributed run, its index rank included)."),
+        Plot("Cost by phase", save_png(cost_by_phase_figure([(r.label, r.costs) for r in results]), files[4]),
+             "FLOPs and device-hours of each ledger phase of each strategy (log scales)."),
+    ]
+    cols = _columns(rows)
+    atomic_write_text(files[5], report_page(
+        title=title, meta=meta, headers=[h for _, h in cols],
+        cells=[[_cell(k, r, terminal=True) for k, _ in cols] for r in rows],
+        numeric=[k not in ("strategy", "passage_vectors") for k, _ in cols], caption=caption, figures=plots))
     return files
 
 
-def write_report_for_results(results: Sequence[StrategyResult], out_dir: Path, *, tracking_cfg=None,
-                             tracker=None) -> Path:
-    """Report files for ``results``, attached to ``tracker``'s run, or else (tracking on) to a new MLflow
-    run of kind ``report`` in ``tracking_cfg``'s experiment."""
-    files = write_report_files(result_rows(results), [(r.label, r.costs) for r in results], out_dir)
-    if tracker is None and tracking_cfg is not None and tracking_cfg.enabled:
-        from distrag.reporting.tracking import Tracker
+def _group_key(results: Sequence[StrategyResult]) -> GroupKey | None:
+    keys = {key_of(r) for r in results}
+    if len(keys) > 1:
+        raise ValueError(f"a report shows one comparison group; these results span {len(keys)}: "
+                         + "; ".join(k.describe() for k in keys))
+    return next(iter(keys), None)
 
-        with Tracker.open(tracking_cfg, run_name="report", tags={mn.TAG_KIND: mn.KIND_REPORT}) as tr:
+
+def _report_tracker(tracking_cfg: TrackingConfig, key: GroupKey):
+    """The group's report run, reopened when it exists (found by its ``distrag.group`` tag), else created."""
+    from distrag.reporting.results import open_experiment
+    from distrag.reporting.tracking import Tracker
+
+    client, exp = open_experiment(tracking_cfg)
+    found = client.search_runs([exp.experiment_id], f"tags.`{mn.TAG_KIND}` = '{mn.KIND_REPORT}' and "
+                               f"tags.`{mn.TAG_GROUP}` = '{key.id}'", order_by=["attributes.start_time DESC"],
+                               max_results=1)
+    return Tracker.open(tracking_cfg, run_name=f"report {key.id} {key.dataset or ''}".strip(),
+                        tags={mn.TAG_KIND: mn.KIND_REPORT, **key.tags()},
+                        run_id=found[0].info.run_id if found else None)
+
+
+def write_report_for_results(results: Sequence[StrategyResult], out_dir: Path, *, tracking_cfg=None,
+                             why: str = "") -> Path:
+    """Report files for ``results`` (one comparison group) in ``out_dir``, attached (tracking on) to the
+    group's report run in ``tracking_cfg``'s experiment: the same run every time, its files replaced."""
+    key = _group_key(results)
+    title, meta = report_heading(key, results, why)
+    files = write_report_files(results, out_dir, title=title, meta=meta)
+    if key is not None and tracking_cfg is not None and tracking_cfg.enabled:
+        with _report_tracker(tracking_cfg, key) as tr:
             for f in files:
                 tr.log_artifact(f, "report")
-    elif tracker is not None:
-        for f in files:
-            tracker.log_artifact(f, "report")
     return Path(out_dir)
 
 
-def write_report(tracking_cfg, out_dir: Path) -> Path:
-    """`distrag report`: the paper-style table and plots from the runs recorded in MLflow."""
-    runs = load_runs(tracking_cfg)
-    if not runs:
-        raise ValueError(f"experiment {tracking_cfg.experiment!r} has no finished strategy runs yet")
-    print_results(runs, title=f"Strategies recorded in MLflow experiment '{tracking_cfg.experiment}'")
-    return write_report_for_results(runs, out_dir, tracking_cfg=tracking_cfg)
+def groups_text(tracking_cfg: TrackingConfig) -> str:
+    """``--list-groups``: every comparison group recorded, newest first."""
+    groups = load_groups(tracking_cfg)
+    if not groups:
+        return f"no finished strategy runs in MLflow experiment '{tracking_cfg.experiment}'"
+    return (f"Comparison groups in MLflow experiment '{tracking_cfg.experiment}' (id, strategies, newest run, "
+            f"dataset, split, k, models, settings hash), newest first:\n{describe_groups(groups)}")
+
+
+def write_report(tracking_cfg: TrackingConfig, out_dir: Path, selection: GroupSelection | None = None) -> Path | None:
+    """`distrag report`: the table, plots and page of one comparison group recorded in MLflow (the one
+    ``selection`` picks, by default the newest complete group); with ``selection.list_groups`` the groups
+    are listed instead (returns None)."""
+    if selection is not None and selection.list_groups:
+        print(groups_text(tracking_cfg))
+        return None
+    loaded = load_group(tracking_cfg, selection)
+    g = loaded.group
+    print_results(g.rows, title=f"Comparison group {g.id} ({loaded.why}) in MLflow experiment "
+                                f"'{tracking_cfg.experiment}': {g.key.describe()}")
+    note = other_groups_note(loaded.groups, g)
+    if note:
+        print(note)
+    if not g.complete:
+        print("missing from this group: " + ", ".join(BY_KEY[k].label for k in g.missing))
+    return write_report_for_results(g.rows, out_dir, tracking_cfg=tracking_cfg, why=loaded.why)

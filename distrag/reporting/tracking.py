@@ -13,8 +13,9 @@ in the environment, where MLflow reads them, and keep them out of the URI.
 
 Tags every distrag run carries (used by ``distrag report``; the names live in distrag/metric_names.py):
 ``distrag.kind`` (eval | strategy | sweep | sweep_point | report), ``distrag.strategy``, ``distrag.dataset``,
-``distrag.embedder``, ``distrag.generator``, ``distrag.config_hash``; strategy runs add ``distrag.label``,
-``distrag.eval_split`` and ``distrag.decoding``, sweep runs ``distrag.selected_run`` and ``distrag.notes``.
+``distrag.embedder``, ``distrag.generator``, ``distrag.config_hash``, ``distrag.comparison``; strategy runs add
+``distrag.label``, ``distrag.eval_split``, ``distrag.decoding``, ``distrag.eval_k``, ``distrag.passage_vectors``
+and ``distrag.group``, sweep runs ``distrag.selected_run`` and ``distrag.notes``, report runs ``distrag.group``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 from distrag import metric_names as mn
 from distrag.config import ExperimentConfig, TrackingConfig
 from distrag.redaction import mask_credentials, masked_exception
+from distrag.reporting.groups import comparison_hash
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,15 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 def default_tracking_uri(workdir: str | Path | None = None) -> str:
     workdir = Path(workdir or os.getcwd()).resolve()
     return f"sqlite:///{workdir / DEFAULT_DB}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (absolute, or relative to the working folder),
+    else None (a server, or an in-memory database)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path).resolve() if path and path != ":memory:" else None
 
 
 def _masks_errors(fn: Callable) -> Callable:
@@ -204,6 +215,7 @@ def experiment_tags(cfg: ExperimentConfig, *, kind: str, strategy: str, dataset:
         mn.TAG_EMBEDDER: cfg.embedder.model,
         mn.TAG_GENERATOR: cfg.generator.model,
         mn.TAG_CONFIG_HASH: cfg.config_hash(),
+        mn.TAG_COMPARISON: comparison_hash(cfg),
     }
 
 

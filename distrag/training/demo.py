@@ -4,7 +4,7 @@ task or on any dataset the loaders read (``distrag demo data.format=hotpotqa dat
 Every strategy of the table (distrag/training/strategies.py: No-FT, Ft-Embed, Ft-Gen, Independent,
 Two-phase, RAG-Seq and RAG-Tok) runs on the same data, the same base models and the same frozen index,
 one MLflow run each (Independent combines the Ft-Embed and Ft-Gen rows' models instead of training them
-again), then the report (table, CSV, plots) is written and attached to MLflow. ``--quick`` swaps in tiny
+again), then the report (table, CSV, plots, HTML page) is written and attached to MLflow. ``--quick`` swaps in tiny
 random models and a tiny world (for tests and smoke runs: the numbers then mean nothing, the plumbing is
 the same). On data without context labels (PopQA) the rows that need them (Ft-Embed, Independent) are
 skipped, and the output says so.
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from distrag.config import ExperimentConfig, load_config
+from distrag.logging_setup import progress_enabled, track
 from distrag.training.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,10 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
     if quick:
         cfg = quick_models(cfg)
     t0 = time.perf_counter()
-    exp = Experiment(cfg, show_progress=show_progress).setup()
+    exp = Experiment(cfg, show_progress=progress_enabled(show_progress)).setup()
     labelled = all(q.has_labels for q in exp.splits.train)
     results, kept, skipped = [], {}, []
-    for strategy in STRATEGIES:
+    for strategy in track(STRATEGIES, "demo", enabled=show_progress, unit="strategies", name=lambda s: s.label):
         c = strategy.apply(cfg)
         if strategy.needs_labels and not labelled:
             skipped.append(strategy.label)  # MNRL needs (question, gold passage) pairs
@@ -85,7 +86,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
     print("\nEM gain over No-FT: " + ", ".join(f"{r.label} {100 * (r.metrics['em'] - base):+.1f}"
                                              for r in results[1:]))
     print(f"best: {best.label} ({100 * best.metrics['em']:.1f} EM); demo took {time.perf_counter() - t0:.0f} s")
-    print(f"report (Markdown, CSV, plots): {report_dir}")
+    print(f"report (Markdown, CSV, plots; open report.html in a browser): {report_dir}")
     if cfg.tracking.enabled:
         from distrag.reporting.tracking import where_runs_are
 

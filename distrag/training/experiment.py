@@ -28,6 +28,7 @@ from distrag.data.records import Splits
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.redaction import mask_tree
+from distrag.reporting.groups import comparison_hash, key_of
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import experiment_tags, flatten, open_tracker
 from distrag.retrieval.corpus_encoding import build_index, load_or_build_index
@@ -154,18 +155,22 @@ class Experiment:
         costs = ledger.to_metrics()
         if own_flops is not None:
             costs[mn.COST_OWN_FLOPS] = own_flops + ledger.phase_totals(f"eval_{split}")["flops"]
-        tracker.log_metrics({**{mn.split_metric(split, k): v for k, v in res.metrics.items()}, **costs})
+        quality = {**res.metrics, **mn.k_free(res.metrics)}  # recall_at_5 and recall: MLflow lines k up
+        tracker.log_metrics({**{mn.split_metric(split, k): v for k, v in quality.items()}, **costs})
+        row = StrategyResult(strategy.key, strategy.label, quality, costs, 0.0, getattr(tracker, "run_id", None),
+                             own_flops=costs.get(mn.COST_OWN_FLOPS, 0.0), history=list(models.history), cfg=cfg,
+                             dataset=self.splits.name, decoding=decoding, k=cfg.retrieval.top_k,
+                             passage_vectors=models.passage_vectors, embedder=cfg.embedder.model,
+                             generator=cfg.generator.model, eval_split=split, comparison=comparison_hash(cfg))
         tracker.set_tags({mn.TAG_DECODING: decoding, mn.TAG_EVAL_K: str(cfg.retrieval.top_k),
-                          mn.TAG_PASSAGE_VECTORS: models.passage_vectors})
+                          mn.TAG_PASSAGE_VECTORS: models.passage_vectors, mn.TAG_GROUP: key_of(row).id})
         if models.history:
             tracker.log_dict(models.history, "train_history.json")
         tracker.log_text("\n".join(json.dumps(r) for r in res.rows(questions)) + "\n", f"predictions_{split}.jsonl")
         if self.is_rank0 and strategy.trains:
             self._save_models(cfg, models)
-        return StrategyResult(strategy.key, strategy.label, res.metrics, costs, time.perf_counter() - t0,
-                              getattr(tracker, "run_id", None), own_flops=costs.get(mn.COST_OWN_FLOPS, 0.0),
-                              history=list(models.history), cfg=cfg, dataset=self.splits.name, decoding=decoding,
-                              k=cfg.retrieval.top_k, passage_vectors=models.passage_vectors)
+        row.seconds = time.perf_counter() - t0
+        return row
 
     # -- both, in one MLflow run -------------------------------------------------------------------
     def run(self, cfg: ExperimentConfig | None = None, *, start: Models | None = None,

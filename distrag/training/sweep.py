@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from distrag import metric_names as mn
 from distrag.config import ExperimentConfig
 from distrag.errors import StrategyError
+from distrag.logging_setup import Progress, progress_enabled
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import experiment_tags, open_tracker
 from distrag.training.experiment import Experiment, Models, combine
@@ -85,13 +86,14 @@ def _component(phase: Phase) -> Strategy:
 
 
 class Sweeper:
-    def __init__(self, exp: Experiment, cfg: ExperimentConfig):
+    def __init__(self, exp: Experiment, cfg: ExperimentConfig, progress: Progress | None = None):
         self.exp, self.cfg = exp, cfg
+        self.progress = progress or Progress(0, "sweep", enabled=False)  # over every strategy's grid points
         self.selected_rates: dict[str, dict[str, float]] = {}
 
     def _points(self, cfgs: list[tuple[str, ExperimentConfig]], parent, **kw) -> list[tuple[StrategyResult, Models]]:
         out = []
-        for name, cfg in cfgs:
+        for name, cfg in self.progress.track(cfgs, lambda point: point[0]):
             log.info("sweep point %s", name)
             out.append(self.exp.run(cfg, parent=parent, kind=mn.KIND_SWEEP_POINT, run_name=name, split="dev", **kw))
         return out
@@ -174,14 +176,16 @@ def run_sweep(cfg: ExperimentConfig, *, show_progress: bool = True, exp: Experim
     """Run the grids of ``cfg.sweep.strategies`` (two_phase first when joint reuses its rates)."""
     from distrag.reporting.report import print_results
 
-    exp = exp or Experiment(cfg, show_progress=show_progress).setup()
+    exp = exp or Experiment(cfg, show_progress=progress_enabled(show_progress)).setup()
     order = list(dict.fromkeys(cfg.sweep.strategies))
     for name in order:
         _swept(cfg, name)  # every name is known and sweepable before anything runs
     if cfg.sweep.joint_reuse_two_phase and "joint" in order and "two_phase" in order:
         order.remove("two_phase")
         order.insert(order.index("joint"), "two_phase")
-    sweeper = Sweeper(exp, cfg)
+    progress = Progress(sum(grid_size(cfg, name) for name in order), "sweep", enabled=show_progress,
+                        unit="grid points")
+    sweeper = Sweeper(exp, cfg, progress)
     results = []
     for name in order:
         tags = experiment_tags(cfg, kind=mn.KIND_SWEEP, strategy=name, dataset=exp.splits.name)
@@ -194,6 +198,7 @@ def run_sweep(cfg: ExperimentConfig, *, show_progress: bool = True, exp: Experim
             tr.set_tags({mn.TAG_SELECTED_RUN: res.final.run_id or "", mn.TAG_NOTES: "; ".join(res.notes)})
         log.info("%s: %d grid points, selected %s", name, res.n_points, res.selected)
         results.append(res)
+    progress.close()
     print_results([r.final for r in results], title=f"Selected settings per strategy ({cfg.eval_split} split)")
     _print_search(results)
     return results

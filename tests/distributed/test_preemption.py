@@ -1,64 +1,17 @@
-"""SLURM scripts (bash -n, shellcheck) and the preemption path: signal -> agreed checkpoint -> requeue -> resume."""
+"""The preemption path: signal -> agreed checkpoint -> requeue -> resume (the SLURM scripts that send the signal:
+tests/test_slurm_scripts.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from _dist_workers import Job
 
 from distrag.distributed import preemption
-
-SLURM = Path(__file__).resolve().parents[2] / "slurm"
-SCRIPTS = ["train.sbatch", "sweep.sbatch", "mlflow_server.sbatch"]
-
-
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_script_syntax(name):
-    path = SLURM / name
-    assert path.is_file()
-    res = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stderr
-    if shutil.which("shellcheck"):
-        res = subprocess.run(["shellcheck", "-s", "bash", str(path)], capture_output=True, text=True, check=False)
-        assert res.returncode == 0, res.stdout
-
-
-def test_train_script_essentials():
-    text = (SLURM / "train.sbatch").read_text()
-    for needle in ("#SBATCH --signal=USR1@120", "#SBATCH --requeue", "scontrol show hostnames",
-                   "MASTER_ADDR", "MASTER_PORT", "distributed.index_rank=", "distributed.resume=auto"):
-        assert needle in text, needle
-    sweep = (SLURM / "sweep.sbatch").read_text()
-    assert "SLURM_ARRAY_TASK_ID" in sweep and "tracking.uri=" in sweep and "tracking.experiment=" in sweep
-
-
-def test_train_script_index_rank_placement(tmp_path):
-    """Run train.sbatch with fake scontrol/srun: the index rank lands on the chosen node."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "scontrol").write_text("#!/bin/bash\nprintf 'n1\\nn2\\nn3\\n'\n")
-    (bindir / "srun").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/srun_args\n")
-    for f in bindir.iterdir():
-        f.chmod(0o755)
-    env = {"PATH": f"{bindir}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-3]",
-           "SLURM_NTASKS_PER_NODE": "4", "DISTRAG_REPO": str(tmp_path), "PYTHON": "python", "INDEX_NODE": "n2"}
-    res = subprocess.run(["bash", str(SLURM / "train.sbatch"), "c.yaml", "train.seed=1"], env=env,
-                         capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stderr
-    args = (tmp_path / "srun_args").read_text()
-    assert "distributed.index_rank=7" in args and "train.seed=1" in args  # node 2 of 3, its last slot
-    assert (tmp_path / "logs" / "hostfile.77").read_text() == "n1 slots=4\nn2 slots=4\nn3 slots=4\n"
-    env["INDEX_NODE"] = "nX"
-    res = subprocess.run(["bash", str(SLURM / "train.sbatch"), "c.yaml"], env=env, capture_output=True, text=True,
-                         check=False)
-    assert res.returncode == 2 and "not in this allocation" in res.stderr
 
 
 def test_handler_only_sets_flag_and_requeue_command(monkeypatch, tmp_path):

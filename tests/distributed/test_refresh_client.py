@@ -57,6 +57,23 @@ def test_without_a_store_nothing_is_submitted_or_adopted_and_the_version_in_use_
     assert resumed.current is None
 
 
+def test_polls_record_staleness_and_blocked_time_which_a_checkpoint_carries(clean_env, tmp_path):
+    ctx = roles.DistContext(roles.get_dist_info())
+    client = IndexClient(ctx, tmp_path)
+    for step in range(3):
+        client.poll(step)  # the base encoder's index: it lags by the whole step count
+    client.current = AdoptDecision(version=1, path="idx/v000001", weights_step=2, step=3, staleness=1)
+    client.poll(3)
+    client.poll(3)  # the same step again counts once
+    st = client.stats
+    assert st.steps == 4 and st.staleness_mean == pytest.approx((0 + 1 + 2 + 1) / 4) and st.blocked_s >= 0.0
+    resumed = IndexClient(ctx, tmp_path)
+    resumed.load_state_dict(client.state_dict())
+    assert resumed.stats.state_dict() == st.state_dict()
+    resumed.load_state_dict({"current": None})  # a checkpoint written before the stats existed
+    assert resumed.stats.steps == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # trust: only what this run's index rank signed, and only paths inside the run folder
 

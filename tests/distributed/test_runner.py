@@ -12,13 +12,17 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from distrag import metric_names as mn
 from distrag.config import DistributedConfig, ExperimentConfig, TrainConfig
-from distrag.distributed import roles
-from distrag.distributed.runner import TrainerRun, needs_index_rank
+from distrag.costs.ledger import CostLedger
+from distrag.distributed import roles, runner
+from distrag.distributed.refresh_stats import RefreshStats
+from distrag.distributed.runner import TrainerRun, _merged_ledger, needs_index_rank, refresh_metrics
 from distrag.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +65,65 @@ def test_read_checkpoint_explicit_missing_is_an_error(single_trainer, tmp_path):
     run = TrainerRun(_cfg(tmp_path, resume=str(tmp_path / "step_00000009")), single_trainer)
     with pytest.raises(CheckpointError, match="step_00000009"):
         run.read_checkpoint()
+
+
+def _trainer_ctx(trainer_rank: int, n_trainers: int = 2) -> roles.DistContext:
+    return roles.DistContext(roles.DistInfo(rank=trainer_rank, world_size=n_trainers + 1, local_rank=trainer_rank,
+                                            role="trainer", trainer_rank=trainer_rank, n_trainers=n_trainers,
+                                            index_rank=n_trainers))
+
+
+def test_the_frozen_index_build_is_charged_once_in_the_merged_ledger(tmp_path):
+    """Every trainer sets up the experiment, but only trainer 0 builds the index (the others load it): only
+    trainer 0's ledger starts with the build, so the merged ledger holds it once, not once per trainer."""
+    build = CostLedger()
+    with build.phase(mn.PHASE_INDEX_BUILD):
+        build.add("encode_passages", 1.47e11, passages=100)
+    ledgers = []
+    for rank in (0, 1):
+        run = TrainerRun(_cfg(tmp_path), _trainer_ctx(rank))
+        run.exp = SimpleNamespace(index_ledger=build)
+        led = run._start_ledger(None)
+        with led.phase("joint_token"):
+            led.add("train", 1e12)
+        ledgers.append(led.state_dict())
+    total = _merged_ledger(ledgers)
+    assert total.phase_totals(mn.PHASE_INDEX_BUILD)["flops"] == pytest.approx(1.47e11)
+    assert total.flops("encode_passages") == pytest.approx(1.47e11) and total.flops("train") == pytest.approx(2e12)
+
+
+def test_the_index_rank_adds_its_device_time_and_the_versions_no_trainer_adopted(tmp_path, monkeypatch):
+    run = TrainerRun(_cfg(tmp_path), _trainer_ctx(0))
+    for v in (1, 2, 3):  # the index rank published three versions ...
+        (run.root / "index" / f"v{v:06d}").mkdir(parents=True)
+        (run.root / "index" / f"v{v:06d}" / "manifest.json").write_text("{}")
+    run.client = SimpleNamespace(stats=RefreshStats(n_adopted=2))  # ... trainer 0 adopted (and was charged) two
+    run.exp = SimpleNamespace(splits=SimpleNamespace(corpus=_Passages(["a", "b"])))
+    run.trainer = SimpleNamespace(embedder=None)
+    monkeypatch.setattr(runner, "CorpusEncoder", lambda embedder, texts: SimpleNamespace(
+        cost=SimpleNamespace(flops=5.0 * len(texts))))  # one pass over the corpus: 10 FLOPs
+    led = run._index_rank_ledger(7200.0)
+    p = led.phase_totals(mn.PHASE_INDEX_RANK)
+    assert p["flops"] == 10.0 and p["passages"] == 2 and led.flops("encode_passages") == 10.0
+    assert p["wall_s"] == 7200.0 and led.device_hours() == pytest.approx(2.0)
+    trainers = _merged_ledger([CostLedger().state_dict()])
+    trainers.merge(led, parallel=True)  # in parallel with the trainers: device time adds, wall-clock does not
+    assert trainers.device_hours() == pytest.approx(2.0) and trainers.wall_s == 7200.0
+
+
+class _Passages(list):
+    def texts(self) -> list[str]:
+        return list(self)
+
+
+def test_refresh_metrics_per_trainer_and_overall():
+    stats = [RefreshStats(blocked_s=2.0, n_adopted=1).summary(100.0), RefreshStats(blocked_s=4.0).summary(100.0)]
+    stats[0]["staleness_mean"] = stats[1]["staleness_mean"] = 1.5
+    m = refresh_metrics(stats)
+    assert m["index/trainer0/blocked_s"] == 2.0 and m["index/trainer1/blocked_share"] == pytest.approx(0.04)
+    assert m[mn.INDEX_BLOCKED_S] == 3.0 and m[mn.INDEX_BLOCKED_SHARE] == pytest.approx(0.03)
+    assert m[mn.INDEX_STALENESS_MEAN] == 1.5 and mn.INDEX_STALENESS_MAX in m
+    assert refresh_metrics([]) == {}
 
 
 @pytest.mark.parametrize("strategy,refresh_every,expect", [
@@ -169,6 +232,16 @@ def test_joint_with_async_index_refresh(job_root, stage, tiny_encoder_dir):
     assert m["dist/n_trainers"] == 2 and m["dist/index_versions"] >= 1
     assert m["index/version"] >= 1 and "index/staleness_steps" in m and "test/em" in m
     assert m["cost/train_flops"] > 0
+    # the frozen index build is charged once (trainer 0 built it), like the one re-embedding after training
+    assert m["cost/phase.index_build.flops"] == pytest.approx(m["cost/phase.index_rebuild.flops"], rel=1e-9)
+    # the index rank's device time is counted; blocked time and staleness are logged per trainer and overall
+    assert m["cost/phase.index_rank.device_hours"] > 0
+    assert m["cost/device_hours"] > m["cost/phase.index_rank.device_hours"]
+    for name in ("index/blocked_s", "index/trainer0/blocked_s", "index/trainer1/blocked_s"):
+        assert m[name] >= 0.0, name
+    assert 0.0 <= m["index/blocked_share"] < 1.0 and m["index/staleness_mean"] >= 0.0
+    assert m["index/staleness_max"] >= m["index/staleness_mean"]
+    assert m["test/recall"] == m["test/recall_at_3"]  # k-free name next to the k-named one
 
 
 @pytest.mark.slow
@@ -183,7 +256,11 @@ def test_other_strategies_through_the_launcher(job_root, strategy):
     expected = {"gen_ft": ["gen_ft"] * 2, "independent": ["gen_ft"] * 2 + ["embed_ft"] * 2,
                 "two_phase": ["two_phase_generator"] * 2 + ["two_phase_retriever"] * 2}[strategy]
     assert phases == expected
-    assert len(_finished_runs(job_root / out / "mlflow.db")) == 1
+    (run,) = _finished_runs(job_root / out / "mlflow.db")
+    m = run.data.metrics
+    if strategy != "gen_ft":  # 2 trainers, no index rank: the frozen index build charged once, not twice
+        assert m["cost/phase.index_build.flops"] == pytest.approx(m["cost/phase.index_rebuild.flops"], rel=1e-9)
+    assert "cost/phase.index_rank.device_hours" not in m and "index/blocked_s" not in m
 
 
 @pytest.mark.slow

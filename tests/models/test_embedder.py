@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -165,6 +167,10 @@ def test_save_load_round_trip(tmp_path, cls_encoder_dir):
         emb.model.embeddings.word_embeddings.weight.mul_(1.5)
     before = emb.encode(TEXTS)
     emb.save(tmp_path / "ft")
+    # teammates can read it: every file follows the umask (safetensors alone would write weights 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "ft").rglob("*") if f.is_file()} == {0o666 & ~umask}
     back = Embedder.load(tmp_path / "ft")
     assert back.pooling == "mean" and back.max_length == 32 and back.dim == emb.dim
     np.testing.assert_allclose(back.encode(TEXTS), before, atol=1e-6)

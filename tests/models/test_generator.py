@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -235,6 +236,9 @@ def test_adapter_save_load_reproduces_outputs(gen, sharp_lm_dir, tmp_path):
         want, _ = gen.answer_logprobs(prompts, ANSWERS)
     want_ids = gen.generate_ids(prompts, max_new_tokens=6)
     gen.save_adapter(tmp_path / "adapter")
+    umask = os.umask(0)
+    os.umask(umask)  # the adapter follows the umask (safetensors alone writes 0600)
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "adapter").rglob("*") if f.is_file()} == {0o666 & ~umask}
 
     fresh = make_gen(sharp_lm_dir, max_passage_chars=60).load_adapter(tmp_path / "adapter")
     fresh.model.eval()

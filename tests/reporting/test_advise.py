@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from distrag import cli
 from distrag.config import TrackingConfig, build_config
+from distrag.errors import ConfigError
 from distrag.reporting.advise import advise, em_noise, training_compute
+from distrag.reporting.groups import GroupSelection
 from distrag.reporting.report import fmt_flops
 from distrag.reporting.tracking import Tracker
 
@@ -29,21 +29,9 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory):
-    """An initialised (migrated) empty MLflow SQLite store; copying it saves each test the migrations."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture()
-def store(tmp_path, monkeypatch, empty_db):
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(empty_db, tmp_path / "mlflow.db")
-    return TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="advise-test")
+def store(store_uri):
+    return TrackingConfig(uri=store_uri, experiment="advise-test")
 
 
 def record(tcfg, keys, *, n=200, dataset="synthetic:seed0", recall=True, runs=RUNS, params=None,
@@ -238,3 +226,31 @@ def test_cli_advise(store, capsys):
                    "--lrs-known", "--quiet"])
     assert rc == 0
     assert "one Ft-Embed run plus one Ft-Gen run" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# one comparison group at a time
+
+
+def test_advise_reads_one_comparison_group_never_a_mix(store):
+    record(store, list(RUNS))  # complete, older
+    odd = {"joint_token": (0.9, 0.9, 9e18, 9999.0, {"joint_token": 9e18})}
+    record(store, ["joint_token"], runs=odd, dataset="hotpotqa:real")  # newer, another dataset
+    text = advise(store, labels_available=True, lrs_known=False, grid=(2, 2))
+    assert "the newest complete group" in text and "synthetic:seed0" in text
+    assert "EM 90.0" not in text and "EM 43.3" in text
+    assert "1 other comparison group recorded in this experiment" in text
+    text = advise(store, labels_available=True, lrs_known=False, grid=(2, 2),
+                  selection=GroupSelection(dataset="hotpotqa"))
+    assert "EM 90.0" in text and "EM 43.3" not in text and "(1 strategies)" in text
+    with pytest.raises(ConfigError, match="no recorded group matches --group 'nope'"):
+        advise(store, labels_available=True, lrs_known=False, selection=GroupSelection(group="nope"))
+    listed = advise(store, labels_available=None, lrs_known=False, selection=GroupSelection(list_groups=True))
+    assert "hotpotqa:real" in listed and "synthetic:seed0" in listed and "Recommendation" not in listed
+
+
+def test_advise_without_a_store_gives_the_rule_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = advise(TrackingConfig(), labels_available=None, lrs_known=True, grid=(2, 2))
+    assert "No measurements: no MLflow store in this folder" in text and "one run" in text
+    assert list(tmp_path.iterdir()) == []

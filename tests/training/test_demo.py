@@ -25,7 +25,7 @@ STRATEGIES = {  # distrag.strategy tag -> (distrag.label tag, train.strategy par
     "joint_token": ("RAG-Tok", "joint", "token"),
 }
 QUALITY = ("test/em", "test/f1", "test/recall_at_3", "test/recall_all_at_3", "test/answer_recall_at_3",
-           "test/n_questions")
+           "test/recall", "test/recall_all", "test/answer_recall", "test/n_questions")
 COSTS = ("cost/train_flops", "cost/total_flops", "cost/wall_s", "cost/encode_passages_flops",
          "cost/generate_flops")
 
@@ -79,8 +79,12 @@ def test_demo_records_seven_finished_strategy_runs_and_a_report(demo):
         # ... against the corpus embedded by the encoder it deploys
         trains_encoder = key not in ("none", "gen_ft")
         assert t["distrag.passage_vectors"] == ("re-embedded" if trains_encoder else "base")
-    # seven different configurations
+    # seven different configurations, one comparison group (the report's)
     assert len({r.data.tags["distrag.config_hash"] for r in by_key.values()}) == 7
+    assert len({r.data.tags["distrag.comparison"] for r in by_key.values()}) == 1
+    (group,) = {r.data.tags["distrag.group"] for r in by_key.values()}
+    report = next(r for r in runs if r.data.tags.get("distrag.kind") == "report")
+    assert report.data.tags["distrag.group"] == group and report.data.tags["distrag.eval_k"] == "3"
     assert cfg.tracking.experiment == "distrag-demo"
 
 
@@ -96,6 +100,7 @@ def test_demo_metrics_quality_and_cost(demo):
         assert 0.0 <= m["test/em"] <= 1.0 and 0.0 <= m["test/f1"] <= 1.0
         assert m["test/f1"] >= m["test/em"] - 1e-9  # an exact match is an F1 of 1
         assert 0.0 <= m["test/recall_all_at_3"] <= m["test/recall_at_3"] <= 1.0
+        assert m["test/recall"] == m["test/recall_at_3"] and m["test/answer_recall"] == m["test/answer_recall_at_3"]
         n_test = n_test or m["test/n_questions"]
         assert m["test/n_questions"] == n_test > 0  # every strategy scored on the same questions
         assert m["cost/total_flops"] > 0 and m["cost/wall_s"] > 0
@@ -169,11 +174,15 @@ def test_demo_artifacts_and_report_files(demo):
 
     report = next(r for r in demo["runs"] if r.data.tags.get("distrag.kind") == "report")
     arts = artifact_paths(c, report.info.run_id)
-    assert {"report/table.md", "report/table.csv"} <= arts
-    assert {a for a in arts if a.endswith(".png")} == {"report/em_vs_flops.png", "report/cost_by_phase.png"}
+    assert {"report/table.md", "report/table.csv", "report/report.html"} <= arts
+    assert {a for a in arts if a.endswith(".png")} == {"report/em_vs_flops.png", "report/em_vs_device_hours.png",
+                                                       "report/cost_by_phase.png"}
     out = tmp / "runs" / "report"
-    for name in ("table.md", "table.csv", "em_vs_flops.png", "cost_by_phase.png"):
+    for name in ("table.md", "table.csv", "em_vs_flops.png", "em_vs_device_hours.png", "cost_by_phase.png",
+                 "report.html"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
+    html = (out / "report.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') == 3 and "http://" not in html
     assert (out / "em_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "table.md").read_text()
     for label, _, _ in STRATEGIES.values():

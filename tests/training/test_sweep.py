@@ -12,6 +12,7 @@ import yaml
 
 from distrag import cli
 from distrag.config import build_config, load_config
+from distrag.reporting.report import REPORT_FILES
 from distrag.reporting.results import StrategyResult, load_runs
 from distrag.training.sweep import grid_size, run_sweep, select
 
@@ -218,7 +219,7 @@ def test_report_from_recorded_runs(swept, capsys):
     rc = cli.main(["report", "--config", str(cfg_file), "--out", str(out), "--quiet"])
     assert rc == 0
     assert f"report written to {out}" in capsys.readouterr().out
-    for name in ("table.md", "table.csv", "em_vs_flops.png", "cost_by_phase.png"):
+    for name in REPORT_FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     rows = list(csv.DictReader(io.StringIO(Path(out / "table.csv").read_text())))
     assert [r["strategy"] for r in rows] == ["Independent", "Two-phase", "RAG-Tok"]  # one row per strategy
@@ -238,12 +239,16 @@ def test_report_from_recorded_runs(swept, capsys):
     recorded = load_runs(swept["cfg"].tracking)
     assert [r.key for r in recorded] == ["independent", "two_phase", "joint_token"]
     assert all(r.search_flops and r.metrics.get("em") is not None for r in recorded)
-    # the report itself is recorded as a run of kind report with the files attached
+    # the report itself is recorded as a run of kind report with the files attached; a second report of the
+    # same group updates that run instead of adding one
+    assert cli.main(["report", "--config", str(cfg_file), "--out", str(out), "--quiet"]) == 0
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(tracking_uri=swept["cfg"].tracking.uri)
     exp = c.get_experiment_by_name("sweep-test")
     reports = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("distrag.kind") == "report"]
     assert len(reports) == 1
-    assert {a.path for a in c.list_artifacts(reports[0].info.run_id, "report")} == {
-        "report/table.md", "report/table.csv", "report/em_vs_flops.png", "report/cost_by_phase.png"}
+    assert {a.path for a in c.list_artifacts(reports[0].info.run_id, "report")} == {f"report/{f}" for f in REPORT_FILES}
+    # the selected runs of every strategy (different learning rates) form one comparison group: the report's
+    assert {r.data.tags["distrag.group"] for r in _kind(swept["runs"], "strategy")} == {
+        reports[0].data.tags["distrag.group"]}

@@ -1,0 +1,298 @@
+"""Comparison groups: which recorded runs may share one table, one set of plots, one recommendation.
+
+Rows of a table must differ only in training. A :class:`GroupKey` says what they share:
+
+* the dataset (``distrag.dataset``), the embedder and the generator (``distrag.embedder`` / ``.generator``),
+* the split they are scored on (``distrag.eval_split``) and the k they are evaluated at (``distrag.eval_k``),
+* the **comparison hash** (``distrag.comparison``, :func:`comparison_hash`): the configuration without the
+  strategy's own fields (``train.strategy``, ``train.rag_loss``, ``train.two_phase_order``, the learning
+  rates) and without the ``sweep`` section, so the seven rows of a demo, and a sweep's selected runs, land
+  in one group, while a change of steps, batch size, decoder, index or data settings starts another.
+  ``distrag.config_hash`` still hashes the whole configuration.
+
+The report and ``advise`` show one group at a time (:func:`choose`): the one named with ``--group`` (an
+id or its prefix) or narrowed with ``--dataset``, else the **newest complete group**. A group is
+*complete* when it holds a finished run of every strategy of the table its data allows: all seven when
+context labels exist (a strategy that needs them was recorded, or retrieval recall was measured), else
+the five that need none. When no group is complete, the one with the most strategies is shown (ties: the
+newest) and the output says so. ``--list-groups`` lists them all.
+
+Runs recorded before these tags existed are grouped from what they carry: missing eval split and k are
+read from the run's params (``eval_split``, ``retrieval.top_k``) or its metric names, and the comparison
+hash is computed from the configuration rebuilt from its params (:func:`comparison_from_params`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+from distrag import metric_names as mn
+from distrag.errors import ConfigError, UserError
+from distrag.training.strategies import BY_KEY, STRATEGIES
+
+if TYPE_CHECKING:
+    from distrag.config import ExperimentConfig
+    from distrag.reporting.results import StrategyResult
+
+STRATEGY_FIELDS = ("strategy", "rag_loss", "two_phase_order", "lr_embedder", "lr_generator")
+"""The ``train`` fields that pick a strategy or are searched per strategy: left out of the comparison
+hash (with the whole ``sweep`` section)."""
+
+
+def comparison_hash(cfg: ExperimentConfig) -> str:
+    """Hash of the settings every row of a comparison must share: :meth:`ExperimentConfig.config_hash` of
+    ``cfg`` with the ``STRATEGY_FIELDS`` and the ``sweep`` section set to their defaults."""
+    from distrag.config import SweepConfig, TrainConfig
+
+    c = cfg.model_copy(deep=True)
+    defaults = TrainConfig()
+    for name in STRATEGY_FIELDS:
+        setattr(c.train, name, getattr(defaults, name))
+    c.sweep = SweepConfig()
+    return c.config_hash()
+
+
+def _param_value(raw: str):
+    """A param as logged (``str(value)``) back to a value the configuration accepts."""
+    import yaml
+
+    if raw == "None":
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if raw[:1] in "[{" or isinstance(value, (bool, int, float)):
+        return value
+    return raw  # text stays text (a prompt with a colon is not a mapping)
+
+
+def comparison_from_params(params: dict[str, str]) -> str | None:
+    """The comparison hash of a run recorded without the ``distrag.comparison`` tag, from its params (the
+    flattened configuration): the configuration rebuilt and hashed as :func:`comparison_hash` does; when
+    the params do not form a valid configuration, a hash of them without the strategy's fields, sweep
+    and tracking settings (``params:...``); None without params."""
+    if not params:
+        return None
+    if {k.split(".", 1)[0] for k in params} >= _SECTIONS:  # a whole configuration was logged
+        return _rebuilt_hash(params) or _params_hash(params)
+    return _params_hash(params)
+
+
+_SECTIONS = {"data", "embedder", "generator", "retrieval", "train"}
+
+
+def _rebuilt_hash(params: dict[str, str]) -> str | None:
+    from distrag.config import build_config
+
+    tree: dict = {}
+    for key, raw in params.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[leaf] = _param_value(raw)
+    try:
+        return comparison_hash(build_config(tree))
+    except (UserError, ValueError, TypeError):
+        return None
+
+
+def _params_hash(params: dict[str, str]) -> str:
+    skip = {f"train.{f}" for f in STRATEGY_FIELDS}
+    kept = {k: v for k, v in params.items()
+            if k not in skip and k.split(".", 1)[0] not in ("sweep", "tracking", "output_dir")}
+    return "params:" + hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What every row of one comparison shares (None: not recorded with the run)."""
+
+    dataset: str | None
+    embedder: str | None
+    generator: str | None
+    eval_split: str | None
+    k: int | None
+    comparison: str | None
+
+    @property
+    def id(self) -> str:
+        """Short stable id (``distrag.group`` tag, ``--group``)."""
+        return hashlib.sha256("\x1f".join(map(str, astuple(self))).encode()).hexdigest()[:8]
+
+    def covers(self, other: GroupKey) -> bool:
+        """Whether ``other`` may belong to this group: equal wherever ``other`` is known (a sweep run
+        that did not record its k matches the groups of every k)."""
+        return all(b is None or a == b for a, b in zip(astuple(self), astuple(other)))
+
+    def describe(self) -> str:
+        """One line: dataset, models, split, k and settings hash."""
+        return (f"{self.dataset or '?'}, {self.eval_split or '?'} split, k={self.k if self.k is not None else '?'}, "
+                f"embedder {self.embedder or '?'}, generator {self.generator or '?'}, "
+                f"settings {self.comparison or '?'}")
+
+    def tags(self) -> dict[str, str]:
+        """The tags that name this group on a report run."""
+        tags = {mn.TAG_GROUP: self.id, mn.TAG_DATASET: self.dataset, mn.TAG_EMBEDDER: self.embedder,
+                mn.TAG_GENERATOR: self.generator, mn.TAG_EVAL_SPLIT: self.eval_split,
+                mn.TAG_EVAL_K: None if self.k is None else str(self.k), mn.TAG_COMPARISON: self.comparison}
+        return {k: v for k, v in tags.items() if v is not None}
+
+
+class _Keyed(Protocol):
+    dataset: str
+    embedder: str
+    generator: str
+    eval_split: str
+    k: int | None
+    comparison: str
+
+
+def key_of(row: _Keyed) -> GroupKey:
+    """The group of a row (a :class:`StrategyResult`) or of a sweep's search record (empty fields: unknown)."""
+    return GroupKey(row.dataset or None, row.embedder or None, row.generator or None, row.eval_split or None,
+                    row.k, row.comparison or None)
+
+
+@dataclass
+class Group:
+    """The runs of one comparison group."""
+
+    key: GroupKey
+    rows: list[StrategyResult]
+    """The newest finished run of each strategy, in table order."""
+    newest_ms: int = 0
+    """Start time of its newest run (ms since the epoch)."""
+    n_runs: int = 0
+    """Finished strategy runs recorded in it (older runs of a strategy included)."""
+
+    @property
+    def id(self) -> str:
+        return self.key.id
+
+    @property
+    def has_labels(self) -> bool:
+        """Context labels exist: a strategy that needs them ran, or retrieval recall was measured."""
+        return any(r.key in BY_KEY and BY_KEY[r.key].needs_labels for r in self.rows) or any(
+            name == "recall" or name.startswith("recall_at_") for r in self.rows for name in r.metrics)
+
+    @property
+    def expected(self) -> list[str]:
+        """The strategies of the table its data allows (all, or those that need no context labels)."""
+        return [s.key for s in STRATEGIES if self.has_labels or not s.needs_labels]
+
+    @property
+    def missing(self) -> list[str]:
+        have = {r.key for r in self.rows}
+        return [k for k in self.expected if k not in have]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def summary(self) -> str:
+        """One line: id, size, completeness, date, what it shares."""
+        when = datetime.fromtimestamp(self.newest_ms / 1000).strftime("%Y-%m-%d %H:%M") if self.newest_ms else "?"
+        state = "complete" if self.complete else "missing " + ", ".join(BY_KEY[k].label for k in self.missing)
+        return (f"{self.id}  {len(self.rows)} strateg{'y' if len(self.rows) == 1 else 'ies'} ({state}), newest "
+                f"run {when}: {self.key.describe()}")
+
+
+def group_rows(rows: Sequence[StrategyResult]) -> list[Group]:
+    """``rows`` (finished strategy runs, newest first) as groups, newest group first; each group keeps
+    the newest run of each strategy, in table order."""
+    order = [s.key for s in STRATEGIES]
+    groups: dict[GroupKey, Group] = {}
+    for r in rows:
+        key = key_of(r)
+        g = groups.setdefault(key, Group(key, [], r.started_ms))
+        g.n_runs += 1
+        g.newest_ms = max(g.newest_ms, r.started_ms)
+        if all(x.key != r.key for x in g.rows):
+            g.rows.append(r)
+    for g in groups.values():
+        g.rows.sort(key=lambda r: order.index(r.key) if r.key in order else len(order))
+    return sorted(groups.values(), key=lambda g: g.newest_ms, reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing the group to show
+
+
+@dataclass(frozen=True)
+class GroupSelection:
+    """Which group to show: ``group`` (an id or a prefix of one), ``dataset`` (a dataset name, or its
+    format before the colon: ``synthetic`` matches ``synthetic:seed0``); by default the newest complete group."""
+
+    group: str | None = None
+    dataset: str | None = None
+    list_groups: bool = False
+    """List the groups instead of reporting one (``--list-groups``)."""
+
+    def matches(self, g: Group) -> bool:
+        ds = g.key.dataset or ""
+        return ((self.group is None or g.id.startswith(self.group.lower()))
+                and (self.dataset is None or self.dataset in (ds, ds.split(":", 1)[0])))
+
+
+def choose(groups: Sequence[Group], selection: GroupSelection | None = None) -> tuple[Group, str]:
+    """The group to show and why (the module's docstring); a :class:`ConfigError` naming the recorded
+    groups when the selection matches none, or an id prefix matches several."""
+    sel = selection or GroupSelection()
+    if not groups:
+        raise ConfigError([("tracking.experiment", "no finished strategy runs are recorded in this experiment yet")])
+    found = [g for g in groups if sel.matches(g)]
+    asked = ", ".join(f"{flag} {v!r}" for flag, v in (("--group", sel.group), ("--dataset", sel.dataset))
+                      if v is not None)
+    listing = "\n" + describe_groups(groups)
+    if not found:
+        flag = "--group" if sel.group is not None else "--dataset"
+        raise ConfigError([(flag, f"no recorded group matches {asked}; recorded:{listing}")])
+    if sel.group is not None:
+        if len(found) > 1:
+            raise ConfigError([("--group", f"{sel.group!r} names {len(found)} groups; give more of the id:{listing}")])
+        return found[0], "selected with --group"
+    narrowed = f" among those matching {asked}" if asked else ""
+    complete = [g for g in found if g.complete]
+    if complete:
+        return complete[0], f"the newest complete group{narrowed}"
+    best = max(found, key=lambda g: (len(g.rows), g.newest_ms))
+    return best, f"no group is complete{narrowed}: the one with the most strategies"
+
+
+def describe_groups(groups: Sequence[Group], chosen: Group | None = None) -> str:
+    """The groups, one line each, newest first (``*`` marks ``chosen``)."""
+    return "\n".join(f"  {'*' if g is chosen else ' '} {g.summary()}" for g in groups)
+
+
+def other_groups_note(groups: Sequence[Group], chosen: Group) -> str:
+    """A line saying that other groups exist and how to see them ('' when there are none)."""
+    n = len(groups) - 1
+    if n <= 0:
+        return ""
+    return (f"{n} other comparison group{'s' if n > 1 else ''} recorded in this experiment (other dataset, "
+            f"models, split, k or settings): list them with --list-groups, pick one with --group ID")
+
+
+def add_selection_args(p: argparse.ArgumentParser) -> None:
+    """``--group``, ``--dataset`` and ``--list-groups`` (``distrag report`` and ``distrag advise``)."""
+    p.add_argument("--group", help="comparison group to show: its id or a prefix (see --list-groups); default: "
+                                   "the newest complete group")
+    p.add_argument("--dataset", help="only groups of this dataset (e.g. synthetic, hotpotqa:dev.json)")
+    p.add_argument("--list-groups", action="store_true",
+                   help="list the comparison groups recorded (dataset, models, split, k, settings) and exit")
+
+
+def selection_from_args(args: argparse.Namespace) -> GroupSelection:
+    return GroupSelection(getattr(args, "group", None), getattr(args, "dataset", None),
+                          bool(getattr(args, "list_groups", False)))
