@@ -115,13 +115,12 @@ class Sweeper:
             key = phase.lr_key
             tag = name if len(phases) == 1 else f"{name} {phase.name}"
             if strategy.search == "separate":  # from the base models, as the strategy that trains it alone
-                base = _component(phase).apply(cfg)
-                pts = self._points([(f"{tag} {key}={lr:g}", _with(base, **{key: lr})) for lr in self._rates(key)],
-                                   parent)
+                base, kw = _component(phase).apply(cfg), {}
             else:  # sequential: continue the previous phase's selected models
                 base = start[0].cfg if start else cfg
-                pts = self._points([(f"{tag} {key}={lr:g}", _with(base, **{key: lr})) for lr in self._rates(key)],
-                                   parent, phases=[phase], start=start[1] if start else None)
+                kw = {"phases": [phase], "start": start[1] if start else None}
+            pts = self._points([(f"{tag} {key}={lr:g}", _with(base, **{key: lr})) for lr in self._rates(key)],
+                               parent, **kw)
             points += [r for r, _ in pts]
             start = self._best(pts)
             bests.append(start)
