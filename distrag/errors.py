@@ -9,12 +9,17 @@ under a launcher) and returns exit code 2; anything else is a bug and keeps its 
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
 from distrag.redaction import mask_credentials
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_STORAGE_FULL = 1  # a job failure, not a user error, but reported in one line: no traceback helps here
+_STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""Exit code after Ctrl-C or SIGTERM (128 + SIGINT, as a shell reports it)."""
 
 
 class UserError(Exception):
@@ -22,13 +27,17 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """Bad configuration; ``problems`` lists (dotted key, message) pairs, all reported at once."""
+    """Bad configuration; ``problems`` lists (dotted key, message) pairs, all reported at once: one line
+    for one problem (``1 problem in x.yaml: index.kind: ...``), else a head line and one line each."""
 
     def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
         self.problems = problems
         head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
         head += f" in {source}" if source else " in the configuration"
-        super().__init__(head + ":\n" + "\n".join(f"  - {k}: {m}" for k, m in problems))
+        if len(problems) == 1:
+            super().__init__(f"{head}: {problems[0][0]}: {problems[0][1]}")
+        else:
+            super().__init__(head + ":\n" + "\n".join(f"  - {k}: {m}" for k, m in problems))
 
 
 class DataError(UserError, ValueError):
@@ -79,9 +88,13 @@ class DistError(UserError, RuntimeError):
     """The launcher environment or the role configuration is inconsistent."""
 
 
+class OutputLockedError(UserError, RuntimeError):
+    """Another run (its pid and host named) is writing the same ``output_dir``."""
+
+
 class IndexRankFailed(RuntimeError):
-    """The index rank died or stalled and ``distributed.on_index_failure=stop``: raised on every trainer.
-    A failure of the job, not of the user's input (exit code 1, with its traceback)."""
+    """The index rank died or stalled and ``distributed.on_index_failure=stop``: raised on every trainer,
+    which checkpoint and stop (one message, exit code 1: a failure of the job, not of the user's input)."""
 
 
 def user_error_exit(fn: Callable[[], int], *, speak: Callable[[], bool] = lambda: True) -> int:
@@ -94,3 +107,17 @@ def user_error_exit(fn: Callable[[], int], *, speak: Callable[[], bool] = lambda
         if speak():
             print(f"error: {mask_credentials(str(e))}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: what was kept is already logged; no traceback
+        if speak():
+            print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno not in _STORAGE_FULL:
+            raise
+        # Every write is atomic (temp then rename): what was saved before is complete; the failed write left
+        # at most a hidden temporary file or folder.
+        if speak():
+            print(f"error: {e.strerror or e} writing {e.filename or 'a file'}; free space (or point output_dir "
+                  "at a larger disk) and run again (distributed.resume=auto continues from the newest complete "
+                  "checkpoint)", file=sys.stderr, flush=True)
+        return EXIT_STORAGE_FULL

@@ -33,8 +33,9 @@ def main() -> int:
     from distrag.config import load_config
     from distrag.distributed import roles
     from distrag.distributed.runner import run
-    from distrag.errors import user_error_exit
+    from distrag.errors import DistError, user_error_exit
     from distrag.logging_setup import quiet_rank, setup_logging
+    from distrag.preflight import preflight
 
     setup_logging(verbose=True)
     cfg = None
@@ -42,13 +43,28 @@ def main() -> int:
     def job() -> int:
         nonlocal cfg
         cfg = load_config(args.config, args.overrides)
+        world = roles.get_dist_info(with_index_rank=False)
+        # the world, the models' files, output_dir, the tracker, DeepSpeed settings: before any model loads
+        preflight(cfg, world_size=world.world_size, tracking=world.rank == 0)
         if not roles.get_dist_info(cfg.distributed).is_rank0:
             quiet_rank()  # one voice: trainer 0
         return run(cfg)
 
+    def speaks() -> bool:
+        """Whether this process prints a user error: trainer 0 (every process before the roles are known)."""
+        try:
+            if cfg is None:
+                return True
+            try:
+                return roles.get_dist_info(cfg.distributed).is_rank0
+            except DistError:  # index_rank outside the world: the launcher's rank 0 speaks
+                return roles.get_dist_info(with_index_rank=False).rank == 0
+        except DistError:
+            return True
+
     try:
         # a user error is printed once, by rank 0 (or by every process before the roles are known)
-        return user_error_exit(job, speak=lambda: cfg is None or roles.get_dist_info(cfg.distributed).is_rank0)
+        return user_error_exit(job, speak=speaks)
     except Exception:  # noqa: BLE001 - any other failure: full traceback, non-zero exit via roles.finish
         traceback.print_exc()
         return 1

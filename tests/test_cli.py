@@ -128,6 +128,84 @@ def test_two_phase_on_the_same_unlabelled_data_trains(tmp_path, monkeypatch, cap
     assert "test/answer_recall_at_3" in m
 
 
+def _no_model_loads(monkeypatch) -> None:
+    """Loading a model fails the test: these errors must come before any model loads."""
+    from distrag.models.embedder import Embedder
+    from distrag.models.generator import Generator
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(Embedder, "from_config", fail)
+    monkeypatch.setattr(Generator, "from_config", fail)
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command, overrides, key, match", [
+    ("eval", ["embedder.model=nope-model-xyz"], "embedder.model", "unknown model 'nope-model-xyz'"),
+    ("eval", ["generator.model={tmp}/no/folder"], "generator.model", "not a local path"),
+    ("eval", ["generator.gguf_file=nope.gguf"], "generator.gguf_file", "gguf_file 'nope.gguf' not found"),
+    ("eval", ["output_dir={tmp}/afile"], "output_dir", "exists and is not a folder"),
+    ("eval", ["output_dir=/sys/distrag-test/runs"], "output_dir", "not writable"),
+    ("eval", ["index.kind=ivfpq", "index.pq_m=5"], "index.pq_m", "does not divide the embedder's dimension 32"),
+    ("eval", ["index.n_shards=100"], "index.n_shards", "100 shards but the corpus"),
+    ("eval", ["tracking.uri=ftp://host/x"], "tracking.uri", "scheme 'ftp' is not supported"),
+    ("eval", ["tracking.uri=http://127.0.0.1:{port}"], "tracking.uri", "no MLflow server answers"),
+    ("eval", ["data.test_fraction=0"], "eval_split", "test split of synthetic:seed0 holds no question"),
+    ("eval", ["data.dev_fraction=0", "eval_split=dev"], "eval_split", "dev split"),
+    ("train", ["train.strategy=embed_ft", "train.hard_negatives=1000"], "train.hard_negatives", "at most"),
+    ("sweep", ["data.dev_fraction=0"], "data.dev_fraction", "selects its learning rates on dev"),
+    ("report", ["tracking.uri=http://127.0.0.1:{port}"], "tracking.uri", "no MLflow server answers"),
+])
+def test_each_bad_input_is_one_line_exit_2_before_any_model_loads(tmp_path, monkeypatch, capsys, tiny_encoder_dir,
+                                                                  tiny_lm_dir, command, overrides, key, match):
+    monkeypatch.chdir(tmp_path)
+    _no_model_loads(monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    cfg_path = tiny_config(tmp_path, tiny_encoder_dir, tiny_lm_dir)
+    overrides = [o.format(tmp=tmp_path, port=_dead_port()) for o in overrides]
+    assert cli.main([command, "--config", str(cfg_path), "--no-progress", *overrides]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err  # one line, the last
+    assert f": {key}: " in errors[0] and match in errors[0] and "Traceback" not in err, err
+    if (tmp_path / "mlflow.db").exists():
+        _, runs = all_runs(f"sqlite:///{tmp_path}/mlflow.db", "tiny")
+        assert runs == []  # no FAILED run left behind
+
+
+@pytest.mark.timeout(120)
+def test_a_question_of_two_megabytes_is_cut_to_the_models_limits(tmp_path, monkeypatch, capsys, tiny_encoder_dir,
+                                                                 tiny_lm_dir):
+    """Every text path truncates: the embedder at embedder.max_length (questions and passages), the generator's
+    prompt at the model's limit (its middle goes), so no attention over 400k tokens is ever asked for."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    big = "Who founded the company in the city " * (2_000_000 // 36) + "?"
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "question": big if i == 5 else "Who?",
+                                                          "answers": ["x"], "gold_passage_ids": [f"p{i % 3}"]}) + "\n"
+                                              for i in range(6)))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "text": big if i == 0 else f"passage {i}"})
+                                              + "\n" for i in range(3)))
+    cfg_path = tiny_config(tmp_path, tiny_encoder_dir, tiny_lm_dir,
+                           data={"format": "jsonl", "path": str(tmp_path / "q.jsonl"),
+                                 "corpus_path": str(tmp_path / "c.jsonl"), "dev_fraction": 0.0,
+                                 "test_fraction": 0.5})
+    rc = cli.main(["eval", "--config", str(cfg_path), "--no-progress", "eval_split=train"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "tokens was cut to the model's limit of 4093" in err  # 4096 positions less max_new_tokens
+
+
 # ----------------------------------------------------------------------------------------------
 # help, version, progress
 

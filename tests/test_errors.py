@@ -31,7 +31,8 @@ def test_every_exception_class_of_the_package_is_declared_in_errors_py():
 def test_user_errors_are_the_input_errors():
     user = {name for name, obj in vars(errors).items() if inspect.isclass(obj) and issubclass(obj, UserError)}
     assert user == {"UserError", "ConfigError", "DataError", "StrategyError", "ModelNotFoundError", "EmbedderError",
-                    "GeneratorError", "IndexLoadError", "CheckpointError", "DSConfigError", "DistError"}
+                    "GeneratorError", "IndexLoadError", "CheckpointError", "DSConfigError", "DistError",
+                    "OutputLockedError"}
     assert not issubclass(errors.IndexRankFailed, UserError)  # a job failure: exit 1 with its traceback
     assert issubclass(ConfigError, ValueError) and issubclass(errors.CheckpointError, RuntimeError)
 
@@ -41,6 +42,8 @@ def test_messages_name_what_is_wrong():
     assert str(e) == "q.jsonl: record 3: field 'answers': must be a non-empty list of strings"
     c = ConfigError([("train.lr", "bad"), ("index.kind", "worse")], "x.yaml")
     assert str(c).splitlines() == ["2 problems in x.yaml:", "  - train.lr: bad", "  - index.kind: worse"]
+    one = ConfigError([("index.pq_m", "5 does not divide 32; use one of [1, 2, 4, 8]")])
+    assert str(one) == "1 problem in the configuration: index.pq_m: 5 does not divide 32; use one of [1, 2, 4, 8]"
 
 
 def test_user_error_exit(capsys):
@@ -59,3 +62,21 @@ def test_user_error_exit(capsys):
 
     with pytest.raises(KeyError):
         user_error_exit(bug)
+
+
+def test_a_full_disk_is_one_line_and_other_os_errors_keep_their_traceback(capsys):
+    import errno
+
+    def full() -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints/.step_00000002.tmp/rank_00000.pt")
+
+    assert user_error_exit(full) == errors.EXIT_STORAGE_FULL == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: No space left on device writing /runs/x/checkpoints/")
+    assert "resume=auto" in err and "Traceback" not in err
+
+    def missing() -> int:
+        raise FileNotFoundError(errno.ENOENT, "No such file", "/x")
+
+    with pytest.raises(FileNotFoundError):
+        user_error_exit(missing)

@@ -8,6 +8,7 @@ arrays; a label may carry the record's id, e.g. ``"index 7 (_id '5a8b...')"``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,7 +141,8 @@ class Fields:
         return v
 
     def answers(self, key: str) -> tuple[str, ...]:
-        """A non-empty list of non-empty answer strings (numbers are accepted and converted)."""
+        """A non-empty list of non-empty answer strings (finite numbers are accepted and converted; NaN and
+        infinities are errors)."""
         return as_answers(self.get(key), self, key)
 
 
@@ -166,6 +168,9 @@ def as_answers(v: Any, fields: Fields, key: str) -> tuple[str, ...]:
     for j, a in enumerate(v):
         if isinstance(a, bool) or not isinstance(a, (str, int, float)):
             raise fields.fail(key, f"answer {j} must be a string, got {type(a).__name__}")
+        if isinstance(a, float) and not math.isfinite(a):
+            raise fields.fail(key, f"answer {j} is {a!r}, not an answer (a missing value?); give the answer "
+                                   "as a string")
         a = str(a).strip()
         if not a:
             raise fields.fail(key, f"answer {j} is empty")

@@ -24,6 +24,7 @@ from distrag.atomic_io import follow_umask
 from distrag.config import EmbedderConfig
 from distrag.errors import EmbedderError
 from distrag.models.sources import ModelSource, pick_device, resolve_model
+from distrag.models.text_limits import char_limit, cut_chars
 
 _META_FILE = "distrag_embedder.json"
 
@@ -211,7 +212,8 @@ class Embedder(torch.nn.Module):
     def _prep(self, texts: Sequence[str]) -> list[str]:
         if isinstance(texts, str):
             raise TypeError("expected a list of strings, got a single string")
-        texts = [str(t) for t in texts]
+        limit = char_limit(self.tokenizer, self.max_length)  # a text of megabytes: cut before tokenizing
+        texts = [cut_chars(str(t), limit) for t in texts]
         return [t.lower() for t in texts] if self.do_lower_case else texts
 
     def _token_ids(self, texts: Sequence[str]):

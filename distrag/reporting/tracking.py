@@ -21,14 +21,16 @@ and ``distrag.group``, sweep runs ``distrag.selected_run`` and ``distrag.notes``
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import io
 import json
 import logging
 import os
+import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+SUPPORTED_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+"""The ``tracking.uri`` schemes MLflow stores exist for (a plain path is a file store)."""
+PROBE_TIMEOUT_S = 3.0
+"""Seconds the start-up probe waits for a tracking server to accept a connection."""
 
 
 def default_tracking_uri(workdir: str | Path | None = None) -> str:
@@ -55,6 +61,52 @@ def sqlite_file(uri: str) -> Path | None:
         return None
     path = uri[len("sqlite:///"):].split("?", 1)[0]
     return Path(path).resolve() if path and path != ":memory:" else None
+
+
+def tracking_problem(cfg: TrackingConfig, *, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why runs cannot be recorded at ``cfg.uri``, found in at most ``timeout_s`` seconds, or None: an
+    unsupported scheme, a SQLite file whose folder is missing, or a server that accepts no connection
+    (MLflow would retry for minutes before failing). Credentials are masked in the message."""
+    from urllib.parse import urlsplit
+
+    uri = cfg.uri or default_tracking_uri()
+    shown = mask_credentials(uri)
+    off = "or turn tracking off with tracking.enabled=false"
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+", 1)[0].lower()
+    if len(scheme) > 1 and scheme not in SUPPORTED_SCHEMES:
+        return (f"{shown}: scheme '{parts.scheme}' is not supported; use sqlite:///path/mlflow.db, "
+                f"http(s)://host:port (an MLflow server), file:/path or a database URI ({off})")
+    db = sqlite_file(uri)
+    if db is not None and not db.parent.is_dir():
+        return f"{shown}: the folder {db.parent} of the SQLite file does not exist; create it {off}"
+    if scheme in ("http", "https"):
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
+                pass
+        except (OSError, ValueError) as e:
+            reason = "timed out" if isinstance(e, TimeoutError) else (getattr(e, "strerror", None) or str(e))
+            return (f"no MLflow server answers at {shown} ({reason} within {timeout_s:g}s); start one "
+                    f"(mlflow server, or slurm/mlflow_server.sbatch), fix tracking.uri, {off}")
+    return None
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<db>.lock`` next to a ``sqlite:///`` store (nothing for other URIs):
+    creating the schema and the experiment under it lets runs that start at once share a new store
+    (without it, two migrations race and leave the file unreadable)."""
+    db = sqlite_file(uri)
+    if db is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _masks_errors(fn: Callable) -> Callable:
@@ -127,15 +179,16 @@ class Tracker(NullTracker):
         from mlflow.tracking import MlflowClient
 
         uri = cfg.uri or default_tracking_uri(workdir)
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(cfg.experiment)
-        if exp is None:
-            art = None
-            if uri.startswith("sqlite:"):
-                art = (Path(workdir or os.getcwd()).resolve() / DEFAULT_ARTIFACTS).as_uri()
-            exp_id = client.create_experiment(cfg.experiment, artifact_location=art)
-        else:
-            exp_id = exp.experiment_id
+        with sqlite_store_lock(uri):  # schema creation and the experiment, one process at a time
+            client = MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name(cfg.experiment)
+            if exp is None:
+                art = None
+                if uri.startswith("sqlite:"):
+                    art = (Path(workdir or os.getcwd()).resolve() / DEFAULT_ARTIFACTS).as_uri()
+                exp_id = client.create_experiment(cfg.experiment, artifact_location=art)
+            else:
+                exp_id = exp.experiment_id
         if run_id is not None:
             run = client.get_run(run_id)  # raises if unknown: resuming a missing run is an error
             if run.info.status != "RUNNING":
@@ -165,7 +218,9 @@ class Tracker(NullTracker):
             sys.stdout.write(mask_credentials(printed.getvalue()))
 
     def __exit__(self, exc_type, *exc):
-        self.end("FAILED" if exc_type else "FINISHED")
+        # Ctrl-C / SIGTERM: KILLED (the run did not finish; it did not fail either)
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.end("KILLED" if interrupted else "FAILED" if exc_type else "FINISHED")
         return False
 
     # -- logging -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from distrag.costs.flops import texts_forward_flops
+from distrag.errors import IndexLoadError
 from distrag.retrieval import index_store
 from distrag.retrieval.sharded_index import ShardedIndex
 
@@ -49,6 +50,9 @@ __all__ = ["CorpusEncoder", "EncodingCost", "build_index", "encode_corpus", "ind
            "load_or_build_index"]
 
 log = logging.getLogger(__name__)
+
+TOKENIZE_ROWS = 4_096
+"""Texts tokenized per tokenizer call when measuring lengths (bounds the tokenizer's temporary memory)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,9 @@ class CorpusEncoder:
     def __init__(self, embedder: Embedder, texts: Sequence[str], *, n_shards: int = 1):
         self.embedder = embedder
         texts = list(texts)
-        self.lengths: list[int] = embedder.token_lengths(texts)
+        # tokenized in slices: a fast tokenizer's encodings of a whole large chunk take ~1 KB per token
+        self.lengths: list[int] = [n for i in range(0, len(texts), TOKENIZE_ROWS)
+                                   for n in embedder.token_lengths(texts[i:i + TOKENIZE_ROWS])]
         """Token count of each passage, in corpus order."""
         self.order = np.argsort(-np.asarray(self.lengths, dtype=np.int64), kind="stable")
         self.sorted_texts = [texts[i] for i in self.order]
@@ -149,8 +155,12 @@ def load_or_build_index(cache_root: str | Path | None, corpus: Corpus, embedder:
     sig = index_signature(corpus, cfg.embedder, cfg.index)
     folder = index_cache_dir(cache_root, sig) if cache_root is not None else None
     if folder is not None and (folder / index_store.MANIFEST).exists():
-        index = index_store.load(folder)
-        if index.extra.get("signature") == sig:
+        try:
+            index = index_store.load(folder)
+        except IndexLoadError as e:  # a damaged cache is rebuilt, never trusted
+            log.warning("cached index unusable, rebuilding it: %s", e)
+            index = None
+        if index is not None and index.extra.get("signature") == sig:
             log.info("reusing index at %s", folder)
             if accountant is not None:
                 CorpusEncoder(embedder, corpus.texts()).cost.charge(accountant)

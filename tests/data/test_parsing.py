@@ -63,3 +63,22 @@ def test_loading_does_not_touch_the_input_files(tmp_path, corpus_file):
     with pytest.raises(DataError):
         load("jsonl", q, corpus_path=str(corpus_file))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("raw, match", [
+    ("NaN", "answer 0 is nan, not an answer"),
+    ("Infinity", "answer 0 is inf, not an answer"),
+    ('{"a": 1}', "answer 0 must be a string, got dict"),
+])
+def test_a_nan_or_non_string_answer_is_a_data_error_not_a_string(tmp_path, corpus_file, raw, match):
+    """JSON allows NaN; it must not become the answer "nan"."""
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"id": "q1", "question": "Q?", "answers": ["A"]}\n'
+                 f'{{"id": "q2", "question": "Q?", "answers": [{raw}]}}\n')
+    with raises_at(q, "line 2 (id 'q2')", "answers", match=match):
+        load("jsonl", q, corpus_path=str(corpus_file))
+
+
+def test_finite_numeric_answers_are_read_as_strings(tmp_path, corpus_file):
+    q = write_jsonl(tmp_path / "q.jsonl", [{"id": "q1", "question": "When?", "answers": [1990, 2.5]}])
+    assert load("jsonl", q, corpus_path=str(corpus_file)).questions[0].answers == ("1990", "2.5")

@@ -78,3 +78,16 @@ def test_device_and_dtype_helpers():
     assert pick_dtype("float16") is torch.float16
     with pytest.raises(ValueError, match="unknown dtype"):
         pick_dtype("float8")
+
+
+@pytest.mark.parametrize("bf16_ok,expect", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_a_cuda_device(monkeypatch, bf16_ok, expect):
+    """``auto``: bfloat16 on a GPU that supports it (A100, H100, A10), float32 on one that does not (V100,
+    T4) and on the CPU; an explicit dtype is kept everywhere. (CUDA is faked: no device is touched.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: bf16_ok)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert pick_device() == torch.device("cuda", 0)
+    assert pick_dtype("auto") is expect and pick_dtype("auto", "cuda:0") is expect
+    assert pick_dtype("auto", "cpu") is torch.float32
+    assert pick_dtype("float32", "cuda") is torch.float32 and pick_dtype("bfloat16", "cpu") is torch.bfloat16

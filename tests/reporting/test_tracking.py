@@ -10,7 +10,14 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from distrag.config import TrackingConfig, build_config
-from distrag.reporting.tracking import NullTracker, Tracker, default_tracking_uri, flatten, open_tracker
+from distrag.reporting.tracking import (
+    NullTracker,
+    Tracker,
+    default_tracking_uri,
+    flatten,
+    open_tracker,
+    tracking_problem,
+)
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +160,57 @@ def test_the_run_url_mlflow_prints_at_the_end_is_masked(uri, capsys, monkeypatch
     tr.end()
     out = capsys.readouterr().out
     assert "s3cr3t" not in out and f"http://***@127.0.0.1:9/#/experiments/1/runs/{tr.run_id}" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# start-up checks: the probe and a new SQLite store shared by runs that start at once
+
+
+def test_tracking_problem_names_the_scheme_the_folder_and_a_silent_server(tmp_path):
+    import socket
+
+    assert "scheme 'ftp' is not supported" in tracking_problem(TrackingConfig(uri="ftp://host/x"))
+    assert "does not exist" in tracking_problem(TrackingConfig(uri=f"sqlite:///{tmp_path}/nope/mlflow.db"))
+    assert tracking_problem(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db")) is None
+    assert tracking_problem(TrackingConfig(uri="postgresql+psycopg2://u@db/mlflow")) is None  # not probed
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+        assert "no MLflow server answers" in tracking_problem(TrackingConfig(uri=f"http://127.0.0.1:{port}"))
+        srv.listen()
+        assert tracking_problem(TrackingConfig(uri=f"http://127.0.0.1:{port}")) is None
+
+
+def _start_run(uri: str, name: str, barrier, results) -> None:
+    """One process: wait for the other, then open a run on the shared store, log a metric, end it."""
+    try:
+        barrier.wait(60)
+        tr = Tracker.open(TrackingConfig(uri=uri, experiment="together"), run_name=name)
+        tr.log_metrics({"m": 1.0})
+        tr.end()
+        results.put((name, "ok"))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put((name, f"{type(e).__name__}: {e}"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_runs_starting_at_once_on_a_new_sqlite_store(tmp_path):
+    import multiprocessing as mp
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_start_run, args=(uri, f"run{i}", barrier, results)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(150)
+    outcome = dict(results.get(timeout=5) for _ in procs)
+    assert outcome == {"run0": "ok", "run1": "ok"}
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["run0", "run1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}

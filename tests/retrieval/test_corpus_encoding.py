@@ -162,3 +162,22 @@ def test_an_index_saved_for_another_signature_is_rebuilt_and_no_cache_means_no_f
     assert ledger.flops("encode_passages") > 0
     load_or_build_index(None, corpus, embedder, cfg, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+@pytest.mark.parametrize("damage", ["random_bytes", "empty_manifest"])
+def test_a_corrupted_cached_index_is_rebuilt_with_a_warning(world, tmp_path, caplog, damage):
+    cfg, corpus, embedder = world["cfg"], world["corpus"], world["embedder"]
+    root = tmp_path / "index"
+    built = load_or_build_index(root, corpus, embedder, cfg, show_progress=False)
+    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index))
+    if damage == "random_bytes":
+        shard = next(p for p in folder.iterdir() if p.suffix == ".faiss")
+        shard.write_bytes(np.random.default_rng(0).bytes(7))
+    else:
+        (folder / index_store.MANIFEST).write_text("")
+    with caplog.at_level("WARNING", logger="distrag.retrieval.corpus_encoding"):
+        rebuilt = load_or_build_index(root, corpus, embedder, cfg, show_progress=False)
+    assert "cached index unusable, rebuilding it" in caplog.text
+    ids = np.arange(len(corpus))
+    np.testing.assert_allclose(rebuilt.reconstruct(ids), built.reconstruct(ids), atol=1e-6)
+    index_store.load(folder)  # the cache is whole again

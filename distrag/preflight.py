@@ -1,0 +1,209 @@
+"""Checks of a configuration against the world, the data, the model files, the output folder and the
+tracker, run before any model loads; every problem is reported at once, as config validation does.
+
+Config validation (:mod:`distrag.config`) checks each value alone. What it cannot see is checked here:
+
+* :func:`check_setup` (no data needed): the models resolve (hub id, folder, ``gguf_file``) and, for
+  ``index.kind=ivfpq``, ``index.pq_m`` divides the embedder's dimension (read from the model's config
+  file, no weights loaded); ``output_dir`` is a folder this process can write; ``tracking.uri`` has a
+  supported scheme and its server answers (:func:`distrag.reporting.tracking.tracking_problem`, a few
+  seconds at most); with ``world_size`` (``launch/train.py``): ``distributed.index_rank`` lies inside
+  the world and the DeepSpeed configuration (``ds_config`` file, ``offload`` with its ZeRO stage) is
+  usable.
+* :func:`check_data` (after the data is split): the eval split (and the training split, when the
+  strategy trains) holds questions, ``index.n_shards`` <= passages, ``train.hard_negatives`` <= the
+  non-gold passages every training question has, and the strategy's data needs (context labels).
+
+:func:`preflight` runs both and raises one :class:`~distrag.errors.ConfigError` listing every problem.
+The command line calls it through :meth:`distrag.training.experiment.Experiment.setup` (after the data
+split, before the models load); ``launch/train.py`` calls :func:`check_setup` with the world size first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from distrag.config import ExperimentConfig
+from distrag.data.records import Splits
+from distrag.errors import ConfigError, DSConfigError, ModelNotFoundError, StrategyError
+
+Problems = list[tuple[str, str]]
+
+
+def embedder_dim(cfg: ExperimentConfig) -> int | None:
+    """The embedder's vector size from its config file (no weights loaded); None when it does not say.
+    Raises :class:`ModelNotFoundError` when ``embedder.model`` names nothing loadable."""
+    from transformers import AutoConfig
+
+    from distrag.models.embedder import read_st_settings
+    from distrag.models.sources import resolve_model
+
+    source = resolve_model(cfg.embedder.model)
+    sub = read_st_settings(source)["subfolder"]
+    try:
+        mcfg = AutoConfig.from_pretrained(source.path_or_id, trust_remote_code=cfg.embedder.trust_remote_code,
+                                          **({"subfolder": sub} if sub else {}))
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"embedder.model {cfg.embedder.model!r}: no readable model config "
+                                 f"({str(e).splitlines()[0][:200]})") from None
+    dim = getattr(mcfg, "hidden_size", None)
+    return int(dim) if isinstance(dim, int) else None
+
+
+def _model_problems(cfg: ExperimentConfig) -> Problems:
+    from distrag.models.sources import resolve_model
+
+    problems: Problems = []
+    try:
+        dim = embedder_dim(cfg)
+    except ModelNotFoundError as e:
+        problems.append(("embedder.model", _with_fix(str(e))))
+        dim = None
+    if dim is not None and cfg.index.kind == "ivfpq" and dim % cfg.index.pq_m:
+        divisors = [d for d in range(1, dim + 1) if dim % d == 0 and d <= 64]
+        problems.append(("index.pq_m", f"{cfg.index.pq_m} does not divide the embedder's dimension {dim} "
+                                       f"(index.kind=ivfpq); use one of {divisors}"))
+    try:
+        resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
+    except ModelNotFoundError as e:
+        if cfg.generator.gguf_file and "gguf_file" in str(e):
+            there = sorted(p.name for p in Path(cfg.generator.model).expanduser().glob("*.gguf"))
+            problems.append(("generator.gguf_file", f"{e}; the .gguf files there: {there or 'none'} (or leave "
+                                                    "gguf_file unset for a transformers folder)"))
+        else:
+            problems.append(("generator.model", _with_fix(str(e))))
+    return problems
+
+
+def _with_fix(message: str) -> str:
+    """A model-not-found message with how to fix it (alias messages already say which package to install)."""
+    if "pip install" in message:
+        return message
+    return (f"{message}; give a local model folder, a .gguf file, an offline alias, or a hub id that is cached "
+            "(or reachable with HF_HUB_OFFLINE unset)")
+
+
+def output_dir_problem(output_dir: str | Path) -> str | None:
+    """Why ``output_dir`` cannot hold this run's files (not a folder, cannot be created, not writable), or None.
+    Creates the folder when missing and writes (then removes) a probe file."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder; point output_dir at a folder (it is created if missing)"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".distrag_write_probe_", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return (f"{path} is not writable ({e.strerror or e}); point output_dir at a folder you can write "
+                f"(e.g. output_dir=$HOME/distrag-runs)")
+    return None
+
+
+def require_output_dir(output_dir: str | Path) -> None:
+    """Raise a :class:`ConfigError` naming ``output_dir`` when :func:`output_dir_problem` finds one (for
+    code that writes into it before :func:`preflight` runs, e.g. the output folder's lock)."""
+    problem = output_dir_problem(output_dir)
+    if problem:
+        raise ConfigError([("output_dir", problem)])
+
+
+def _world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
+    """``distributed.index_rank`` inside the world, an explicit ``distributed.resume`` that exists, a usable
+    DeepSpeed configuration (``launch/train.py`` runs)."""
+    from distrag.distributed.deepspeed_glue import build_ds_config
+    from distrag.distributed.runner import needs_index_rank
+    from distrag.training.strategies import strategy_of
+
+    problems: Problems = []
+    d = cfg.distributed
+    refresh = needs_index_rank(cfg) and world_size > 1
+    if (refresh or cfg.train.refresh_every > 0) and not -world_size <= d.index_rank < world_size:
+        problems.append(("distributed.index_rank",
+                         f"{d.index_rank} is outside the world of {world_size} process(es) "
+                         f"(ranks 0..{world_size - 1}); use -1 (the last rank) or a rank in 0..{world_size - 1}"))
+    if d.resume not in (None, "", "none", "auto") and not Path(d.resume).exists():
+        problems.append(("distributed.resume",
+                         f"checkpoint {d.resume} does not exist; give a checkpoint folder (<output_dir>/distributed/"
+                         "<strategy>-<hash>/checkpoints/step_N), auto (the newest, or a fresh start) or none"))
+    if strategy_of(cfg).trains_generator:  # DeepSpeed wraps the generator only
+        try:
+            build_ds_config(cfg.train, d, max(world_size - 1 if refresh else world_size, 1), bf16=False)
+        except DSConfigError as e:
+            if "offload" in str(e):
+                problems.append(("distributed.offload", "CPU offload needs ZeRO-3; set distributed.zero_stage=3 or "
+                                                        "distributed.offload=false"))
+            else:
+                problems.append(("distributed.ds_config", f"{str(e).removeprefix('distributed.ds_config: ')}; give a "
+                                 "DeepSpeed JSON object (e.g. ds_configs/zero2.json) or leave it unset for the "
+                                 "built-in ZeRO settings"))
+    return problems
+
+
+def check_setup(cfg: ExperimentConfig, *, world_size: int | None = None, tracking: bool = True) -> Problems:
+    """The problems that need no data: models, output folder, tracker (when ``tracking``), and with
+    ``world_size`` (a ``launch/train.py`` run) the world and DeepSpeed settings."""
+    from distrag.reporting.tracking import tracking_problem
+
+    problems = _model_problems(cfg)
+    out = output_dir_problem(cfg.output_dir)
+    if out:
+        problems.append(("output_dir", out))
+    if tracking and cfg.tracking.enabled:
+        trk = tracking_problem(cfg.tracking)
+        if trk:
+            problems.append(("tracking.uri", trk))
+    if world_size is not None:
+        problems += _world_problems(cfg, world_size)
+    return problems
+
+
+def check_data(cfg: ExperimentConfig, splits: Splits) -> Problems:
+    """The problems that need the data: empty splits, shards over passages, hard negatives over the
+    non-gold passages, the strategy's needs (context labels)."""
+    from distrag.training.strategies import check_strategy_data, phases_for, strategy_of
+
+    problems: Problems = []
+    n_passages = len(splits.corpus)
+    if not splits.get(cfg.eval_split):
+        fraction = {"dev": "data.dev_fraction", "test": "data.test_fraction"}.get(cfg.eval_split)
+        fix = f"raise {fraction} above 0 or choose another eval_split" if fraction else "use more questions"
+        problems.append(("eval_split", f"the {cfg.eval_split} split of {splits.name} holds no question, so there "
+                                       f"is nothing to score; {fix}"))
+    if cfg.index.n_shards > n_passages:
+        problems.append(("index.n_shards", f"{cfg.index.n_shards} shards but the corpus of {splits.name} has "
+                                           f"{n_passages} passage(s); use at most {n_passages}"))
+    strategy = strategy_of(cfg)
+    if strategy.trains:
+        if not splits.train:
+            problems.append(("data", f"the train split of {splits.name} holds no question; lower "
+                                     "data.dev_fraction / data.test_fraction or use more questions"))
+        mnrl = any(p.loss == "mnrl" for p in phases_for(cfg))
+        if mnrl and cfg.train.hard_negatives:
+            most_gold = max((len(q.gold_passage_ids or ()) for q in splits.train), default=1)
+            room = n_passages - most_gold
+            if cfg.train.hard_negatives > room:
+                fix = f"set train.hard_negatives <= {room}" if room > 0 else "set train.hard_negatives=0"
+                problems.append(("train.hard_negatives",
+                                 f"{cfg.train.hard_negatives} but the corpus has {n_passages} passage(s) and a "
+                                 f"training question has {most_gold} gold one(s): at most {max(room, 0)} non-gold "
+                                 f"passages exist per question; {fix} or use a larger corpus"))
+        try:
+            check_strategy_data(cfg, splits.train)
+        except StrategyError as e:
+            problems.append(("train.strategy", str(e)))
+    return problems
+
+
+def preflight(cfg: ExperimentConfig, splits: Splits | None = None, *, world_size: int | None = None,
+              tracking: bool = True) -> None:
+    """Raise one :class:`ConfigError` with every problem :func:`check_setup` and (given ``splits``)
+    :func:`check_data` find; return quietly when there is none."""
+    problems = check_setup(cfg, world_size=world_size, tracking=tracking)
+    if splits is not None:
+        problems += check_data(cfg, splits)
+    if problems:
+        raise ConfigError(problems)
+
