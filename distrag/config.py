@@ -122,6 +122,10 @@ class GeneratorConfig(Section):
     """Allow model code from the hub. Off unless you ask for it."""
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     """LoRA adapter settings used by every strategy that trains the generator."""
+    gradient_checkpointing: bool = True
+    """Recompute each transformer block's activations in the backward pass instead of keeping them, in every
+    phase that trains the generator (LoRA): activation memory drops to the blocks' inputs for one extra
+    forward of compute (not charged to the FLOPs ledger, which counts model FLOPs; wall-clock shows it)."""
 
 
 class IndexConfig(Section):
@@ -142,6 +146,16 @@ class IndexConfig(Section):
     against the corpus re-embedded with the trained encoder (as the trained pipeline is deployed; charged
     to the run as phase `index_rebuild`). `false`: keep the base encoder's passage vectors (RAG's
     frozen-document variant). The report says which each row used."""
+    on_disk: bool = False
+    """Index rank of a distributed run: stream the corpus file (`data.corpus_path`, JSONL) in chunks of
+    `chunk_passages`, write each version's embeddings to shard files on disk and build the index shard by shard
+    from them (IVF kinds trained on `train_size` sampled rows), so its memory follows the chunk, not the corpus.
+    The index has `n_shards` shards. `false`: the whole corpus is encoded in memory (small corpora)."""
+    chunk_passages: int = Field(50_000, ge=1)
+    """`on_disk`: passages read, encoded and written per chunk."""
+    train_size: int = Field(100_000, ge=1)
+    """`on_disk` with `ivf` / `ivfpq`: rows sampled from the stored embeddings to train the IVF cells and PQ
+    codebooks (the cells are capped at train_size / 39)."""
 
 
 class RetrievalConfig(Section):
@@ -177,6 +191,11 @@ class TrainConfig(Section):
     train_k: int | None = Field(None, ge=1)
     """Passages per question during training: in the generator's prompt (Ft-Gen) or marginalised over (RAG
     losses). Default: retrieval.top_k, the k every row is evaluated at."""
+    pair_micro_batch: int = Field(0, ge=0)
+    """RAG losses (joint, two-phase): (question, passage) pairs per generator forward. The k x questions pairs
+    of a micro batch run in chunks of this many, each chunk checkpointed (its activations recomputed in the
+    backward pass, one chunk at a time), so the loss never holds all pairs' activations at once; loss and
+    gradients are exact (RAG-Sequence and RAG-Token alike). 0: all pairs in one forward."""
     hard_negatives: int = Field(0, ge=0)
     """Ft-Embed: retrieved non-gold passages added per question as extra negatives."""
     mnrl_scale: float = Field(20.0, gt=0)
@@ -229,6 +248,9 @@ class DistributedConfig(Section):
     """Save a checkpoint every N optimizer steps (0: only at the end and on preemption)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Complete checkpoints kept on disk."""
+    keep_index_versions: int = Field(3, ge=1)
+    """Published index versions the index rank keeps on disk: the newest N, plus the version the trainers
+    adopted last and any version a kept checkpoint uses."""
     resume: str | None = None
     """`auto` (newest complete checkpoint, or a fresh start if none) or a checkpoint path (must exist)."""
     stop_after: int | None = Field(None, ge=1)
@@ -283,8 +305,8 @@ class ExperimentConfig(Section):
         tree = self.model_dump(mode="json")
         tree.pop("tracking", None)
         tree.pop("output_dir", None)
-        for k in ("resume", "stop_after", "checkpoint_every", "keep_checkpoints", "index_timeout_s",
-                  "on_index_failure"):
+        for k in ("resume", "stop_after", "checkpoint_every", "keep_checkpoints", "keep_index_versions",
+                  "index_timeout_s", "on_index_failure"):
             tree["distributed"].pop(k, None)
         blob = json.dumps(tree, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -37,6 +37,11 @@ TAG_PASSAGE_VECTORS = "distrag.passage_vectors"
 TAG_SELECTED_RUN = "distrag.selected_run"
 """On a sweep run: the run id of the selected settings' final evaluation."""
 TAG_NOTES = "distrag.notes"
+TAG_STOPPED = "distrag.stopped"
+"""On a run that ended before its last step: why (`preempted`, `stop_after`, `interrupted`, `index_failed`);
+its MLflow status says it did not finish (KILLED, or FAILED for `index_failed`)."""
+STOP_PREEMPTED, STOP_AFTER = "preempted", "stop_after"
+STOP_INTERRUPTED, STOP_INDEX_FAILED = "interrupted", "index_failed"
 
 KIND_EVAL = "eval"
 """`distrag eval`: the No-FT baseline."""
@@ -58,6 +63,12 @@ COST_WALL_S = "cost/wall_s"
 COST_DEVICE_HOURS = "cost/device_hours"
 COST_TRAINABLE_PARAMS = "cost/trainable_params"
 COST_TOTAL_PARAMS = "cost/total_params"
+COST_PEAK_RSS_GB = "cost/peak_rss_gb"
+"""Largest host resident memory (GB = 1e9 bytes) of any phase of the run; per phase:
+``phase_metric(phase, "peak_rss_gb")`` (distrag.costs.memory)."""
+COST_PEAK_DEVICE_GB = "cost/peak_device_gb"
+"""Largest device memory allocated (GB) in any phase; only runs that used a GPU write it (per phase:
+``phase_metric(phase, "peak_device_gb")``)."""
 COST_OWN_FLOPS = "cost/own_flops"
 """Written by the experiment: FLOPs of a run's own training and evaluation (what a sweep point adds)."""
 COST_PHASE_PREFIX = "cost/phase."
@@ -68,7 +79,8 @@ PHASE_INDEX_REBUILD = "index_rebuild"
 
 
 def phase_metric(phase: str, what: str = "flops") -> str:
-    """``cost/phase.<phase>.<what>`` (what: flops, wall_s, device_hours, tokens, passages)."""
+    """``cost/phase.<phase>.<what>`` (what: flops, wall_s, device_hours, tokens, passages, peak_rss_gb,
+    peak_device_gb)."""
     return f"{COST_PHASE_PREFIX}{phase}.{what}"
 
 
@@ -131,6 +143,11 @@ INDEX_BLOCKED_SHARE = "index/blocked_share"
 INDEX_STALENESS_MEAN = "index/staleness_mean"
 """Mean, over training steps, of the optimizer steps the index in use lagged behind the encoder."""
 INDEX_STALENESS_MAX = "index/staleness_max"
+INDEX_VERSIONS_PUBLISHED = "index/versions_published"
+"""Index versions the index rank had published when training ended (the newest version's number)."""
+INDEX_VERSIONS_ADOPTED = "index/versions_adopted"
+"""Index versions the trainers adopted (the same on every trainer; a version already superseded by a newer
+publication when the trainers next polled is skipped)."""
 PHASE_INDEX_RANK = "index_rank"
 """Ledger phase of a distributed run: the index rank's device time (it holds a device for the whole
 run) and the re-embeddings it published that no trainer adopted (adopted ones are charged to trainer 0

@@ -7,7 +7,8 @@ Layout of ``root`` (its parent is the run folder, which holds the run's secret: 
                             position, index version/path, ledger totals, MLflow run id, ...)
         rank_00000.pt ...   per-trainer RNG states (python, numpy, torch, cuda) + rank_payload
         ds/                 DeepSpeed's engine.save_checkpoint (tag "ds"), when an engine is passed
-        COMPLETE            manifest, written last: step, trainers, time, ``files`` (size and sha256 of
+        COMPLETE            manifest, written last: step, trainers, time, ``index_version`` (the published
+                            index version in use, kept by the index rank's pruning), ``files`` (size and sha256 of
                             every other file) and ``signature`` (HMAC of the manifest under the run's
                             secret); its presence marks a complete checkpoint
     latest                  name of the newest complete checkpoint (replaced atomically, LAST)
@@ -178,6 +179,20 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def referenced_index_versions(root: str | Path) -> set[int]:
+    """The published index versions the complete checkpoints under ``root`` name (their manifests'
+    ``index_version``): the index rank keeps them, so each checkpoint can resume."""
+    found = set()
+    for path in list_complete(root):
+        try:
+            version = json.loads((path / MANIFEST).read_text()).get("index_version")
+        except (OSError, ValueError, AttributeError):
+            continue  # pruned meanwhile, or not ours: resolve() reports it
+        if isinstance(version, int):
+            found.add(version)
+    return found
+
+
 def list_complete(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     return [p for p in reversed(_step_dirs(root)) if is_complete(p)]
@@ -213,10 +228,12 @@ class CheckpointManager:
         return run_secret.run_secret(self.root.parent)
 
     # -- saving --------------------------------------------------------------------------------------
-    def save(self, step: int, payload: dict, *, engine=None, rank_payload: dict | None = None) -> Path:
+    def save(self, step: int, payload: dict, *, engine=None, rank_payload: dict | None = None,
+             index_version: int | None = None) -> Path:
         """Collective: every trainer calls it with the same ``step``. Only trainer 0's ``payload`` is
         written; each trainer's RNG state and ``rank_payload`` go to its own file. Payloads must be tensors
-        and plain data (TypeError otherwise, before anything is written)."""
+        and plain data (TypeError otherwise, before anything is written). ``index_version``: the published
+        index version the payload uses, named in the manifest so the index rank never prunes it."""
         name = f"step_{step:08d}"
         final = self.root / name
         tmp = self.root / f".{name}.tmp"
@@ -244,7 +261,7 @@ class CheckpointManager:
         self.ctx.barrier_trainers()
         if self.ctx.info.is_rank0:
             manifest = {"step": step, "n_trainers": self.ctx.info.n_trainers, "engine": engine is not None,
-                        "time": time.time(),
+                        "time": time.time(), "index_version": index_version,
                         "files": {rel: {"size": (tmp / rel).stat().st_size, "sha256": _sha256(tmp / rel)}
                                   for rel in _files(tmp)}}
             manifest["signature"] = run_secret.sign(self._secret(), _signed_text(manifest))

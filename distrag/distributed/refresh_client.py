@@ -12,12 +12,16 @@ trainer collective, and the trainers never wait for the index rank::
       decision broadcast to all trainers: every trainer adopts v at the same step
     done()                    -- add(done, 1) --------------------------------> exits its loop
 
-Health: the index rank bumps ``heartbeat`` while idle and between shards, records its host:pid,
-and records ``error`` if its loop raises. Trainer 0 declares a failure when the heartbeat counter
+Health: the index rank bumps ``heartbeat`` while idle and between shards, records its host:pid
+(under a launcher, the worker's pid and its supervisor's: :mod:`distrag.distributed.index_supervisor`),
+and records ``error`` if its loop raises or its worker dies. Trainer 0 declares a failure when the heartbeat counter
 has not moved for ``index_timeout_s`` (local clock: no cross-node clock skew), when the process is
 gone (same host), when an error was recorded, or when the store is unreachable. Then every trainer
 follows ``on_index_failure`` at the same step: ``continue`` on the last version (one warning) or
 ``stop`` (:class:`IndexRankFailed` raised on every trainer).
+
+Pruning: trainer 0 sets ``adopted`` to the version it adopts *before* any trainer loads it; the index
+rank never deletes that version, the newest ``keep_index_versions`` ones, or one a checkpoint names.
 
 Versions are :class:`~distrag.retrieval.sharded_index.ShardedIndex` directories published with
 :func:`distrag.retrieval.index_store.publish` (``root/v000001`` ..., atomically, then ``root/LATEST``);
@@ -43,16 +47,13 @@ Training-loop use (every trainer)::
         if step % refresh_every == 0: client.submit_weights(step, embedder_trainable_state())
     client.done()
 
-Index rank: ``IndexServer(ctx.store, encode_corpus_fn, build_index_fn, publish_root, weights_dir).run()``
-(:mod:`distrag.distributed.refresh_server`).
+Index rank: :mod:`distrag.distributed.refresh_server` (``IndexServer(...).run()``).
 """
 
 from __future__ import annotations
 
 import io
-import os
 import re
-import socket
 import threading
 import time
 import warnings
@@ -66,6 +67,7 @@ import torch
 from distrag import metric_names as mn
 from distrag.atomic_io import atomic_write_bytes
 from distrag.distributed import run_secret
+from distrag.distributed.process_watch import end_lingering, hostname, pid_alive
 from distrag.distributed.refresh_stats import RefreshStats
 from distrag.errors import IndexRankFailed
 
@@ -78,16 +80,12 @@ K_PID = PREFIX + "pid"  # "host:pid" of the index rank
 K_ERROR = PREFIX + "error"  # set when the index loop raised
 K_DONE = PREFIX + "done"  # set by trainer 0 when training ends
 K_BYE = PREFIX + "bye"  # set by the index rank when it leaves (trainer 0 hosts the store: it waits)
+K_ADOPTED = PREFIX + "adopted"  # version trainer 0 adopts, set before any trainer loads it (counter)
 
 
 def meta_key(count: int) -> str:
     """Store key of the details (version, folder, weights step, ...) of publication number ``count``."""
     return f"{PREFIX}meta/{count}"
-
-
-def hostname() -> str:
-    """This machine's name (the index rank records ``host:pid``; a pid is only checked on the same host)."""
-    return socket.gethostname()
 
 
 def inside(path: str, folder: Path) -> bool:
@@ -101,7 +99,6 @@ def inside(path: str, folder: Path) -> bool:
 @dataclass
 class AdoptDecision:
     """An index version every trainer adopted at the same step."""
-
     version: int
     """Index version adopted."""
     path: str
@@ -246,7 +243,7 @@ class IndexClient:
             return f"the index rank raised: {err.get('error')}"
         if s.check([K_PID]) and (who := self._trusted(K_PID)) is not None:
             pid = who.get("pid")
-            if who.get("host") == hostname() and isinstance(pid, int) and not _pid_alive(pid):
+            if who.get("host") == hostname() and isinstance(pid, int) and not pid_alive(pid):
                 return f"the index rank process (pid {pid}) is gone"
         hb = s.add(K_HEARTBEAT, 0)
         now = time.monotonic()
@@ -266,6 +263,8 @@ class IndexClient:
                 self._seen_pub = pub
                 if meta is not None and (self.current is None or meta["version"] > self.current.version):
                     out = ("adopt", meta)
+                    # announced before any trainer loads it: the index rank never prunes it from now on
+                    self.store.add(K_ADOPTED, meta["version"] - self.store.add(K_ADOPTED, 0))
             why = self._health()
         except (RuntimeError, OSError) as e:  # the store itself is gone (it lived in the index process)
             return ("fail", f"coordination store unreachable: {e!r}")
@@ -358,43 +357,43 @@ class IndexClient:
             self._writer = None
         try:
             self.store.add(K_DONE, 1)
-            if self.failed is not None:
-                return False
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if self.store.add(K_BYE, 0) > 0 or self._health() is not None:
-                    break
-                time.sleep(0.05)
-            return self.store.add(K_BYE, 0) > 0
+            bye = False
+            if self.failed is None:
+                deadline = time.monotonic() + wait_s
+                while time.monotonic() < deadline:
+                    if self.store.add(K_BYE, 0) > 0 or self._health() is not None:
+                        break
+                    time.sleep(0.05)
+                bye = self.store.add(K_BYE, 0) > 0
+            self._end_supervisor(wait_s)
+            return bye
         except (RuntimeError, OSError) as e:  # the index rank (and its store) may already be gone
             print(f"[index] could not signal done to the index rank: {e!r}", flush=True)
             return False
 
+    def _end_supervisor(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` for the index rank's launcher-started process (its supervisor) to leave;
+        on this host, kill one that does not (stopped, hung), so the launcher can end the job."""
+        who = self._trusted(K_PID) if self.store.check([K_PID]) else None
+        pid = who.get("supervisor") if who else None
+        if not isinstance(pid, int) or who.get("host") != hostname():
+            return  # no supervisor, or on another node: its launcher ends it
+        if end_lingering(pid, wait_s):
+            warnings.warn(f"the index rank (pid {pid}) did not leave within {wait_s:.0f}s of the end of "
+                          "training (stopped or hung): killed it", RuntimeWarning, stacklevel=3)
+
     def state_dict(self) -> dict:
         """What a checkpoint needs to know about the index in use."""
-        return {"current": asdict(self.current) if self.current else None, "stats": self.stats.state_dict()}
+        return {"current": asdict(self.current) if self.current else None, "stats": self.stats.state_dict(),
+                "history": [asdict(d) for d in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
         cur = state.get("current")
         self.current = AdoptDecision(**cur) if cur else None
+        self.history = [AdoptDecision(**d) for d in state.get("history") or []]
         self.stats.load_state_dict(state.get("stats") or {})
 
 
 def _print_metrics(metrics: dict, step: int) -> None:
     print(f"[index] step {step}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in metrics.items()), flush=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (killed, not yet reaped by its launcher) is gone too
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True

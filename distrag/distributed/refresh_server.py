@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from distrag.data import load_data
+from distrag.distributed.process_watch import hostname
 from distrag.distributed.refresh_client import (
+    K_ADOPTED,
     K_BYE,
     K_CONSUMED,
     K_DONE,
@@ -28,7 +30,6 @@ from distrag.distributed.refresh_client import (
     K_PID,
     K_PUBLISHED,
     K_WEIGHTS,
-    hostname,
     meta_key,
 )
 from distrag.distributed.run_secret import run_secret, signed_record
@@ -36,10 +37,10 @@ from distrag.models.embedder import Embedder
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import CorpusEncoder
 from distrag.retrieval.sharded_index import ShardedIndex
+from distrag.retrieval.streaming_index import OnDiskCorpusIndexer
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig
-    from distrag.distributed.roles import DistContext
 
 
 class IndexServer:
@@ -55,7 +56,8 @@ class IndexServer:
                  build_index_fn: Callable[[np.ndarray], ShardedIndex], publish_root: str | Path,
                  weights_dir: str | Path, *, extra: dict[str, Any] | None = None, poll_interval_s: float = 0.2,
                  log: Callable[[str], None] | None = None, start_version: int | None = None,
-                 run_root: str | Path | None = None):
+                 run_root: str | Path | None = None, keep_versions: int | None = None,
+                 protected_fn: Callable[[], set[int]] | None = None, announce_pid: bool = True):
         self.store = store
         self.encode_corpus_fn = encode_corpus_fn
         self.build_index_fn = build_index_fn
@@ -71,6 +73,9 @@ class IndexServer:
         self.version = start_version
         self.consumed = 0
         self.published = 0
+        self.keep_versions = keep_versions
+        self.protected_fn = protected_fn or (lambda: set())
+        self.announce_pid = announce_pid
 
     def _set(self, key: str, record: dict) -> None:
         """Set a record in the store, signed: trainer 0 ignores what does not verify."""
@@ -84,7 +89,8 @@ class IndexServer:
 
     def run(self) -> int:
         """Serve until trainer 0 calls ``done()``. Returns the number of versions published."""
-        self._set(K_PID, {"host": hostname(), "pid": os.getpid()})
+        if self.announce_pid:  # a supervisor announces its worker itself (index_supervisor)
+            self._set(K_PID, {"host": hostname(), "pid": os.getpid()})
         self.consumed = self.store.add(K_CONSUMED, 0)
         try:
             while True:
@@ -137,21 +143,44 @@ class IndexServer:
         self._set(meta_key(self.published), {**meta, "version": version, "path": str(path)})
         self.store.add(K_PUBLISHED, 1)
         self.log(f"published version {version} from step {blob['step']} in {build_s:.2f}s -> {path}")
+        self.prune()
+
+    def prune(self) -> list[int]:
+        """Delete versions beyond the newest ``keep_versions``, except the one trainer 0 adopts (set in the
+        store before any trainer loads it) and those ``protected_fn()`` names (checkpoints' versions)."""
+        if not self.keep_versions:
+            return []
+        protect = {self.store.add(K_ADOPTED, 0), *self.protected_fn()}
+        gone = index_store.prune_versions(self.root, self.keep_versions, protect)
+        if gone:
+            self.log(f"pruned index version(s) {gone} (keeping the newest {self.keep_versions} and {sorted(protect)})")
+        return gone
 
 
-def serve_index(cfg: ExperimentConfig, ctx: DistContext, run_root: Path) -> int:
-    """The index rank of a run: re-embed the corpus with each weights hand-off under ``run_root/weights``
-    and publish versions under ``run_root/index`` until the trainers are done. Returns the number of
-    versions published."""
-    corpus = load_data(cfg.data).corpus
+def serve_index(cfg: ExperimentConfig, store, run_root: Path, *, announce_pid: bool = True) -> int:
+    """The index rank of a run (``store``: the coordination store): re-embed the corpus with each weights
+    hand-off under ``run_root/weights`` and publish versions under ``run_root/index`` until the trainers are
+    done, keeping ``distributed.keep_index_versions`` of them plus those the run's checkpoints name.
+    Returns the number of versions published."""
+    from distrag.distributed.checkpoint import referenced_index_versions
+
     embedder = Embedder.from_config(cfg.embedder)
     embedder.eval()
-    encoder = CorpusEncoder(embedder, corpus.texts(), n_shards=max(cfg.index.n_shards, 4))
+    if cfg.index.on_disk:  # large corpora: streamed in chunks, embeddings on disk (retrieval/streaming_index.py)
+        indexer = OnDiskCorpusIndexer.from_config(embedder, cfg, run_root / "index_work")
+        encode, build, extra = indexer.shards, indexer.build, indexer.extra
+    else:
+        corpus = load_data(cfg.data).corpus
+        encoder = CorpusEncoder(embedder, corpus.texts(), n_shards=max(cfg.index.n_shards, 4))
 
-    def build(sorted_vectors: np.ndarray) -> ShardedIndex:
-        vectors = encoder.unsort(sorted_vectors)
-        return ShardedIndex.from_config(vectors.shape[1], cfg.index).build(vectors)
+        def build(sorted_vectors: np.ndarray) -> ShardedIndex:
+            vectors = encoder.unsort(sorted_vectors)
+            return ShardedIndex.from_config(vectors.shape[1], cfg.index).build(vectors)
 
-    server = IndexServer(ctx.store, encoder.shards, build, run_root / "index", run_root / "weights",
-                         extra={"corpus": corpus.fingerprint()}, run_root=run_root)
+        encode, extra = encoder.shards, {"corpus": corpus.fingerprint()}
+
+    server = IndexServer(store, encode, build, run_root / "index", run_root / "weights",
+                         extra=extra, run_root=run_root,
+                         keep_versions=cfg.distributed.keep_index_versions, announce_pid=announce_pid,
+                         protected_fn=lambda: referenced_index_versions(run_root / "checkpoints"))
     return server.run()

@@ -264,6 +264,7 @@ def init_roles(cfg: DistributedConfig | None = None, *, with_index_rank: bool = 
         device = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     if info.world_size == 1:
+        _single_process_env()
         _CTX = DistContext(info, device=device)
         return _CTX
 
@@ -290,6 +291,18 @@ def init_roles(cfg: DistributedConfig | None = None, *, with_index_rank: bool = 
         ctx.backend = backend
     _CTX = ctx
     return ctx
+
+
+def _single_process_env() -> None:
+    """A world of one for DeepSpeed: without a launcher's RANK / WORLD_SIZE / MASTER_* / LOCAL_RANK,
+    ``deepspeed.initialize`` looks for MPI (and fails without mpi4py); with them it starts a one-process
+    group on a free local port. Values a launcher set (torchrun with one process) are kept."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, value)
 
 
 def current() -> DistContext:
@@ -376,6 +389,9 @@ def finish(exit_code: int = 0, *, ctx: DistContext | None = None, join_timeout_s
             if t is not me and not t.daemon and t is not threading.main_thread():
                 t.join(timeout=join_timeout_s)
         logging.shutdown()
+        from distrag.run_lock import release_all
+
+        release_all()  # os._exit skips atexit: give the output folder's lock back (distrag.run_lock)
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -5,9 +5,11 @@
 reads RANK / WORLD_SIZE): with ``train.refresh_every > 0`` one rank is the **index rank** and never
 joins a trainer collective; DeepSpeed only ever sees the trainers (its default group is trainers-only).
 
-* The index rank (:func:`run_index_rank` -> :func:`~distrag.distributed.refresh_server.serve_index`)
-  waits for embedder weights, re-embeds the corpus shard by shard, rebuilds the sharded faiss index and
-  publishes version v atomically.
+* The index rank (:func:`run_index_rank`) supervises a child process (the index worker:
+  :mod:`~distrag.distributed.index_supervisor`, so its death never makes the launcher end the trainers)
+  that runs :func:`~distrag.distributed.refresh_server.serve_index`: it waits for embedder weights,
+  re-embeds the corpus shard by shard, rebuilds the sharded faiss index, publishes version v atomically
+  and prunes old versions.
 * Each trainer runs a :class:`TrainerRun`, whose ``run()`` is these steps, in this order:
 
   1. ``setup``            DeepSpeed's process group; the experiment (data, models, frozen index), built
@@ -51,12 +53,13 @@ from distrag.costs.ledger import CostLedger
 from distrag.distributed import preemption, roles
 from distrag.distributed.checkpoint import CheckpointManager, Restored
 from distrag.distributed.deepspeed_trainer import DistributedTrainer
-from distrag.distributed.refresh_client import K_DONE, IndexClient
-from distrag.distributed.refresh_server import serve_index
-from distrag.errors import CheckpointError
+from distrag.distributed.index_supervisor import run_supervised_index_rank
+from distrag.distributed.refresh_client import IndexClient
+from distrag.errors import CheckpointError, IndexRankFailed
 from distrag.logging_setup import progress_enabled
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import CorpusEncoder
+from distrag.run_lock import lock_output_dir
 from distrag.training.strategies import phases_for
 from distrag.training.trainer import TrainState, set_embedder_trainable
 
@@ -80,27 +83,12 @@ def needs_index_rank(cfg: ExperimentConfig) -> bool:
 
 
 def run_index_rank(cfg: ExperimentConfig, ctx: roles.DistContext) -> int:
-    """The index rank's process: :func:`serve_index`; after an error, stay alive until the trainers are done."""
-    try:
-        n = serve_index(cfg, ctx, run_dir(cfg))
-    except Exception:
-        # The error is already in the store, so the trainers follow distributed.on_index_failure.
-        # Staying alive until they are done keeps launchers (torchrun, deepspeed) from tearing the
-        # whole job down because one process exited.
-        import traceback
-
-        traceback.print_exc()
-        deadline = time.monotonic() + 7 * 24 * 3600
-        while time.monotonic() < deadline:
-            try:
-                if ctx.store.add(K_DONE, 0) > 0:
-                    break
-            except (RuntimeError, OSError):  # trainer 0 (the store's host) is gone
-                break
-            time.sleep(1.0)
-        return 1
-    log.info("index rank published %d version(s)", n)
-    return 0
+    """The index rank's process: a supervisor whose child process serves the index
+    (:mod:`~distrag.distributed.index_supervisor`), so a dead or stopped index worker never makes the
+    launcher end the trainers; returns 0, or 1 when the worker failed under ``on_index_failure=stop``."""
+    info = ctx.info
+    return run_supervised_index_rank(cfg, info, ctx.store, run_dir(cfg), info.master_port + roles.STORE_PORT_OFFSET,
+                                     roles.STORE_TIMEOUT_S)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,14 +113,27 @@ class TrainerRun:
         self.t0 = 0.0  # when training started, for the recorded wall time (build_trainer)
 
     def run(self) -> int:
-        """The whole run; returns the exit code (0, or EXIT_REQUEUED when it stopped early)."""
+        """The whole run; returns the exit code (0, EXIT_REQUEUED when it stopped early, 1 when the index
+        rank failed under ``on_index_failure=stop``). The MLflow run ends FINISHED only when training and
+        the evaluation finished: KILLED when it stopped early, FAILED on an error (tag ``distrag.stopped``
+        says why it stopped)."""
         self.setup()
         restored = self.read_checkpoint()
         self.build_trainer(restored)
         self.resume(restored)
-        with self.tracker:
+        try:
             self.train_loop()
-            return self.finalize()
+            rc = self.finalize()
+        except IndexRankFailed as e:
+            return self._index_failed(e)
+        except BaseException:
+            self.tracker.end("FAILED")
+            raise
+        if self.trainer.stopped:
+            why = mn.STOP_PREEMPTED if preemption.preemption_requested() else mn.STOP_AFTER
+            self.tracker.set_tags({mn.TAG_STOPPED: why})
+        self.tracker.end("KILLED" if self.trainer.stopped else "FINISHED")
+        return rc
 
     # -- 1. setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -141,6 +142,8 @@ class TrainerRun:
         from distrag.distributed.deepspeed_glue import attach_deepspeed, outside_zero3_init
         from distrag.training.experiment import Experiment
 
+        if self.rank0:  # one run per output folder (distrag.run_lock), before anything loads
+            lock_output_dir(self.cfg.output_dir)
         attach_deepspeed(self.ctx)
         self.exp = Experiment(self.cfg, show_progress=self.rank0 and progress_enabled(), is_rank0=self.rank0)
         with outside_zero3_init():
@@ -225,6 +228,23 @@ class TrainerRun:
         preemption.install()
         self.trainer.train()
 
+    def _index_failed(self, error: IndexRankFailed) -> int:
+        """``on_index_failure=stop``: every trainer raised at the same step. Checkpoint there (unless a resumed
+        phase has not restored its optimizers yet: the checkpoint resumed from is still the newest), tell the
+        index rank to leave, say so once, end the MLflow run FAILED; exit code 1."""
+        trainer, path = self.trainer, None
+        if trainer.restored is None and trainer.state.global_step > 0:
+            path = trainer.save_checkpoint()  # collective: every trainer is here at the same step
+        self.client.done()
+        self.tracker.set_tags({mn.TAG_STOPPED: mn.STOP_INDEX_FAILED})
+        self.tracker.end("FAILED")
+        if self.rank0:
+            where = f"checkpoint {path}" if path is not None else "the previous checkpoint (if any)"
+            log.error("%s; %s keeps the training so far: resume with distributed.resume=auto, or set "
+                      "distributed.on_index_failure=continue to train on through index-rank failures", error, where)
+        self.ctx.barrier_trainers()
+        return 1
+
     # -- 6. finalize ---------------------------------------------------------------------------------
     def finalize(self) -> int:
         """Collectives first (every trainer), then trainer 0's records; returns the exit code."""
@@ -285,8 +305,14 @@ class TrainerRun:
         res = self.exp.evaluate(self.cfg, models, self.tracker, split=self.cfg.eval_split, t0=self.t0)
         self.tracker.log_metrics({mn.DIST_N_TRAINERS: n_trainers,
                                   mn.DIST_INDEX_VERSIONS: trainer.state.index_version,
-                                  **refresh_metrics([r["index"] for r in records if r["index"] is not None])})
+                                  **refresh_metrics([r["index"] for r in records if r["index"] is not None],
+                                                    published=self._published())})
         print_results([res], title=f"{res.label} on {self.exp.splits.name}, {n_trainers} trainer(s)")
+
+    def _published(self) -> int:
+        """Index versions the index rank has published in this run so far (0 without an index rank)."""
+        latest = index_store.latest_version(self.root / "index") if self.client is not None else None
+        return latest[0] if latest else 0
 
     def _index_rank_ledger(self, seconds: float) -> CostLedger:
         """The index rank's costs, phase ``index_rank``: one device for ``seconds`` (the run's wall-clock),
@@ -329,10 +355,11 @@ def _merged_ledger(states: list[dict]) -> CostLedger:
     return total
 
 
-def refresh_metrics(stats: list[dict]) -> dict[str, float]:
+def refresh_metrics(stats: list[dict], *, published: int = 0) -> dict[str, float]:
     """The index-refresh metrics of a run from every trainer's :meth:`RefreshStats.summary` (trainer
     order): per trainer ``index/trainer<i>/blocked_s`` and ``.../blocked_share``; overall the mean blocked
-    time and share over the trainers, and the staleness (agreed: trainer 0's)."""
+    time and share over the trainers, the staleness and versions adopted (agreed: trainer 0's), and the
+    ``published`` versions."""
     if not stats:
         return {}
     out = {}
@@ -343,6 +370,8 @@ def refresh_metrics(stats: list[dict]) -> dict[str, float]:
     out[mn.INDEX_BLOCKED_SHARE] = sum(st["blocked_share"] for st in stats) / len(stats)
     out[mn.INDEX_STALENESS_MEAN] = stats[0]["staleness_mean"]
     out[mn.INDEX_STALENESS_MAX] = stats[0]["staleness_max"]
+    out[mn.INDEX_VERSIONS_ADOPTED] = stats[0]["n_adopted"]
+    out[mn.INDEX_VERSIONS_PUBLISHED] = float(published)
     return out
 
 
@@ -351,4 +380,9 @@ def run(cfg: ExperimentConfig) -> int:
     ctx = roles.init_roles(cfg.distributed, with_index_rank=needs_index_rank(cfg))
     if ctx.info.is_index:
         return run_index_rank(cfg, ctx)
+    if ctx.info.role == "single" and needs_index_rank(cfg):
+        log.warning("train.refresh_every=%d needs an index rank, and this job has one process: the index stays "
+                    "frozen during training (distributed.index_rank is unused). Start 2+ processes (torchrun "
+                    "--nproc_per_node 2 ...) for asynchronous refreshes, or run `distrag train` to refresh it "
+                    "in-process.", cfg.train.refresh_every)
     return TrainerRun(cfg, ctx).run()

@@ -72,11 +72,12 @@ def listen_socket(host: str, port: int) -> int:
     return sock.detach()
 
 
-def open_store(info: DistInfo, port: int, timeout: timedelta) -> Any:
+def open_store(info: DistInfo, port: int, timeout: timedelta, *, client: bool = False) -> Any:
     """The TCPStore on ``port``: hosted by global rank 0, listening where :func:`store_addresses` says
-    (every interface, with a warning, when that address cannot be used here); a client elsewhere."""
+    (every interface, with a warning, when that address cannot be used here); a client elsewhere, and
+    always with ``client`` (a child process of a rank, e.g. the index worker)."""
     connect, bind = store_addresses(info)
-    host = info.rank == 0
+    host = info.rank == 0 and not client
     kw: dict[str, Any] = {}
     if host and bind is not None:
         try:

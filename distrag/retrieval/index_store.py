@@ -20,6 +20,7 @@ Published versions
 :func:`publish` / :func:`latest_version` manage a directory of such versions (``root/v000001``, ...) plus
 an atomically replaced ``root/LATEST`` pointer: the index rank publishes, trainers pick the newest, and a
 single-process run keeps its frozen index in the same format (``output_dir/index/<signature hash>``).
+:func:`prune_versions` deletes old versions (keeping the newest few and any the caller protects).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +42,8 @@ from distrag.errors import IndexLoadError
 from distrag.retrieval.faiss_backend import resolve_device
 from distrag.retrieval.sharded_index import ShardedIndex
 
-__all__ = ["LATEST", "MANIFEST", "latest_version", "load", "manifest", "publish", "read_manifest", "save"]
+__all__ = ["LATEST", "MANIFEST", "latest_version", "load", "manifest", "prune_versions", "publish", "read_manifest",
+           "save"]
 
 FORMAT = "distrag.sharded_index"
 FORMAT_VERSION = 1
@@ -250,3 +253,28 @@ def publish(index: ShardedIndex, root: str | Path, version: int, *, extra: dict 
     out = save(index, root / name, version=int(version), extra=extra)
     atomic_write_text(root / LATEST, name + "\n")
     return out
+
+
+def prune_versions(root: str | Path, keep: int, protect: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Delete the versions under ``root`` older than the newest ``keep``, except those in ``protect``
+    (the version the trainers use, versions a checkpoint names). Each goes out of sight at once (renamed
+    to a hidden ``.v000003.pruned`` folder, which no reader matches) and is then removed. Returns the
+    versions deleted."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(root)
+    for leftover in root.glob(".v*.pruned"):  # left by a pruner that crashed half-way
+        shutil.rmtree(leftover, ignore_errors=True)
+    found = _version_dirs(root)
+    deleted = []
+    for version, path in found[:-keep]:
+        if version in protect:
+            continue
+        hidden = root / f".{path.name}.pruned"
+        try:
+            os.replace(path, hidden)
+        except OSError:  # already gone (another pruner): nothing to do
+            continue
+        shutil.rmtree(hidden, ignore_errors=True)
+        deleted.append(version)
+    return deleted

@@ -25,8 +25,10 @@ from distrag.costs.accountant import Accountant
 from distrag.costs.ledger import CostLedger
 from distrag.data import load_data
 from distrag.data.records import Splits
+from distrag.distributed.preemption import sigterm_as_interrupt
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
+from distrag.preflight import preflight, require_output_dir
 from distrag.redaction import mask_tree
 from distrag.reporting.groups import comparison_hash, key_of
 from distrag.reporting.results import StrategyResult
@@ -34,6 +36,7 @@ from distrag.reporting.tracking import experiment_tags, flatten, open_tracker
 from distrag.retrieval.corpus_encoding import build_index, load_or_build_index
 from distrag.retrieval.pipeline import EvalResult, RAGPipeline
 from distrag.retrieval.sharded_index import ShardedIndex
+from distrag.run_lock import lock_output_dir
 from distrag.training.strategies import Phase, check_strategy_data, strategy_of
 from distrag.training.trainer import Trainer
 
@@ -85,13 +88,19 @@ class Experiment:
 
     # -- set-up ------------------------------------------------------------------------------------
     def setup(self) -> Experiment:
+        """Lock ``output_dir`` (the writing process: :mod:`distrag.run_lock`), load the data and the base
+        models, and load or build the frozen index."""
         cfg = self.cfg
+        if self.is_rank0:  # before anything loads: a second run on this folder stops at once
+            require_output_dir(self.out)  # a file, or not writable: one clear error, not an OSError
+            lock_output_dir(self.out)
         t0 = time.perf_counter()
         data = load_data(cfg.data)
         self.splits = data.split(cfg.data.dev_fraction, cfg.data.test_fraction, cfg.data.split_seed)
         log.info("data %s: %d passages, %d/%d/%d train/dev/test questions, context labels: %s",
                  data.name, len(data.corpus), len(self.splits.train), len(self.splits.dev),
                  len(self.splits.test), "yes" if data.has_context_labels else "no")
+        preflight(cfg, self.splits, tracking=self.is_rank0)  # every problem at once, before any model loads
         self.embedder = Embedder.from_config(cfg.embedder)
         self.embedder.eval()
         self.generator = Generator.from_config(cfg.generator)
@@ -120,7 +129,12 @@ class Experiment:
             trainer = Trainer(cfg, self.splits.corpus, self.splits.train, embedder, generator, src.index,
                               Accountant(own), on_metrics=on_metrics, show_progress=self.show_progress,
                               phases=phases)
-            trainer.train()
+            try:
+                with sigterm_as_interrupt():
+                    trainer.train()
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was trained, then stop
+                self._save_partial(cfg, trainer)
+                raise
             index, history = trainer.index, trainer.state.history
             if cfg.index.reembed_after_training and any(p.train_embedder for p in trainer.phases):
                 index = self.reembed(cfg, embedder, own)
@@ -185,7 +199,11 @@ class Experiment:
         split = split or cfg.eval_split
         with self.open_run(cfg, kind=kind, run_name=run_name, split=split, parent=parent) as tracker:
             t0 = time.perf_counter()
-            models = self.train(cfg, start=start, phases=phases, on_metrics=tracker.log_metrics)
+            try:
+                models = self.train(cfg, start=start, phases=phases, on_metrics=tracker.log_metrics)
+            except KeyboardInterrupt:  # the run ends KILLED (the tracker's exit), tagged why
+                tracker.set_tags({mn.TAG_STOPPED: mn.STOP_INTERRUPTED})
+                raise
             res = self.evaluate(cfg, models, tracker, split=split, t0=t0, own_flops=models.own.total_flops)
         return res, models
 
@@ -214,6 +232,26 @@ class Experiment:
         name = run_name or cfg.tracking.run_name or f"{strategy.label} {self.splits.name}"
         return open_tracker(cfg, run_name=name, tags=tags, run_id=run_id,
                             is_rank0=self.is_rank0 if is_rank0 is None else is_rank0)
+
+    def _save_partial(self, cfg: ExperimentConfig, trainer: Trainer) -> Path | None:
+        """An interrupted training's models as they were (the trained parts), with ``PARTIAL.json`` saying
+        where it stopped, under ``output_dir/models/<strategy>-<config hash>-partial/``; said in the log."""
+        strategy, state = strategy_of(cfg), trainer.state
+        if not self.is_rank0 or state.global_step == 0:
+            log.warning("interrupted before the first optimizer step: nothing trained to keep")
+            return None
+        d = self.out / "models" / f"{strategy.key}-{cfg.config_hash()}-partial"
+        if strategy.trains_embedder:
+            trainer.embedder.save(d / "embedder")
+        if strategy.trains_generator:
+            trainer.generator.save_adapter(d / "adapter")
+        atomic_write_text(d / "PARTIAL.json", json.dumps({
+            "interrupted_at_global_step": state.global_step, "phase_index": state.phase_index,
+            "step_in_phase": state.step, "history": state.history,
+            "config": mask_tree(cfg.model_dump(mode="json"))}, indent=2))
+        log.warning("interrupted at optimizer step %d: the models trained so far are saved, not evaluated, in %s "
+                    "(PARTIAL.json says where training stopped)", state.global_step, d)
+        return d
 
     def _save_models(self, cfg: ExperimentConfig, models: Models) -> None:
         """Fine-tuned parts go under output_dir/models/<strategy>-<config hash>/ (small: encoder + adapter)."""

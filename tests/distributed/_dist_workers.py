@@ -52,6 +52,51 @@ def _result(out: Path, obj: dict) -> None:
 # refresh protocol: 2 trainers + 1 index rank
 
 
+def toy_encoder(args: dict):
+    """The toy index rank's corpus encoder: shard by shard, ``shard_sleep`` seconds each."""
+
+    def encode(sd):
+        corpus = toy_corpus()
+        for i in range(0, TOY_CORPUS, TOY_SHARD):
+            time.sleep(args.get("shard_sleep", 0.05))
+            yield toy_embed(sd, corpus[i:i + TOY_SHARD])
+
+    return encode
+
+
+def toy_index_worker(args: dict, info) -> None:
+    """The supervised toy index worker (a spawned child of the index rank). ``hang_in_publish``: stop for good
+    inside the publication of that version, after its first shard file is written (marker ``in_publish``)."""
+    from datetime import timedelta
+
+    import distrag.retrieval.index_store as index_store
+    from distrag.distributed.refresh_server import IndexServer
+    from distrag.distributed.stores import open_store
+
+    out = Path(args["out"])
+    store = open_store(info, info.master_port + roles.STORE_PORT_OFFSET, timedelta(seconds=60), client=True)
+    hang_at = args.get("hang_in_publish")
+    if hang_at is not None:
+        real = index_store.faiss.write_index
+
+        class SlowFaiss:  # index_store's faiss, but its write hangs while publishing version hang_at
+            def __getattr__(self, name):
+                return getattr(index_store.__dict__["_real_faiss"], name)
+
+            @staticmethod
+            def write_index(index, path):
+                real(index, path)
+                if f".v{hang_at:06d}." in path:
+                    (out / "in_publish").write_text(str(os.getpid()))
+                    time.sleep(600)
+
+        index_store._real_faiss = index_store.faiss
+        index_store.faiss = SlowFaiss()
+    server = IndexServer(store, toy_encoder(args), toy_index, out / "index", out / "weights", poll_interval_s=0.05,
+                         announce_pid=False, keep_versions=args.get("keep_versions"))
+    server.run()
+
+
 def refresh(args: dict) -> int:
     from distrag.distributed.refresh_client import IndexClient
     from distrag.distributed.refresh_server import IndexServer
@@ -63,15 +108,17 @@ def refresh(args: dict) -> int:
     ctx = roles.init_roles(cfg)
     print(f"init_roles took {time.time() - t0:.2f}s", file=sys.stderr, flush=True)
     weights_dir, publish_root = out / "weights", out / "index"
+    if ctx.info.is_index and args.get("supervised"):  # as under a launcher: the work runs in a child process
+        import multiprocessing
+
+        from distrag.distributed.index_supervisor import supervise
+
+        worker = multiprocessing.get_context("spawn").Process(target=toy_index_worker, args=(args, ctx.info))
+        code = supervise(ctx.store, worker, out, on_failure=cfg.on_index_failure, grace_s=1.0, poll_s=0.05)
+        _result(out, {"role": "index", "worker_exitcode": worker.exitcode, "code": code})
+        return code
     if ctx.info.is_index:
-
-        def encode(sd):
-            corpus = toy_corpus()
-            for i in range(0, TOY_CORPUS, TOY_SHARD):
-                time.sleep(args.get("shard_sleep", 0.05))
-                yield toy_embed(sd, corpus[i:i + TOY_SHARD])
-
-        server = IndexServer(ctx.store, encode, toy_index, publish_root, weights_dir, poll_interval_s=0.05)
+        server = IndexServer(ctx.store, toy_encoder(args), toy_index, publish_root, weights_dir, poll_interval_s=0.05)
         n = server.run()
         _result(out, {"role": "index", "published": n})
         return 0
@@ -110,7 +157,7 @@ def refresh(args: dict) -> int:
     except IndexRankFailed as e:
         stop_step = step
         print(f"trainer {ctx.info.trainer_rank}: {e}", file=sys.stderr, flush=True)
-    client.done()
+    client.done(wait_s=args.get("done_wait", 60.0))
     _result(out, {"role": "trainer", "trainer_rank": ctx.info.trainer_rank, "adoptions": adoptions,
                   "loaded": loaded, "failed": client.failed, "stop_step": stop_step, "last_step": step,
                   "submitted": submitted,
@@ -120,6 +167,31 @@ def refresh(args: dict) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # preemption: 2 trainers, no index rank; checkpoint at the agreed step, requeue, resume
+
+
+def preempt_reference_weights(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What _dist_workers.preempt_scenario computes on 2 trainers without interruption."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 3)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.05)
+    states = []
+    for r in range(2):
+        torch.manual_seed(10 + r)
+        states.append(torch.get_rng_state())
+    for _ in range(steps):
+        grads = []
+        for r in range(2):
+            torch.set_rng_state(states[r])
+            x = torch.randn(8, 6)
+            noise = torch.rand(1).item()
+            states[r] = torch.get_rng_state()
+            lin.zero_grad()
+            ((lin(x) - x[:, :3] * noise) ** 2).mean().backward()
+            grads.append([p.grad.clone() for p in lin.parameters()])
+        for p, g0, g1 in zip(lin.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+    return lin.weight.detach(), lin.bias.detach()
 
 
 def preempt_scenario(args: dict) -> int:
@@ -155,6 +227,11 @@ def preempt_scenario(args: dict) -> int:
         opt.step()
         (out / f"progress_{r}").write_text(str(step))
         time.sleep(args.get("step_sleep", 0.0))
+        _maybe_hang(args, "in_step", r, step, out)
+        every = args.get("checkpoint_every")
+        if every and step % every == every - 1:
+            _maybe_hang(args, "in_save", r, step, out)
+            ckpt.save(step, {"model": lin.state_dict(), "optim": opt.state_dict()}, rank_payload={"rank": r})
         if preemption.agreed(ctx):
             ckpt.save(step, {"model": lin.state_dict(), "optim": opt.state_dict()}, rank_payload={"rank": r})
             preempt_step = step
@@ -164,6 +241,30 @@ def preempt_scenario(args: dict) -> int:
                   "signalled": preemption.preemption_requested(),
                   "weight": lin.weight.tolist(), "bias": lin.bias.tolist()})
     return preemption.EXIT_REQUEUED
+
+
+def _maybe_hang(args: dict, where: str, rank: int, step: int, out: Path) -> None:
+    """Fault injection: ``args[where] = [rank, step]`` makes that trainer stop there for good (the test kills it):
+    ``in_step`` right away, ``in_save`` inside the checkpoint save, after its own state file is written."""
+    if args.get(where) != [rank, step]:
+        return
+
+    def hang() -> None:
+        (out / where).write_text(str(os.getpid()))
+        time.sleep(600)
+
+    if where == "in_step":
+        hang()
+    import distrag.distributed.checkpoint as checkpoint
+
+    real = checkpoint.atomic_write_bytes
+
+    def write_then_hang(path, data, **kw):
+        real(path, data, **kw)
+        if Path(path).name.startswith("rank_"):
+            hang()
+
+    checkpoint.atomic_write_bytes = write_then_hang
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from distrag.distributed import roles
@@ -20,3 +22,5 @@ def clean_env(monkeypatch):
     roles.reset_context()
     yield monkeypatch
     roles.reset_context()
+    for k in LAUNCHER_ENV:  # what the code under test set (init_roles: a world of one for DeepSpeed)
+        os.environ.pop(k, None)

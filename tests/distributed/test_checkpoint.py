@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from distrag.distributed import roles, run_secret
-from distrag.distributed.checkpoint import MANIFEST, CheckpointManager, check_plain, list_complete
+from distrag.distributed.checkpoint import (
+    MANIFEST,
+    CheckpointManager,
+    check_plain,
+    list_complete,
+    referenced_index_versions,
+)
 from distrag.errors import CheckpointError
 
 
@@ -117,6 +123,14 @@ def test_prune_keeps_newest(mgr):
     for s in (1, 2, 3, 4):
         mgr.save(s, {"s": s})
     assert [p.name for p in list_complete(mgr.root)] == ["step_00000003", "step_00000004"]
+
+
+def test_manifests_name_the_index_version_the_index_rank_must_keep(mgr):
+    mgr.save(1, {"s": 1}, index_version=4)
+    mgr.save(2, {"s": 2})  # no index rank: nothing to keep
+    mgr.save(3, {"s": 3}, index_version=6)
+    assert referenced_index_versions(mgr.root) == {6}  # step 1 was pruned (keep=2), step 2 names none
+    assert mgr.validate(mgr.root / "step_00000003", signed=True)["index_version"] == 6
 
 
 class _EngineNotFound:

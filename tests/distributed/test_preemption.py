@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from _dist_workers import Job
+from _dist_workers import Job, preempt_reference_weights
 
 from distrag.distributed import preemption
 
@@ -33,29 +33,11 @@ def test_handler_only_sets_flag_and_requeue_command(monkeypatch, tmp_path):
     assert preemption.requeue_command() == ["echo", "requeue", "31"]
 
 
-def _reference_weights(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What _dist_workers.preempt_scenario computes on 2 trainers without interruption."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(6, 3)
-    opt = torch.optim.AdamW(lin.parameters(), lr=0.05)
-    states = []
-    for r in range(2):
-        torch.manual_seed(10 + r)
-        states.append(torch.get_rng_state())
-    for _ in range(steps):
-        grads = []
-        for r in range(2):
-            torch.set_rng_state(states[r])
-            x = torch.randn(8, 6)
-            noise = torch.rand(1).item()
-            states[r] = torch.get_rng_state()
-            lin.zero_grad()
-            ((lin(x) - x[:, :3] * noise) ** 2).mean().backward()
-            grads.append([p.grad.clone() for p in lin.parameters()])
-        for p, g0, g1 in zip(lin.parameters(), *grads):
-            p.grad = (g0 + g1) / 2
-        opt.step()
-    return lin.weight.detach(), lin.bias.detach()
+def test_sigterm_interrupts_like_ctrl_c_inside_and_is_restored_after():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), preemption.sigterm_as_interrupt():
+        signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 @pytest.mark.slow
@@ -90,6 +72,6 @@ def test_preemption_checkpoint_requeue_resume(tmp_path):
     r0 = json.loads((tmp_path / "result_0.json").read_text())
     r1 = json.loads((tmp_path / "result_1.json").read_text())
     assert r0["start"] == r1["start"] == s + 1 and r0["preempt_step"] is None
-    w, b = _reference_weights(steps)
+    w, b = preempt_reference_weights(steps)
     torch.testing.assert_close(torch.tensor(r0["weight"]), w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(r1["bias"]), b, rtol=1e-5, atol=1e-6)

@@ -17,13 +17,13 @@ from _dist_workers import TOY_IN, Job, toy_corpus, toy_embed
 
 from distrag.config import DistributedConfig
 from distrag.distributed import roles, run_secret
+from distrag.distributed.process_watch import hostname
 from distrag.distributed.refresh_client import (
     K_ERROR,
     K_PID,
     K_PUBLISHED,
     AdoptDecision,
     IndexClient,
-    hostname,
     meta_key,
 )
 from distrag.retrieval import index_store
@@ -50,9 +50,12 @@ def test_without_a_store_nothing_is_submitted_or_adopted_and_the_version_in_use_
     assert client.submit_weights(0, {"w": torch.zeros(2)}) is None and client.poll(0) is None
     assert not list(tmp_path.iterdir()) and client.done() is False
     client.current = AdoptDecision(version=3, path="idx/v000003", weights_step=10, step=12, staleness=2)
+    client.history = [AdoptDecision(version=1, path="idx/v000001", weights_step=0, step=4, staleness=4),
+                      client.current]
     resumed = IndexClient(ctx, tmp_path)
     resumed.load_state_dict(client.state_dict())
     assert resumed.current == client.current
+    assert resumed.history == client.history  # a resumed run's adoptions file starts with the earlier ones
     resumed.load_state_dict(IndexClient(ctx, tmp_path).state_dict())
     assert resumed.current is None
 
@@ -190,7 +193,9 @@ def test_refresh_protocol_then_index_killed_continue(tmp_path):
             "step_sleep": 0.05}
     job = Job("refresh", args, 3, tmp_path)
     try:
-        _wait_for(lambda: _latest_version(tmp_path) >= 2, 100, job)
+        # announced (logged after the store's counter), not just on disk: killed between the two, version 2
+        # would never be adopted
+        _wait_for(lambda: "published version 2" in (tmp_path / "log_2.txt").read_text(), 100, job)
         job.procs[2].send_signal(signal.SIGKILL)
         codes = job.wait(100)
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from _dist_workers import TOY_IN, toy_corpus, toy_embed, toy_index
 from distrag.config import DistributedConfig, build_config
 from distrag.data import load_data
 from distrag.distributed import roles
-from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID, K_WEIGHTS, IndexClient, hostname, meta_key
+from distrag.distributed.process_watch import hostname
+from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID, K_PUBLISHED, K_WEIGHTS, IndexClient, meta_key
 from distrag.distributed.refresh_server import IndexServer, serve_index
 from distrag.distributed.run_secret import read_record, run_secret
 from distrag.models.embedder import Embedder
@@ -135,7 +137,7 @@ def test_serve_index_publishes_the_corpus_index_of_the_handed_off_embedder(tmp_p
     client = IndexClient(ctx, tmp_path / "weights", index_timeout_s=60)
     client.submit_weights(7, embedder.state_dict())
     client.flush()
-    th = threading.Thread(target=serve_index, args=(cfg, ctx, tmp_path))
+    th = threading.Thread(target=serve_index, args=(cfg, ctx.store, tmp_path))
     th.start()
     try:
         d = client.wait_for_version(1, step=8, timeout_s=120, interval_s=0.05)
@@ -148,3 +150,36 @@ def test_serve_index_publishes_the_corpus_index_of_the_handed_off_embedder(tmp_p
     assert index.n_shards == 2 and index.extra["corpus"] == corpus.fingerprint()
     want = encode_corpus(embedder, corpus)
     np.testing.assert_allclose(index.reconstruct(np.arange(len(corpus))), want, atol=1e-5)
+
+
+def test_a_30_step_run_keeps_few_index_versions_and_never_the_one_in_use(tmp_path, store_ctx):
+    """Refresh every 2 steps for 30 steps: at most keep + the adopted + checkpoint-named versions are ever on
+    disk, the version in use is always there, and the version a checkpoint names survives to the end."""
+    store, ctx = store_ctx
+    corpus = toy_corpus()
+    keep, pinned = 3, {2}  # a checkpoint names version 2
+    server = IndexServer(store, lambda sd: [toy_embed(sd, corpus)], toy_index, tmp_path / "index", tmp_path / "weights",
+                         poll_interval_s=0.01, log=lambda m: None, keep_versions=keep, protected_fn=lambda: pinned)
+    client = IndexClient(ctx, tmp_path / "weights", index_timeout_s=60)
+    th = threading.Thread(target=server.run)
+    th.start()
+    lin, most = torch.nn.Linear(TOY_IN, 4), 0
+    try:
+        for step in range(30):
+            client.poll(step, load_fn=index_store.load)
+            if step % 2 == 0:
+                client.submit_weights(step, lin.state_dict())
+                client.flush()
+                deadline = time.monotonic() + 30  # let each submission become a version
+                while store.add(K_PUBLISHED, 0) < step // 2 + 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            on_disk = {v for v, _ in index_store._version_dirs(tmp_path / "index")}
+            most = max(most, len(on_disk))
+            if client.current is not None:
+                assert client.current.version in on_disk
+    finally:
+        store.add(K_DONE, 1)
+        th.join(30)
+    on_disk = {v for v, _ in index_store._version_dirs(tmp_path / "index")}
+    assert server.published == 15 and client.current.version >= 13
+    assert most <= keep + 1 + len(pinned) and 2 in on_disk and max(on_disk) == 15

@@ -293,3 +293,65 @@ def test_explicit_resume_from_missing_checkpoint_is_an_error(job_root):
                      "tracking.enabled=false")
     assert rc != 0
     assert "/nonexistent/step_00000009" in log
+
+
+def test_refresh_metrics_count_versions_adopted_and_published():
+    stats = [RefreshStats(blocked_s=1.0, n_adopted=3).summary(10.0), RefreshStats(n_adopted=3).summary(10.0)]
+    m = refresh_metrics(stats, published=5)
+    assert m[mn.INDEX_VERSIONS_ADOPTED] == 3 and m[mn.INDEX_VERSIONS_PUBLISHED] == 5
+    assert refresh_metrics(stats)[mn.INDEX_VERSIONS_PUBLISHED] == 0
+
+
+def test_one_process_says_that_refresh_needs_an_index_rank(clean_env, monkeypatch, caplog):
+    """torchrun with one process (or plain python): train.refresh_every is not ignored silently."""
+    monkeypatch.setattr(TrainerRun, "run", lambda self: 0)
+    cfg = ExperimentConfig(train=TrainConfig(strategy="joint", refresh_every=2))
+    with caplog.at_level("WARNING", logger="distrag.distributed.runner"):
+        assert runner.run(cfg) == 0
+    assert "train.refresh_every=2 needs an index rank" in caplog.text and "frozen" in caplog.text
+
+
+class _Tracker:
+    """Records what the run tells MLflow at its end."""
+
+    def __init__(self):
+        self.tags, self.status = {}, []
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def end(self, status="FINISHED"):
+        self.status.append(status)
+
+
+@pytest.mark.parametrize(("stopped", "preempted", "raised", "status", "tag"), [
+    (False, False, None, "FINISHED", None),
+    (True, False, None, "KILLED", "stop_after"),
+    (True, True, None, "KILLED", "preempted"),
+    (False, False, RuntimeError, "FAILED", None),
+])
+def test_a_run_is_finished_only_when_it_finished(single_trainer, tmp_path, monkeypatch, stopped, preempted, raised,
+                                                 status, tag):
+    run = TrainerRun(_cfg(tmp_path), single_trainer)
+    tracker = _Tracker()
+
+    def build(restored):
+        run.tracker, run.trainer = tracker, SimpleNamespace(stopped=stopped)
+
+    def train():
+        if raised:
+            raise raised("boom")
+
+    for name in ("setup", "resume"):
+        monkeypatch.setattr(run, name, lambda *a: None)
+    monkeypatch.setattr(run, "read_checkpoint", lambda: None)
+    monkeypatch.setattr(run, "build_trainer", build)
+    monkeypatch.setattr(run, "train_loop", train)
+    monkeypatch.setattr(run, "finalize", lambda: 0)
+    monkeypatch.setattr(runner.preemption, "preemption_requested", lambda: preempted)
+    if raised:
+        with pytest.raises(raised):
+            run.run()
+    else:
+        assert run.run() == 0
+    assert tracker.status == [status] and tracker.tags.get(mn.TAG_STOPPED) == tag

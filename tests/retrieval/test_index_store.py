@@ -184,6 +184,20 @@ def test_publish_and_latest_version(tmp_path):
     assert latest_version(root) == (5, root / "v000005")
 
 
+def test_prune_versions_keeps_the_newest_and_the_protected(tmp_path):
+    root = tmp_path / "index"
+    x, _ = int_data()
+    for v in range(1, 8):
+        index_store.publish(ShardedIndex(8).build(x), root, v)
+    (root / ".v000002.pruned").mkdir()  # left by a pruner that crashed half-way
+    assert index_store.prune_versions(root, 3, protect={2, 4}) == [1, 3]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["v000002", "v000004", "v000005", "v000006",
+                                                                     "v000007"]
+    assert latest_version(root)[0] == 7 and index_store.prune_versions(root, 3, protect={2, 4}) == []
+    with pytest.raises(ValueError, match="keep"):
+        index_store.prune_versions(root, 0)
+
+
 @pytest.mark.skipif(num_gpus() > 0, reason="needs a machine without GPUs")
 def test_loading_onto_a_missing_gpu_is_a_clear_error(tmp_path):
     x, _ = int_data()

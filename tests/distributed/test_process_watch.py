@@ -1,0 +1,37 @@
+"""Process helpers: liveness (a zombie is gone), exit reasons, ending a process that lingers (even stopped)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from distrag.distributed.process_watch import end_lingering, exit_reason, pid_alive
+
+
+def test_pid_alive_sees_running_zombie_and_reaped_processes():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert pid_alive(p.pid)
+        p.kill()
+        time.sleep(0.3)  # killed, not reaped yet: a zombie
+        assert not pid_alive(p.pid)
+    finally:
+        p.wait()
+    assert not pid_alive(p.pid)
+
+
+def test_exit_reason_names_signals_and_codes():
+    assert exit_reason(-9) == "killed by SIGKILL"
+    assert exit_reason(1) == "exit code 1"
+
+
+def test_end_lingering_kills_a_stopped_process_and_leaves_a_finished_one():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    p.send_signal(signal.SIGSTOP)
+    assert end_lingering(p.pid, wait_s=0.3) is True
+    assert p.wait(5) == -signal.SIGKILL
+    q = subprocess.Popen([sys.executable, "-c", "pass"])
+    q.wait()
+    assert end_lingering(q.pid, wait_s=0.3) is False
