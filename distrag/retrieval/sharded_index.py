@@ -365,10 +365,15 @@ class ShardedIndex:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         q = self._check_matrix(queries, "queries")
         nq = len(q)
-        per_shard_k = k * self._refine if self._kind == "ivfpq" else k
-        ks = [min(per_shard_k, self._bounds[s + 1] - self._bounds[s]) for s in range(self._n_shards)]
-        if self._device == "gpu" and max(ks) > GPU_MAX_K:
-            raise ValueError(f"faiss GPU indices support k <= {GPU_MAX_K} per shard, asked for {max(ks)}")
+        sizes = [self._bounds[s + 1] - self._bounds[s] for s in range(self._n_shards)]
+        needed = k * self._refine if self._kind == "ivfpq" else k
+        if self._device == "gpu" and min(needed, max(sizes)) > GPU_MAX_K:
+            raise ValueError(f"faiss GPU indices support k <= {GPU_MAX_K} per shard, asked for {needed}")
+        # exact kinds fetch one row past k: a shard whose (k+1)-th score ties the merged k-th score may hold
+        # more tied rows (re-searched deeper below); otherwise its first k+1 rows settle every tie at once
+        per_shard_k = needed if self._kind == "ivfpq" else k + 1
+        limits = [min(n, GPU_MAX_K) for n in sizes] if self._device == "gpu" else sizes
+        ks = [min(per_shard_k, limit) for limit in limits]
         if nq == 0:
             empty = SearchResult(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
             if return_vectors:
@@ -381,8 +386,6 @@ class ShardedIndex:
         else:  # on CPU each faiss search already uses every OpenMP thread
             parts = [self._search_shard(s, q, ks[s]) for s in range(self._n_shards)]
         if self._kind != "ivfpq":  # (ivfpq candidates are re-scored below; its cut-off is approximate anyway)
-            sizes = [self._bounds[s + 1] - self._bounds[s] for s in range(self._n_shards)]
-            limits = [min(n, GPU_MAX_K) for n in sizes] if self._device == "gpu" else sizes
             widen_boundary_ties(self._search_shard, q, k, parts, limits)
         scores = np.concatenate([p[0] for p in parts], axis=1) if len(parts) > 1 else parts[0][0]
         ids = np.concatenate([p[1] for p in parts], axis=1) if len(parts) > 1 else parts[0][1]

@@ -5,7 +5,10 @@ in padded slots) and *global* ``ids`` [Q, depth] int64 (``-1`` in padded slots).
 ordered by descending score, then ascending id, so results do not depend on the shard count:
 
 * :func:`widen_boundary_ties` re-searches, deeper, the shards whose last returned score ties the merged
-  k-th score (faiss keeps an arbitrary subset of the vectors tied at a shard's cut-off);
+  k-th score (faiss keeps an arbitrary subset of the vectors tied at a shard's cut-off). Shards are first
+  searched ``k + 1`` deep, so a shard is re-searched only when its (k+1)-th score ties the k-th: an exact
+  tie across the cut-off, not every query (searching exactly ``k`` deep made a one-shard search run faiss
+  twice: the shard's k-th score *is* the merged k-th score);
 * :func:`merge_topk` sorts the concatenated candidates, keeps ``k`` and pads with ``-1`` / ``-inf``.
 """
 

@@ -93,6 +93,23 @@ def test_search_does_not_loop_per_query_and_handles_empty_batch():
     assert res.ids.shape == (0, 3) and res.vectors.shape == (0, 3, 8)
 
 
+@pytest.mark.parametrize("n_shards", [1, 3])
+def test_each_shard_is_searched_once_unless_a_tie_crosses_the_cut_off(clustered_data, n_shards):
+    # searching exactly k deep made the shard's k-th score equal the merged k-th score for every query, so
+    # every search ran faiss twice (2x raw faiss with one shard); k+1 deep re-searches real ties only
+    x, q = clustered_data
+    index = ShardedIndex(32, n_shards=n_shards).build(x)
+    depths = []
+    search_shard = index._search_shard
+    index._search_shard = lambda s, qs, depth: (depths.append((s, len(qs), depth)), search_shard(s, qs, depth))[1]
+    res = index.search(q, 10)
+    assert depths == [(s, len(q), 11) for s in range(n_shards)]
+    assert res.ids.shape == (len(q), 10)
+    dup = np.concatenate([x, x[:1], x[:1]])  # rows 0, 20000, 20001 tie: the query x[0] ties past k=1
+    index = ShardedIndex(32, n_shards=n_shards).build(dup)
+    np.testing.assert_array_equal(index.search(dup[:1], 2).ids, [[0, 20_000]])
+
+
 # ----------------------------------------------------------------------------------------------
 # approximate search
 
