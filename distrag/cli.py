@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from distrag import __version__  # noqa: E402
-from distrag.errors import user_error_exit  # noqa: E402
+from distrag.errors import ConfigError, user_error_exit  # noqa: E402
 from distrag.logging_setup import progress_enabled, setup_logging  # noqa: E402
 from distrag.metric_names import KIND_EVAL  # noqa: E402
 from distrag.reporting.groups import add_selection_args, selection_from_args  # noqa: E402
@@ -82,6 +82,9 @@ def cmd_sweep(args) -> int:
     from distrag.training.sweep import run_sweep
 
     cfg = _load(args)
+    if cfg.data.dev_fraction == 0:  # the search selects on dev: fail before anything loads
+        raise ConfigError([("data.dev_fraction", "0 leaves no dev split, and a sweep selects its learning rates "
+                                                 "on dev; set data.dev_fraction above 0 (e.g. 0.2)")], args.config)
     run_sweep(cfg, show_progress=not args.no_progress)
     _where(cfg)
     return 0
@@ -92,6 +95,7 @@ def cmd_report(args) -> int:
     from distrag.reporting.report import write_report
 
     cfg = load_config(args.config, args.overrides)
+    _check_tracker(cfg)
     out = write_report(cfg.tracking, Path(args.out or Path(cfg.output_dir) / "report"), selection_from_args(args))
     if out is not None:  # None: --list-groups
         print(f"report written to {out}")
@@ -103,9 +107,19 @@ def cmd_advise(args) -> int:
     from distrag.reporting.advise import advise
 
     cfg = load_config(args.config, args.overrides)
+    _check_tracker(cfg)
     print(advise(cfg.tracking, labels_available=args.labels, lrs_known=args.lrs_known,
                  grid=cfg if args.config else None, selection=selection_from_args(args)))
     return 0
+
+
+def _check_tracker(cfg) -> None:
+    """A tracking URI with an unsupported scheme or no server behind it is a user error, found in seconds."""
+    from distrag.reporting.tracking import tracking_problem
+
+    problem = tracking_problem(cfg.tracking)
+    if problem:
+        raise ConfigError([("tracking.uri", problem)])
 
 
 def _where(cfg) -> None:
@@ -117,6 +131,18 @@ def _where(cfg) -> None:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a much smaller setting (tests, smoke runs)")
+
+
+def cmd_plan(args) -> int:
+    from distrag.reporting.plan_view import run_plan
+
+    return run_plan(args, _load(args))
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from distrag.reporting.plan_view import add_plan_args
+
+    add_plan_args(p)
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -248,6 +274,15 @@ COMMANDS = [
             "distrag advise --config distrag/configs/demo.yaml --labels\n"
             "distrag advise --config distrag/configs/demo.yaml --no-labels --lrs-known",
             strategy_list, _advise_args),
+    Command("plan", "project each strategy's FLOPs, hours and memory per device before training", cmd_plan,
+            "Project every strategy of the table for a target (models by id or size, LoRA/QLoRA rank, corpus,\n"
+            "questions, epochs, k, LR grid, GPU kind and count, MFU, index refresh): FLOPs of a run and of its\n"
+            "learning-rate search (the ledger's formulas), wall-clock, device-hours and memory per device, and\n"
+            "the index rank a staleness target needs. Prints the table; writes the plot (--plot). Unset flags\n"
+            "come from --config and its overrides. Trains nothing.",
+            "distrag plan --generator 8b --embedder 110m --qlora --lora-r 16 --gpu A10 --gpus 8 --corpus 5233329 "
+            "--questions 90447 --k 5 --grid 3x3",
+            strategy_list, _plan_args),
 ]
 
 

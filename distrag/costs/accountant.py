@@ -13,6 +13,10 @@ Conventions:
   ``2 F + F_attn + 6 P_lora n``; a frozen generator in a RAG loss is a forward (no gradient flows
   through it to the retriever: the retriever's gradient comes through p(z|q) only), charged to ``train``;
 - a generator carrying LoRA adapters pays their forward (``2 P_lora`` per token) in every call, frozen or not.
+- model FLOPs only: the forwards that gradient checkpointing (``generator.gradient_checkpointing``: one more
+  forward of the blocks) and checkpointed pair chunks (``train.pair_micro_batch``: one more forward of the
+  chunk, two with block checkpointing on as well) recompute in the backward pass are not charged (the usual
+  MFU convention; ``FlopCounterMode`` counts them, the wall-clock shows them).
 """
 
 from __future__ import annotations

@@ -6,11 +6,14 @@ from :mod:`distrag.costs.flops`.
 
 :class:`CostLedger` tallies FLOPs, tokens and passages per category (``train``, ``encode_questions``,
 ``encode_passages``, ``generate``, or any other valid name) and per phase, times phases with
-``time.perf_counter``, and flattens everything into MLflow-safe metric names (:meth:`CostLedger.to_metrics`).
+``time.perf_counter``, records each phase's peak host RSS and peak device memory
+(:mod:`distrag.costs.memory`), and flattens everything into MLflow-safe metric names
+(:meth:`CostLedger.to_metrics`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import posixpath
 import re
@@ -20,11 +23,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from distrag.costs.memory import PROCESS_MEMORY, PeakMemory, Watch
+
 __all__ = ["STANDARD_CATEGORIES", "CostLedger", "validate_metric_name"]
 
 STANDARD_CATEGORIES: tuple[str, ...] = ("train", "encode_questions", "encode_passages", "generate")
 _NAME_CHARS = re.compile(r"^[A-Za-z0-9_\-./ ]+$")
 _MAX_NAME = 250  # MLflow's key length limit
+_GB = 1e9
 
 
 def validate_metric_name(name: str) -> str:
@@ -70,6 +76,15 @@ class _PhaseTally(_Tally):
     device_s: float = 0.0
     entries: int = 0
     by_category: dict[str, float] = field(default_factory=dict)
+    peak_rss: int = 0
+    """Bytes; 0 = not measured."""
+    peak_device: int | None = None
+    """Bytes; None = no device in use."""
+
+    def see_peaks(self, rss: int, device: int | None) -> None:
+        self.peak_rss = max(self.peak_rss, rss)
+        if device is not None:
+            self.peak_device = max(self.peak_device or 0, device)
 
 
 class CostLedger:
@@ -82,6 +97,8 @@ class CostLedger:
       inside outermost phases. Re-entering a phase that is already open raises ``ValueError``. A phase can
       be entered many times; its numbers accumulate.
     * ``n_devices``: devices this process's wall-clock occupies (device-seconds = wall x n_devices).
+    * every phase records its peak host RSS and peak device memory (``memory``, default the process's
+      :data:`~distrag.costs.memory.PROCESS_MEMORY`; ``None`` records none); the run's peaks are the largest.
     * ``state_dict()`` / ``load_state_dict()`` carry the totals across a resume (time of open phases up
       to the snapshot included); ``merge()`` sums ledgers of ranks (``parallel=True``) or runs/phases.
 
@@ -90,11 +107,15 @@ class CostLedger:
 
     VERSION = 1
 
-    def __init__(self, n_devices: int = 1, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, n_devices: int = 1, clock: Callable[[], float] = time.perf_counter,
+                 memory: PeakMemory | None = PROCESS_MEMORY):
         if n_devices < 1:
             raise ValueError("n_devices must be >= 1")
         self.n_devices = int(n_devices)
         self._clock = clock
+        self._memory = memory
+        self._watches: list[Watch | None] = []
+        self._peaks = _PhaseTally()  # the run's peaks (its other fields stay unused)
         self._categories: dict[str, _Tally] = {}
         self._phases: dict[str, _PhaseTally] = {}
         self._open: list[tuple[str, float]] = []
@@ -114,9 +135,15 @@ class CostLedger:
         tally = self._phases.setdefault(name, _PhaseTally())
         tally.entries += 1
         self._open.append((name, self._clock()))
+        self._watches.append(self._memory.start() if self._memory is not None else None)
         try:
             yield self
         finally:
+            watch = self._watches.pop()
+            if watch is not None:
+                self._memory.stop(watch)
+                tally.see_peaks(watch.rss, watch.device)
+                self._peaks.see_peaks(watch.rss, watch.device)
             popped, start = self._open.pop()
             assert popped == name, "phases must close in the reverse order of opening"
             dt = max(0.0, self._clock() - start)
@@ -196,12 +223,23 @@ class CostLedger:
         return self._wall_s + (open_[0][1] if open_ else 0.0)
 
     def phase_totals(self, name: str) -> dict[str, Any]:
-        """``{flops, tokens, passages, wall_s, device_s, entries, by_category}`` of a phase (inclusive)."""
+        """``{flops, tokens, passages, wall_s, device_s, entries, by_category, peak_rss, peak_device}`` of a
+        phase (inclusive; peaks in bytes, of its closed entries: 0 / None when not measured)."""
         t = self._phases[name]
         extra = dict(self._open_elapsed()).get(name, 0.0)
         return {"flops": t.flops, "tokens": t.tokens, "passages": t.passages, "wall_s": t.wall_s + extra,
                 "device_s": t.device_s + extra * self.n_devices, "entries": t.entries,
-                "by_category": dict(t.by_category)}
+                "by_category": dict(t.by_category), "peak_rss": t.peak_rss, "peak_device": t.peak_device}
+
+    @property
+    def peak_rss(self) -> int:
+        """Largest host RSS of any closed phase, bytes (0: not measured)."""
+        return self._peaks.peak_rss
+
+    @property
+    def peak_device(self) -> int | None:
+        """Largest device memory allocated in any closed phase, bytes (None: no device in use)."""
+        return self._peaks.peak_device
 
     def device_hours(self, n_devices: int | None = None) -> float:
         """Device-hours: ``wall_s * n_devices / 3600`` when ``n_devices`` is given, else the accumulated
@@ -219,6 +257,8 @@ class CostLedger:
             {prefix}/<category>_flops | _tokens | _passages   (the four standard categories always, 0 if unused)
             {prefix}/trainable_params  {prefix}/total_params  {prefix}/trainable_fraction   (when set)
             {prefix}/phase.<phase>.flops | .wall_s | .device_hours | .tokens | .passages
+            {prefix}/peak_rss_gb  {prefix}/phase.<phase>.peak_rss_gb          (when measured; GB = 1e9 bytes)
+            {prefix}/peak_device_gb  {prefix}/phase.<phase>.peak_device_gb    (when a device was in use)
         """
         validate_metric_name(prefix)
         out: dict[str, float] = {
@@ -230,6 +270,10 @@ class CostLedger:
             out[f"{cat}_flops"] = t.flops
             out[f"{cat}_tokens"] = float(t.tokens)
             out[f"{cat}_passages"] = float(t.passages)
+        if self.peak_rss:
+            out["peak_rss_gb"] = self.peak_rss / _GB
+        if self.peak_device is not None:
+            out["peak_device_gb"] = self.peak_device / _GB
         if self.trainable_params is not None:
             out["trainable_params"] = float(self.trainable_params)
         if self.total_params is not None:
@@ -241,20 +285,30 @@ class CostLedger:
             for key in ("flops", "wall_s", "tokens", "passages"):
                 out[f"phase.{name}.{key}"] = float(p[key])
             out[f"phase.{name}.device_hours"] = p["device_s"] / 3600.0
+            if p["peak_rss"]:
+                out[f"phase.{name}.peak_rss_gb"] = p["peak_rss"] / _GB
+            if p["peak_device"] is not None:
+                out[f"phase.{name}.peak_device_gb"] = p["peak_device"] / _GB
         return {validate_metric_name(f"{prefix}/{k}"): float(v) for k, v in out.items()}
 
     # -- persistence and merging -------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable snapshot. Open phases contribute their time so far (the live ledger is not
-        changed), so a checkpoint taken mid-phase resumes with that time counted once."""
+        """JSON-serialisable snapshot. Open phases contribute their time and memory peaks so far (the live
+        ledger is not changed), so a checkpoint taken mid-phase resumes with that time counted once."""
         open_ = self._open_elapsed()
-        phases = {}
+        run, phases = copy.copy(self._peaks), {}
+        seen = {name: self._memory.peek(w) for (name, _), w in zip(self._open, self._watches) if w is not None}
         for name, t in self._phases.items():
             extra = dict(open_).get(name, 0.0)
+            peaks = copy.copy(t)
+            if name in seen:
+                peaks.see_peaks(seen[name].rss, seen[name].device)
+                run.see_peaks(seen[name].rss, seen[name].device)
             phases[name] = {"flops": t.flops, "tokens": t.tokens, "passages": t.passages, "calls": t.calls,
                             "wall_s": t.wall_s + extra, "device_s": t.device_s + extra * self.n_devices,
-                            "entries": t.entries, "by_category": dict(t.by_category)}
+                            "entries": t.entries, "by_category": dict(t.by_category),
+                            "peak_rss": peaks.peak_rss, "peak_device": peaks.peak_device}
         outer = open_[0][1] if open_ else 0.0
         return {
             "version": self.VERSION,
@@ -263,6 +317,8 @@ class CostLedger:
             "device_s": self._device_s + outer * self.n_devices,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
+            "peak_rss": run.peak_rss,
+            "peak_device": run.peak_device,
             "categories": {c: {"flops": t.flops, "tokens": t.tokens, "passages": t.passages, "calls": t.calls}
                            for c, t in self._categories.items()},
             "phases": phases,
@@ -279,17 +335,21 @@ class CostLedger:
         self._device_s = float(state["device_s"])
         self.trainable_params = state.get("trainable_params")
         self.total_params = state.get("total_params")
+        self._peaks = _PhaseTally()
+        self._peaks.see_peaks(int(state.get("peak_rss") or 0), state.get("peak_device"))
         self._categories = {validate_metric_name(c): _Tally(float(t["flops"]), int(t["tokens"]),
                                                             int(t["passages"]), int(t["calls"]))
                             for c, t in state["categories"].items()}
         self._phases = {validate_metric_name(n): _PhaseTally(
             float(p["flops"]), int(p["tokens"]), int(p["passages"]), int(p["calls"]), float(p["wall_s"]),
-            float(p["device_s"]), int(p["entries"]), {k: float(v) for k, v in p["by_category"].items()})
+            float(p["device_s"]), int(p["entries"]), {k: float(v) for k, v in p["by_category"].items()},
+            int(p.get("peak_rss") or 0), p.get("peak_device"))  # states written before peaks: none measured
             for n, p in state["phases"].items()}
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any], clock: Callable[[], float] = time.perf_counter) -> CostLedger:
-        ledger = cls(n_devices=int(state["n_devices"]), clock=clock)
+    def from_state_dict(cls, state: Mapping[str, Any], clock: Callable[[], float] = time.perf_counter,
+                        memory: PeakMemory | None = PROCESS_MEMORY) -> CostLedger:
+        ledger = cls(n_devices=int(state["n_devices"]), clock=clock, memory=memory)
         ledger.load_state_dict(state)
         return ledger
 
@@ -299,10 +359,10 @@ class CostLedger:
         FLOPs, tokens, passages and device-seconds always add. Wall-clock adds for sequential work
         (``parallel=False``: phases or runs one after another) and takes the maximum for ranks that ran
         at the same time (``parallel=True``). Parameter counts are not additive (the same model on every
-        rank / phase): the larger is kept. Returns ``self``.
+        rank / phase) and neither are memory peaks: the larger is kept. Returns ``self``.
         """
         state = other.state_dict() if isinstance(other, CostLedger) else other
-        src = CostLedger.from_state_dict(state)
+        src = CostLedger.from_state_dict(state, memory=None)
 
         def wall(a: float, b: float) -> float:
             return max(a, b) if parallel else a + b
@@ -317,6 +377,8 @@ class CostLedger:
             mine.entries += p.entries
             for c, f in p.by_category.items():
                 mine.by_category[c] = mine.by_category.get(c, 0.0) + f
+            mine.see_peaks(p.peak_rss, p.peak_device)
+        self._peaks.see_peaks(src.peak_rss, src.peak_device)
         self._wall_s = wall(self._wall_s, src._wall_s)
         self._device_s += src._device_s
         for attr in ("trainable_params", "total_params"):

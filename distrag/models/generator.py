@@ -40,6 +40,7 @@ from distrag.config import GeneratorConfig, LoRAConfig
 from distrag.data.records import Passage
 from distrag.errors import GeneratorError
 from distrag.models.sources import pick_device, pick_dtype, resolve_model
+from distrag.models.text_limits import tokenize_within
 
 
 class ScoredBatch(NamedTuple):
@@ -202,10 +203,11 @@ class Generator:
         return f"{system}{msgs[-1]['content']}\nAnswer:"
 
     def _tokenize_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        # A chat-templated prompt already holds its special tokens; the plain format lets the
-        # tokenizer add its usual ones (e.g. BOS).
-        enc = self.tokenizer(list(prompts), add_special_tokens=not self.has_chat_template)
-        return [list(x) for x in enc["input_ids"]]
+        # Chat-templated prompts hold their special tokens; the plain format lets the tokenizer add its own (BOS).
+        limit = getattr(self.config, "max_position_embeddings", None)  # less the answer: the prompt's budget
+        budget = limit - self.cfg.max_new_tokens if isinstance(limit, int) else None
+        return tokenize_within(self.tokenizer, prompts, budget, add_special_tokens=not self.has_chat_template,
+                               name=self.name)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int | None = None,
@@ -270,7 +272,8 @@ class Generator:
         return ids.to(self.device), attn.to(self.device)
 
     # ------------------------------------------------------------------ scoring
-    def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def answer_logprobs(self, prompts: Sequence[str], answers: Sequence[str], *,
+                        chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable per-token log-probabilities of ``answers`` (each followed by eos) given ``prompts``.
 
         Returns ``(logprobs [B, T] float32, mask [B, T] bool)``, right-padded over answer tokens:
@@ -278,6 +281,9 @@ class Generator:
         never scored. One forward pass: prompts are left-padded to a common end column and answers
         right-padded after it, with position ids counted over real tokens, so each row equals its
         one-at-a-time result; logits are computed only for the answer positions.
+
+        ``chunk`` > 0: ``chunk`` pairs per forward; with gradients on, each chunk is checkpointed (recomputed
+        in the backward pass one chunk at a time): peak activations are one chunk's, results exact.
         """
         if isinstance(prompts, str) or isinstance(answers, str):
             raise TypeError("expected lists of prompts and answers")
@@ -285,6 +291,20 @@ class Generator:
             raise GeneratorError(f"{len(prompts)} prompts but {len(answers)} answers")
         if not prompts:
             raise GeneratorError("answer_logprobs needs at least one (prompt, answer) pair")
+        step = chunk if 0 < chunk < len(prompts) else len(prompts)
+        checkpoint = step < len(prompts) and torch.is_grad_enabled()
+        parts = [self._scored_chunk(prompts[i:i + step], answers[i:i + step], checkpoint=checkpoint)
+                 for i in range(0, len(prompts), step)]
+        if len(parts) == 1:
+            return parts[0]
+        width = max(lp.shape[1] for lp, _ in parts)
+        lp = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x, _ in parts])
+        mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1]), value=False) for _, m in parts])
+        return lp, mask
+
+    def _scored_chunk(self, prompts: Sequence[str], answers: Sequence[str], *,
+                      checkpoint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ``answer_logprobs`` forward over ``prompts`` / ``answers``, recorded in :attr:`tokens`."""
         eos = self.tokenizer.eos_token_id
         p_ids = self._tokenize_prompts(prompts)
         a_ids = [list(x) + [eos] for x in
@@ -302,24 +322,44 @@ class Generator:
             ids[i, P:P + len(a)] = torch.tensor(a, dtype=torch.long)
             attn[i, P - len(p):P + len(a)] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        # Logits at columns P-1 .. P+T-2 predict the answer tokens at columns P .. P+T-1; models that
-        # accept `logits_to_keep` compute the vocabulary projection for the last T + 1 columns only.
         keeps_logits = self._keeps_logits()
         self.tokens.scored += int(attn.sum())
         self.tokens.scored_padded += B * (P + T)
         self.tokens.scored_batches.append(ScoredBatch(B, P + T, T + 1 if keeps_logits else P + T))
-        if keeps_logits:
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                             logits_to_keep=T + 1)
-            logits = out.logits[:, :T]
+        if checkpoint:
+            from torch.utils.checkpoint import checkpoint as run_checkpointed
+
+            lp = run_checkpointed(self._answer_forward, ids, attn, P, keeps_logits, use_reentrant=False)
         else:
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-            logits = out.logits[:, P - 1:P + T - 1]
+            lp = self._answer_forward(ids, attn, P, keeps_logits)
+        return lp, attn[:, P:].bool()
+
+    def _answer_forward(self, ids: torch.Tensor, attn: torch.Tensor, P: int, keeps_logits: bool) -> torch.Tensor:
+        """``[B, T]`` answer-token log-probs (0 on padding); records nothing (a checkpoint reruns it)."""
+        T = ids.shape[1] - P
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        # Logits at columns P-1 .. P+T-2 predict the answer tokens at columns P .. P+T-1; models that
+        # accept `logits_to_keep` compute the vocabulary projection for the last T + 1 columns only.
+        keep = {"logits_to_keep": T + 1} if keeps_logits else {}
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **keep)
+        logits = out.logits[:, :T] if keeps_logits else out.logits[:, P - 1:P + T - 1]
         targets = ids[:, P:]
-        mask = attn[:, P:].bool()
         lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return torch.where(mask, lp, torch.zeros_like(lp)), mask
+        return torch.where(attn[:, P:].bool(), lp, torch.zeros_like(lp))
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Per-block gradient checkpointing (non-reentrant) on or off; with it, the input embeddings' output
+        requires grad, so LoRA adapters inside checkpointed blocks always get gradients."""
+        base = self.model.get_base_model() if self.is_peft else self.model
+        if on and getattr(base, "supports_gradient_checkpointing", False):
+            if not getattr(base, "is_gradient_checkpointing", False):
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if not hasattr(base, "_require_grads_hook"):
+                base.enable_input_require_grads()
+        elif not on and getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_disable()
+            if hasattr(base, "_require_grads_hook"):
+                base.disable_input_require_grads()
 
     def _keeps_logits(self) -> bool:
         base = self.model.get_base_model() if self.is_peft else self.model

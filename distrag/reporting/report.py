@@ -77,6 +77,8 @@ def result_rows(results: Sequence[StrategyResult]) -> list[dict]:
             "wall_s": c.get(mn.COST_WALL_S, r.seconds),
             "device_hours": c.get(mn.COST_DEVICE_HOURS),
             "trainable_params": c.get(mn.COST_TRAINABLE_PARAMS),
+            "peak_rss_gb": c.get(mn.COST_PEAK_RSS_GB),
+            "peak_device_gb": c.get(mn.COST_PEAK_DEVICE_GB),
             "staleness": r.extra.get(mn.INDEX_STALENESS_MEAN),
             "blocked_share": None if blocked is None else 100 * blocked,
             "search_flops": r.search_flops,
@@ -91,6 +93,7 @@ _COLUMNS = [("strategy", "Strategy"), ("em", "EM"), ("em_ci", "EM 95% CI"), ("f1
             ("recall", "Recall@{k}"), ("recall_all", "Recall-all@{k}"), ("answer_recall", "Answer recall@{k}"),
             ("passage_vectors", "Passages"), ("train_flops", "Train FLOPs"), ("total_flops", "Total FLOPs"),
             ("wall_s", "Wall-clock (s)"), ("device_hours", "Device-hours"), ("trainable_params", "Trainable params"),
+            ("peak_rss_gb", "Peak RSS (GB)"), ("peak_device_gb", "Peak device (GB)"),
             ("staleness", "Index staleness (steps)"), ("blocked_share", "Blocked on index (%)"),
             ("search_flops", "LR-search FLOPs"), ("n", "Questions")]
 
@@ -109,6 +112,8 @@ def _cell(key: str, row: dict, *, terminal: bool) -> str:
         return f"{v:.0f}"
     if key == "device_hours":
         return f"{v:.4f}"
+    if key.startswith("peak_"):
+        return f"{v:.2f}"
     if key == "trainable_params":
         return f"{int(v):,}"
     return str(v)

@@ -50,10 +50,12 @@ def set_embedder_trainable(embedder: Embedder, on: bool) -> None:
 
 
 def set_generator_trainable(generator: Generator, on: bool) -> None:
-    """Only LoRA adapters ever train; base weights stay frozen whatever the phase."""
+    """Only LoRA adapters ever train; base weights stay frozen whatever the phase. While they train, the
+    blocks are gradient-checkpointed when ``generator.gradient_checkpointing`` is on."""
     for name, p in generator.model.named_parameters():
         p.requires_grad_(on and "lora_" in name)
     generator.model.train(on)
+    generator.set_gradient_checkpointing(on and generator.cfg.gradient_checkpointing)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -142,8 +144,8 @@ class Trainer:
                 p = [self.corpus[int(i)]] if i >= 0 else []
                 prompts.append(self.generator.build_prompt(q.text, p))
                 ans.append(q.answers[0])
-        with torch.set_grad_enabled(phase.train_generator):
-            lp, mask = self.generator.answer_logprobs(prompts, ans)
+        with torch.set_grad_enabled(phase.train_generator):  # pairs in checkpointed chunks: train.pair_micro_batch
+            lp, mask = self.generator.answer_logprobs(prompts, ans, chunk=self.cfg.train.pair_micro_batch)
         self.acc.generator(self.generator, lp_mask=mask, prompts=prompts, answers=ans,
                            train=phase.train_generator, category="train")
         B, k = res.ids.shape

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from distrag.costs.ledger import STANDARD_CATEGORIES, CostLedger, validate_metric_name
+from distrag.costs.memory import PeakMemory, Watch
 
 
 class FakeClock:
@@ -119,7 +120,7 @@ def test_invalid_values_rejected():
 
 def test_state_round_trip_continues_totals():
     clock = FakeClock()
-    led = CostLedger(n_devices=2, clock=clock)
+    led = CostLedger(n_devices=2, clock=clock, memory=None)  # peaks: test_memory_peaks_*
     led.set_params(trainable=10, total=100)
     with led.phase("train/generator"):
         clock.tick(4)
@@ -166,3 +167,46 @@ def test_merge_ranks_and_phases():
     seq = CostLedger.from_state_dict(a.state_dict()).merge(b.state_dict())  # a state dict works too
     assert seq.wall_s == 22 and seq.flops() == 3e9
     assert math.isclose(seq.device_hours(), par.device_hours())
+
+
+class ScriptedMemory(PeakMemory):
+    """Each watch sees the next scripted (rss, device) peak when it stops."""
+
+    def __init__(self, peaks):
+        super().__init__()
+        self.peaks = list(peaks)
+
+    def start(self) -> Watch:
+        return Watch()
+
+    def stop(self, watch: Watch) -> Watch:
+        watch.rss, watch.device = self.peaks.pop(0)
+        return watch
+
+
+def test_memory_peaks_per_phase_run_maximum_resume_and_merge():
+    led = CostLedger(memory=ScriptedMemory([(3_000_000_000, None), (5_000_000_000, None), (4_000_000_000, None)]))
+    with led.phase("index_build"):
+        pass
+    with led.phase("gen_ft"):
+        pass
+    with led.phase("gen_ft"):  # a phase entered twice keeps its larger peak
+        pass
+    m = led.to_metrics()
+    assert m["cost/phase.index_build.peak_rss_gb"] == 3.0 and m["cost/phase.gen_ft.peak_rss_gb"] == 5.0
+    assert m["cost/peak_rss_gb"] == 5.0
+    assert not any("peak_device" in k for k in m)  # no device in use: no device metric at all
+    resumed = CostLedger.from_state_dict(json.loads(json.dumps(led.state_dict())), memory=None)
+    assert {k: v for k, v in resumed.to_metrics().items() if "peak" in k} == {k: v for k, v in m.items() if "peak" in k}
+    gpu = CostLedger(memory=ScriptedMemory([(1_000_000_000, 7_000_000_000)]))
+    with gpu.phase("gen_ft"):
+        pass
+    merged = gpu.merge(led, parallel=True).to_metrics()
+    assert merged["cost/phase.gen_ft.peak_rss_gb"] == 5.0 and merged["cost/phase.gen_ft.peak_device_gb"] == 7.0
+    assert merged["cost/peak_rss_gb"] == 5.0 and merged["cost/peak_device_gb"] == 7.0
+    # states written before peaks were recorded load with none
+    old = led.state_dict()
+    for p in old["phases"].values():
+        del p["peak_rss"], p["peak_device"]
+    del old["peak_rss"], old["peak_device"]
+    assert not any("peak" in k for k in CostLedger.from_state_dict(old, memory=None).to_metrics())

@@ -184,6 +184,43 @@ def test_answer_logprobs_without_logits_to_keep_gives_the_same(gen, monkeypatch)
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
 
 
+def test_answer_logprobs_in_checkpointed_chunks_equals_one_forward_with_its_gradient(gen):
+    gen.add_lora(LoRAConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    for n, p in gen.model.named_parameters():
+        p.requires_grad_("lora_" in n)
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    prompts, answers = prompts_for(gen), ANSWERS
+    weights = torch.linspace(0.5, 1.5, len(prompts)).unsqueeze(1)
+    results = {}
+    for chunk in (0, 2):
+        gen.tokens.reset()
+        gen.model.zero_grad(set_to_none=True)
+        lp, mask = gen.answer_logprobs(prompts, answers, chunk=chunk)
+        (lp * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in gen.model.named_parameters() if p.requires_grad}
+        results[chunk] = lp.detach(), mask, grads, list(gen.tokens.scored_batches)
+    (lp0, mask0, g0, batches0), (lp2, mask2, g2, batches2) = results[0], results[2]
+    assert torch.equal(mask0, mask2)
+    torch.testing.assert_close(lp2, lp0, atol=1e-5, rtol=1e-5)
+    for n in g0:
+        torch.testing.assert_close(g2[n], g0[n], atol=1e-5, rtol=1e-5)
+    # recorded once per chunk that ran (the backward's recompute records nothing)
+    assert len(batches0) == 1 and [b.rows for b in batches2] == [2] * (len(prompts) // 2) + [len(prompts) % 2] * (
+        len(prompts) % 2)
+
+
+def test_gradient_checkpointing_switch(gen):
+    gen.add_lora(LoRAConfig(r=4, alpha=8))
+    base = gen.model.get_base_model()
+    gen.set_gradient_checkpointing(True)
+    gen.set_gradient_checkpointing(True)  # idempotent: one input hook
+    assert base.is_gradient_checkpointing and len(base._require_grads_hooks) == 1
+    gen.set_gradient_checkpointing(False)
+    assert not base.is_gradient_checkpointing and not getattr(base, "_require_grads_hooks", None)
+
+
 def test_answer_logprobs_input_errors(gen):
     with pytest.raises(GeneratorError, match="2 prompts but 1 answers"):
         gen.answer_logprobs(["a", "b"], ["x"])
@@ -280,3 +317,20 @@ def test_smollm2_answers_from_a_passage():
                             [Passage("1", "France", "France is a country in Europe. Its capital is Paris.")])
     (answer,) = g.generate([prompt], max_new_tokens=8)
     assert "paris" in answer.lower(), answer
+
+
+def test_bf16_lora_step_is_finite_and_moves_the_adapter_only(sharp_lm_dir):
+    """The precision a GPU run picks (``dtype: bfloat16``), on the CPU: one LoRA step of the bf16 model
+    gives a finite loss, moves every LoRA B matrix and leaves the bf16 base weights as they were."""
+    g = make_gen(sharp_lm_dir, max_passage_chars=60, dtype="bfloat16").add_lora(LoRAConfig(r=4, alpha=8))
+    assert next(p for n, p in g.model.named_parameters() if "lora_" not in n).dtype is torch.bfloat16
+    base = {n: p.detach().clone() for n, p in g.model.named_parameters() if "lora_" not in n}
+    lora_b = {n: p for n, p in g.model.named_parameters() if "lora_B" in n}
+    opt = torch.optim.AdamW(g.trainable_parameters(), lr=1e-2)
+    g.model.train()
+    loss = g.sequence_nll(prompts_for(g), ANSWERS).mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    assert lora_b and all((p != 0).any() for p in lora_b.values())
+    assert all(torch.equal(p, base[n]) for n, p in g.model.named_parameters() if "lora_" not in n)

@@ -14,6 +14,7 @@ from distrag import cli
 from distrag import metric_names as mn
 from distrag.config import TrackingConfig
 from distrag.costs.ledger import CostLedger
+from distrag.costs.memory import PeakMemory, Watch
 from distrag.reporting.groups import GroupSelection
 from distrag.reporting.report import (
     REPORT_FILES,
@@ -30,8 +31,18 @@ from distrag.training.strategies import STRATEGIES
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+class _OnAGpu(PeakMemory):
+    """Peaks as a GPU run records them: every phase 2 GB of host RSS and 1.5 GB of device memory."""
+
+    def start(self) -> Watch:
+        return Watch(rss=2_000_000_000, device=1_500_000_000)
+
+    def stop(self, watch: Watch) -> Watch:
+        return watch
+
+
 def _ledger() -> CostLedger:
-    led = CostLedger()
+    led = CostLedger(memory=_OnAGpu())
     with led.phase("index_build"):
         led.add("encode_passages", 2e9, tokens=100, passages=10)
     with led.phase("gen_ft"):
@@ -66,11 +77,18 @@ def test_the_report_shows_every_ledger_metric_it_names():
     assert row["total_flops"] == pytest.approx(3e12 + 2e9 + 1e11)
     assert row["wall_s"] == costs[mn.COST_WALL_S] and row["device_hours"] == costs[mn.COST_DEVICE_HOURS]
     assert row["trainable_params"] == 123_456
+    assert row["peak_rss_gb"] == pytest.approx(2.0) and row["peak_device_gb"] == pytest.approx(1.5)
     md = markdown_table([row])
     head, _, cells = md.splitlines()
     assert "Trainable params" in head and "123,456" in cells
-    for column in ("Train FLOPs", "Total FLOPs", "Wall-clock (s)", "Device-hours"):
+    for column in ("Train FLOPs", "Total FLOPs", "Wall-clock (s)", "Device-hours", "Peak RSS (GB)",
+                   "Peak device (GB)"):
         assert column in head
+    assert "| 2.00 | 1.50 |" in cells
+    # a CPU run records no device memory: its column is left out rather than shown empty
+    cpu = {k: v for k, v in costs.items() if "peak_device" not in k}
+    head = markdown_table(result_rows([_result("gen_ft", "Ft-Gen", cpu)])).splitlines()[0]
+    assert "Peak RSS (GB)" in head and "Peak device (GB)" not in head
 
 
 def test_k_free_recall_is_read_first_and_the_index_refresh_columns_appear_when_recorded():

@@ -447,3 +447,74 @@ def test_no_refresh_by_default_and_none_for_frozen_retrievers(world):
         tr.train()
         assert tr.state.index_version == 0 and tr.index is world["index"]
         assert ledger.flops("encode_passages") == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# memory levers: checkpointed pair chunks and gradient checkpointing are exact
+
+
+def _rag_grads(world, cfg, generator):
+    """Loss and every gradient (LoRA, question encoder) of one joint micro-batch."""
+    generator = copy.deepcopy(generator)
+    generator.cfg = cfg.generator  # the generator's own settings decide checkpointing
+    tr = trainer_for(world, cfg, embedder=copy.deepcopy(world["embedder"]), generator=generator)
+    phase = tr.phases[0]
+    tr.make_optimizers(phase, 1)
+    torch.manual_seed(0)  # the question encoder trains with dropout
+    loss, _ = tr.compute_loss(phase, world["data"].questions[:3], random.Random(0))
+    loss.backward()
+    grads = {f"gen.{n}": p.grad.clone() for n, p in tr.generator.model.named_parameters() if p.requires_grad}
+    grads.update({f"emb.{n}": p.grad.clone() for n, p in tr.embedder.named_parameters() if p.grad is not None})
+    return loss.item(), grads, tr
+
+
+@pytest.fixture(scope="module")
+def lora_generator(world):
+    """The base generator with LoRA whose B matrices are non-zero (at init they are 0: A gets no gradient)."""
+    gen = copy.deepcopy(world["generator"])
+    gen.add_lora(make_cfg(*world["dirs"]).generator.lora)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in gen.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    return gen
+
+
+@pytest.mark.parametrize("rag_loss", ["sequence", "token"])
+def test_pair_chunks_give_the_unchunked_loss_and_gradients(world, lora_generator, rag_loss):
+    # 3 questions x k=3 = 9 pairs: chunks of 4 (uneven last chunk) and of 1, against one forward
+    runs = {}
+    for chunk in (0, 4, 1):
+        cfg = cfg_for(world, strategy="joint", rag_loss=rag_loss, train_k=3, pair_micro_batch=chunk)
+        runs[chunk] = _rag_grads(world, cfg, lora_generator)
+    loss0, grads0, tr0 = runs[0]
+    assert any(n.startswith("emb.") for n in grads0) and any("lora_A" in n for n in grads0)
+    for chunk in (4, 1):
+        loss, grads, tr = runs[chunk]
+        assert loss == pytest.approx(loss0, rel=1e-5, abs=1e-5)
+        assert grads.keys() == grads0.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, grads0[name], rtol=1e-5, atol=1e-5, msg=name)
+        # the ledger charges the chunks that ran, each padded to its own width: never more than one forward
+        assert len(tr.generator.tokens.scored_batches) == 0  # charged (consumed) by the accountant
+        assert 0 < tr.acc.ledger.tokens <= tr0.acc.ledger.tokens
+        assert 0 < tr.acc.ledger.total_flops <= tr0.acc.ledger.total_flops
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_trains_lora(world, lora_generator):
+    runs = {}
+    for on in (False, True):
+        cfg = cfg_for(world, strategy="joint", rag_loss="sequence", train_k=2)
+        cfg.generator.gradient_checkpointing = on
+        runs[on] = _rag_grads(world, cfg, lora_generator)
+        base = runs[on][2].generator.model.get_base_model()
+        assert base.is_gradient_checkpointing is on
+    for name, g in runs[True][1].items():
+        torch.testing.assert_close(g, runs[False][1][name], rtol=1e-5, atol=1e-6, msg=name)
+    # PEFT + checkpointing must not silently train nothing: a fresh adapter (B = 0) gets B gradients
+    cfg = cfg_for(world, strategy="gen_ft", max_steps=1)
+    tr = trainer_for(world, cfg)
+    tr.train()
+    assert any(p.abs().sum() > 0 for n, p in tr.generator.model.named_parameters() if "lora_B" in n)
+    assert not tr.generator.model.get_base_model().is_gradient_checkpointing  # off again after training

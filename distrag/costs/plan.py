@@ -1,0 +1,333 @@
+"""``distrag plan``: what each strategy will cost before anyone spends GPU-hours on it.
+
+For a target (generator and embedder: a Hugging Face id / folder, whose config is read without loading any
+weights, or a size such as ``8b``; LoRA or QLoRA rank; corpus size; training questions; epochs; k; the
+learning-rate grid m x n; GPU kind and count; MFU; index refresh interval) every strategy of the table
+(:mod:`distrag.training.strategies`: its phases and its search shape) is projected to
+
+* **FLOPs** of one training run and of its learning-rate search, from the ledger's own formulas
+  (:mod:`distrag.costs.flops`, applied at the shapes the accountant charges: one prompt with k passages for
+  the answer NLL, k one-passage prompts for the RAG losses, the question encoder trained in full or run
+  forward, corpus re-embeddings for index refreshes and for the deployed index);
+* **wall-clock and device-hours**: FLOPs / (trainer GPUs x peak FLOP/s x MFU); the index rank (one GPU, when
+  a strategy refreshes the index) re-embeds in the background and is charged for the whole run;
+* **memory per device**: weights (bf16, or 4-bit for QLoRA), LoRA / encoder gradients and AdamW state
+  (16 bytes per trainable parameter), activations of one forward (gradient checkpointing and pair chunks
+  as configured; ``2 (10 h + 3 i)`` bytes per token and block, an estimate), the answer logits, and 1 GB
+  of runtime;
+* **index rank sizing**: the passages/s that re-embed the corpus within the staleness target (in trainer
+  steps), against what one GPU encodes.
+
+The default MFU (:data:`DEFAULT_MFU`) is calibrated on this project's measured runs
+(``benchmarks/bench_memory.py``: the ledger's FLOPs of a real-model Ft-Gen step over its wall-clock, against
+the machine's measured matmul peak); pass the MFU your hardware reaches (``--mfu``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from distrag.costs.flops import (
+    ModelDims,
+    forward_flops_breakdown,
+    lora_param_count,
+    train_flops,
+    transformer_forward_flops,
+    transformer_train_flops,
+)
+from distrag.errors import ConfigError
+from distrag.training.strategies import STRATEGIES, Phase, Strategy
+
+__all__ = ["DEFAULT_MFU", "GPUS", "SIZES", "GPU", "Plan", "PlanRow", "PlanTarget", "encoder_flops",
+           "generator_flops", "model_shape", "plan"]
+
+DEFAULT_MFU = 0.48
+"""Model-FLOPs utilisation assumed when none is given, calibrated on this project's measured runs
+(``benchmarks/bench_memory.py``, 2 CPU threads, SmolLM2-135M + MiniLM, HotPotQA sample, 8 questions x k=3,
+gradient checkpointing on): a real-model Ft-Gen step ran 4.70 GFLOP/s of the ledger's model FLOPs against a
+float32 matmul peak of 9.8 GFLOP/s measured in the same run (a machine shared by many jobs, load 24 on 2
+cores), MFU 0.48 (RAG-Seq with pair chunks: 0.39). GPU runs of LoRA
+fine-tuning commonly report 0.3-0.5: pass yours with ``--mfu``."""
+
+RUNTIME_BYTES = 1e9
+"""Per-device memory the framework takes whatever the model (CUDA context, allocator slack): an estimate."""
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_flops: float
+    """Dense bf16 tensor-core FLOP/s (no sparsity)."""
+    memory_gb: float
+
+
+GPUS: dict[str, GPU] = {g.name.lower(): g for g in (
+    GPU("A10", 125e12, 24), GPU("L4", 121e12, 24), GPU("A100", 312e12, 80), GPU("H100", 989e12, 80),
+    GPU("H200", 989e12, 141))}
+"""Datasheet peaks (dense bf16) and memory of the GPUs ``--gpu`` knows."""
+
+_LLAMA = {"model_type": "llama", "hidden_act": "silu"}
+SIZES: dict[str, dict[str, Any]] = {
+    # generators (Llama-family shapes: SmolLM2-135M, Llama-3.2-1B/3B, Llama-3.1-8B/70B)
+    "135m": {**_LLAMA, "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
+             "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True},
+    "1b": {**_LLAMA, "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True},
+    "3b": {**_LLAMA, "hidden_size": 3072, "num_hidden_layers": 28, "intermediate_size": 8192,
+           "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True},
+    "8b": {**_LLAMA, "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False},
+    "70b": {**_LLAMA, "hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672,
+            "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False},
+    # embedders (BERT shapes: all-MiniLM-L6-v2, BERT-base / bge-base, BERT-large / bge-large)
+    "22m": {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1536,
+            "num_attention_heads": 12, "vocab_size": 30522},
+    "110m": {"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 3072,
+             "num_attention_heads": 12, "vocab_size": 30522},
+    "335m": {"model_type": "bert", "hidden_size": 1024, "num_hidden_layers": 24, "intermediate_size": 4096,
+             "num_attention_heads": 16, "vocab_size": 30522},
+}
+"""Model shapes ``--generator`` / ``--embedder`` accept by size."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's dimensions and parameter count (embeddings and an untied LM head included)."""
+
+    dims: ModelDims
+    params: int
+
+
+def model_shape(spec: str) -> ModelShape:
+    """The shape of a size in :data:`SIZES` (``8b``), or of a model id / folder / ``.gguf`` file (its config
+    read, no weights loaded)."""
+    cfg: Any = SIZES.get(spec.strip().lower())
+    if cfg is None:
+        from transformers import AutoConfig
+
+        from distrag.models.sources import resolve_model
+
+        try:
+            source = resolve_model(spec)
+        except Exception as e:  # noqa: BLE001 - any failure to find the model is the user's to fix
+            raise ConfigError([("plan", f"{spec!r}: not a known size ({', '.join(SIZES)}) nor a model: {e}")]) from None
+        kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        cfg = AutoConfig.from_pretrained(source.path_or_id, **kw)
+    dims = ModelDims.from_config(cfg)
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    embed = dims.vocab * dims.hidden
+    head = dims.head_params if dims.lm_head and not get("tie_word_embeddings", True) else 0
+    return ModelShape(dims, dims.dense_params + embed + head)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs at the shapes the accountant charges
+
+
+def encoder_flops(dims: ModelDims, tokens: int, *, train: bool) -> float:
+    """One question of ``tokens`` through the encoder: trained in full (3x forward) or forward only."""
+    return (transformer_train_flops(dims, tokens, tokens, "full") if train
+            else transformer_forward_flops(dims, tokens, tokens))
+
+
+def generator_flops(dims: ModelDims, rows: int, prompt_tokens: int, answer_tokens: int, *, lora_params: int,
+                    train: bool) -> float:
+    """One ``answer_logprobs`` batch of ``rows`` prompts padded to ``prompt_tokens`` with answers (eos
+    included) of ``answer_tokens``, as the accountant charges it: logits on the answer columns + 1, LoRA
+    training (``2 F + F_attn + 6 P_lora n``) or a forward with the adapters."""
+    width = prompt_tokens + answer_tokens
+    parts = forward_flops_breakdown(dims, rows * width, width, lm_head_tokens=rows * (answer_tokens + 1))
+    return train_flops(sum(parts.values()), "lora" if train else "inference", lora_params=lora_params,
+                       tokens=rows * width, attention_flops=parts["attention"])
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """What to project (defaults: the project's models on a small corpus; see ``distrag plan --help``)."""
+
+    generator: str = "SmolLM2-135M-Instruct-GGUF"
+    embedder: str = "all-MiniLM-L6-v2"
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    qlora: bool = False
+    corpus: int = 100_000
+    questions: int = 10_000
+    epochs: float = 1.0
+    k: int = 5
+    batch_size: int = 8
+    """Questions per optimizer step (all trainers together)."""
+    grid: tuple[int, int] = (2, 2)
+    """Learning rates searched: (m embedder rates, n generator rates)."""
+    gpu: str = "A100"
+    n_gpus: int = 1
+    mfu: float = DEFAULT_MFU
+    refresh_every: int = 0
+    """Trainer steps between index refreshes in phases that train the encoder (0: frozen passage vectors)."""
+    staleness: int | None = None
+    """Index staleness target in trainer steps (default: ``refresh_every``)."""
+    question_tokens: int = 24
+    passage_tokens: int = 160
+    answer_tokens: int = 8
+    """Answer tokens with the eos."""
+    prompt_tokens: int = 60
+    """Chat template and system prompt around the question and passages."""
+    gradient_checkpointing: bool = True
+    pair_micro_batch: int = 0
+
+
+@dataclass
+class PlanRow:
+    """One strategy's projection."""
+
+    label: str
+    runs: int
+    """Training runs of its learning-rate search (the strategy table's grid shape)."""
+    train_flops: float
+    """One training run (re-embedding for the deployed index included)."""
+    search_flops: float
+    wall_h: float
+    """Wall-clock of the search, hours."""
+    device_hours: float
+    memory_gb: float
+    """Peak memory per trainer device, GB."""
+    memory_parts: dict[str, float] = field(default_factory=dict)
+    fits: bool = True
+
+
+@dataclass
+class Plan:
+    target: PlanTarget
+    gpu: GPU
+    rows: list[PlanRow]
+    step_s: float
+    """Seconds per training step of a joint (RAG) phase, the phase the index rank races."""
+    passages_per_s_needed: float
+    passages_per_s_per_gpu: float
+    index_gpus: int
+    index_memory_gb: float
+
+
+class _Projector:
+    def __init__(self, t: PlanTarget):
+        if t.n_gpus < 1 or not 0 < t.mfu <= 1 or t.batch_size < 1 or t.k < 1:
+            raise ConfigError([("plan", "need gpus >= 1, 0 < mfu <= 1, batch size >= 1 and k >= 1")])
+        gpu = GPUS.get(t.gpu.lower())
+        if gpu is None:
+            raise ConfigError([("plan", f"unknown GPU {t.gpu!r}; known: {', '.join(g.name for g in GPUS.values())}")])
+        self.t, self.gpu = t, gpu
+        self.g, self.e = model_shape(t.generator), model_shape(t.embedder)
+        self.lora = lora_param_count(self.g.dims, t.lora_r, list(t.lora_targets))
+        self.steps = max(1, math.ceil(t.epochs * t.questions / t.batch_size))
+
+    def shapes(self, phase: Phase) -> tuple[int, int]:
+        """(rows per question, padded prompt tokens) of the generator's batch in ``phase``."""
+        t = self.t
+        if phase.uses_rag:
+            return t.k, t.prompt_tokens + t.question_tokens + t.passage_tokens
+        return 1, t.prompt_tokens + t.question_tokens + t.k * t.passage_tokens
+
+    def question_flops(self, phase: Phase) -> float:
+        """FLOPs of one training question in ``phase`` (what the accountant charges to ``train``)."""
+        t = self.t
+        flops = encoder_flops(self.e.dims, t.question_tokens, train=phase.train_embedder)
+        if phase.loss == "mnrl":  # positives and hard negatives come from the index: no passage encoding
+            return flops
+        rows, prompt = self.shapes(phase)
+        return flops + generator_flops(self.g.dims, rows, prompt, t.answer_tokens, lora_params=self.lora,
+                                       train=phase.train_generator)
+
+    def corpus_flops(self) -> float:
+        t = self.t
+        return transformer_forward_flops(self.e.dims, t.corpus * t.passage_tokens, t.passage_tokens)
+
+    def phase_flops(self, phase: Phase) -> float:
+        return sum(self.phase_parts(phase))
+
+    def phase_parts(self, phase: Phase) -> tuple[float, float]:
+        """(training FLOPs, index-refresh FLOPs) of ``phase``."""
+        refreshes = (self.steps - 1) // self.t.refresh_every if self.t.refresh_every and phase.train_embedder else 0
+        return self.steps * self.t.batch_size * self.question_flops(phase), refreshes * self.corpus_flops()
+
+    def phase_wall_s(self, phase: Phase) -> float:
+        """The trainers' time; refreshes run on the index rank meanwhile (a second process when there is only
+        one GPU: they add up)."""
+        train, refresh = self.phase_parts(phase)
+        if self.trainers(phase) < self.t.n_gpus:
+            return max(train / self.rate(self.trainers(phase)), refresh / self.rate(1))
+        return (train + refresh) / self.rate(self.t.n_gpus)
+
+    def memory(self, phase: Phase) -> dict[str, float]:
+        """Bytes per trainer device in ``phase`` (the module docstring's terms)."""
+        t, g, e = self.t, self.g.dims, self.e.dims
+        trainers = self.trainers(phase)
+        per_device = math.ceil(t.batch_size / trainers)
+        out = {"generator weights": self.g.params * (0.55 if t.qlora else 2.0),
+               "embedder": self.e.params * (16.0 if phase.train_embedder else 2.0),
+               "lora + optimizer": self.lora * 16.0 if phase.train_generator else 0.0,
+               "runtime": RUNTIME_BYTES}
+        block = 2.0 * (10 * g.hidden + 3 * g.intermediate)  # bytes per token and block, all saved activations
+        if phase.loss != "mnrl":
+            rows, prompt = self.shapes(phase)
+            rows *= per_device
+            width = prompt + t.answer_tokens
+            chunk = min(rows, t.pair_micro_batch) if phase.uses_rag and t.pair_micro_batch else rows
+            if phase.train_generator:
+                held = chunk * width  # checkpointed pair chunks: one chunk's activations at a time
+                per_token = (g.layers * 2.0 * g.hidden + block) if t.gradient_checkpointing else g.layers * block
+                out["activations"] = held * per_token
+            else:
+                out["activations"] = chunk * width * block  # a forward keeps one block's activations
+            out["logits"] = 2 * 4.0 * chunk * (t.answer_tokens + 1) * g.vocab
+        if phase.train_embedder:
+            out["activations"] = out.get("activations", 0.0) + per_device * t.question_tokens * e.layers * 2 * (
+                10 * e.hidden + 3 * e.intermediate)
+        return out
+
+    def trainers(self, phase: Phase) -> int:
+        index_rank = self.t.refresh_every and phase.train_embedder and self.t.n_gpus > 1
+        return self.t.n_gpus - 1 if index_rank else self.t.n_gpus
+
+    def rate(self, n: int) -> float:
+        return n * self.gpu.peak_flops * self.t.mfu
+
+    def row(self, s: Strategy) -> PlanRow:
+        t = self.t
+        m, n = t.grid
+        phases = s.phases()
+        reembed = self.corpus_flops() if s.trains_embedder else 0.0
+        per_phase = [(p, self.phase_flops(p)) for p in phases]
+        run_flops = sum(f for _, f in per_phase) + reembed
+        wall_s = sum(self.phase_wall_s(p) for p in phases) + reembed / self.rate(t.n_gpus)
+        if s.search == "grid":
+            counts = [m * n] * len(phases)
+            search_flops, search_wall = m * n * run_flops, m * n * wall_s
+        else:
+            counts = [m if p.train_embedder else n for p in phases] if phases else []
+            search_flops = sum(c * f for c, (_, f) in zip(counts, per_phase)) + (m * reembed if reembed else 0.0)
+            search_wall = sum(c * self.phase_wall_s(p) for c, p in zip(counts, phases))
+            search_wall += m * reembed / self.rate(t.n_gpus) if reembed else 0.0
+        if not phases:  # No-FT: nothing trains; the index is built once
+            run_flops = search_flops = 0.0
+            search_wall = 0.0
+        mem = max((self.memory(p) for p in phases), key=lambda d: sum(d.values()),
+                  default=self.memory(Phase("eval", False, False, "nll")))
+        gb = sum(mem.values()) / 1e9
+        return PlanRow(s.label, s.grid_size(m, n), run_flops, search_flops, search_wall / 3600,
+                       search_wall * t.n_gpus / 3600, gb, {k: v / 1e9 for k, v in mem.items()},
+                       gb <= self.gpu.memory_gb)
+
+
+def plan(target: PlanTarget) -> Plan:
+    """Project every strategy of the table for ``target`` (module docstring)."""
+    p = _Projector(target)
+    t = target
+    rows = [p.row(s) for s in STRATEGIES]
+    joint = Phase("joint", True, True, "rag_sequence")
+    step_s = t.batch_size * p.question_flops(joint) / p.rate(p.trainers(replace(joint)))
+    staleness = t.staleness or t.refresh_every or 1
+    needed = t.corpus / (staleness * step_s)
+    per_gpu = p.rate(1) / (p.corpus_flops() / t.corpus)
+    return Plan(t, p.gpu, rows, step_s, needed, per_gpu, max(1, math.ceil(needed / per_gpu)),
+                t.corpus * p.e.dims.hidden * 4 / 1e9)

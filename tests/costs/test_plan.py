@@ -1,0 +1,135 @@
+"""``distrag plan``'s projection: its FLOPs are the ledger's at the same shapes, its search sizes are the
+strategy table's, its memory grows with k and with the model, and parameter counts come from configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distrag.config import GeneratorConfig, LoRAConfig
+from distrag.costs.accountant import Accountant
+from distrag.costs.flops import ModelDims
+from distrag.costs.ledger import CostLedger
+from distrag.costs.plan import (
+    GPUS,
+    PlanTarget,
+    encoder_flops,
+    generator_flops,
+    model_shape,
+    plan,
+)
+from distrag.errors import ConfigError
+from distrag.models.embedder import Embedder
+from distrag.models.generator import Generator
+from distrag.training.strategies import BY_KEY, STRATEGIES
+
+SMALL = {"generator": "135m", "embedder": "22m", "corpus": 1000, "questions": 64}
+
+
+def test_generator_flops_equal_the_ledgers_at_the_same_shapes(tiny_lm_dir):
+    gen = Generator.from_config(GeneratorConfig(model=str(tiny_lm_dir), dtype="float32"), device="cpu")
+    lora = LoRAConfig(r=4, alpha=8)
+    gen.add_lora(lora)
+    prompts = [gen.build_prompt(q, []) for q in ("who founded it?", "where was the first city of the world?")]
+    answers = ["Velan Morkesh of Quillon", "Ardent"]
+    for train in (True, False):
+        gen.answer_logprobs(prompts, answers)
+        (batch,) = gen.tokens.scored_batches
+        answer_tokens = batch.logit_positions - 1
+        ledger = CostLedger(memory=None)
+        Accountant(ledger).generator(gen, lp_mask=torch.ones(1), prompts=prompts, answers=answers, train=train,
+                                     category="train")
+        lora_params = sum(p.numel() for n, p in gen.model.named_parameters() if "lora_" in n)
+        dims = ModelDims.from_config(gen.config)
+        assert lora_params == model_lora(dims, lora)  # the plan counts the adapters peft creates
+        planned = generator_flops(dims, batch.rows, batch.width - answer_tokens, answer_tokens,
+                                  lora_params=lora_params, train=train)
+        assert planned == pytest.approx(ledger.total_flops, rel=1e-12)
+
+
+def model_lora(dims: ModelDims, lora: LoRAConfig) -> int:
+    from distrag.costs.flops import lora_param_count
+
+    return lora_param_count(dims, lora.r, lora.target_modules)
+
+
+def test_encoder_flops_equal_the_ledgers(tiny_encoder_dir):
+    from distrag.config import EmbedderConfig
+
+    emb = Embedder.from_config(EmbedderConfig(model=str(tiny_encoder_dir)), device="cpu")
+    batch = emb.tokenize(["who founded Quillon?", "a much longer question about where the city was"])
+    for train in (True, False):
+        ledger = CostLedger(memory=None)
+        Accountant(ledger).encoder(emb, batch["attention_mask"], train=train, category="train")
+        rows, width = batch["attention_mask"].shape
+        planned = rows * encoder_flops(ModelDims.from_config(emb.model.config), width, train=train)
+        assert planned == pytest.approx(ledger.total_flops, rel=1e-12)
+
+
+@pytest.mark.parametrize("grid", [(2, 3), (1, 4)])
+def test_search_runs_and_flops_follow_the_strategy_table(grid):
+    p = plan(PlanTarget(**SMALL, grid=grid))
+    m, n = grid
+    by_label = {r.label: r for r in p.rows}
+    assert [r.label for r in p.rows] == [s.label for s in STRATEGIES]
+    for s in STRATEGIES:
+        assert by_label[s.label].runs == s.grid_size(m, n)
+    rag, gen = by_label[BY_KEY["joint_sequence"].label], by_label[BY_KEY["gen_ft"].label]
+    assert rag.search_flops == pytest.approx(m * n * rag.train_flops)
+    assert gen.search_flops == pytest.approx(n * gen.train_flops)
+    assert by_label["No-FT"].search_flops == 0 and by_label["No-FT"].runs == 0
+    # independent = Ft-Gen + Ft-Embed, each searched on its own grid
+    ind, emb = by_label["Independent"], by_label["Ft-Embed"]
+    assert ind.search_flops == pytest.approx(gen.search_flops + emb.search_flops)
+
+
+def test_memory_grows_with_k_and_with_the_model():
+    def rag_seq(**kw):
+        return next(r for r in plan(PlanTarget(**{**SMALL, **kw})).rows if r.label == "RAG-Seq")
+
+    by_k = [rag_seq(k=k).memory_gb for k in (1, 2, 5, 10)]
+    assert by_k == sorted(by_k) and by_k[0] < by_k[-1]
+    by_size = [rag_seq(generator=g).memory_gb for g in ("135m", "1b", "3b", "8b")]
+    assert by_size == sorted(by_size) and by_size[0] < by_size[-1]
+    # the memory levers: checkpointing and pair chunks lower the projection, QLoRA the weights
+    assert rag_seq(k=5, gradient_checkpointing=False).memory_gb > rag_seq(k=5).memory_gb
+    assert rag_seq(k=5, pair_micro_batch=2).memory_gb < rag_seq(k=5).memory_gb
+    assert rag_seq(generator="8b", qlora=True).memory_gb < rag_seq(generator="8b").memory_gb
+
+
+def test_hours_follow_flops_gpus_and_mfu():
+    one = plan(PlanTarget(**SMALL, gpu="A100", n_gpus=1, mfu=0.5))
+    four = plan(PlanTarget(**SMALL, gpu="A100", n_gpus=4, mfu=0.25))
+    for a, b in zip(one.rows, four.rows):
+        assert a.search_flops == b.search_flops
+        assert b.wall_h == pytest.approx(a.wall_h / 2)  # 4x the GPUs at half the MFU
+        assert b.device_hours == pytest.approx(2 * a.device_hours)
+    gen = next(r for r in one.rows if r.label == "Ft-Gen")
+    assert gen.wall_h * 3600 == pytest.approx(gen.search_flops / (GPUS["a100"].peak_flops * 0.5))
+
+
+def test_index_rank_sizing():
+    big = {**SMALL, "corpus": 1_000_000}
+    p = plan(PlanTarget(**big, refresh_every=50, n_gpus=4))
+    assert p.passages_per_s_needed == pytest.approx(1_000_000 / (50 * p.step_s))
+    assert p.index_gpus == max(1, -(-int(p.passages_per_s_needed) // int(p.passages_per_s_per_gpu)))
+    tighter = plan(PlanTarget(**big, refresh_every=50, staleness=5, n_gpus=4))
+    assert tighter.passages_per_s_needed > p.passages_per_s_needed
+
+
+def test_parameter_counts_from_sizes_and_configs(tiny_lm_dir):
+    assert model_shape("8b").params == pytest.approx(8.03e9, rel=0.01)  # Llama-3.1-8B
+    assert model_shape("135m").params == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M
+    assert model_shape("22m").params == pytest.approx(22.7e6, rel=0.03)  # all-MiniLM-L6-v2 (norms, biases aside)
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir))
+    matrices = sum(p.numel() for n, p in real.named_parameters() if p.dim() == 2)
+    assert model_shape(str(tiny_lm_dir)).params == matrices  # read from config.json, no weights loaded
+
+
+def test_unknown_gpu_or_model_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown GPU"):
+        plan(PlanTarget(**{**SMALL, "gpu": "TPU"}))
+    with pytest.raises(ConfigError, match="not a known size"):
+        model_shape("7q")
