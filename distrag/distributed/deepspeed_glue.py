@@ -108,6 +108,13 @@ def build_ds_config(train_cfg: TrainConfig, dist_cfg: DistributedConfig, n_train
     return cfg
 
 
+def uses_bf16(model: torch.nn.Module) -> bool:
+    """Whether DeepSpeed runs ``model`` (the generator) in bf16: exactly when its weights were loaded in
+    bfloat16 (``generator.dtype`` through :func:`distrag.models.sources.pick_dtype`: ``bfloat16``, or ``auto``
+    on a CUDA device that supports it), so the engine's precision always matches the weights'."""
+    return any(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
 def check_ds_batch(ds_config: dict, n_trainers: int) -> None:
     """Raise :class:`DSConfigError` unless train_batch_size == micro x accumulation x n_trainers.
 

@@ -46,7 +46,12 @@ class DistributedTrainer(Trainer):
         self.gen_training = False
         self.stopped = False
         self.index_path: str | None = None
-        self._refresh_flops: float | None = None
+        # FLOPs of one corpus pass, charged to trainer 0 per adopted version. Counted here, before training:
+        # it tokenizes the whole corpus (30 s for 20k passages on a loaded CPU), which inside an adoption
+        # would block every trainer for that long.
+        self._refresh_flops: float | None = (
+            CorpusEncoder(self.embedder, self.corpus.texts()).cost.flops
+            if client is not None and ctx.info.is_rank0 else None)
 
     # -- data: this trainer's slice of the global batch -------------------------------------------
     def step_questions(self, phase_index: int, step: int):
@@ -60,7 +65,7 @@ class DistributedTrainer(Trainer):
     def make_optimizers(self, phase: Phase, total_steps: int) -> None:
         from transformers import get_linear_schedule_with_warmup
 
-        from distrag.distributed.deepspeed_glue import build_ds_config, engine_kwargs
+        from distrag.distributed.deepspeed_glue import build_ds_config, engine_kwargs, uses_bf16
         from distrag.training.trainer import set_embedder_trainable, set_generator_trainable
 
         t = self.cfg.train
@@ -76,9 +81,8 @@ class DistributedTrainer(Trainer):
         if phase.train_generator and self.engine is None:
             import deepspeed
 
-            bf16 = self.cfg.generator.dtype == "bfloat16" or (
-                self.cfg.generator.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-            ds_cfg = build_ds_config(t, self.cfg.distributed, self.ctx.info.n_trainers, bf16=bf16)
+            ds_cfg = build_ds_config(t, self.cfg.distributed, self.ctx.info.n_trainers,
+                                     bf16=uses_bf16(self.generator.model))
             kw = engine_kwargs(self.generator.model, ds_cfg, t.lr_generator, t.weight_decay)
             sched = get_linear_schedule_with_warmup(kw["optimizer"], warmup, total_steps)
             self.engine, _, _, _ = deepspeed.initialize(**kw, lr_scheduler=sched)
@@ -183,8 +187,10 @@ class DistributedTrainer(Trainer):
             "config_hash": self.cfg.config_hash(),
         }
         engine = self.engine if (self.engine is not None and self.gen_training) else None
+        current = self.client.current if self.client is not None else None
         path = self.ckpt.save(self.state.global_step, payload, engine=engine,
-                              rank_payload={"ledger": self.acc.ledger.state_dict()})
+                              rank_payload={"ledger": self.acc.ledger.state_dict()},
+                              index_version=current.version if current is not None else None)
         if self.ctx.info.is_rank0:
             log.info("checkpoint at global step %d -> %s", self.state.global_step, path)
         return path

@@ -12,8 +12,10 @@
   adopted.
 
 The runner (:mod:`distrag.distributed.runner`) gathers every trainer's :meth:`RefreshStats.summary`
-and logs ``index/blocked_s``, ``index/blocked_share``, ``index/staleness_mean`` and
-``index/staleness_max`` (metric names in :mod:`distrag.metric_names`), per trainer and overall.
+and logs ``index/blocked_s`` and ``index/blocked_share`` (per trainer and their mean),
+``index/staleness_mean``, ``index/staleness_max`` and ``index/versions_adopted``, with
+``index/versions_published`` from the run folder (metric names in :mod:`distrag.metric_names`), in the
+run's one MLflow run.
 Staleness and adoptions are the same on every trainer (adoption is agreed) and survive a resume
 (:meth:`state_dict`); blocked time is this process's, from its start.
 """

@@ -110,3 +110,22 @@ def test_zero_engine_beside_index_rank(tmp_path, tiny_lm_dir, tiny_encoder_dir, 
     with torch.no_grad(), model.disable_adapter():
         plain = model(input_ids=torch.arange(5, 17).unsqueeze(0)).logits.numpy()
     assert not np.allclose(plain, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,expect", [(torch.bfloat16, True), (torch.float32, False), (torch.float16, False)])
+def test_engine_precision_follows_the_generator_weights(tiny_lm_dir, dtype, expect):
+    """bf16 in the DeepSpeed config exactly when the generator was loaded in bfloat16 (``generator.dtype``
+    ``bfloat16``, or ``auto`` on a GPU that supports it), LoRA adapter or not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distrag.config import LoRAConfig
+    from distrag.distributed.deepspeed_glue import uses_bf16
+    from distrag.models.generator import Generator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=dtype)
+    assert uses_bf16(model) is expect
+    gen = Generator(model, AutoTokenizer.from_pretrained(tiny_lm_dir)).add_lora(LoRAConfig(r=2, alpha=4))
+    assert uses_bf16(gen.model) is expect
+    ds = build_ds_config(TrainConfig(batch_size=2, micro_batch_size=2), DistributedConfig(), 1,
+                         bf16=uses_bf16(gen.model))
+    assert ds["bf16"]["enabled"] is expect and ds["fp16"]["enabled"] is False
