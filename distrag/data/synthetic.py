@@ -6,7 +6,10 @@ differently from the passages and have short answers (a name, a city, a year, an
 
 * single-hop (PopQA-like, ids ``s-000000``): one fact of one entity; gold = that entity's passage.
 * two-hop bridge (HotPotQA-like, ids ``b-000000``): e.g. "In which city is the company that Velan
-  Morkesh works for headquartered?"; gold = the person's passage and the company's passage.
+  Morkesh works for headquartered?"; gold = the person's passage and the company's passage. As in
+  HotPotQA, some bridge passages name the question's subject (a company lists its staff, a city the
+  people born there), so a trained question encoder can learn to reach them; others never do (a
+  founder's passage does not name the company), and only multi-step retrieval would find those.
 
 Retrieval is made non-trivial on purpose: first names and surnames are shared by several people,
 company names share stems ("Quillon Dynamics", "Quillon Foods"), city names share stems, and many
@@ -215,6 +218,10 @@ def build_world(n_people: int, seed: int) -> World:
     return World(people, cities, companies, events)
 
 
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def _passages(w: World, rng: random.Random) -> list[Passage]:
     out = []
     for p in w.people:
@@ -238,6 +245,9 @@ def _passages(w: World, rng: random.Random) -> list[Passage]:
         ])
         a, b = (w.people[j].name for j in c.residents)
         body += f" Well-known residents of {c.name} include {a} and {b}."
+        natives = [q.name for q in w.people if w.cities[q.birth_city] is c]
+        if natives:
+            body += f" People born in {c.name} include {_join(natives)}."
         out.append(Passage(c.pid, c.name, body))
     for m in w.companies:
         hq, founder = w.cities[m.hq].name, w.people[m.founder].name
@@ -246,6 +256,9 @@ def _passages(w: World, rng: random.Random) -> list[Passage]:
              f"founded in {m.founded} by {founder}."),
             f"{founder} started {m.name} in {m.founded}. The {m.sector} firm has its head office in {hq}.",
         ])
+        staff = [q.name for q in w.people if w.companies[q.employer] is m]
+        if staff:
+            body += f" People who work for {m.name} include {_join(staff)}."
         out.append(Passage(m.pid, m.name, body))
     for e in w.events:
         city = w.cities[e.city].name

@@ -111,3 +111,19 @@ def test_load_data_synthetic_applies_max_questions_and_refuses_a_corpus(tmp_path
     assert len(splits.train) + len(splits.dev) + len(splits.test) == 25
     with pytest.raises(DataError, match="corpus_path"):
         load_data(cfg.model_copy(update={"corpus_path": str(tmp_path / "c.jsonl")}))
+
+
+def test_bridge_passages_of_person_questions_name_the_person(world):
+    """Like HotPotQA's bridge paragraphs, a person's employer and birthplace passages name the person
+    (staff and natives lists), so a trained question encoder can reach them; other bridges stay unnamed."""
+    named = unnamed = 0
+    for q in world.questions:
+        if q.meta["hops"] != 2:
+            continue
+        first, second = (world.corpus[world.corpus.position(pid)] for pid in q.gold_passage_ids)
+        if q.meta["relation"].startswith(("employer_", "birthplace_")):
+            assert first.title in second.text, q
+            named += 1
+        elif first.title not in second.text:
+            unnamed += 1
+    assert named and unnamed
