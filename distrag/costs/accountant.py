@@ -13,10 +13,10 @@ Conventions:
   ``2 F + F_attn + 6 P_lora n``; a frozen generator in a RAG loss is a forward (no gradient flows
   through it to the retriever: the retriever's gradient comes through p(z|q) only), charged to ``train``;
 - a generator carrying LoRA adapters pays their forward (``2 P_lora`` per token) in every call, frozen or not.
-- model FLOPs only: the forwards that gradient checkpointing (``generator.gradient_checkpointing``: one more
+- executed FLOPs: the forwards that gradient checkpointing (``generator.gradient_checkpointing``: one more
   forward of the blocks) and checkpointed pair chunks (``train.pair_micro_batch``: one more forward of the
-  chunk, two with block checkpointing on as well) recompute in the backward pass are not charged (the usual
-  MFU convention; ``FlopCounterMode`` counts them, the wall-clock shows them).
+  chunk) recompute in the backward pass are charged too (:func:`~distrag.costs.flops.recompute_flops`), as
+  ``FlopCounterMode`` counts them; memory saved is paid in FLOPs, and the ledger shows it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from distrag.costs.flops import (
     forward_flops_breakdown,
     generate_flops,
+    recompute_flops,
     texts_forward_flops,
     train_flops,
     transformer_forward_flops,
@@ -79,21 +80,29 @@ class Accountant:
     # The generator counts the tokens of its calls (Generator.tokens); each call site charges the
     # call it just made, and charging consumes those counters.
     def generator(self, generator: Generator, *, lp_mask: torch.Tensor, prompts: list[str], answers: list[str],
-                  train: bool, category: str | None = None) -> None:
+                  train: bool, category: str | None = None, chunked: bool = False) -> None:
         """The ``answer_logprobs`` calls that just ran, at their padded shapes (``lp_mask``, ``prompts`` and
         ``answers`` name the call; the shapes come from ``generator.tokens``). ``train``: the LoRA adapters
         get gradients. A frozen forward is charged to ``category`` (default ``score``; training passes it
-        ``train``: the frozen generator's forwards are part of a retriever phase's cost)."""
+        ``train``: the frozen generator's forwards are part of a retriever phase's cost). ``chunked``: the call
+        ran its pairs in checkpointed chunks (``answer_logprobs(chunk=...)``); with ``train``, its recomputed
+        forwards are charged, and so are those of block checkpointing when the generator has it on."""
         t = generator.tokens
         batches, padded = t.scored_batches, t.scored_padded
         t.scored_batches, t.scored_padded, t.scored = [], 0, 0
         if not batches:
             return
         cfg, lora_params, flops = generator.config, _lora_params(generator), 0.0
+        base = generator.model.get_base_model() if generator.is_peft else generator.model
+        # transformers checkpoints blocks only in training mode
+        checkpointed = train and base.training and bool(getattr(base, "is_gradient_checkpointing", False))
         for b in batches:
             parts = forward_flops_breakdown(cfg, b.rows * b.width, b.width, lm_head_tokens=b.rows * b.logit_positions)
             flops += train_flops(sum(parts.values()), "lora" if train else "inference", lora_params=lora_params,
                                  tokens=b.rows * b.width, attention_flops=parts["attention"])
+            if train:
+                flops += recompute_flops(parts, lora_params=lora_params, tokens=b.rows * b.width,
+                                         blocks_checkpointed=checkpointed, chunked=chunked)
         self.ledger.add("train" if train else (category or "score"), flops, tokens=padded)
 
     def generation(self, generator: Generator, prompts: list[str], outputs: list[str]) -> None:

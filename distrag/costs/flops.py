@@ -284,6 +284,17 @@ def train_flops(forward_flops: float, mode: TrainMode = "full", *, lora_params: 
     raise ValueError(f"unknown mode {mode!r} (full, lora, frozen_input_grad, inference)")
 
 
+def recompute_flops(parts: dict[str, float], *, lora_params: int, tokens: int, blocks_checkpointed: bool,
+                    chunked: bool) -> float:
+    """Forwards recomputed in a LoRA training step's backward pass (executed FLOPs, as ``FlopCounterMode``
+    counts them), from the step's :func:`forward_flops_breakdown` ``parts``: per-block gradient checkpointing
+    runs the blocks (dense + attention + adapters) once more; checkpointed pair chunks
+    (``train.pair_micro_batch``) run the whole chunk, LM head included, once more, and with block
+    checkpointing as well the blocks a third time."""
+    blocks = parts["dense"] + parts["attention"] + 2.0 * lora_params * tokens
+    return (blocks + parts["head"] if chunked else 0.0) + (blocks if blocks_checkpointed else 0.0)
+
+
 def transformer_train_flops(cfg_like: Any, n_tokens: int, seq_len: int, mode: TrainMode = "full", *,
                             lora_params: int = 0, gated_mlp: bool | None = None,
                             lm_head: bool | None = None) -> float:

@@ -147,7 +147,7 @@ class Trainer:
         with torch.set_grad_enabled(phase.train_generator):  # pairs in checkpointed chunks: train.pair_micro_batch
             lp, mask = self.generator.answer_logprobs(prompts, ans, chunk=self.cfg.train.pair_micro_batch)
         self.acc.generator(self.generator, lp_mask=mask, prompts=prompts, answers=ans,
-                           train=phase.train_generator, category="train")
+                           train=phase.train_generator, category="train", chunked=bool(self.cfg.train.pair_micro_batch))
         B, k = res.ids.shape
         lp, mask = lp.view(B, k, -1), mask.view(B, k, -1)
         lp = lp.to(doc_lp.device)

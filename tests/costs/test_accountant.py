@@ -193,3 +193,31 @@ def test_generation_is_charged_per_batch_at_its_padded_shape_and_steps(gen):
     assert gen.tokens.prompt == gen.tokens.generated == 0 and gen.tokens.generated_batches == []
     acc.generation(gen, prompts, ["x"] * len(prompts))  # counters consumed: nothing more to charge
     assert ledger.tokens == n_prompt + n_gen
+
+
+@pytest.mark.parametrize("checkpointed,chunk", [(True, 0), (False, 2), (True, 2)])
+def test_forwards_recomputed_by_checkpointing_are_charged_as_counted(gen, checkpointed, chunk):
+    """Block checkpointing and checkpointed pair chunks run forwards again in the backward pass: the ledger
+    charges them (executed FLOPs), within 10 % of the counter, and more than the same step without them."""
+    targets = ["q_proj", "v_proj"]
+    gen.add_lora(LoRAConfig(r=4, alpha=8, target_modules=targets))
+    gen.set_gradient_checkpointing(checkpointed)
+    gen.model.train()  # transformers checkpoints blocks only in training mode
+    prompts, answers = _prompts(gen), ["the fox", "no", "1999 river"]
+    gen.tokens.reset()
+
+    def step():
+        lp, mask = gen.answer_logprobs(prompts, answers, chunk=chunk)
+        (-(lp * mask).sum()).backward()
+
+    counted = _counted(step)
+    ledger = CostLedger()
+    Accountant(ledger).generator(gen, lp_mask=None, prompts=prompts, answers=answers, train=True,
+                                 chunked=bool(chunk))
+    plain = CostLedger()
+    gen.tokens.reset()
+    gen.set_gradient_checkpointing(False)
+    gen.answer_logprobs(prompts, answers)
+    Accountant(plain).generator(gen, lp_mask=None, prompts=prompts, answers=answers, train=True)
+    assert ledger.flops("train") > 1.2 * plain.flops("train")
+    assert ledger.flops("train") == pytest.approx(counted, rel=0.10)
