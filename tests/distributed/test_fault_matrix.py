@@ -37,7 +37,7 @@ from distrag.retrieval import index_store
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _wait_for(path: Path, job: Job | None = None, timeout: float = 120) -> str:
+def _wait_for(path: Path, job: Job | None = None, timeout: float = 300) -> str:
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.read_text()):
         assert time.monotonic() < deadline, job.output() if job else f"{path} never appeared"
@@ -257,16 +257,16 @@ def test_sigint_mid_run_keeps_the_models_and_a_second_run_on_the_folder_is_refus
     try:
         lock = tmp_path / "out" / ".distrag.lock"
         _wait_for(lock)
-        second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+        second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
         assert second.returncode == 2
         assert f"output_dir {tmp_path / 'out'} is in use by another run (pid {first.pid}" in second.stderr
         assert "Traceback" not in second.stderr
-        deadline = time.monotonic() + 200  # until training has taken a few steps (the run's metrics)
+        deadline = time.monotonic() + 600  # until training has taken a few steps (hang guard, not a timing)
         while not _trained_steps(tmp_path) >= 3:
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
         first.send_signal(signal.SIGINT)
-        log, _ = first.communicate(timeout=120)
+        log, _ = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
             first.kill()
