@@ -251,7 +251,7 @@ def _runs(root: Path):
 @pytest.mark.timeout(400)
 def test_sigint_mid_run_keeps_the_models_and_a_second_run_on_the_folder_is_refused(tmp_path, tiny_encoder_dir,
                                                                                    tiny_lm_dir):
-    cfg = _cfg(tmp_path, tiny_encoder_dir, tiny_lm_dir, max_steps=400)
+    cfg = _cfg(tmp_path, tiny_encoder_dir, tiny_lm_dir, max_steps=100_000)  # still training when SIGINT comes
     cmd = [sys.executable, "-m", "distrag.cli", "train", "--config", str(cfg), "--no-progress"]
     first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
