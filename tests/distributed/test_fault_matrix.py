@@ -253,7 +253,10 @@ def test_sigint_mid_run_keeps_the_models_and_a_second_run_on_the_folder_is_refus
                                                                                    tiny_lm_dir):
     cfg = _cfg(tmp_path, tiny_encoder_dir, tiny_lm_dir, max_steps=100_000)  # still training when SIGINT comes
     cmd = [sys.executable, "-m", "distrag.cli", "train", "--config", str(cfg), "--no-progress"]
-    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a shell's background job (CI under nohup/&) starts with SIGINT ignored, and children inherit that: give
+    # the run the default disposition a terminal's Ctrl-C meets
+    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lock = tmp_path / "out" / ".distrag.lock"
         _wait_for(lock)
