@@ -6,9 +6,12 @@ Two runs, each end to end on this machine, with ``index.on_disk``'s code (``data
 1. mechanics at 1M passages (``--passages``) with a small random BERT (``--hidden`` 64, 2 layers,
    ``--max-length`` 64): a synthetic corpus JSONL (``data/large_corpus.py``: lognormal lengths, median 70
    words, topic words) streamed in chunks of ``--chunk`` passages and encoded to a vector store on disk;
-2. the same path with all-MiniLM-L6-v2 (offline) on as many real-word passages as fit ``--minilm-budget-s``
-   of encoding (the rate is measured on a subsample first; at most ``--minilm-passages``): IVF / IVF-PQ
-   judged on real embeddings, which have the cluster structure random vectors lack.
+2. the same path with all-MiniLM-L6-v2 (offline) on as many passages as fit ``--minilm-budget-s`` of
+   encoding (the rate is measured on a subsample first; at most ``--minilm-passages``): IVF / IVF-PQ judged
+   on real embeddings, which have the cluster structure random vectors lack. ``--minilm-text docstrings``
+   (default): real English, the prose paragraphs of the installed packages' docstrings
+   (``benchmarks/_real_text.py``, ~90k available); ``words``: the synthetic generator over MiniLM's
+   vocabulary (topic-structured word salad).
 
 For each: passages/s encoded, seconds to build each index (flat, IVF trained on ``--train-size`` sampled
 rows, IVF-PQ), peak RSS of each phase (sampled every 20 ms, next to the corpus and store sizes on disk),
@@ -23,6 +26,7 @@ re-scoring of ``refine`` x k candidates), and IVF recall@10 against flat, with s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -42,6 +46,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import load_avg
+from benchmarks._real_text import write_docstring_corpus
 from distrag.config import EmbedderConfig, IndexConfig
 from distrag.data.corpus_stream import JsonlPassageStream, PassageLookup, write_offsets
 from distrag.data.large_corpus import write_large_corpus
@@ -120,7 +125,7 @@ def run_scale(label: str, embedder: Embedder, path: Path, work: Path, args, peak
     chunks = JsonlPassageStream(path, chunk_passages=args.chunk).chunks()
     shard_rows = -(-n_rows // args.shards)
     store, t_enc = peaks.run(f"{label}: encode to disk", lambda: encode_to_store(
-        embedder, chunks, store_dir, shard_rows=shard_rows))
+        embedder, chunks, store_dir, shard_rows=shard_rows, total=n_rows, show_progress=True))
     disk = sum(f.stat().st_size for f in store_dir.iterdir()) / MB
     console.print(f"  {label}: {n_rows:,} passages encoded in {t_enc:.1f} s ({n_rows / t_enc:,.0f} passages/s); "
                   f"corpus {path.stat().st_size / MB:,.0f} MiB, store {disk:,.0f} MiB on disk")
@@ -156,18 +161,43 @@ def run_scale(label: str, embedder: Embedder, path: Path, work: Path, args, peak
     return rows
 
 
-def minilm_size(embedder: Embedder, words: list[str], work: Path, args, console: Console) -> int:
-    """Passages MiniLM encodes within ``--minilm-budget-s`` at the rate measured on a subsample."""
-    probe = corpus_file(work, args.minilm_probe, args.seed + 1, words, "minilm_probe")
-    texts = [t for c in JsonlPassageStream(probe) for t in c.texts()]
+def docstring_corpus(work: Path, seed: int) -> Path:
+    """All docstring paragraphs, shuffled, as one JSONL (cached in ``work``: finding them takes minutes)."""
+    path = work / f"corpus_docstrings_all_{seed}.jsonl"
+    if not path.exists():
+        t0 = time.perf_counter()
+        n = write_docstring_corpus(path, 10**9, seed=seed)
+        print(f"  wrote {n:,} docstring paragraphs to {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return path
+
+
+def minilm_corpus(embedder: Embedder, work: Path, args, console: Console) -> Path:
+    """The MiniLM corpus: as many passages as MiniLM encodes within ``--minilm-budget-s`` at the rate measured
+    on ``--minilm-probe`` other passages (at most ``--minilm-passages``)."""
+    if args.minilm_text == "docstrings":
+        full = docstring_corpus(work, args.seed)
+        with open(full, encoding="utf-8") as f:
+            lines = f.readlines()
+        texts = [json.loads(line)["text"] for line in lines[-args.minilm_probe:]]  # the probe: the file's tail
+        available = len(lines) - args.minilm_probe
+    else:
+        words = sorted(w for w in embedder.tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) >= 3)
+        probe = corpus_file(work, args.minilm_probe, args.seed + 1, words, "minilm_probe")
+        texts = [t for c in JsonlPassageStream(probe) for t in c.texts()]
+        available = args.minilm_passages
     embedder.encode(texts[:32])  # warm-up
     t0 = time.perf_counter()
     embedder.encode(texts)
     rate = len(texts) / (time.perf_counter() - t0)
-    n = int(min(args.minilm_passages, rate * args.minilm_budget_s))
+    n = max(200, int(min(args.minilm_passages, available, rate * args.minilm_budget_s)))
     console.print(f"  MiniLM: {rate:.1f} passages/s on a {len(texts)}-passage probe (load {load_avg()}) -> "
-                  f"{n:,} passages fit {args.minilm_budget_s:.0f} s (asked for {args.minilm_passages:,})")
-    return max(n, 200)
+                  f"{n:,} {args.minilm_text} passages fit {args.minilm_budget_s:.0f} s (asked for "
+                  f"{args.minilm_passages:,}, {available:,} available)")
+    if args.minilm_text != "docstrings":
+        return corpus_file(work, n, args.seed, words, "minilm")
+    path = work / f"corpus_docstrings_{n}_{args.seed}.jsonl"
+    path.write_text("".join(lines[:n]), encoding="utf-8")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minilm-passages", type=int, default=50_000)
     ap.add_argument("--minilm-budget-s", type=float, default=1200.0, help="encoding time allowed for MiniLM")
     ap.add_argument("--minilm-probe", type=int, default=512, help="passages the MiniLM rate is measured on")
+    ap.add_argument("--minilm-text", choices=("docstrings", "words"), default="docstrings",
+                    help="MiniLM corpus: real docstring prose, or synthetic text over MiniLM's vocabulary")
     ap.add_argument("--no-minilm", action="store_true")
     ap.add_argument("--no-tiny", action="store_true", help="only the MiniLM run")
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "distrag_bench_scale"))
@@ -221,12 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_minilm:
         minilm = Embedder.from_config(EmbedderConfig(model="all-MiniLM-L6-v2", max_length=128), device="cpu")
         minilm.eval()
-        words = sorted(w for w in minilm.tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) >= 3)
-        n = minilm_size(minilm, words, work, args, console)
-        mpath = corpus_file(work, n, args.seed, words, "minilm")
+        mpath = minilm_corpus(minilm, work, args, console)
+        n = len(JsonlPassageStream(mpath).offsets())
         margs = argparse.Namespace(**{**vars(args), "chunk": min(args.chunk, 10_000), "shards": 1,
                                       "train_size": n, "pq_m": 16})
-        rows += run_scale(f"MiniLM-L6, {n:,}", minilm, mpath, work, margs, peaks, console)
+        rows += run_scale(f"MiniLM-L6, {n:,} {args.minilm_text}", minilm, mpath, work, margs, peaks, console)
 
     table = Table(title=f"On-disk index path: {args.queries} queries, k={args.k} (load {load_avg()})")
     for col in ("run", "index", "build s", "queries/s", "speed vs flat", f"recall@{args.k} vs flat"):

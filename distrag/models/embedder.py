@@ -11,9 +11,11 @@ mean pooling. ``encode`` matches ``SentenceTransformer(folder).encode(..., norma
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,51 @@ from distrag.models.sources import ModelSource, pick_device, resolve_model
 from distrag.models.text_limits import char_limit, cut_chars
 
 _META_FILE = "distrag_embedder.json"
+
+TOKENIZE_ROWS = 4_096
+"""Texts per tokenizer call (a fast tokenizer's encodings of a large list take ~1 KB per token)."""
+
+
+@dataclass(frozen=True)
+class TokenizedTexts:
+    """Texts tokenized once (special tokens in, truncated, unpadded), stored flat: row ``i`` is
+    ``input_ids[offsets[i]:offsets[i + 1]]`` (int32, 4 bytes a token instead of a Python list's ~36), with
+    ``token_type_ids`` (int8) when the tokenizer returns them. What :meth:`Embedder.encode_tokens` pads and
+    encodes; a corpus that is encoded again and again (the index rank's versions) is tokenized only once."""
+
+    input_ids: np.ndarray
+    offsets: np.ndarray
+    token_type_ids: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per text (int64)."""
+        return np.diff(self.offsets)
+
+    def take(self, rows: np.ndarray | slice) -> TokenizedTexts:
+        """The texts at ``rows`` (an index array or a slice), in that order."""
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        starts, lengths = self.offsets[rows], self.lengths[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # source position of every kept token: its row's start plus its place in the row
+        src = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        tt = None if self.token_type_ids is None else self.token_type_ids[src]
+        return TokenizedTexts(self.input_ids[src], offsets, tt)
+
+    @classmethod
+    def concat(cls, parts: Sequence[TokenizedTexts]) -> TokenizedTexts:
+        """The rows of ``parts``, one after the other."""
+        if len(parts) == 1:
+            return parts[0]
+        lengths = np.concatenate([p.lengths for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tt = None if parts[0].token_type_ids is None else np.concatenate([p.token_type_ids for p in parts])
+        return cls(np.concatenate([p.input_ids for p in parts]), offsets, tt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,9 +267,30 @@ class Embedder(torch.nn.Module):
         """Unpadded, truncated (``max_length``) tokenizer output of ``texts`` (what ``encode`` batches)."""
         return self.tokenizer(self._prep(texts), padding=False, truncation=True, max_length=self.max_length)
 
+    def tokenize_unpadded(self, texts: Sequence[str]) -> TokenizedTexts:
+        """``texts`` tokenized as :meth:`encode` sees them, :data:`TOKENIZE_ROWS` at a time, stored flat."""
+        if isinstance(texts, str):
+            raise TypeError("expected a list of strings, got a single string")
+        texts = list(texts)
+        parts = []
+        for i in range(0, len(texts), TOKENIZE_ROWS):
+            enc = self._token_ids(texts[i:i + TOKENIZE_ROWS])
+            ids = enc["input_ids"]
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            n_tok = int(offsets[-1])
+            tt = enc.get("token_type_ids")
+            parts.append(TokenizedTexts(
+                np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=n_tok), offsets,
+                None if tt is None else np.fromiter(itertools.chain.from_iterable(tt), dtype=np.int8, count=n_tok)))
+        if not parts:
+            return TokenizedTexts(np.zeros(0, np.int32), np.zeros(1, np.int64))
+        return TokenizedTexts.concat(parts)
+
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Each text's token count as :meth:`encode` sees it (special tokens in, truncated at ``max_length``)."""
-        return [len(x) for x in self._token_ids(texts)["input_ids"]] if len(texts) else []
+        return self.tokenize_unpadded(texts).lengths.tolist() if len(texts) else []
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded, truncated (``max_length``) tensors on the module's device."""
@@ -237,43 +305,49 @@ class Embedder(torch.nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return F.normalize(pool(hidden, attention_mask, self.pooling), p=2, dim=-1)
 
-    def _pad(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
+    def _pad(self, tokens: TokenizedTexts, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The texts at ``rows`` as one batch padded to its longest (the tokenizer's padding side)."""
+        lengths = tokens.lengths[rows]
+        width = int(lengths.max())
+        cols = np.arange(width)
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        out = {}
-        for key in rows[0]:
-            fill = self.tokenizer.pad_token_id if key == "input_ids" else 0
-            arr = np.full((len(rows), width), fill, dtype=np.int64)
-            for i, r in enumerate(rows):
-                seq = r[key]
-                if left:
-                    arr[i, width - len(seq):] = seq
-                else:
-                    arr[i, :len(seq)] = seq
-            out[key] = torch.from_numpy(arr).to(self.device, non_blocking=True)
-        return out
+        shift = (width - lengths)[:, None] if left else 0
+        mask = (cols >= shift) & (cols < shift + lengths[:, None]) if left else cols < lengths[:, None]
+        src = (tokens.offsets[rows][:, None] + cols - shift)[mask]
+        ids = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        ids[mask] = tokens.input_ids[src]
+        out = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
+        if tokens.token_type_ids is not None:
+            tt = np.zeros((len(rows), width), dtype=np.int64)
+            tt[mask] = tokens.token_type_ids[src]
+            out["token_type_ids"] = tt
+        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in out.items()}
 
     def encode(self, texts: Sequence[str], *, batch_size: int | None = None,
                show_progress: bool = False) -> np.ndarray:
         """Unit-norm float32 embeddings ``[N, d]`` in input order, without gradients.
 
-        All texts are tokenised in one call, sorted longest first (less padding), encoded in eval mode
-        ``batch_size`` at a time, each batch padded to its longest text (the shapes
-        ``distrag.costs.flops.texts_forward_flops`` charges), and put back in input order; the module's
-        training flag is restored.
+        The texts are tokenised once (:meth:`tokenize_unpadded`) and encoded by :meth:`encode_tokens`.
+        """
+        if isinstance(texts, str):
+            raise TypeError("expected a list of strings, got a single string")
+        return self.encode_tokens(self.tokenize_unpadded(texts), batch_size=batch_size, show_progress=show_progress)
+
+    def encode_tokens(self, tokens: TokenizedTexts, *, batch_size: int | None = None,
+                      show_progress: bool = False) -> np.ndarray:
+        """Unit-norm float32 embeddings ``[N, d]`` of tokenized texts, in their order, without gradients.
+
+        Sorted longest first (less padding), encoded in eval mode ``batch_size`` at a time, each batch
+        padded to its longest text (the shapes ``distrag.costs.flops.texts_forward_flops`` charges), and
+        put back in input order; the module's training flag is restored.
         """
         from tqdm.auto import tqdm
 
-        if isinstance(texts, str):
-            raise TypeError("expected a list of strings, got a single string")
-        n = len(texts)
+        n = len(tokens)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         bs = int(batch_size or self.batch_size)
-        enc = self._token_ids(texts)
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-        lengths = np.fromiter((len(x) for x in enc["input_ids"]), dtype=np.int64, count=n)
-        order = np.argsort(-lengths, kind="stable")
+        order = np.argsort(-tokens.lengths, kind="stable")
         out = np.empty((n, self.dim), dtype=np.float32)
         was_training = self.training
         self.eval()
@@ -282,8 +356,7 @@ class Embedder(torch.nn.Module):
                 for start in tqdm(range(0, n, bs), total=math.ceil(n / bs), desc="encode",
                                   disable=not show_progress, leave=False):
                     idx = order[start:start + bs]
-                    batch = self._pad([{k: enc[k][i] for k in keys} for i in idx])
-                    out[idx] = self(**batch).float().cpu().numpy()
+                    out[idx] = self(**self._pad(tokens, idx)).float().cpu().numpy()
         finally:
             self.train(was_training)
         return out

@@ -51,8 +51,6 @@ __all__ = ["CorpusEncoder", "EncodingCost", "build_index", "encode_corpus", "ind
 
 log = logging.getLogger(__name__)
 
-TOKENIZE_ROWS = 4_096
-"""Texts tokenized per tokenizer call when measuring lengths (bounds the tokenizer's temporary memory)."""
 
 
 @dataclass(frozen=True)
@@ -82,15 +80,14 @@ class CorpusEncoder:
 
     def __init__(self, embedder: Embedder, texts: Sequence[str], *, n_shards: int = 1):
         self.embedder = embedder
-        texts = list(texts)
-        # tokenized in slices: a fast tokenizer's encodings of a whole large chunk take ~1 KB per token
-        self.lengths: list[int] = [n for i in range(0, len(texts), TOKENIZE_ROWS)
-                                   for n in embedder.token_lengths(texts[i:i + TOKENIZE_ROWS])]
+        tokens = embedder.tokenize_unpadded(texts)
+        self.lengths: list[int] = tokens.lengths.tolist()
         """Token count of each passage, in corpus order."""
-        self.order = np.argsort(-np.asarray(self.lengths, dtype=np.int64), kind="stable")
-        self.sorted_texts = [texts[i] for i in self.order]
+        self.order = np.argsort(-tokens.lengths, kind="stable")
+        self.sorted_tokens = tokens.take(self.order)
+        """The token ids in length-sorted order (what every encoding pass pads and runs: no re-tokenizing)."""
         self.batch_size = int(embedder.batch_size)
-        n_batches = -(-len(texts) // self.batch_size)
+        n_batches = -(-len(self.lengths) // self.batch_size)
         self.shard_size = self.batch_size * max(1, -(-n_batches // max(n_shards, 1)))
 
     @cached_property
@@ -104,9 +101,9 @@ class CorpusEncoder:
         embedder weights, when given)."""
         if state_dict is not None:
             self.embedder.load_state_dict(state_dict)
-        for i in range(0, len(self.sorted_texts), self.shard_size):
-            yield self.embedder.encode(self.sorted_texts[i:i + self.shard_size], batch_size=self.batch_size,
-                                       show_progress=show_progress)
+        for i in range(0, len(self.lengths), self.shard_size):
+            yield self.embedder.encode_tokens(self.sorted_tokens.take(slice(i, i + self.shard_size)),
+                                              batch_size=self.batch_size, show_progress=show_progress)
 
     def unsort(self, sorted_vectors: np.ndarray) -> np.ndarray:
         """Rows in length-sorted order -> rows in corpus order."""
@@ -117,7 +114,7 @@ class CorpusEncoder:
     def encode_all(self, state_dict: dict | None = None, *, accountant: Accountant | None = None,
                    show_progress: bool = False) -> np.ndarray:
         """Unit-norm float32 vectors [N, d] in corpus order; ``cost`` is charged to ``accountant``."""
-        if not self.sorted_texts:
+        if not self.lengths:
             return np.zeros((0, self.embedder.dim), dtype=np.float32)
         vectors = self.unsort(np.concatenate(list(self.shards(state_dict, show_progress=show_progress))))
         if accountant is not None:

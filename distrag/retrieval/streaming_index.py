@@ -36,7 +36,8 @@ import numpy as np
 
 from distrag.data.corpus_stream import JsonlPassageStream
 from distrag.errors import ConfigError
-from distrag.retrieval.corpus_encoding import TOKENIZE_ROWS, CorpusEncoder
+from distrag.models.embedder import TOKENIZE_ROWS
+from distrag.retrieval.corpus_encoding import CorpusEncoder
 from distrag.retrieval.faiss_backend import configure_faiss, new_cpu_shard
 from distrag.retrieval.sharded_index import ShardedIndex
 from distrag.retrieval.vector_store import VectorStore, VectorStoreWriter
@@ -58,18 +59,23 @@ def encode_chunks(embedder: Embedder, chunks: Iterable[PassageChunk], writer: Ve
     written so far after each chunk (the index rank heartbeats there). The caller closes ``writer``."""
     for chunk in chunks:
         texts = chunk.texts()
-        # encoder shards of about TOKENIZE_ROWS texts: each encode call tokenizes only that many at once
+        # encoder shards of about TOKENIZE_ROWS texts (the index rank heartbeats between shards)
         encoder = CorpusEncoder(embedder, texts, n_shards=-(-len(texts) // TOKENIZE_ROWS))
         writer.append(encoder.encode_all(accountant=accountant))
         yield writer.count
 
 
 def encode_to_store(embedder: Embedder, chunks: Iterable[PassageChunk], root: str | Path, *, shard_rows: int,
-                    accountant: Accountant | None = None, dtype: str = "float32") -> VectorStore:
-    """Every chunk's vectors in a new store at ``root`` (shard files of ``shard_rows`` rows)."""
+                    accountant: Accountant | None = None, dtype: str = "float32", total: int | None = None,
+                    show_progress: bool = False) -> VectorStore:
+    """Every chunk's vectors in a new store at ``root`` (shard files of ``shard_rows`` rows); a progress bar of
+    passages encoded (out of ``total`` when given) with ``show_progress``."""
+    from tqdm.auto import tqdm
+
     writer = VectorStoreWriter(root, embedder.dim, shard_rows=shard_rows, dtype=dtype)
-    for _ in encode_chunks(embedder, chunks, writer, accountant=accountant):
-        pass
+    with tqdm(total=total, unit="passage", desc="encode to disk", disable=not show_progress) as bar:
+        for count in encode_chunks(embedder, chunks, writer, accountant=accountant):
+            bar.update(count - bar.n)
     return writer.close()
 
 

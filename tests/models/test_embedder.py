@@ -131,6 +131,29 @@ def test_encode_runs_length_sorted_batches_of_the_token_lengths(emb):
     assert emb.token_lengths([]) == []
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tokenized_once_batches_equal_the_tokenizers_padded_batches(emb, side):
+    # encode pads the stored ids itself: the tensors must be exactly the tokenizer's own padded output
+    emb.max_length = 16
+    emb.tokenizer.padding_side = side
+    tokens = emb.tokenize_unpadded(TEXTS)
+    assert tokens.input_ids.dtype == np.int32 and len(tokens) == len(TEXTS)
+    rows = np.array([1, 4, 0, 6])
+    ours = emb._pad(tokens, rows)
+    theirs = emb.tokenizer([TEXTS[i] for i in rows], padding=True, truncation=True, max_length=16,
+                           return_tensors="pt")
+    assert set(ours) == set(theirs) and max(tokens.lengths) == 16
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    # take / concat keep rows intact; a slice and an index array agree
+    part = tokens.take(rows)
+    assert [list(part.input_ids[part.offsets[i]:part.offsets[i + 1]]) for i in range(len(rows))] == \
+        [emb.tokenizer(TEXTS[i], truncation=True, max_length=16)["input_ids"] for i in rows]
+    joined = type(tokens).concat([tokens.take(slice(0, 3)), tokens.take(slice(3, None))])
+    assert np.array_equal(joined.input_ids, tokens.input_ids) and np.array_equal(joined.offsets, tokens.offsets)
+    np.testing.assert_allclose(emb.encode_tokens(part), emb.encode([TEXTS[i] for i in rows]), atol=1e-6)
+
+
 def test_encode_restores_training_flag_and_builds_no_graph(emb):
     emb.train()
     vecs = emb.encode(TEXTS[:3])

@@ -76,6 +76,23 @@ def test_handed_off_weights_are_loaded_before_encoding(world):
     assert not np.allclose(vectors, world["embedder"].encode(texts), atol=1e-3)
 
 
+def test_the_corpus_is_tokenized_once_for_every_encoding_pass(world, monkeypatch):
+    # the index rank encodes the same corpus once per version: tokenizing is done at construction only
+    embedder = copy.deepcopy(world["embedder"])
+    texts = world["corpus"].texts()
+    calls = []
+    real = embedder.tokenizer.__call__
+    monkeypatch.setattr(type(embedder.tokenizer), "__call__",
+                        lambda self, *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
+    encoder = CorpusEncoder(embedder, texts, n_shards=3)
+    assert sum(calls) == len(texts)
+    first, second = encoder.encode_all(), encoder.encode_all()
+    assert sum(calls) == len(texts)  # no re-tokenizing
+    monkeypatch.undo()
+    np.testing.assert_allclose(first, world["embedder"].encode(texts), atol=1e-5)
+    np.testing.assert_array_equal(first, second)
+
+
 def test_charged_cost_equals_the_accountants_for_the_same_texts(world):
     embedder, corpus = world["embedder"], world["corpus"]
     texts = corpus.texts() + ["a much longer passage " * 20]  # one truncated at max_length
