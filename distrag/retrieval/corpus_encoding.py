@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from distrag.config import EmbedderConfig, ExperimentConfig, IndexConfig
     from distrag.costs.accountant import Accountant
     from distrag.data.records import Corpus
-    from distrag.models.embedder import Embedder
+    from distrag.models.embedder import Embedder, TokenizedTexts
 
 __all__ = ["CorpusEncoder", "EncodingCost", "build_index", "encode_corpus", "index_cache_dir", "index_signature",
            "load_or_build_index"]
@@ -78,9 +78,14 @@ class CorpusEncoder:
     charges ``cost`` when given an accountant).
     """
 
-    def __init__(self, embedder: Embedder, texts: Sequence[str], *, n_shards: int = 1):
+    def __init__(self, embedder: Embedder, texts: Sequence[str] | None = None, *, n_shards: int = 1,
+                 tokens: TokenizedTexts | None = None):
+        """``texts`` are tokenized here; or pass ``tokens``, the same texts tokenized earlier by
+        ``embedder.tokenize_unpadded`` (the on-disk index path keeps them between versions)."""
         self.embedder = embedder
-        tokens = embedder.tokenize_unpadded(texts)
+        if (texts is None) == (tokens is None):
+            raise ValueError("pass exactly one of texts and tokens")
+        tokens = embedder.tokenize_unpadded(texts) if tokens is None else tokens
         self.lengths: list[int] = tokens.lengths.tolist()
         """Token count of each passage, in corpus order."""
         self.order = np.argsort(-tokens.lengths, kind="stable")

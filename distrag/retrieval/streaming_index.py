@@ -17,7 +17,8 @@ Three steps, each bounded in memory by a chunk, a block or a sample, not by the 
    :meth:`VectorStore.search <distrag.retrieval.vector_store.VectorStore.search>`, block by block).
 3. Publishing is :func:`distrag.retrieval.index_store.publish` (atomic version directories), unchanged.
 
-:class:`OnDiskCorpusIndexer` ties them together for the index rank (``index.on_disk``): one store per weights
+:class:`OnDiskCorpusIndexer` ties them together for the index rank (``index.on_disk``): the corpus is tokenized
+once (each chunk's ids kept on disk under ``tokens/``), one store per weights
 hand-off under a work folder (the previous one deleted when the next starts), built into a ShardedIndex of
 ``index.n_shards`` shards.
 """
@@ -36,7 +37,7 @@ import numpy as np
 
 from distrag.data.corpus_stream import JsonlPassageStream
 from distrag.errors import ConfigError
-from distrag.models.embedder import TOKENIZE_ROWS
+from distrag.models.embedder import TOKENIZE_ROWS, TokenizedTexts
 from distrag.retrieval.corpus_encoding import CorpusEncoder
 from distrag.retrieval.faiss_backend import configure_faiss, new_cpu_shard
 from distrag.retrieval.sharded_index import ShardedIndex
@@ -54,15 +55,40 @@ log = logging.getLogger(__name__)
 
 
 def encode_chunks(embedder: Embedder, chunks: Iterable[PassageChunk], writer: VectorStoreWriter, *,
-                  accountant: Accountant | None = None) -> Iterator[int]:
+                  accountant: Accountant | None = None, token_cache: str | Path | None = None) -> Iterator[int]:
     """Encode each chunk (charged to ``accountant``) and append its vectors to ``writer``; yields the rows
-    written so far after each chunk (the index rank heartbeats there). The caller closes ``writer``."""
-    for chunk in chunks:
-        texts = chunk.texts()
+    written so far after each chunk (the index rank heartbeats there). The caller closes ``writer``.
+
+    ``token_cache``: a folder keeping each chunk's token ids (``<chunk>.npz``, about 4 bytes a token): a chunk
+    found there is not tokenized again, so a corpus encoded once per index version is tokenized once."""
+    for i, chunk in enumerate(chunks):
+        tokens = _cached_tokens(embedder, chunk, Path(token_cache) / f"{i:06d}.npz") if token_cache else None
         # encoder shards of about TOKENIZE_ROWS texts (the index rank heartbeats between shards)
-        encoder = CorpusEncoder(embedder, texts, n_shards=-(-len(texts) // TOKENIZE_ROWS))
+        n_shards = -(-len(chunk.passages) // TOKENIZE_ROWS)
+        encoder = (CorpusEncoder(embedder, tokens=tokens, n_shards=n_shards) if tokens is not None
+                   else CorpusEncoder(embedder, chunk.texts(), n_shards=n_shards))
         writer.append(encoder.encode_all(accountant=accountant))
         yield writer.count
+
+
+def _cached_tokens(embedder: Embedder, chunk: PassageChunk, path: Path) -> TokenizedTexts:
+    """The chunk's token ids from ``path``, or tokenized and written there (temp file, then rename)."""
+    if path.exists():
+        with np.load(path) as z:
+            tokens = TokenizedTexts(z["input_ids"], z["offsets"], z["token_type_ids"] if "token_type_ids" in z
+                                    else None)
+        if len(tokens) == len(chunk.passages):
+            return tokens
+    tokens = embedder.tokenize_unpadded(chunk.texts())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"input_ids": tokens.input_ids, "offsets": tokens.offsets}
+    if tokens.token_type_ids is not None:
+        arrays["token_type_ids"] = tokens.token_type_ids
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+    return tokens
 
 
 def encode_to_store(embedder: Embedder, chunks: Iterable[PassageChunk], root: str | Path, *, shard_rows: int,
@@ -162,7 +188,8 @@ class OnDiskCorpusIndexer:
                                    shard_rows=self.shard_rows)
         done = 0
         try:
-            for count in encode_chunks(self.embedder, self.stream.chunks(), writer, accountant=self.accountant):
+            for count in encode_chunks(self.embedder, self.stream.chunks(), writer, accountant=self.accountant,
+                                       token_cache=self.work_dir / "tokens"):
                 yield np.zeros((count - done, 0), dtype=np.float32)
                 done = count
         except GeneratorExit:  # the version was abandoned (trainers done): drop its partial store

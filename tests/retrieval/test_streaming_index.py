@@ -122,7 +122,8 @@ def test_chunked_encoding_equals_the_whole_list_and_charges_each_chunk(tiny_embe
     assert ledger.passages == 230 and ledger.tokens == sum(c.tokens for c in chunk_cost)
 
 
-def test_the_index_rank_indexer_streams_and_replaces_its_store(tiny_embedder, small_corpus, tmp_path):
+def test_the_index_rank_indexer_streams_and_replaces_its_store(tiny_embedder, small_corpus, tmp_path,
+                                                                monkeypatch):
     cfg = build_config({"data": {"format": "jsonl", "path": str(small_corpus), "corpus_path": str(small_corpus)},
                         "index": {"device": "cpu", "n_shards": 2, "chunk_passages": 100},
                         "tracking": {"enabled": False}})
@@ -132,13 +133,22 @@ def test_the_index_rank_indexer_streams_and_replaces_its_store(tiny_embedder, sm
     assert counts == [100, 100, 30]
     index = indexer.build(np.zeros((230, 0), np.float32))
     assert index.n_shards == 2 and len(index) == 230
-    first = {p.name for p in (tmp_path / "work").iterdir()}
-    list(indexer.shards())
-    assert {p.name for p in (tmp_path / "work").iterdir()} != first and len(first) == 1
+    stores = lambda: {p.name for p in (tmp_path / "work").glob("store_*")}  # noqa: E731
+    first = stores()
+    calls = []
+    real = type(tiny_embedder).tokenize_unpadded
+    monkeypatch.setattr(type(tiny_embedder), "tokenize_unpadded",
+                        lambda self, texts: calls.append(len(texts)) or real(self, texts))
+    again = indexer.shards()
+    list(again)  # the next version: the corpus' token ids come from the cache, not the tokenizer
+    assert calls == [] and len(list((tmp_path / "work" / "tokens").iterdir())) == 3
+    assert stores() != first and len(first) == 1
+    rows = np.arange(230)
+    np.testing.assert_allclose(indexer.build().reconstruct(rows), index.reconstruct(rows), atol=1e-6)
     gen = indexer.shards()
     next(gen)
     gen.close()  # an abandoned version leaves no partial store behind
-    assert len(list((tmp_path / "work").iterdir())) == 0
+    assert stores() == set()
     with pytest.raises(RuntimeError, match="no complete store"):
         indexer.build()
     with pytest.raises(ConfigError, match="index.on_disk"):
