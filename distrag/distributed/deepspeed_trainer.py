@@ -138,9 +138,13 @@ class DistributedTrainer(Trainer):
         self.index_path = path
         self.state.index_version += 1
         if self.ctx.info.is_rank0:  # the index rank re-embedded the corpus for this version
-            if self._refresh_flops is None:
-                self._refresh_flops = CorpusEncoder(self.embedder, self.corpus.texts()).cost.flops
-            self.acc.ledger.add("encode_passages", self._refresh_flops, passages=len(self.corpus))
+            self.acc.ledger.add("encode_passages", self.corpus_pass_flops(), passages=len(self.corpus))
+
+    def corpus_pass_flops(self) -> float:
+        """FLOPs of one encoding pass over the corpus (counted once: counting tokenizes the whole corpus)."""
+        if self._refresh_flops is None:
+            self._refresh_flops = CorpusEncoder(self.embedder, self.corpus.texts()).cost.flops
+        return self._refresh_flops
 
     def on_step_start(self, phase: Phase) -> None:
         if self.client is not None:

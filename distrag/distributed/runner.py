@@ -58,7 +58,6 @@ from distrag.distributed.refresh_client import IndexClient
 from distrag.errors import CheckpointError, IndexRankFailed
 from distrag.logging_setup import progress_enabled
 from distrag.retrieval import index_store
-from distrag.retrieval.corpus_encoding import CorpusEncoder
 from distrag.run_lock import lock_output_dir
 from distrag.training.strategies import phases_for
 from distrag.training.trainer import TrainState, set_embedder_trainable
@@ -324,9 +323,8 @@ class TrainerRun:
         ledger = CostLedger(clock=lambda: now[0])
         with ledger.phase(mn.PHASE_INDEX_RANK):
             if unadopted:
-                corpus = self.exp.splits.corpus
-                one_pass = CorpusEncoder(self.trainer.embedder, corpus.texts()).cost.flops
-                ledger.add("encode_passages", unadopted * one_pass, passages=unadopted * len(corpus))
+                ledger.add("encode_passages", unadopted * self.trainer.corpus_pass_flops(),
+                           passages=unadopted * len(self.exp.splits.corpus))
             now[0] = seconds
         return ledger
 

@@ -92,16 +92,14 @@ def test_the_frozen_index_build_is_charged_once_in_the_merged_ledger(tmp_path):
     assert total.flops("encode_passages") == pytest.approx(1.47e11) and total.flops("train") == pytest.approx(2e12)
 
 
-def test_the_index_rank_adds_its_device_time_and_the_versions_no_trainer_adopted(tmp_path, monkeypatch):
+def test_the_index_rank_adds_its_device_time_and_the_versions_no_trainer_adopted(tmp_path):
     run = TrainerRun(_cfg(tmp_path), _trainer_ctx(0))
     for v in (1, 2, 3):  # the index rank published three versions ...
         (run.root / "index" / f"v{v:06d}").mkdir(parents=True)
         (run.root / "index" / f"v{v:06d}" / "manifest.json").write_text("{}")
     run.client = SimpleNamespace(stats=RefreshStats(n_adopted=2))  # ... trainer 0 adopted (and was charged) two
     run.exp = SimpleNamespace(splits=SimpleNamespace(corpus=_Passages(["a", "b"])))
-    run.trainer = SimpleNamespace(embedder=None)
-    monkeypatch.setattr(runner, "CorpusEncoder", lambda embedder, texts: SimpleNamespace(
-        cost=SimpleNamespace(flops=5.0 * len(texts))))  # one pass over the corpus: 10 FLOPs
+    run.trainer = SimpleNamespace(corpus_pass_flops=lambda: 10.0)  # one pass over the corpus: 10 FLOPs
     led = run._index_rank_ledger(7200.0)
     p = led.phase_totals(mn.PHASE_INDEX_RANK)
     assert p["flops"] == 10.0 and p["passages"] == 2 and led.flops("encode_passages") == 10.0
