@@ -157,6 +157,11 @@ def run_scale(label: str, embedder: Embedder, path: Path, work: Path, args, peak
             console.print(f"  {label}: {name}: {len(q) / t:,.0f} q/s, {t_flat / t:.1f}x flat, recall@{k} {r:.3f}")
         del index
     rows.append((label, f"(encode: {n_rows / t_enc:,.0f} passages/s)", "-", "-", "-", "-"))
+    if args.keep_store:  # for bench_ivf_sweep.py
+        keep = Path(args.keep_store) / store_dir.name
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.move(str(store_dir), keep)
+        console.print(f"  kept the vector store at {keep} (corpus {path})")
     shutil.rmtree(store_dir, ignore_errors=True)
     return rows
 
@@ -222,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="MiniLM corpus: real docstring prose, or synthetic text over MiniLM's vocabulary")
     ap.add_argument("--no-minilm", action="store_true")
     ap.add_argument("--no-tiny", action="store_true", help="only the MiniLM run")
+    ap.add_argument("--keep-store", default=None, help="keep each vector store under this folder (for "
+                    "bench_ivf_sweep.py)")
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "distrag_bench_scale"))
     ap.add_argument("--quick", action="store_true", help="20k tiny passages, MiniLM on 300")
     ap.add_argument("--seed", type=int, default=0)

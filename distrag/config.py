@@ -139,6 +139,13 @@ class IndexConfig(Section):
     """IVF cells visited per query."""
     pq_m: int = Field(16, ge=1)
     """PQ sub-quantisers (must divide the dimension)."""
+    pq_nbits: Literal[4, 8] = 8
+    """`ivfpq`: bits per PQ code. `4` uses faiss' fast-scan kernels (`IndexIVFPQFastScan`: codes compared in
+    SIMD registers, several times faster per probed cell; CPU only, `auto` then searches on the CPU); pair it
+    with a larger `pq_m` (e.g. dim / 2) and `refine`. Measured on 50k real MiniLM vectors
+    (benchmarks/README.md): recall@10 0.95 at 4x the speed of exact search, where `ivf` needed 0.4x."""
+    refine: int = Field(1, ge=1)
+    """`ivfpq`: PQ candidates fetched per shard = `refine` x k, re-scored exactly from the stored vectors."""
     device: Literal["auto", "cpu", "gpu"] = "auto"
     """`auto` uses faiss-gpu when faiss sees GPUs."""
     reembed_after_training: bool = True

@@ -7,7 +7,8 @@ One shard
 
 * ``flat``  -> ``IndexFlatIP`` (exact),
 * ``ivf``   -> ``IndexIVFFlat`` (inverted lists, exact scores inside the visited cells),
-* ``ivfpq`` -> ``IndexIVFPQ`` (inverted lists + product quantisation),
+* ``ivfpq`` -> ``IndexIVFPQ`` (inverted lists + product quantisation; with ``pq_nbits=4`` the fast-scan
+  ``IndexIVFPQFastScan``, CPU only),
 
 with sizes capped so training works on small data:
 
@@ -72,9 +73,11 @@ def _pq_nbits(rows: int) -> int:
     return bits
 
 
-def new_cpu_shard(kind: str, dim: int, rows: int, nlist: int, pq_m: int) -> tuple[faiss.Index, dict[str, int]]:
+def new_cpu_shard(kind: str, dim: int, rows: int, nlist: int, pq_m: int, pq_nbits: int = 8
+                  ) -> tuple[faiss.Index, dict[str, int]]:
     """An empty CPU index of ``kind`` for ``rows`` vectors, and the capped sizes it uses (``nlist``,
-    ``pq_nbits``; empty for ``flat``)."""
+    ``pq_nbits``; empty for ``flat``). ``pq_nbits=4``: a fast-scan ``IndexIVFPQFastScan`` (a shard too small
+    to train 4-bit codes gets a plain ``IndexIVFPQ`` with fewer bits, as for 8)."""
     if kind == "flat":
         return faiss.IndexFlatIP(dim), {}
     nlist = max(1, min(nlist, rows // MIN_POINTS_PER_CENTROID))
@@ -86,8 +89,11 @@ def new_cpu_shard(kind: str, dim: int, rows: int, nlist: int, pq_m: int) -> tupl
         if rows < 2:
             raise ValueError(f"kind='ivfpq' needs at least 2 rows per shard, a shard has {rows}; "
                              "use fewer shards or kind='flat'")
-        nbits = _pq_nbits(rows)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
+        nbits = min(pq_nbits, _pq_nbits(rows))
+        if nbits == 4 == pq_nbits:
+            index = faiss.IndexIVFPQFastScan(quantizer, dim, nlist, pq_m, 4, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
         info = {"nlist": nlist, "pq_nbits": nbits}
     return index, info  # the faiss wrapper keeps `quantizer` alive via index.referenced_objects
 

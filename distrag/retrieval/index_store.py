@@ -5,7 +5,8 @@ One saved index
 :func:`save` writes a directory through :func:`distrag.atomic_io.atomic_directory` (readers see all of it
 or nothing)::
 
-    manifest.json          version, dim, count, metric, kind, n_shards, nlist/nprobe/pq_m, created, extra,
+    manifest.json          version, dim, count, metric, kind, n_shards, nlist/nprobe/pq_m/pq_nbits/refine,
+                           created, extra,
                            shards: [{file, vectors, start, stop, nlist, pq_nbits, bytes}]
     shard_00000.faiss      faiss.write_index of a CPU copy of shard 0
     vectors_00000.npy      float32 rows [start, stop) of shard 0 (ivf / ivfpq only; flat stores them
@@ -68,7 +69,7 @@ def manifest(index: ShardedIndex, *, version: int | None = None, extra: dict | N
         "version": index.version if version is None else int(version),
         "dim": settings["dim"], "count": len(index), "metric": settings["metric"], "kind": settings["kind"],
         "n_shards": settings["n_shards"], "nlist": settings["nlist"], "nprobe": settings["nprobe"],
-        "pq_m": settings["pq_m"], "refine": settings["refine"], "shards": shards,
+        "pq_m": settings["pq_m"], "pq_nbits": settings["pq_nbits"], "refine": settings["refine"], "shards": shards,
         "created": datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds"),
         "created_unix": created, "faiss_version": faiss.__version__,
         "extra": dict(index.extra if extra is None else extra),
@@ -199,7 +200,7 @@ def load(path: str | Path, *, n_shards: int | None = None, device: str | None = 
     m = read_manifest(path)
     dim, kind = int(m["dim"]), m["kind"]
     shards, vectors = zip(*(_read_shard(path, entry, dim, kind) for entry in m["shards"]))
-    settings = {**{key: m[key] for key in _SETTINGS}, "refine": m.get("refine", 1)}
+    settings = {**{key: m[key] for key in _SETTINGS}, "refine": m.get("refine", 1), "pq_nbits": m.get("pq_nbits", 8)}
     facts = {"version": int(m.get("version", 0)), "extra": dict(m.get("extra") or {}),
              "created": m.get("created_unix")}
     if n_shards is not None and n_shards != m["n_shards"]:

@@ -104,9 +104,10 @@ class ShardedIndex:
     """
 
     def __init__(self, dim: int, *, kind: str = "flat", n_shards: int = 1, nlist: int = 256, nprobe: int = 16,
-                 pq_m: int = 16, device: str = "auto", metric: str = "ip", refine: int = 1):
+                 pq_m: int = 16, device: str = "auto", metric: str = "ip", refine: int = 1, pq_nbits: int = 8):
         """``refine`` (ivfpq only): fetch ``refine * k`` PQ candidates per shard and keep the best k after
-        exact re-scoring from the stored vectors (higher = better recall, slower)."""
+        exact re-scoring from the stored vectors (higher = better recall, slower). ``pq_nbits`` (ivfpq): 8, or 4
+        for faiss' fast-scan kernels (CPU only: ``device='gpu'`` is an error, ``auto`` stays on the CPU)."""
         problems = []
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             problems.append(f"dim must be a positive integer, got {dim!r}")
@@ -118,6 +119,11 @@ class ShardedIndex:
                             ("refine", refine)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+        if pq_nbits not in (4, 8):
+            problems.append(f"pq_nbits must be 4 (fast scan) or 8, got {pq_nbits!r}")
+        if kind == "ivfpq" and pq_nbits == 4 and device == "gpu":
+            problems.append("pq_nbits=4 (fast-scan PQ) has no faiss GPU implementation: use device 'cpu' or "
+                            "'auto', or pq_nbits 8 on the GPU")
         if not problems and kind == "ivfpq" and dim % pq_m:
             problems.append(f"pq_m ({pq_m}) must divide dim ({dim}) for kind='ivfpq'; divisors of {dim} "
                             f"up to 64: {[m for m in range(1, min(dim, 64) + 1) if dim % m == 0]}")
@@ -130,10 +136,13 @@ class ShardedIndex:
         self._nlist = int(nlist)
         self._nprobe = int(nprobe)
         self._pq_m = int(pq_m)
+        self._pq_nbits = int(pq_nbits)
         self._refine = int(refine)
         self._metric = metric
         self._device_request = device
         self._device = resolve_device(device)
+        if kind == "ivfpq" and pq_nbits == 4:
+            self._device = "cpu"  # fast-scan PQ is CPU-only in faiss (device 'gpu' was refused above)
         self._gpu_resources: dict[int, Any] = {}
         self._shards: list[faiss.Index] = []
         self._vectors: list[np.ndarray] = []
@@ -149,7 +158,7 @@ class ShardedIndex:
     @classmethod
     def from_config(cls, dim: int, cfg: IndexConfig) -> ShardedIndex:
         return cls(dim, kind=cfg.kind, n_shards=cfg.n_shards, nlist=cfg.nlist, nprobe=cfg.nprobe,
-                   pq_m=cfg.pq_m, device=cfg.device, refine=getattr(cfg, "refine", 1))
+                   pq_m=cfg.pq_m, device=cfg.device, refine=cfg.refine, pq_nbits=cfg.pq_nbits)
 
     @classmethod
     def from_parts(cls, settings: dict[str, Any], shards: list[faiss.Index], vectors: list[np.ndarray | None],
@@ -232,9 +241,10 @@ class ShardedIndex:
 
     def settings(self) -> dict[str, Any]:
         """The constructor settings besides ``device``: ``dim``, ``kind``, ``n_shards``, ``nlist``, ``nprobe``,
-        ``pq_m``, ``metric``, ``refine``."""
+        ``pq_m``, ``metric``, ``refine``, ``pq_nbits``."""
         return {"dim": self._dim, "kind": self._kind, "n_shards": self._n_shards, "nlist": self._nlist,
-                "nprobe": self._nprobe, "pq_m": self._pq_m, "metric": self._metric, "refine": self._refine}
+                "nprobe": self._nprobe, "pq_m": self._pq_m, "metric": self._metric, "refine": self._refine,
+                "pq_nbits": self._pq_nbits}
 
     def shard_layout(self) -> list[dict[str, int]]:
         """Per shard: its row range ``start`` / ``stop`` and, for IVF kinds, the capped ``nlist`` and
@@ -267,7 +277,7 @@ class ShardedIndex:
         set_nprobe(index, self._kind, self._nprobe, gpu=self._device == "gpu")
 
     def _make_shard(self, x: np.ndarray, shard_no: int) -> tuple[faiss.Index, np.ndarray, dict[str, int]]:
-        index, info = new_cpu_shard(self._kind, self._dim, len(x), self._nlist, self._pq_m)
+        index, info = new_cpu_shard(self._kind, self._dim, len(x), self._nlist, self._pq_m, self._pq_nbits)
         if self._device == "gpu":
             index = to_gpu(index, shard_no, self._gpu_resources)  # train and add on the GPU
         if not index.is_trained:
@@ -318,7 +328,7 @@ class ShardedIndex:
         """
         other = ShardedIndex(self._dim, kind=self._kind, n_shards=n_shards, nlist=self._nlist,
                              nprobe=self._nprobe, pq_m=self._pq_m, device=device or self._device_request,
-                             metric=self._metric, refine=self._refine)
+                             metric=self._metric, refine=self._refine, pq_nbits=self._pq_nbits)
         other.build(self._all_vectors())
         other.version, other.extra = self.version, dict(self.extra)
         return other

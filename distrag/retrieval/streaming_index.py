@@ -112,7 +112,7 @@ def _trained_template(store: VectorStore, cfg: IndexConfig, train_size: int, see
     if cfg.kind == "flat":
         return None, {}
     sample = store.sample(train_size, seed=seed)
-    template, info = new_cpu_shard(cfg.kind, store.dim, len(sample), cfg.nlist, cfg.pq_m)
+    template, info = new_cpu_shard(cfg.kind, store.dim, len(sample), cfg.nlist, cfg.pq_m, cfg.pq_nbits)
     template.train(sample)
     return template, info
 

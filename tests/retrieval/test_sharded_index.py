@@ -184,7 +184,13 @@ def test_from_config():
     index = ShardedIndex.from_config(16, cfg)
     assert (index.dim, index.kind, index.n_shards, index.nprobe, index.device) == (16, "ivf", 3, 2, "cpu")
     assert index.settings() == {"dim": 16, "kind": "ivf", "n_shards": 3, "nlist": 7, "nprobe": 2, "pq_m": 4,
-                                "metric": "ip", "refine": 1}
+                                "metric": "ip", "refine": 1, "pq_nbits": 8}
+    fast = ShardedIndex.from_config(16, IndexConfig(kind="ivfpq", pq_m=8, pq_nbits=4, refine=3, device="auto"))
+    assert fast.settings()["pq_nbits"] == 4 and fast.refine == 3 and fast.device == "cpu"  # fast scan: CPU only
+    with pytest.raises(ValueError, match="fast-scan PQ"):
+        ShardedIndex(16, kind="ivfpq", pq_m=8, pq_nbits=4, device="gpu")
+    with pytest.raises(ValueError, match="pq_nbits"):
+        ShardedIndex(16, kind="ivfpq", pq_nbits=6)
 
 
 def test_reshard_gives_identical_exact_results_and_keeps_version_and_extra():

@@ -68,6 +68,23 @@ def test_ivfpq_and_flat_from_a_store(clustered_store, clustered_data, exact_trut
         build_from_store(clustered_store, _cfg(kind="ivfpq", pq_m=7))
 
 
+def test_fast_scan_ivfpq_from_a_store_refines_and_loads_back(clustered_store, clustered_data, exact_truth, tmp_path):
+    # index.pq_nbits: 4 -> faiss' IndexIVFPQFastScan in every shard; refine re-scores from the stored rows
+    x, q = clustered_data
+    cfg = _cfg(kind="ivfpq", nlist=64, nprobe=8, pq_m=16, pq_nbits=4, refine=8, train_size=10_000)
+    fast = build_from_store(clustered_store, cfg)
+    assert all(isinstance(fast.cpu_shard(s), faiss.IndexIVFPQFastScan) for s in range(fast.n_shards))
+    assert {e["pq_nbits"] for e in fast.shard_layout()} == {4} and fast.refine == 8
+    res = fast.search(q, 10, return_vectors=True)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.ids, exact_truth)])
+    assert recall > 0.9, recall
+    assert np.allclose(res.scores, np.einsum("qkd,qd->qk", res.vectors, q), atol=1e-5)
+    loaded = index_store.load(index_store.publish(fast, tmp_path / "v", 1), device="cpu")
+    assert loaded.settings() == fast.settings()
+    again = loaded.search(q, 10)
+    assert np.array_equal(again.ids, res.ids) and np.allclose(again.scores, res.scores)
+
+
 def test_the_on_disk_index_publishes_atomically_and_loads_back(clustered_store, clustered_data, tmp_path,
                                                                monkeypatch):
     _, q = clustered_data
