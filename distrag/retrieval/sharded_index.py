@@ -341,15 +341,20 @@ class ShardedIndex:
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
         flat = ids.reshape(-1).astype(np.int64, copy=False)
-        out = np.zeros((flat.size, self._dim), dtype=np.float32)
         n = len(self)
         bad = (flat < -1) | (flat >= n)
         if bad.any():
             raise IndexError(f"ids out of range [-1, {n}): e.g. {flat[bad][:5].tolist()}")
         valid = flat >= 0
-        if len(self._vectors) == 1:
-            out[valid] = self._vectors[0][flat[valid]]
-        elif valid.any():
+        if len(self._vectors) == 1 and n:
+            # one gather straight into the result (ivfpq re-scoring gathers refine x k rows per query: a
+            # zero-filled buffer plus a masked copy doubled its cost)
+            out = np.asarray(self._vectors[0])[np.where(valid, flat, 0)].astype(np.float32, copy=False)
+            if not valid.all():
+                out[~valid] = 0.0
+            return out.reshape(*ids.shape, self._dim)
+        out = np.zeros((flat.size, self._dim), dtype=np.float32)
+        if valid.any():
             shard_of = np.searchsorted(self._bounds, flat, side="right") - 1
             for s, vecs in enumerate(self._vectors):
                 sel = valid & (shard_of == s)
