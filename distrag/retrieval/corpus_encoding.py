@@ -16,9 +16,10 @@ the distributed trainers' charge for each index version they adopt.
 The frozen index cache
 ----------------------
 :func:`index_signature` names what an index depends on (corpus content, embedder model, max length,
-pooling, index settings); :func:`load_or_build_index` reuses ``<cache root>/<12-hex hash of it>`` when the
-signature saved there matches, else encodes, builds and saves. A reused index is charged the encoding it
-stands for, so a run's ledger is the same whether the cache was warm or not.
+pooling, the index settings a build depends on); :func:`load_or_build_index` reuses
+``<cache root>/<12-hex hash of it>`` when the signature saved there matches, else encodes, builds and saves.
+A reused index is charged the encoding it stands for, so a run's ledger is the same whether the cache was
+warm or not, and gets today's search-time settings (``nprobe``, ``refine``).
 """
 
 from __future__ import annotations
@@ -137,10 +138,18 @@ def encode_corpus(embedder: Embedder, corpus: Corpus, accountant: Accountant | N
 # the frozen index cache
 
 
+_BUILD_SETTINGS = {"flat": ("kind", "n_shards"), "ivf": ("kind", "n_shards", "nlist"),
+                   "ivfpq": ("kind", "n_shards", "nlist", "pq_m", "pq_nbits")}
+"""The index settings that change what an in-memory build produces, per kind. Search-time settings (``nprobe``,
+``refine``, ``device``) and the other keys of ``index`` are applied to a reused index, not part of its name:
+a new ``nprobe`` or a new config key must not re-encode the corpus."""
+
+
 def index_signature(corpus: Corpus, embedder_cfg: EmbedderConfig, index_cfg: IndexConfig) -> dict[str, Any]:
     """What an index built from ``corpus`` depends on (JSON-serialisable; saved in its manifest)."""
+    settings = index_cfg.model_dump(mode="json")
     return {"corpus": corpus.fingerprint(), "embedder": embedder_cfg.model, "max_length": embedder_cfg.max_length,
-            "pooling": embedder_cfg.pooling, "index": index_cfg.model_dump(mode="json")}
+            "pooling": embedder_cfg.pooling, "index": {k: settings[k] for k in _BUILD_SETTINGS[index_cfg.kind]}}
 
 
 def index_cache_dir(cache_root: str | Path, signature: dict[str, Any]) -> Path:
@@ -164,6 +173,7 @@ def load_or_build_index(cache_root: str | Path | None, corpus: Corpus, embedder:
             index = None
         if index is not None and index.extra.get("signature") == sig:
             log.info("reusing index at %s", folder)
+            index.nprobe, index.refine = cfg.index.nprobe, cfg.index.refine  # search-time settings: today's
             if accountant is not None:
                 CorpusEncoder(embedder, corpus.texts()).cost.charge(accountant)
             return index

@@ -136,11 +136,16 @@ def test_signature_changes_with_the_corpus_the_embedder_and_the_index_settings_o
                sig(embedder={**cfg.embedder.model_dump(), "pooling": "cls"}),
                sig(index={**cfg.index.model_dump(), "kind": "ivf"}),
                sig(index={**cfg.index.model_dump(), "n_shards": 2}),
-               sig(index={**cfg.index.model_dump(), "nprobe": 3})]
+               sig(index={**cfg.index.model_dump(), "kind": "ivf", "nlist": 3}),
+               sig(index={**cfg.index.model_dump(), "kind": "ivfpq", "pq_m": 4}),
+               sig(index={**cfg.index.model_dump(), "kind": "ivfpq", "pq_nbits": 4})]
     assert all(s != base for s in changed) and len({repr(s) for s in changed}) == len(changed)
     same = [sig(embedder={**cfg.embedder.model_dump(), "batch_size": 3}),
             sig(retrieval={"top_k": 9}), sig(train={"strategy": "joint", "lr_embedder": 1e-3}),
-            sig(generator={**cfg.generator.model_dump(), "max_new_tokens": 3}), sig(output_dir="elsewhere")]
+            sig(generator={**cfg.generator.model_dump(), "max_new_tokens": 3}), sig(output_dir="elsewhere"),
+            # search-time and unrelated index settings: applied to the reused index, never a re-encoding
+            sig(index={**cfg.index.model_dump(), "nprobe": 3, "refine": 2, "reembed_after_training": False}),
+            sig(index={**cfg.index.model_dump(), "nlist": 3, "pq_m": 4, "train_size": 10})]  # (kind flat)
     assert all(s == base for s in same)
     folder = index_cache_dir("out/index", base)
     assert folder.parent.as_posix() == "out/index" and len(folder.name) == 12 and int(folder.name, 16) >= 0
@@ -165,6 +170,15 @@ def test_a_cached_index_is_reused_with_the_same_vectors_and_charged_the_same(wor
     np.testing.assert_array_equal(reused.reconstruct(ids), built.reconstruct(ids))
     assert reused_ledger.to_metrics() == built_ledger.to_metrics()
     assert built_ledger.flops("encode_passages") > 0
+    # an ivf index reused under a new nprobe searches with the new nprobe (the cache is not rebuilt)
+    ivf_cfg = build_config({**cfg.model_dump(mode="json"), "index": {**cfg.index.model_dump(), "kind": "ivf",
+                                                                      "nlist": 2, "nprobe": 1}})
+    first = load_or_build_index(root, corpus, embedder, ivf_cfg, show_progress=False)
+    ivf_folder = index_cache_dir(root, index_signature(corpus, ivf_cfg.embedder, ivf_cfg.index))
+    marker = (ivf_folder / "manifest.json").stat().st_mtime_ns
+    wider = build_config({**ivf_cfg.model_dump(mode="json"), "index": {**ivf_cfg.index.model_dump(), "nprobe": 2}})
+    again = load_or_build_index(root, corpus, embedder, wider, show_progress=False)
+    assert (ivf_folder / "manifest.json").stat().st_mtime_ns == marker and (first.nprobe, again.nprobe) == (1, 2)
 
 
 def test_an_index_saved_for_another_signature_is_rebuilt_and_no_cache_means_no_files(world, tmp_path):
