@@ -347,8 +347,7 @@ class ShardedIndex:
             raise IndexError(f"ids out of range [-1, {n}): e.g. {flat[bad][:5].tolist()}")
         valid = flat >= 0
         if len(self._vectors) == 1 and n:
-            # one gather straight into the result (ivfpq re-scoring gathers refine x k rows per query: a
-            # zero-filled buffer plus a masked copy doubled its cost)
+            # one gather into the result (ivfpq re-scoring: a zeroed buffer + masked copy doubled its cost)
             out = np.asarray(self._vectors[0])[np.where(valid, flat, 0)].astype(np.float32, copy=False)
             if not valid.all():
                 out[~valid] = 0.0
