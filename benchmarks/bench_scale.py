@@ -9,7 +9,7 @@ Two runs, each end to end on this machine, with ``index.on_disk``'s code (``data
 2. the same path with all-MiniLM-L6-v2 (offline) on as many passages as fit ``--minilm-budget-s`` of
    encoding (the rate is measured on a subsample first; at most ``--minilm-passages``): IVF / IVF-PQ judged
    on real embeddings, which have the cluster structure random vectors lack. ``--minilm-text docstrings``
-   (default): real English, the prose paragraphs of the installed packages' docstrings
+   (default; ``--quick`` uses ``words``): real English, the prose paragraphs of the installed packages' docstrings
    (``benchmarks/_real_text.py``, ~90k available); ``words``: the synthetic generator over MiniLM's
    vocabulary (topic-structured word salad).
 
@@ -19,7 +19,7 @@ search queries/s for ``--queries`` queries (the first 12 words of random passage
 flat searched block by block from the memory-mapped store, IVF at several nprobe and IVF-PQ (with exact
 re-scoring of ``refine`` x k candidates), and IVF recall@10 against flat, with speed-up over flat.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scale.py            # 1M tiny + MiniLM (about 40 min)
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scale.py            # 1M tiny + MiniLM 50k (~35 min)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scale.py --quick    # 20k tiny + 300 MiniLM, seconds
 """
 
@@ -223,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minilm-passages", type=int, default=50_000)
     ap.add_argument("--minilm-budget-s", type=float, default=1200.0, help="encoding time allowed for MiniLM")
     ap.add_argument("--minilm-probe", type=int, default=512, help="passages the MiniLM rate is measured on")
-    ap.add_argument("--minilm-text", choices=("docstrings", "words"), default="docstrings",
-                    help="MiniLM corpus: real docstring prose, or synthetic text over MiniLM's vocabulary")
+    ap.add_argument("--minilm-text", choices=("docstrings", "words"), default=None,
+                    help="MiniLM corpus: real docstring prose (default; finding it takes minutes the first time), "
+                         "or synthetic text over MiniLM's vocabulary (the --quick default)")
     ap.add_argument("--no-minilm", action="store_true")
     ap.add_argument("--no-tiny", action="store_true", help="only the MiniLM run")
     ap.add_argument("--keep-store", default=None, help="keep each vector store under this folder (for "
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.passages, args.chunk, args.queries, args.train_size, args.repeats = 20_000, 5_000, 200, 20_000, 1
         args.minilm_passages, args.minilm_probe, args.nprobe = 300, 64, [8, 32]
+    args.minilm_text = args.minilm_text or ("words" if args.quick else "docstrings")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     threads = set_faiss_threads(None)
