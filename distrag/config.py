@@ -164,6 +164,13 @@ class IndexConfig(Section):
     """`on_disk` with `ivf` / `ivfpq`: rows sampled from the stored embeddings to train the IVF cells and PQ
     codebooks (the cells are capped at train_size / 39)."""
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "ivfpq" and self.pq_nbits == 4 and self.device == "gpu":
+            raise ValueError("index.pq_nbits: 4 (fast-scan PQ) has no faiss GPU implementation: set index.device "
+                             "to 'cpu' or 'auto', or index.pq_nbits to 8")
+        return self
+
 
 class RetrievalConfig(Section):
     top_k: int = Field(5, ge=1)

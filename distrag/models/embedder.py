@@ -53,10 +53,23 @@ class TokenizedTexts:
         """Tokens per text (int64)."""
         return np.diff(self.offsets)
 
+    def row_lengths(self, rows: np.ndarray) -> np.ndarray:
+        """Tokens of the texts at ``rows`` (an int index array): work in the rows, not the corpus."""
+        return self.offsets[rows + 1] - self.offsets[rows]
+
     def take(self, rows: np.ndarray | slice) -> TokenizedTexts:
-        """The texts at ``rows`` (an index array or a slice), in that order."""
-        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
-        starts, lengths = self.offsets[rows], self.lengths[rows]
+        """The texts at ``rows`` (a slice, an index array with Python's negative indices, or a boolean mask), in
+        that order."""
+        n = len(self)
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(n), dtype=np.int64)
+        else:
+            rows = np.asarray(rows)
+            rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64, copy=False)
+            if rows.size and (rows.min() < -n or rows.max() >= n):
+                raise IndexError(f"rows out of range for {n} texts")
+            rows = np.where(rows < 0, rows + n, rows)
+        starts, lengths = self.offsets[rows], self.row_lengths(rows)
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         # source position of every kept token: its row's start plus its place in the row
@@ -69,6 +82,8 @@ class TokenizedTexts:
         """The rows of ``parts``, one after the other."""
         if len(parts) == 1:
             return parts[0]
+        if not parts:
+            return cls(np.zeros(0, np.int32), np.zeros(1, np.int64))
         lengths = np.concatenate([p.lengths for p in parts])
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -307,7 +322,7 @@ class Embedder(torch.nn.Module):
 
     def _pad(self, tokens: TokenizedTexts, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """The texts at ``rows`` as one batch padded to its longest (the tokenizer's padding side)."""
-        lengths = tokens.lengths[rows]
+        lengths = tokens.row_lengths(rows)
         width = int(lengths.max())
         cols = np.arange(width)
         left = getattr(self.tokenizer, "padding_side", "right") == "left"

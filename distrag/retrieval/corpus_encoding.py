@@ -86,15 +86,20 @@ class CorpusEncoder:
         self.embedder = embedder
         if (texts is None) == (tokens is None):
             raise ValueError("pass exactly one of texts and tokens")
-        tokens = embedder.tokenize_unpadded(texts) if tokens is None else tokens
-        self.lengths: list[int] = tokens.lengths.tolist()
+        self._tokens = embedder.tokenize_unpadded(texts) if tokens is None else tokens
+        self.lengths: list[int] = self._tokens.lengths.tolist()
         """Token count of each passage, in corpus order."""
-        self.order = np.argsort(-tokens.lengths, kind="stable")
-        self.sorted_tokens = tokens.take(self.order)
-        """The token ids in length-sorted order (what every encoding pass pads and runs: no re-tokenizing)."""
+        self.order = np.argsort(-self._tokens.lengths, kind="stable")
         self.batch_size = int(embedder.batch_size)
         n_batches = -(-len(self.lengths) // self.batch_size)
         self.shard_size = self.batch_size * max(1, -(-n_batches // max(n_shards, 1)))
+
+    @cached_property
+    def sorted_tokens(self) -> TokenizedTexts:
+        """The token ids in length-sorted order (what every encoding pass pads and runs: no re-tokenizing);
+        made at the first pass, so an encoder built only for its :attr:`cost` never copies them."""
+        tokens, self._tokens = self._tokens, None
+        return tokens.take(self.order)
 
     @cached_property
     def cost(self) -> EncodingCost:
@@ -167,7 +172,7 @@ def load_or_build_index(cache_root: str | Path | None, corpus: Corpus, embedder:
     folder = index_cache_dir(cache_root, sig) if cache_root is not None else None
     if folder is not None and (folder / index_store.MANIFEST).exists():
         try:
-            index = index_store.load(folder)
+            index = index_store.load(folder, device=cfg.index.device)
         except IndexLoadError as e:  # a damaged cache is rebuilt, never trusted
             log.warning("cached index unusable, rebuilding it: %s", e)
             index = None

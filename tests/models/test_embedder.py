@@ -152,6 +152,14 @@ def test_tokenized_once_batches_equal_the_tokenizers_padded_batches(emb, side):
     joined = type(tokens).concat([tokens.take(slice(0, 3)), tokens.take(slice(3, None))])
     assert np.array_equal(joined.input_ids, tokens.input_ids) and np.array_equal(joined.offsets, tokens.offsets)
     np.testing.assert_allclose(emb.encode_tokens(part), emb.encode([TEXTS[i] for i in rows]), atol=1e-6)
+    # negative indices and boolean masks select rows as numpy does; out of range is an error
+    for sel, want in (([-1, -3], [6, 4]), (np.arange(7) % 3 == 0, [0, 3, 6])):
+        got = tokens.take(sel)
+        assert [list(got.input_ids[got.offsets[i]:got.offsets[i + 1]]) for i in range(len(want))] == \
+            [list(tokens.input_ids[tokens.offsets[j]:tokens.offsets[j + 1]]) for j in want]
+    with pytest.raises(IndexError):
+        tokens.take([7])
+    assert len(type(tokens).concat([])) == 0
 
 
 def test_encode_restores_training_flag_and_builds_no_graph(emb):

@@ -189,6 +189,8 @@ def test_from_config():
     assert fast.settings()["pq_nbits"] == 4 and fast.refine == 3 and fast.device == "cpu"  # fast scan: CPU only
     with pytest.raises(ValueError, match="fast-scan PQ"):
         ShardedIndex(16, kind="ivfpq", pq_m=8, pq_nbits=4, device="gpu")
+    with pytest.raises(ValueError, match="fast-scan PQ"):  # refused in the config, before any encoding
+        IndexConfig(kind="ivfpq", pq_nbits=4, device="gpu")
     with pytest.raises(ValueError, match="pq_nbits"):
         ShardedIndex(16, kind="ivfpq", pq_nbits=6)
 
