@@ -14,10 +14,11 @@ Two runs, each end to end on this machine, with ``index.on_disk``'s code (``data
    vocabulary (topic-structured word salad).
 
 For each: passages/s encoded, seconds to build each index (flat, IVF trained on ``--train-size`` sampled
-rows, IVF-PQ), peak RSS of each phase (sampled every 20 ms, next to the corpus and store sizes on disk),
-search queries/s for ``--queries`` queries (the first 12 words of random passages) with flat (in memory),
-flat searched block by block from the memory-mapped store, IVF at several nprobe and IVF-PQ (with exact
-re-scoring of ``refine`` x k candidates), and IVF recall@10 against flat, with speed-up over flat.
+rows, IVF-PQ), peak RSS of each phase (the kernel's high-water mark, reset per phase; next to the corpus
+and store sizes on disk), search queries/s for ``--queries`` queries (the first 12 words of random passages)
+with flat (in memory), flat searched block by block from the memory-mapped store, IVF at several nprobe and
+IVF-PQ (with exact re-scoring of ``refine`` x k candidates), and IVF recall@10 against flat, with speed-up over
+flat.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scale.py            # 1M tiny + MiniLM 50k (~35 min)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scale.py --quick    # 20k tiny + 300 MiniLM, seconds
@@ -28,11 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,7 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
-import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -48,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import load_avg
 from benchmarks._real_text import write_docstring_corpus
 from distrag.config import EmbedderConfig, IndexConfig
+from distrag.costs.memory import PROCESS_MEMORY, rss_bytes
 from distrag.data.corpus_stream import JsonlPassageStream, PassageLookup, write_offsets
 from distrag.data.large_corpus import write_large_corpus
 from distrag.models.embedder import Embedder
@@ -58,30 +57,22 @@ MB = 1 << 20
 
 
 class PhasePeaks:
-    """Peak resident memory of each phase: a thread samples this process' RSS every 20 ms."""
+    """Peak resident memory of each phase: the kernel's high-water mark, reset per phase
+    (``distrag.costs.memory.PROCESS_MEMORY``, what the run ledger's ``cost/phase.<p>.peak_rss_gb`` reads)."""
 
     def __init__(self):
-        self.proc = psutil.Process()
-        self.peak = 0
         self.rows: list[tuple[str, float, float, float]] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
 
     def run(self, name: str, fn):
         """``fn()``, recording (name, seconds, RSS before, peak RSS during) in MiB."""
-        start = self.proc.memory_info().rss
-        self.peak = start
+        start = rss_bytes()
+        watch = PROCESS_MEMORY.start()
         t0 = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - t0
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.rows.append((name, seconds, start / MB, self.peak / MB))
-        print(f"  [{name}] {seconds:.1f} s, RSS {start / MB:,.0f} MiB before, peak {self.peak / MB:,.0f} MiB",
-              flush=True)
+        peak = PROCESS_MEMORY.stop(watch).rss
+        self.rows.append((name, seconds, start / MB, peak / MB))
+        print(f"  [{name}] {seconds:.1f} s, RSS {start / MB:,.0f} MiB before, peak {peak / MB:,.0f} MiB", flush=True)
         return out, seconds
 
 
@@ -274,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    mem = Table(title="Peak RSS by phase (MiB; sampled every 20 ms)")
+    mem = Table(title="Peak RSS by phase (MiB; high-water mark reset per phase)")
     for col in ("phase", "seconds", "RSS before", "peak RSS", "peak - before"):
         mem.add_column(col, justify="right")
     for name, seconds, before, peak in peaks.rows:
@@ -283,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     if path is not None:
         console.print(f"corpus on disk: {path.stat().st_size / MB:,.0f} MiB for {args.passages:,} passages; "
                       f"chunk {args.chunk:,} passages")
-    console.print("process max RSS (getrusage) "
-                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    # (getrusage's ru_maxrss is reset with the high-water mark: the largest phase peak is the process'.)
+    console.print(f"largest phase peak RSS {max((r[3] for r in peaks.rows), default=0):,.0f} MiB")
     return 0
 
 
