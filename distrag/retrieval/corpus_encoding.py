@@ -53,7 +53,6 @@ __all__ = ["CorpusEncoder", "EncodingCost", "build_index", "encode_corpus", "ind
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class EncodingCost:
     """One forward pass of the embedder over a corpus: FLOPs, tokens and passages."""

@@ -18,9 +18,8 @@ Three steps, each bounded in memory by a chunk, a block or a sample, not by the 
 3. Publishing is :func:`distrag.retrieval.index_store.publish` (atomic version directories), unchanged.
 
 :class:`OnDiskCorpusIndexer` ties them together for the index rank (``index.on_disk``): the corpus is tokenized
-once (each chunk's ids kept on disk under ``tokens/``), one store per weights
-hand-off under a work folder (the previous one deleted when the next starts), built into a ShardedIndex of
-``index.n_shards`` shards.
+once (each chunk's ids kept on disk under ``tokens/``), one store per weights hand-off under a work folder (the
+previous one deleted when the next starts), built into a ShardedIndex of ``index.n_shards`` shards.
 """
 
 from __future__ import annotations
