@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from distrag.models.embedder import Embedder
     from distrag.models.sources import resolve_model
     from distrag.retrieval.sharded_index import ShardedIndex
+    from distrag.strategies import Phase
     from distrag.training.losses import mnrl_loss
-    from distrag.training.strategies import Phase
     from distrag.training.trainer import Trainer
 
     console = Console(width=max(Console().width, 130))

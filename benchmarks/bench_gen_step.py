@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from distrag.costs.accountant import Accountant
     from distrag.costs.ledger import CostLedger
-    from distrag.training.strategies import Phase
+    from distrag.strategies import Phase
     from distrag.training.trainer import Trainer
 
     console = Console(width=max(Console().width, 130))

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from distrag.costs.accountant import Accountant
     from distrag.costs.ledger import CostLedger
-    from distrag.training.strategies import Phase
+    from distrag.strategies import Phase
     from distrag.training.trainer import Trainer, set_embedder_trainable, set_generator_trainable
 
     console = Console(width=max(Console().width, 130))

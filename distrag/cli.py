@@ -5,7 +5,7 @@ Every command takes ``--config FILE`` (YAML) plus dotted overrides, e.g.::
     distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3 data.max_questions=100
 
 ``distrag COMMAND --help`` says what a command does, what it writes, the strategies it runs (read from
-the strategy table, distrag/training/strategies.py) and an example; ``distrag --version`` the version.
+the strategy table, distrag/strategies.py) and an example; ``distrag --version`` the version.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from distrag.errors import ConfigError, user_error_exit  # noqa: E402
 from distrag.logging_setup import progress_enabled, setup_logging  # noqa: E402
 from distrag.metric_names import KIND_EVAL  # noqa: E402
 from distrag.reporting.groups import add_selection_args, selection_from_args  # noqa: E402
-from distrag.training.strategies import STRATEGIES, Strategy  # noqa: E402
+from distrag.strategies import BASELINE, STRATEGIES, Strategy  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -50,8 +50,7 @@ def cmd_eval(args) -> int:
     from distrag.reporting.report import print_results
     from distrag.training.experiment import Experiment
 
-    cfg = _load(args)
-    cfg.train.strategy = "none"
+    cfg = BASELINE.apply(_load(args))
     exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress)).setup()
     res, _ = exp.run(cfg, kind=KIND_EVAL)
     print_results([res], title=f"No-FT baseline on {exp.splits.name} ({cfg.eval_split} split)")
@@ -171,7 +170,7 @@ def strategy_list() -> str:
     """Every strategy of the table: key, label, what it trains, and how to select it."""
     width = max(len(s.key) for s in STRATEGIES)
     label_width = max(len(s.label) for s in STRATEGIES)
-    lines = ["strategies (distrag/training/strategies.py; select with train.strategy=KEY):"]
+    lines = ["strategies (distrag/strategies.py; select with train.strategy=KEY):"]
     for s in STRATEGIES:
         lines.append(f"  {s.key:<{width}}  {s.label:<{label_width}}  {s.summary}")
         if _selector(s) != f"train.strategy={s.key}":
@@ -291,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distrag", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="distrag: fine-tune retrieval-augmented generation pipelines (retriever, generator or both,\n"
-                    "with the strategies of distrag/training/strategies.py) and account for what each costs.",
+                    "with the strategies of distrag/strategies.py) and account for what each costs.",
         epilog="examples:\n  distrag demo --quick\n  distrag train --help\n\n"
                "Every command takes --config FILE.yaml plus dotted overrides (train.lr_generator=1e-4).")
     parser.add_argument("--version", action="version", version=f"distrag {__version__}")

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distrag.errors import ConfigError
-from distrag.training.strategies import TRAIN_STRATEGIES
+from distrag.strategies import TRAIN_STRATEGIES
 
 
 class Section(BaseModel):
@@ -185,7 +185,7 @@ class RetrievalConfig(Section):
 
 class TrainConfig(Section):
     strategy: Literal[TRAIN_STRATEGIES] = "none"
-    """Which parts train and with which loss (the table in distrag/training/strategies.py)."""
+    """Which parts train and with which loss (the table in distrag/strategies.py)."""
     rag_loss: Literal["sequence", "token"] = "token"
     """RAG marginal: RAG-Sequence or RAG-Token (joint and two-phase)."""
     two_phase_order: Literal["generator_first", "retriever_first"] = "generator_first"

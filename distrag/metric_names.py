@@ -12,7 +12,7 @@ from __future__ import annotations
 TAG_KIND = "distrag.kind"
 """What the run is: one of RUN_KINDS."""
 TAG_STRATEGY = "distrag.strategy"
-"""Strategy key of the table in distrag/training/strategies.py (``joint_token``, ...)."""
+"""Strategy key of the table in distrag/strategies.py (``joint_token``, ...)."""
 TAG_LABEL = "distrag.label"
 """The strategy's label in tables (``RAG-Tok``, ...)."""
 TAG_DATASET = "distrag.dataset"

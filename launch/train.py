@@ -32,10 +32,9 @@ def main() -> int:
 
     from distrag.config import load_config
     from distrag.distributed import roles
-    from distrag.distributed.runner import run
+    from distrag.distributed.runner import preflight, run
     from distrag.errors import DistError, user_error_exit
     from distrag.logging_setup import quiet_rank, setup_logging
-    from distrag.preflight import preflight
 
     setup_logging(verbose=True)
     cfg = None

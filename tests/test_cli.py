@@ -16,7 +16,7 @@ from sample_data import write_popqa_selfrag
 
 import distrag
 from distrag import cli
-from distrag.training.strategies import GEN, STRATEGIES, Strategy
+from distrag.strategies import GEN, STRATEGIES, Strategy
 
 # ----------------------------------------------------------------------------------------------
 # distrag eval and failures

@@ -8,7 +8,7 @@ import yaml
 
 from distrag.config import ExperimentConfig, build_config, load_config, parse_overrides, save_config
 from distrag.errors import ConfigError
-from distrag.training.strategies import TRAIN_STRATEGIES
+from distrag.strategies import TRAIN_STRATEGIES
 
 
 def test_defaults_need_no_file():

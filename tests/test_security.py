@@ -151,7 +151,7 @@ def test_user_text_never_becomes_a_path_component(tmp_path, clean_launcher_env):
     from distrag.distributed.checkpoint import CheckpointManager
     from distrag.distributed.runner import run_dir
     from distrag.retrieval import index_store
-    from distrag.training.strategies import STRATEGIES
+    from distrag.strategies import STRATEGIES
 
     out = tmp_path / "runs"
     for strategy in {s.train_strategy for s in STRATEGIES}:

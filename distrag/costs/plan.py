@@ -3,7 +3,7 @@
 For a target (generator and embedder: a Hugging Face id / folder, whose config is read without loading any
 weights, or a size such as ``8b``; LoRA or QLoRA rank; corpus size; training questions; epochs; k; the
 learning-rate grid m x n; GPU kind and count; MFU; index refresh interval) every strategy of the table
-(:mod:`distrag.training.strategies`: its phases and its search shape) is projected to
+(:mod:`distrag.strategies`: its phases and its search shape) is projected to
 
 * **FLOPs** of one training run and of its learning-rate search, from the ledger's own formulas
   (:mod:`distrag.costs.flops`, applied at the shapes the accountant charges: one prompt with k passages for
@@ -39,7 +39,7 @@ from distrag.costs.flops import (
     transformer_train_flops,
 )
 from distrag.errors import ConfigError
-from distrag.training.strategies import STRATEGIES, Phase, Strategy
+from distrag.strategies import STRATEGIES, Phase, Strategy
 
 __all__ = ["DEFAULT_MFU", "GPUS", "SIZES", "GPU", "Plan", "PlanRow", "PlanTarget", "encoder_flops",
            "generator_flops", "model_shape", "plan"]
@@ -230,22 +230,33 @@ class _Projector:
         self.steps = max(1, math.ceil(t.epochs * t.questions / t.batch_size))
 
     def shapes(self, phase: Phase) -> tuple[int, int]:
-        """(rows per question, padded prompt tokens) of the generator's batch in ``phase``."""
+        """(rows per question, padded prompt tokens) of the generator's batch in ``phase``, as its loss feeds the
+        generator (the strategy table's ``Loss.generator_prompts``): k one-passage prompts, or one with all k."""
         t = self.t
-        if phase.uses_rag:
+        if phase.spec.generator_prompts == "per_passage":
             return t.k, t.prompt_tokens + t.question_tokens + t.passage_tokens
         return 1, t.prompt_tokens + t.question_tokens + t.k * t.passage_tokens
+
+    @staticmethod
+    def runs_generator(phase: Phase) -> bool:
+        """Whether ``phase``'s loss runs the generator at all (MNRL's positives and hard negatives come from the
+        index: no generator, no passage encoding)."""
+        return phase.spec.generator_prompts != "none"
+
+    def chunked(self, phase: Phase) -> bool:
+        """Whether ``phase``'s pairs run in checkpointed chunks (``train.pair_micro_batch``, per-passage prompts)."""
+        return phase.spec.generator_prompts == "per_passage" and bool(self.t.pair_micro_batch)
 
     def question_flops(self, phase: Phase) -> float:
         """FLOPs of one training question in ``phase`` (what the accountant charges to ``train``)."""
         t = self.t
         flops = encoder_flops(self.e.dims, t.question_tokens, train=phase.train_embedder)
-        if phase.loss == "mnrl":  # positives and hard negatives come from the index: no passage encoding
+        if not self.runs_generator(phase):
             return flops
         rows, prompt = self.shapes(phase)
         return flops + generator_flops(self.g.dims, rows, prompt, t.answer_tokens, lora_params=self.lora,
                                        train=phase.train_generator, blocks_checkpointed=t.gradient_checkpointing,
-                                       chunked=phase.uses_rag and bool(t.pair_micro_batch))
+                                       chunked=self.chunked(phase))
 
     def corpus_flops(self) -> float:
         t = self.t
@@ -277,11 +288,11 @@ class _Projector:
                "lora + optimizer": self.lora * 16.0 if phase.train_generator else 0.0,
                "runtime": RUNTIME_BYTES}
         block = 2.0 * (10 * g.hidden + 3 * g.intermediate)  # bytes per token and block, all saved activations
-        if phase.loss != "mnrl":
+        if self.runs_generator(phase):
             rows, prompt = self.shapes(phase)
             rows *= per_device
             width = prompt + t.answer_tokens
-            chunk = min(rows, t.pair_micro_batch) if phase.uses_rag and t.pair_micro_batch else rows
+            chunk = min(rows, t.pair_micro_batch) if self.chunked(phase) else rows
             if phase.train_generator:
                 held = chunk * width  # checkpointed pair chunks: one chunk's activations at a time
                 per_token = (g.layers * 2.0 * g.hidden + block) if t.gradient_checkpointing else g.layers * block
@@ -333,7 +344,8 @@ def plan(target: PlanTarget) -> Plan:
     p = _Projector(target)
     t = target
     rows = [p.row(s) for s in STRATEGIES]
-    joint = Phase("joint", True, True, "rag_sequence")
+    # the phase the index rank races: one that trains the encoder and the generator at once (joint)
+    joint = next(ph for s in STRATEGIES for ph in s.phases() if ph.train_embedder and ph.train_generator)
     step_s = t.batch_size * p.question_flops(joint) / p.rate(p.trainers(replace(joint)))
     staleness = t.staleness or t.refresh_every or 1
     needed = t.corpus / (staleness * step_s)

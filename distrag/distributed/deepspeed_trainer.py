@@ -27,7 +27,7 @@ from distrag.distributed import preemption, roles
 from distrag.distributed.checkpoint import CheckpointManager
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import CorpusEncoder
-from distrag.training.strategies import Phase
+from distrag.strategies import Phase
 from distrag.training.trainer import Trainer, batch_indices
 
 log = logging.getLogger(__name__)

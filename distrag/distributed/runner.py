@@ -55,11 +55,13 @@ from distrag.distributed.checkpoint import CheckpointManager, Restored
 from distrag.distributed.deepspeed_trainer import DistributedTrainer
 from distrag.distributed.index_supervisor import run_supervised_index_rank
 from distrag.distributed.refresh_client import IndexClient
-from distrag.errors import CheckpointError, IndexRankFailed
+from distrag.errors import CheckpointError, DSConfigError, IndexRankFailed
 from distrag.logging_setup import progress_enabled
 from distrag.retrieval import index_store
 from distrag.run_lock import lock_output_dir
-from distrag.training.strategies import phases_for
+from distrag.strategies import needs_index_rank, strategy_of
+from distrag.training import preflight as preflight_checks
+from distrag.training.preflight import Problems
 from distrag.training.trainer import TrainState, set_embedder_trainable
 
 if TYPE_CHECKING:
@@ -73,8 +75,52 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir) / "distributed" / f"{cfg.train.strategy}-{cfg.config_hash()}"
 
 
-def needs_index_rank(cfg: ExperimentConfig) -> bool:
-    return cfg.train.refresh_every > 0 and any(p.train_embedder for p in phases_for(cfg))
+# ----------------------------------------------------------------------------------------------
+# checks before a launched run starts
+
+
+def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
+    """``distributed.index_rank`` inside the world, an explicit ``distributed.resume`` that exists, a usable
+    DeepSpeed configuration (``launch/train.py`` runs)."""
+    from distrag.distributed.deepspeed_glue import build_ds_config
+
+    problems: Problems = []
+    d = cfg.distributed
+    refresh = needs_index_rank(cfg) and world_size > 1
+    if (refresh or cfg.train.refresh_every > 0) and not -world_size <= d.index_rank < world_size:
+        problems.append(("distributed.index_rank",
+                         f"{d.index_rank} is outside the world of {world_size} process(es) "
+                         f"(ranks 0..{world_size - 1}); use -1 (the last rank) or a rank in 0..{world_size - 1}"))
+    if d.resume not in (None, "", "none", "auto") and not Path(d.resume).exists():
+        problems.append(("distributed.resume",
+                         f"checkpoint {d.resume} does not exist; give a checkpoint folder (<output_dir>/distributed/"
+                         "<strategy>-<hash>/checkpoints/step_N), auto (the newest, or a fresh start) or none"))
+    if strategy_of(cfg).trains_generator:  # DeepSpeed wraps the generator only
+        try:
+            build_ds_config(cfg.train, d, max(world_size - 1 if refresh else world_size, 1), bf16=False)
+        except DSConfigError as e:
+            if "offload" in str(e):
+                problems.append(("distributed.offload", "CPU offload needs ZeRO-3; set distributed.zero_stage=3 or "
+                                                        "distributed.offload=false"))
+            else:
+                problems.append(("distributed.ds_config", f"{str(e).removeprefix('distributed.ds_config: ')}; give a "
+                                 "DeepSpeed JSON object (e.g. ds_configs/zero2.json) or leave it unset for the "
+                                 "built-in ZeRO settings"))
+    return problems
+
+
+def check_setup(cfg: ExperimentConfig, *, world_size: int | None = None, tracking: bool = True) -> Problems:
+    """:func:`distrag.training.preflight.check_setup` and, with ``world_size`` (a launched run), the world's and
+    DeepSpeed's problems (:func:`world_problems`)."""
+    problems = (world_problems(cfg, world_size) if world_size is not None else [])
+    return [*preflight_checks.check_setup(cfg, tracking=tracking), *problems]
+
+
+def preflight(cfg: ExperimentConfig, splits=None, *, world_size: int | None = None, tracking: bool = True) -> None:
+    """:func:`distrag.training.preflight.preflight` with the problems of the world (``world_size``) too: every
+    problem in one :class:`~distrag.errors.ConfigError`, before any model loads."""
+    world = world_problems(cfg, world_size) if world_size is not None else []
+    preflight_checks.preflight(cfg, splits, tracking=tracking, problems=world)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,13 +28,14 @@ from distrag.errors import ConfigError
 from distrag.reporting.groups import GroupSelection, other_groups_note
 from distrag.reporting.report import fmt_flops
 from distrag.reporting.results import Loaded, StrategyResult
-from distrag.training.strategies import BY_KEY, STRATEGIES, Strategy
+from distrag.strategies import BY_KEY, STRATEGIES, Strategy, advised
 
 __all__ = ["advise", "em_noise", "training_compute"]
 
 _Z = 1.96  # two-sided 95%
-INDEPENDENT, TWO_PHASE = BY_KEY["independent"], BY_KEY["two_phase"]
-JOINT = tuple(s for s in STRATEGIES if s.search == "grid")
+# the paper's rule, as the strategy table states it (Strategy.advised_for)
+(INDEPENDENT,), (TWO_PHASE,) = advised("labels"), advised("no_labels_rates_searched")
+JOINT = tuple(advised("no_labels_rates_known"))
 
 
 @dataclass

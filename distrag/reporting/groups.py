@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from distrag import metric_names as mn
 from distrag.errors import ConfigError, UserError
-from distrag.training.strategies import BY_KEY, STRATEGIES
+from distrag.strategies import BY_KEY, STRATEGIES
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig

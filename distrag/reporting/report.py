@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from distrag import metric_names as mn
 from distrag.reporting.groups import GroupKey, GroupSelection, describe_groups, key_of, other_groups_note
 from distrag.reporting.results import StrategyResult, load_group, load_groups
-from distrag.training.strategies import BY_KEY
+from distrag.strategies import BY_KEY
 
 if TYPE_CHECKING:
     from distrag.config import TrackingConfig

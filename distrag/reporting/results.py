@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 @dataclass
 class StrategyResult:
     key: str
-    """Strategy key (distrag/training/strategies.py)."""
+    """Strategy key (distrag/strategies.py)."""
     label: str
     """Its label in tables."""
     metrics: dict[str, float]
@@ -180,7 +180,7 @@ class Loaded:
 def load_groups(tracking_cfg: TrackingConfig) -> list[Group]:
     """Every comparison group recorded in the experiment, newest first, each with the newest finished run
     of each strategy (table order) and, where a sweep of the same group searched it, its search cost."""
-    from distrag.training.strategies import BY_KEY
+    from distrag.strategies import BY_KEY
 
     rows, searches = read_recorded(tracking_cfg)
     groups = group_rows(rows)

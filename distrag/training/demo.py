@@ -1,7 +1,7 @@
 """`make demo` / `distrag demo`: the paper's seven rows, each with its quality and its cost, on the synthetic
 task or on any dataset the loaders read (``distrag demo data.format=hotpotqa data.path=...``).
 
-Every strategy of the table (distrag/training/strategies.py: No-FT, Ft-Embed, Ft-Gen, Independent,
+Every strategy of the table (distrag/strategies.py: No-FT, Ft-Embed, Ft-Gen, Independent,
 Two-phase, RAG-Seq and RAG-Tok) runs on the same data, the same base models and the same frozen index,
 one MLflow run each (Independent combines the Ft-Embed and Ft-Gen rows' models instead of training them
 again), then the report (table, CSV, plots, HTML page) is written and attached to MLflow. ``--quick`` swaps in tiny
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from distrag.config import ExperimentConfig, load_config
 from distrag.logging_setup import progress_enabled, track
-from distrag.training.strategies import STRATEGIES
+from distrag.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +61,21 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
     exp = Experiment(cfg, show_progress=progress_enabled(show_progress)).setup()
     labelled = all(q.has_labels for q in exp.splits.train)
     results, kept, skipped = [], {}, []
+    combined = {key for s in STRATEGIES if s.combine_from for key in s.combine_from}  # rows other rows reuse
     for strategy in track(STRATEGIES, "demo", enabled=show_progress, unit="strategies", name=lambda s: s.label):
         c = strategy.apply(cfg)
         if strategy.needs_labels and not labelled:
             skipped.append(strategy.label)  # MNRL needs (question, gold passage) pairs
             continue
         log.info("== %s ==", strategy.label)
-        if strategy.key == "independent" and {"embed_ft", "gen_ft"} <= kept.keys():
-            # Ft-Embed's encoder + Ft-Gen's generator, the two rows above: not trained a second time
-            results.append(exp.run_trained(c, combine(kept["embed_ft"], kept["gen_ft"])))
+        if strategy.combine_from and set(strategy.combine_from) <= kept.keys():
+            # Independent: Ft-Embed's encoder + Ft-Gen's generator, the two rows above, not trained a second time
+            encoder_from, generator_from = strategy.combine_from
+            results.append(exp.run_trained(c, combine(kept[encoder_from], kept[generator_from])))
             continue
         res, models = exp.run(c)
         results.append(res)
-        if strategy.key in ("embed_ft", "gen_ft"):
+        if strategy.key in combined:
             kept[strategy.key] = models
     n = int(results[0].metrics["n_questions"])
     print_results(results, title=f"{len(results)} strategies on {exp.splits.name} ({cfg.eval_split} split, {n} "

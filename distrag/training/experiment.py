@@ -1,6 +1,6 @@
 """One experiment: data, base models and the frozen index, set up once; strategies run on copies.
 
-* :meth:`Experiment.train` runs a strategy's phases (distrag/training/strategies.py) on copies of the
+* :meth:`Experiment.train` runs a strategy's phases (distrag/strategies.py) on copies of the
   base models, or of models trained earlier, and returns the trained :class:`Models` with what they cost;
 * :meth:`Experiment.evaluate` scores models on a split and records quality, cost and artifacts in an
   MLflow run, returning the report's row (:class:`~distrag.reporting.results.StrategyResult`);
@@ -28,7 +28,6 @@ from distrag.data.records import Splits
 from distrag.distributed.preemption import sigterm_as_interrupt
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
-from distrag.preflight import preflight, require_output_dir
 from distrag.redaction import mask_tree
 from distrag.reporting.groups import comparison_hash, key_of
 from distrag.reporting.results import StrategyResult
@@ -37,7 +36,8 @@ from distrag.retrieval.corpus_encoding import build_index, load_or_build_index
 from distrag.retrieval.pipeline import EvalResult, RAGPipeline
 from distrag.retrieval.sharded_index import ShardedIndex
 from distrag.run_lock import lock_output_dir
-from distrag.training.strategies import Phase, check_strategy_data, strategy_of
+from distrag.strategies import Phase, check_strategy_data, strategy_of
+from distrag.training.preflight import preflight, require_output_dir
 from distrag.training.trainer import Trainer
 
 log = logging.getLogger(__name__)

@@ -29,15 +29,37 @@ values (even NaN or -inf from padding) never reach the result or the gradient. P
 marginals and receive zero gradient. Every question needs at least one real passage.
 
 All losses compute in float32 (or float64 when given float64), whatever the input dtype.
+
+Steps
+-----
+The bottom of the module holds what each loss of the strategy table (:data:`distrag.strategies.LOSSES`)
+computes in one micro-batch of training: retrieval with the index in use, the prompts, the model calls (each
+charged to the cost ledger) and the math above. They are registered under the loss's key in
+:data:`LOSS_STEPS`, which :meth:`distrag.training.trainer.Trainer.compute_loss` dispatches through, so a new
+loss is its :class:`~distrag.strategies.Loss` entry plus its step here.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mnrl_loss", "nll_loss", "rag_sequence_loss", "rag_token_loss", "retrieval_log_probs"]
+from distrag.strategies import LOSSES
+
+if TYPE_CHECKING:
+    from distrag.data.records import Question
+    from distrag.strategies import Phase
+    from distrag.training.trainer import Trainer
+
+__all__ = ["LOSS_STEPS", "loss_step", "mnrl_loss", "nll_loss", "rag_sequence_loss", "rag_token_loss",
+           "retrieval_log_probs"]
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -194,3 +216,102 @@ def nll_loss(token_logprobs: Tensor, mask: Tensor) -> Tensor:
                          f"{tuple(mask.shape)}")
     tok = _as_float(token_logprobs).masked_fill(~mask.to(torch.bool), 0.0)
     return -tok.sum(dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# steps: one micro-batch of each loss of the strategy table
+
+Step = Callable[["Trainer", "Phase", "list[Question]", random.Random], "tuple[Tensor, dict]"]
+
+
+def mnrl_step(t: Trainer, phase: Phase, questions: list[Question], rng: random.Random) -> tuple[Tensor, dict]:
+    """Ft-Embed: the question encoder against the index's stored gold-passage vectors, in-batch (and
+    ``train.hard_negatives`` retrieved) negatives."""
+    cfg = t.cfg.train
+    batch = t.embedder.tokenize([q.text for q in questions])
+    qv = t.embedder(**batch)
+    t.acc.encoder(t.embedder, batch["attention_mask"], train=True, category="train")
+    # One gold passage per question per step (a question with two gold passages alternates), so
+    # a question never meets its own other gold passage as an in-batch negative.
+    gold = np.array([t.corpus.position(rng.choice(q.gold_passage_ids)) for q in questions])
+    pos = torch.from_numpy(t.index.reconstruct(gold)).to(qv.device, qv.dtype)
+    neg = None
+    if cfg.hard_negatives:
+        res = t.retrieve(qv, cfg.hard_negatives + 4)
+        negs = []
+        for q, row in zip(questions, res.ids):
+            golds = {t.corpus.position(g) for g in q.gold_passage_ids}
+            cand = [int(i) for i in row if i >= 0 and int(i) not in golds][:cfg.hard_negatives]
+            while len(cand) < cfg.hard_negatives:  # tiny corpora: pad with a random non-gold passage
+                j = rng.randrange(len(t.corpus))
+                if j not in golds:
+                    cand.append(j)
+            negs.append(cand)
+        neg = torch.from_numpy(t.index.reconstruct(np.array(negs))).to(qv.device, qv.dtype)
+    loss = mnrl_loss(qv, pos, neg, scale=cfg.mnrl_scale)
+    return loss, {"loss": loss.item()}
+
+
+def _question_vectors(t: Trainer, phase: Phase, questions: list[Question]) -> Tensor:
+    """The questions' vectors, differentiable when the phase trains the encoder; charged as training compute
+    (every forward a training step needs is, frozen parts included)."""
+    batch = t.embedder.tokenize([q.text for q in questions])
+    with torch.set_grad_enabled(phase.train_embedder):
+        qv = t.embedder(**batch)
+    t.acc.encoder(t.embedder, batch["attention_mask"], train=phase.train_embedder, category="train")
+    return qv
+
+
+def nll_step(t: Trainer, phase: Phase, questions: list[Question], rng: random.Random) -> tuple[Tensor, dict]:
+    """Ft-Gen: the answer's NLL given one prompt holding the frozen retriever's top-k passages."""
+    res = t.retrieve(_question_vectors(t, phase, questions), t.k)
+    answers = [q.answers[0] for q in questions]
+    prompts = [t.generator.build_prompt(q.text, [t.corpus[int(i)] for i in row if i >= 0])
+               for q, row in zip(questions, res.ids)]
+    lp, mask = t.generator.answer_logprobs(prompts, answers)
+    t.acc.generator(t.generator, lp_mask=mask, prompts=prompts, answers=answers, train=phase.train_generator,
+                    category="train")
+    loss = nll_loss(lp, mask)
+    return loss, {"loss": loss.item()}
+
+
+def rag_step(marginal: Callable[[Tensor, Tensor, Tensor], Tensor], t: Trainer, phase: Phase,
+             questions: list[Question], rng: random.Random) -> tuple[Tensor, dict]:
+    """RAG-Sequence / RAG-Token: one prompt per (question, retrieved passage), marginalised over p(z|q) (the
+    gradient reaches the question encoder through the passage scores)."""
+    qv = _question_vectors(t, phase, questions)
+    res = t.retrieve(qv, t.k, return_vectors=True)
+    valid = torch.from_numpy(res.ids >= 0)
+    pvecs = torch.from_numpy(res.vectors).to(qv.device, qv.dtype)  # frozen index vectors
+    doc_lp = retrieval_log_probs(qv, pvecs, valid.to(qv.device), temperature=1.0 / t.cfg.retrieval.score_scale)
+    prompts, ans = [], []
+    for q, row in zip(questions, res.ids):
+        for i in row:
+            prompts.append(t.generator.build_prompt(q.text, [t.corpus[int(i)]] if i >= 0 else []))
+            ans.append(q.answers[0])
+    chunk = t.cfg.train.pair_micro_batch
+    with torch.set_grad_enabled(phase.train_generator):  # pairs in checkpointed chunks: train.pair_micro_batch
+        lp, mask = t.generator.answer_logprobs(prompts, ans, chunk=chunk)
+    t.acc.generator(t.generator, lp_mask=mask, prompts=prompts, answers=ans, train=phase.train_generator,
+                    category="train", chunked=bool(chunk))
+    B, k = res.ids.shape
+    lp, mask = lp.view(B, k, -1).to(doc_lp.device), mask.view(B, k, -1).to(doc_lp.device)
+    loss = marginal(doc_lp, lp, mask)
+    return loss, {"loss": loss.item(), "p_top1": doc_lp.exp()[:, 0].mean().item()}
+
+
+LOSS_STEPS: dict[str, Step] = {
+    "mnrl": mnrl_step,
+    "nll": nll_step,
+    "rag_sequence": partial(rag_step, rag_sequence_loss),
+    "rag_token": partial(rag_step, rag_token_loss),
+}
+"""One micro-batch of each loss, by its key in :data:`distrag.strategies.LOSSES` (the same keys: tested)."""
+
+
+def loss_step(key: str) -> Step:
+    """The step of loss ``key`` (a resolved :attr:`Phase.loss`)."""
+    if key not in LOSS_STEPS:
+        known = ", ".join(LOSSES)
+        raise KeyError(f"no training step is registered for loss {key!r} (losses: {known})")
+    return LOSS_STEPS[key]

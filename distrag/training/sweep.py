@@ -1,7 +1,7 @@
 """`distrag sweep`: learning-rate grids per strategy, selected on dev, with the cost of the search.
 
 How a strategy searches comes from its entry in the strategy table (``Strategy.search``, see
-distrag/training/strategies.py; m = len(sweep.lr_embedder), n = len(sweep.lr_generator)):
+distrag/strategies.py; m = len(sweep.lr_embedder), n = len(sweep.lr_generator)):
 
 - ``separate`` (embed_ft: m runs, gen_ft: n, independent: m + n): each phase is searched on its own,
   from the base models, as the one-phase strategy that trains it (independent: Ft-Embed at each
@@ -9,7 +9,7 @@ distrag/training/strategies.py; m = len(sweep.lr_embedder), n = len(sweep.lr_gen
 - ``sequential`` (two_phase: n + m): phase 1 at each of its rates; the selected phase-1 models continue
   into phase 2 at each of its rates (order follows ``train.two_phase_order``).
 - ``grid`` (joint: m x n): both models train at once, so the rates interact; or 1 run with the rates
-  two-phase selected when ``sweep.joint_reuse_two_phase`` (as the paper did).
+  two-phase selected when ``sweep.joint_reuse_two_phase`` (as the paper did; the table's ``rates_from``).
 
 Selection is by dev EM, ties broken by dev F1. Each grid point is an MLflow child run (kind
 ``sweep_point``) under the strategy's sweep run (kind ``sweep``), which records the search cost
@@ -29,8 +29,8 @@ from distrag.errors import StrategyError
 from distrag.logging_setup import Progress, progress_enabled
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import experiment_tags, open_tracker
+from distrag.strategies import BY_KEY, STRATEGIES, Phase, Strategy, strategy_of
 from distrag.training.experiment import Experiment, Models, combine
-from distrag.training.strategies import STRATEGIES, Phase, Strategy, strategy_of
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,15 @@ def _swept(cfg: ExperimentConfig, name: str) -> Strategy:
 
 def grid_size(cfg: ExperimentConfig, strategy: str) -> int:
     """How many training runs the search of ``strategy`` (a ``train.strategy`` value) costs."""
-    if strategy == "joint" and cfg.sweep.joint_reuse_two_phase:
+    s = _swept(cfg, strategy)
+    if s.rates_from and cfg.sweep.joint_reuse_two_phase:
         return 1
-    return _swept(cfg, strategy).grid_size(len(cfg.sweep.lr_embedder), len(cfg.sweep.lr_generator))
+    return s.grid_size(len(cfg.sweep.lr_embedder), len(cfg.sweep.lr_generator))
+
+
+def _train_strategy(key: str) -> str:
+    """The ``train.strategy`` value of the table entry ``key`` (what ``sweep.strategies`` names)."""
+    return BY_KEY[key].train_strategy
 
 
 def _component(phase: Phase) -> Strategy:
@@ -134,16 +140,18 @@ class Sweeper:
         encoder, generator = bests[enc][1], bests[gen][1]
         return points, selected, _with(cfg, **selected), combine(encoder, generator)
 
-    def _grid(self, name: str, cfg: ExperimentConfig, parent, notes: list[str]):
-        """``grid`` search: every (embedder rate, generator rate) pair."""
-        reuse = self.cfg.sweep.joint_reuse_two_phase
-        if reuse and "two_phase" in self.selected_rates:
-            rates = self.selected_rates["two_phase"]
-            pts = self._points([(f"{name} (two-phase rates)", _with(cfg, **rates))], parent)
-            notes.append(f"{name} reused the two-phase rates {rates}")
+    def _grid(self, name: str, strategy: Strategy, cfg: ExperimentConfig, parent, notes: list[str]):
+        """``grid`` search: every (embedder rate, generator rate) pair; or the rates the strategy it may reuse
+        them from (``Strategy.rates_from``) selected, with ``sweep.joint_reuse_two_phase``."""
+        reuse = self.cfg.sweep.joint_reuse_two_phase and strategy.rates_from is not None
+        source = _train_strategy(strategy.rates_from) if reuse else None
+        if reuse and source in self.selected_rates:
+            rates = self.selected_rates[source]
+            pts = self._points([(f"{name} ({BY_KEY[strategy.rates_from].label} rates)", _with(cfg, **rates))], parent)
+            notes.append(f"{name} reused the {source} rates {rates}")
         else:
             if reuse:
-                notes.append("joint_reuse_two_phase is set but two_phase was not swept first: full grid")
+                notes.append(f"joint_reuse_two_phase is set but {source} was not swept first: full grid")
             pts = self._points([(f"{name} lr_embedder={le:g} lr_generator={lg:g}",
                                  _with(cfg, lr_embedder=le, lr_generator=lg))
                                 for le in self.cfg.sweep.lr_embedder for lg in self.cfg.sweep.lr_generator], parent)
@@ -157,7 +165,7 @@ class Sweeper:
         cfg = strategy.apply(self.cfg)
         notes: list[str] = []
         if strategy.search == "grid":
-            points, selected, final_cfg, models = self._grid(name, cfg, parent, notes)
+            points, selected, final_cfg, models = self._grid(name, strategy, cfg, parent, notes)
         else:
             points, selected, final_cfg, models = self._by_phase(name, strategy, cfg, parent, notes)
         self.selected_rates[name] = selected
@@ -179,9 +187,12 @@ def run_sweep(cfg: ExperimentConfig, *, show_progress: bool = True, exp: Experim
     order = list(dict.fromkeys(cfg.sweep.strategies))
     for name in order:
         _swept(cfg, name)  # every name is known and sweepable before anything runs
-    if cfg.sweep.joint_reuse_two_phase and "joint" in order and "two_phase" in order:
-        order.remove("two_phase")
-        order.insert(order.index("joint"), "two_phase")
+    if cfg.sweep.joint_reuse_two_phase:  # a strategy that reuses another's rates is swept after it
+        for name in list(order):
+            source = _swept(cfg, name).rates_from
+            if source is not None and _train_strategy(source) in order:
+                order.remove(_train_strategy(source))
+                order.insert(order.index(name), _train_strategy(source))
     progress = Progress(sum(grid_size(cfg, name) for name in order), "sweep", enabled=show_progress,
                         unit="grid points")
     sweeper = Sweeper(exp, cfg, progress)

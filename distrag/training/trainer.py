@@ -1,8 +1,9 @@
-"""The training loop every strategy runs: its phases (distrag.training.strategies), one after another.
+"""The training loop every strategy runs: its phases (distrag.strategies), one after another.
 
 ``Trainer`` owns the loop (data order, accumulation, optimizers, schedulers, index refresh, cost
-ledger, metrics). ``compute_loss`` is the one place each loss is computed; the distributed runner
-reuses it and only swaps ``backward`` / ``step`` for DeepSpeed's.
+ledger, metrics). ``compute_loss`` runs the step registered for the phase's loss in
+:mod:`distrag.training.losses` (no loss is named here); the distributed runner reuses it and only swaps
+``backward`` / ``step`` for DeepSpeed's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from distrag.config import ExperimentConfig
@@ -23,9 +23,9 @@ from distrag.data.records import Corpus, Question
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.retrieval.corpus_encoding import build_index
-from distrag.retrieval.sharded_index import ShardedIndex
-from distrag.training.losses import mnrl_loss, nll_loss, rag_sequence_loss, rag_token_loss, retrieval_log_probs
-from distrag.training.strategies import Phase, check_strategy_data, phases_for, strategy_of
+from distrag.retrieval.sharded_index import SearchResult, ShardedIndex
+from distrag.strategies import Phase, check_strategy_data, phases_for, strategy_of
+from distrag.training.losses import loss_step
 
 log = logging.getLogger(__name__)
 
@@ -115,71 +115,13 @@ class Trainer:
 
     # -- losses --------------------------------------------------------------------------------
     def compute_loss(self, phase: Phase, questions: list[Question], rng: random.Random) -> tuple[torch.Tensor, dict]:
-        """Loss of one micro-batch under ``phase`` (averaged over its questions) and its statistics."""
-        if phase.loss == "mnrl":
-            return self._mnrl(questions, rng)
-        texts = [q.text for q in questions]
-        batch = self.embedder.tokenize(texts)
-        with torch.set_grad_enabled(phase.train_embedder):
-            qv = self.embedder(**batch)
-        # every forward a training step needs is training compute, frozen parts included
-        self.acc.encoder(self.embedder, batch["attention_mask"], train=phase.train_embedder, category="train")
-        res = self.index.search(qv.detach().float().cpu().numpy(), self.k, return_vectors=phase.uses_rag)
-        answers = [q.answers[0] for q in questions]
-        if phase.loss == "nll":
-            prompts = [self.generator.build_prompt(q.text, [self.corpus[int(i)] for i in row if i >= 0])
-                       for q, row in zip(questions, res.ids)]
-            lp, mask = self.generator.answer_logprobs(prompts, answers)
-            self.acc.generator(self.generator, lp_mask=mask, prompts=prompts, answers=answers,
-                               train=phase.train_generator, category="train")
-            loss = nll_loss(lp, mask)
-            return loss, {"loss": loss.item()}
-        # RAG-Sequence / RAG-Token: one prompt per (question, retrieved passage)
-        valid = torch.from_numpy(res.ids >= 0)
-        pvecs = torch.from_numpy(res.vectors).to(qv.device, qv.dtype)  # frozen index vectors
-        doc_lp = retrieval_log_probs(qv, pvecs, valid.to(qv.device), temperature=1.0 / self.cfg.retrieval.score_scale)
-        prompts, ans = [], []
-        for q, row in zip(questions, res.ids):
-            for i in row:
-                p = [self.corpus[int(i)]] if i >= 0 else []
-                prompts.append(self.generator.build_prompt(q.text, p))
-                ans.append(q.answers[0])
-        with torch.set_grad_enabled(phase.train_generator):  # pairs in checkpointed chunks: train.pair_micro_batch
-            lp, mask = self.generator.answer_logprobs(prompts, ans, chunk=self.cfg.train.pair_micro_batch)
-        self.acc.generator(self.generator, lp_mask=mask, prompts=prompts, answers=ans,
-                           train=phase.train_generator, category="train", chunked=bool(self.cfg.train.pair_micro_batch))
-        B, k = res.ids.shape
-        lp, mask = lp.view(B, k, -1), mask.view(B, k, -1)
-        lp = lp.to(doc_lp.device)
-        mask = mask.to(doc_lp.device)
-        loss = (rag_sequence_loss if phase.loss == "rag_sequence" else rag_token_loss)(doc_lp, lp, mask)
-        p_top1 = doc_lp.exp()[:, 0].mean().item()
-        return loss, {"loss": loss.item(), "p_top1": p_top1}
+        """Loss of one micro-batch under ``phase`` (averaged over its questions) and its statistics: the step
+        registered for the phase's loss (:data:`distrag.training.losses.LOSS_STEPS`)."""
+        return loss_step(phase.loss)(self, phase, questions, rng)
 
-    def _mnrl(self, questions: list[Question], rng: random.Random) -> tuple[torch.Tensor, dict]:
-        t = self.cfg.train
-        batch = self.embedder.tokenize([q.text for q in questions])
-        qv = self.embedder(**batch)
-        self.acc.encoder(self.embedder, batch["attention_mask"], train=True, category="train")
-        # One gold passage per question per step (a question with two gold passages alternates), so
-        # a question never meets its own other gold passage as an in-batch negative.
-        gold = np.array([self.corpus.position(rng.choice(q.gold_passage_ids)) for q in questions])
-        pos = torch.from_numpy(self.index.reconstruct(gold)).to(qv.device, qv.dtype)
-        neg = None
-        if t.hard_negatives:
-            res = self.index.search(qv.detach().float().cpu().numpy(), t.hard_negatives + 4)
-            negs = []
-            for q, row in zip(questions, res.ids):
-                golds = {self.corpus.position(g) for g in q.gold_passage_ids}
-                cand = [int(i) for i in row if i >= 0 and int(i) not in golds][:t.hard_negatives]
-                while len(cand) < t.hard_negatives:  # tiny corpora: pad with a random non-gold passage
-                    j = rng.randrange(len(self.corpus))
-                    if j not in golds:
-                        cand.append(j)
-                negs.append(cand)
-            neg = torch.from_numpy(self.index.reconstruct(np.array(negs))).to(qv.device, qv.dtype)
-        loss = mnrl_loss(qv, pos, neg, scale=t.mnrl_scale)
-        return loss, {"loss": loss.item()}
+    def retrieve(self, vectors: torch.Tensor, k: int, *, return_vectors: bool = False) -> SearchResult:
+        """The top ``k`` of the index in use for question vectors (``[B, d]``, any grad state)."""
+        return self.index.search(vectors.detach().float().cpu().numpy(), k, return_vectors=return_vectors)
 
     # -- optimisation hooks (the DeepSpeed runner overrides these) -------------------------------
     def make_optimizers(self, phase: Phase, total_steps: int) -> None:

@@ -21,7 +21,7 @@ from distrag.costs.plan import (
 from distrag.errors import ConfigError
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
-from distrag.training.strategies import BY_KEY, STRATEGIES
+from distrag.strategies import BY_KEY, STRATEGIES
 
 SMALL = {"generator": "135m", "embedder": "22m", "corpus": 1000, "questions": 64}
 

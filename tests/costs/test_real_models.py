@@ -55,7 +55,7 @@ from distrag.models.generator import Generator
 from distrag.models.sources import alias_available
 from distrag.retrieval.corpus_encoding import CorpusEncoder
 from distrag.retrieval.sharded_index import ShardedIndex
-from distrag.training.strategies import STRATEGIES, Phase
+from distrag.strategies import STRATEGIES, Phase
 from distrag.training.trainer import Trainer, set_embedder_trainable
 
 REAL_MODELS = ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct-GGUF")

@@ -24,7 +24,7 @@ from distrag.reporting.groups import (
 )
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import flatten
-from distrag.training.strategies import STRATEGIES
+from distrag.strategies import STRATEGIES
 
 ALL = [s.key for s in STRATEGIES]
 NO_LABELS = [s.key for s in STRATEGIES if not s.needs_labels]

@@ -10,7 +10,7 @@ import pytest
 from distrag import cli
 from distrag.config import build_config
 from distrag.reporting.plan_view import HEADERS, add_plan_args, target_from
-from distrag.training.strategies import STRATEGIES
+from distrag.strategies import STRATEGIES
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

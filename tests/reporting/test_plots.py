@@ -10,7 +10,7 @@ import pytest
 from distrag import metric_names as mn
 from distrag.reporting.plots import cost_by_phase_figure, em_vs_cost_figure, place_labels, png_bytes, save_png
 from distrag.reporting.report import em_interval
-from distrag.training.strategies import STRATEGIES
+from distrag.strategies import STRATEGIES
 
 
 def _row(label: str, em: float, train: float, hours: float, n: int = 100) -> dict:

@@ -26,7 +26,7 @@ from distrag.reporting.report import (
 )
 from distrag.reporting.results import StrategyResult, load_groups
 from distrag.reporting.tracking import Tracker
-from distrag.training.strategies import STRATEGIES
+from distrag.strategies import STRATEGIES
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,8 +11,8 @@ import torch
 from distrag import metric_names as mn
 from distrag.config import build_config
 from distrag.reporting.tracking import NullTracker
+from distrag.strategies import BY_KEY
 from distrag.training.experiment import Experiment, combine
-from distrag.training.strategies import BY_KEY
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -249,3 +249,12 @@ def test_mnrl_equals_sentence_transformers_on_a_real_model(tiny_encoder_dir):
     # gradients flow to the encoder through our loss too
     ours.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_every_loss_of_the_table_has_its_training_step():
+    from distrag.strategies import LOSSES
+    from distrag.training.losses import LOSS_STEPS, loss_step
+
+    assert set(LOSS_STEPS) == set(LOSSES)
+    with pytest.raises(KeyError, match="no training step is registered for loss 'bogus'"):
+        loss_step("bogus")

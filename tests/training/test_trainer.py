@@ -24,7 +24,7 @@ from distrag.errors import StrategyError
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.retrieval.sharded_index import ShardedIndex
-from distrag.training.strategies import phases_for
+from distrag.strategies import phases_for
 from distrag.training.trainer import Trainer, batch_indices, epoch_order
 
 pytestmark = pytest.mark.timeout(180)
@@ -520,3 +520,36 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_trains_lora(world, 
     tr.train()
     assert any(p.abs().sum() > 0 for n, p in tr.generator.model.named_parameters() if "lora_B" in n)
     assert not tr.generator.model.get_base_model().is_gradient_checkpointing  # off again after training
+
+
+def test_a_new_loss_is_a_table_entry_and_a_registered_step(world, monkeypatch):
+    """A strategy with a loss the trainer has never heard of: one Loss entry in the table and one step in
+    LOSS_STEPS; the trainer (and the cost projection) read them, nothing else changes."""
+    from distrag import strategies
+    from distrag.costs.plan import PlanTarget, _Projector
+    from distrag.strategies import Loss, Phase
+    from distrag.training import losses
+
+    calls = []
+
+    def alignment_step(t, phase, questions, rng):  # pull each question towards its gold passage's stored vector
+        calls.append(len(questions))
+        batch = t.embedder.tokenize([q.text for q in questions])
+        qv = t.embedder(**batch)
+        gold = np.array([t.corpus.position(q.gold_passage_ids[0]) for q in questions])
+        pos = torch.from_numpy(t.index.reconstruct(gold))
+        loss = (1 - (qv * pos).sum(-1)).mean()
+        return loss, {"loss": loss.item()}
+
+    monkeypatch.setitem(strategies.LOSSES, "alignment", Loss("alignment", "cosine to the gold passage", "none",
+                                                              needs_labels=True))
+    monkeypatch.setitem(losses.LOSS_STEPS, "alignment", alignment_step)
+    phase = Phase("align", True, False, "alignment")
+    cfg = cfg_for(world, strategy="embed_ft")
+    tr = trainer_for(world, cfg, phases=[phase])
+    before = {k: v.clone() for k, v in tr.embedder.state_dict().items()}
+    tr.train()
+    assert calls == [2, 2, 2, 2]  # 2 steps x 2 micro batches
+    assert any(not torch.equal(before[k], v) for k, v in tr.embedder.state_dict().items())
+    p = _Projector(PlanTarget(generator="135m", embedder="22m"))
+    assert p.question_flops(phase) == p.question_flops(Phase("e", True, False, "mnrl")) > 0  # no generator

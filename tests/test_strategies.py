@@ -8,7 +8,7 @@ import pytest
 
 from distrag.config import TrainConfig, build_config
 from distrag.errors import StrategyError
-from distrag.training.strategies import (
+from distrag.strategies import (
     BY_KEY,
     STRATEGIES,
     TRAIN_STRATEGIES,
@@ -96,3 +96,42 @@ def test_a_new_strategy_is_one_entry():
     assert s.trains_embedder and s.trains_generator and s.grid_size(3, 5) == 8
     assert [p.loss for p in s.phases(TrainConfig(rag_loss="sequence"))] == ["mnrl", "rag_sequence"]
     assert s.train_overrides() == {"strategy": "embed_then_gen"}
+
+
+def test_the_rules_about_strategies_are_fields_of_the_table():
+    """Which row is combined from which, whose phases follow train.two_phase_order, whose rates a sweep may
+    reuse, what the paper's rule recommends, and which runs need an index rank: read from the table."""
+    from distrag.strategies import BASELINE, advised, needs_index_rank
+
+    ind = next(s for s in STRATEGIES if s.combine_from)
+    encoder_from, generator_from = (BY_KEY[k] for k in ind.combine_from)
+    assert (encoder_from.trains_embedder, encoder_from.trains_generator) == (True, False)
+    assert (generator_from.trains_embedder, generator_from.trains_generator) == (False, True)
+    assert {p.name for p in ind.table_phases} == {p.name for s in (encoder_from, generator_from)
+                                                  for p in s.table_phases}
+    assert [s.key for s in STRATEGIES if s.order_configurable] == ["two_phase"]
+    for s in STRATEGIES:
+        if s.rates_from is not None:
+            assert BY_KEY[s.rates_from].trains_embedder and BY_KEY[s.rates_from].trains_generator
+            assert s.search == "grid" and BY_KEY[s.rates_from].search != "grid"
+    assert [s.key for s in advised("labels")] == ["independent"]
+    assert [s.key for s in advised("no_labels_rates_searched")] == ["two_phase"]
+    assert [s.key for s in advised("no_labels_rates_known")] == ["joint_sequence", "joint_token"]
+    assert not BASELINE.trains and BASELINE is STRATEGIES[0]
+    for s in STRATEGIES:
+        cfg = s.apply(build_config(overrides=["train.refresh_every=2"]))
+        assert needs_index_rank(cfg) is s.trains_embedder
+        cfg.train.refresh_every = 0
+        assert needs_index_rank(cfg) is False
+
+
+def test_every_phase_names_a_declared_loss():
+    from distrag.strategies import LOSSES, RAG_PLACEHOLDER
+
+    for s in STRATEGIES:
+        for p in s.table_phases:
+            assert p.loss in LOSSES or p.loss == RAG_PLACEHOLDER, (s.key, p.loss)
+        for rag in ("sequence", "token"):
+            assert all(p.loss in LOSSES for p in s.phases(TrainConfig(rag_loss=rag)))
+    assert {k for k, v in LOSSES.items() if v.needs_labels} == {"mnrl"}
+    assert {k for k, v in LOSSES.items() if v.marginal} == {"rag_sequence", "rag_token"}

@@ -7,16 +7,15 @@ Config validation (:mod:`distrag.config`) checks each value alone. What it canno
   ``index.kind=ivfpq``, ``index.pq_m`` divides the embedder's dimension (read from the model's config
   file, no weights loaded); ``output_dir`` is a folder this process can write; ``tracking.uri`` has a
   supported scheme and its server answers (:func:`distrag.reporting.tracking.tracking_problem`, a few
-  seconds at most); with ``world_size`` (``launch/train.py``): ``distributed.index_rank`` lies inside
-  the world and the DeepSpeed configuration (``ds_config`` file, ``offload`` with its ZeRO stage) is
-  usable.
+  seconds at most). A launched run (``launch/train.py``) adds the checks of the world and of DeepSpeed's
+  settings (:func:`distrag.distributed.runner.check_setup`).
 * :func:`check_data` (after the data is split): the eval split (and the training split, when the
   strategy trains) holds questions, ``index.n_shards`` <= passages, ``train.hard_negatives`` <= the
   non-gold passages every training question has, and the strategy's data needs (context labels).
 
 :func:`preflight` runs both and raises one :class:`~distrag.errors.ConfigError` listing every problem.
 The command line calls it through :meth:`distrag.training.experiment.Experiment.setup` (after the data
-split, before the models load); ``launch/train.py`` calls :func:`check_setup` with the world size first.
+split, before the models load); ``launch/train.py`` calls :func:`distrag.distributed.runner.preflight`.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from distrag.config import ExperimentConfig
 from distrag.data.records import Splits
-from distrag.errors import ConfigError, DSConfigError, ModelNotFoundError, StrategyError
+from distrag.errors import ConfigError, ModelNotFoundError, StrategyError
 
 Problems = list[tuple[str, str]]
 
@@ -110,41 +109,9 @@ def require_output_dir(output_dir: str | Path) -> None:
         raise ConfigError([("output_dir", problem)])
 
 
-def _world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
-    """``distributed.index_rank`` inside the world, an explicit ``distributed.resume`` that exists, a usable
-    DeepSpeed configuration (``launch/train.py`` runs)."""
-    from distrag.distributed.deepspeed_glue import build_ds_config
-    from distrag.distributed.runner import needs_index_rank
-    from distrag.training.strategies import strategy_of
-
-    problems: Problems = []
-    d = cfg.distributed
-    refresh = needs_index_rank(cfg) and world_size > 1
-    if (refresh or cfg.train.refresh_every > 0) and not -world_size <= d.index_rank < world_size:
-        problems.append(("distributed.index_rank",
-                         f"{d.index_rank} is outside the world of {world_size} process(es) "
-                         f"(ranks 0..{world_size - 1}); use -1 (the last rank) or a rank in 0..{world_size - 1}"))
-    if d.resume not in (None, "", "none", "auto") and not Path(d.resume).exists():
-        problems.append(("distributed.resume",
-                         f"checkpoint {d.resume} does not exist; give a checkpoint folder (<output_dir>/distributed/"
-                         "<strategy>-<hash>/checkpoints/step_N), auto (the newest, or a fresh start) or none"))
-    if strategy_of(cfg).trains_generator:  # DeepSpeed wraps the generator only
-        try:
-            build_ds_config(cfg.train, d, max(world_size - 1 if refresh else world_size, 1), bf16=False)
-        except DSConfigError as e:
-            if "offload" in str(e):
-                problems.append(("distributed.offload", "CPU offload needs ZeRO-3; set distributed.zero_stage=3 or "
-                                                        "distributed.offload=false"))
-            else:
-                problems.append(("distributed.ds_config", f"{str(e).removeprefix('distributed.ds_config: ')}; give a "
-                                 "DeepSpeed JSON object (e.g. ds_configs/zero2.json) or leave it unset for the "
-                                 "built-in ZeRO settings"))
-    return problems
-
-
-def check_setup(cfg: ExperimentConfig, *, world_size: int | None = None, tracking: bool = True) -> Problems:
-    """The problems that need no data: models, output folder, tracker (when ``tracking``), and with
-    ``world_size`` (a ``launch/train.py`` run) the world and DeepSpeed settings."""
+def check_setup(cfg: ExperimentConfig, *, tracking: bool = True) -> Problems:
+    """The problems that need no data: models, output folder, tracker (when ``tracking``). A launched run adds
+    the world's and DeepSpeed's (:func:`distrag.distributed.runner.check_setup`)."""
     from distrag.reporting.tracking import tracking_problem
 
     problems = _model_problems(cfg)
@@ -155,15 +122,13 @@ def check_setup(cfg: ExperimentConfig, *, world_size: int | None = None, trackin
         trk = tracking_problem(cfg.tracking)
         if trk:
             problems.append(("tracking.uri", trk))
-    if world_size is not None:
-        problems += _world_problems(cfg, world_size)
     return problems
 
 
 def check_data(cfg: ExperimentConfig, splits: Splits) -> Problems:
     """The problems that need the data: empty splits, shards over passages, hard negatives over the
     non-gold passages, the strategy's needs (context labels)."""
-    from distrag.training.strategies import check_strategy_data, phases_for, strategy_of
+    from distrag.strategies import check_strategy_data, phases_for, strategy_of
 
     problems: Problems = []
     n_passages = len(splits.corpus)
@@ -180,8 +145,8 @@ def check_data(cfg: ExperimentConfig, splits: Splits) -> Problems:
         if not splits.train:
             problems.append(("data", f"the train split of {splits.name} holds no question; lower "
                                      "data.dev_fraction / data.test_fraction or use more questions"))
-        mnrl = any(p.loss == "mnrl" for p in phases_for(cfg))
-        if mnrl and cfg.train.hard_negatives:
+        takes_negatives = any(p.spec.takes_hard_negatives for p in phases_for(cfg))
+        if takes_negatives and cfg.train.hard_negatives:
             most_gold = max((len(q.gold_passage_ids or ()) for q in splits.train), default=1)
             room = n_passages - most_gold
             if cfg.train.hard_negatives > room:
@@ -197,11 +162,11 @@ def check_data(cfg: ExperimentConfig, splits: Splits) -> Problems:
     return problems
 
 
-def preflight(cfg: ExperimentConfig, splits: Splits | None = None, *, world_size: int | None = None,
-              tracking: bool = True) -> None:
+def preflight(cfg: ExperimentConfig, splits: Splits | None = None, *, tracking: bool = True,
+              problems: Problems | None = None) -> None:
     """Raise one :class:`ConfigError` with every problem :func:`check_setup` and (given ``splits``)
-    :func:`check_data` find; return quietly when there is none."""
-    problems = check_setup(cfg, world_size=world_size, tracking=tracking)
+    :func:`check_data` find, after ``problems`` found by the caller; return quietly when there is none."""
+    problems = [*(problems or []), *check_setup(cfg, tracking=tracking)]
     if splits is not None:
         problems += check_data(cfg, splits)
     if problems:

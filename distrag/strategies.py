@@ -18,9 +18,17 @@ evaluated the same way, with ``generator.decoding`` at ``retrieval.top_k``: rows
 
 Everything that needs to know about strategies reads this table: the configuration's allowed
 ``train.strategy`` values, the trainer's phases and random streams, the experiment's labels and MLflow keys,
-the demo's rows, the sweep's search, ``advise``'s rule and the report's row order. Adding a strategy
-is one :class:`Strategy` entry below plus, if it needs one, its loss in :mod:`distrag.training.losses`
-(dispatched in :meth:`distrag.training.trainer.Trainer.compute_loss`).
+the demo's rows (which row is combined from which), the sweep's search (and which rates a strategy may
+reuse), ``advise``'s rule, the cost projection, the distributed runner (whether a run needs an index rank)
+and the report's row order. No code outside this module tests a strategy key by name.
+
+Losses are declared here too (:data:`LOSSES`): what each one needs from the data (context labels, hard
+negatives) and how the generator sees the top-k passages in a step (not at all, one prompt with all k, or
+k one-passage prompts marginalised over p(z|q)), which is what the cost projection (:mod:`distrag.costs.plan`)
+and the checks before a run read. What a loss computes in one micro-batch is registered under the same key in
+:mod:`distrag.training.losses` (``LOSS_STEPS``), which the trainer dispatches through. Adding a strategy is one
+:class:`Strategy` entry below; adding a loss is one :class:`Loss` entry plus its step in
+:mod:`distrag.training.losses`.
 
 How the learning-rate search of each strategy runs (``search``):
 
@@ -44,23 +52,68 @@ if TYPE_CHECKING:
     from distrag.config import ExperimentConfig, TrainConfig
     from distrag.data.records import Question
 
-Loss = Literal["mnrl", "nll", "rag_sequence", "rag_token", "rag"]
 Search = Literal["none", "separate", "sequential", "grid"]
+Prompts = Literal["none", "concat", "per_passage"]
+Situation = Literal["labels", "no_labels_rates_known", "no_labels_rates_searched"]
+"""The three cases of the paper's decision rule (``distrag advise``): context labels available; none, with
+good learning rates known; none, with learning rates still to search."""
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A training loss, as the rest of the package needs to know it (its step: ``training/losses.py``)."""
+
+    key: str
+    """The key phases name it by (``Phase.loss``) and the trainer dispatches on."""
+    summary: str
+    """One line for help texts."""
+    generator_prompts: Prompts
+    """How the generator sees a question's top-k passages in a step: ``none`` (the generator is not run),
+    ``concat`` (one prompt holding all k) or ``per_passage`` (k one-passage prompts, marginalised)."""
+    needs_labels: bool = False
+    """Trains on (question, gold passage) pairs: every training question needs gold passage ids."""
+    marginal: bool = False
+    """Marginalises over the top-k with p(z|q) = softmax of the retrieval scores, so the gradient reaches the
+    question encoder through the passage scores (the RAG losses)."""
+    takes_hard_negatives: bool = False
+    """Uses ``train.hard_negatives`` retrieved non-gold passages per question."""
+
+
+LOSSES: dict[str, Loss] = {loss.key: loss for loss in (
+    Loss("mnrl", "multiple-negatives ranking (InfoNCE, cosine) on (question, gold passage) pairs", "none",
+         needs_labels=True, takes_hard_negatives=True),
+    Loss("nll", "answer negative log-likelihood given one prompt with the top-k passages", "concat"),
+    Loss("rag_sequence", "RAG-Sequence marginal likelihood over the top-k", "per_passage", marginal=True),
+    Loss("rag_token", "RAG-Token marginal likelihood over the top-k", "per_passage", marginal=True),
+)}
+"""Every loss a phase can train with. ``rag`` in the table (not a key here) is the configured
+``train.rag_loss``: ``rag_sequence`` or ``rag_token``."""
+RAG_PLACEHOLDER = "rag"
+
+
+def loss_spec(key: str) -> Loss:
+    """The :class:`Loss` of ``key`` (``rag``, still unresolved, reads as a RAG loss)."""
+    return LOSSES["rag_token" if key == RAG_PLACEHOLDER else key]
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One stage of a strategy: which model trains, with which loss. ``loss='rag'`` in the table means
-    the configured ``train.rag_loss`` (resolved by :meth:`Strategy.phases`)."""
+    """One stage of a strategy: which model trains, with which loss (a key of :data:`LOSSES`). ``loss='rag'``
+    in the table means the configured ``train.rag_loss`` (resolved by :meth:`Strategy.phases`)."""
 
     name: str
     train_embedder: bool
     train_generator: bool
-    loss: Loss
+    loss: str
+
+    @property
+    def spec(self) -> Loss:
+        """What the table says of this phase's loss."""
+        return loss_spec(self.loss)
 
     @property
     def uses_rag(self) -> bool:
-        return self.loss.startswith("rag")
+        return self.spec.marginal
 
     @property
     def lr_key(self) -> str:
@@ -89,15 +142,31 @@ class Strategy:
     """One line for help texts."""
     rag_loss: str | None = None
     """When set, the strategy is selected by ``train.rag_loss`` too (joint: RAG-Sequence or RAG-Token)."""
+    order_configurable: bool = False
+    """Its phases run in ``train.two_phase_order`` (table order = ``generator_first``)."""
+    combine_from: tuple[str, str] | None = None
+    """``(encoder from, generator from)``: the strategy is the question encoder (and its index) of one
+    strategy's training and the generator of another's, trained separately; the demo combines those two rows'
+    models instead of training them again, and the sweep searches each part as that strategy does."""
+    rates_from: str | None = None
+    """A strategy whose selected learning rates this one takes instead of its own search when
+    ``sweep.joint_reuse_two_phase`` is set (as the paper did for joint)."""
+    advised_for: tuple[Situation, ...] = ()
+    """The cases of the paper's decision rule in which it is the recommendation (``distrag advise``)."""
 
     # -- derived -----------------------------------------------------------------------------------
     def phases(self, train: TrainConfig | None = None) -> list[Phase]:
         """The phases to run under ``train`` (RAG loss and two-phase order resolved)."""
         rag = f"rag_{(train.rag_loss if train is not None else 'token')}"
-        out = [replace(p, loss=rag) if p.loss == "rag" else p for p in self.table_phases]
-        if self.key == "two_phase" and train is not None and train.two_phase_order == "retriever_first":
+        out = [replace(p, loss=rag) if p.loss == RAG_PLACEHOLDER else p for p in self.table_phases]
+        if self.order_configurable and train is not None and train.two_phase_order == "retriever_first":
             out.reverse()
         return out
+
+    def needs_index_rank(self, train: TrainConfig) -> bool:
+        """Whether a multi-process run of it has an index rank: a phase trains the question encoder and the
+        passage vectors are refreshed while it does (``train.refresh_every`` > 0)."""
+        return train.refresh_every > 0 and any(p.train_embedder for p in self.phases(train))
 
     @property
     def trains_embedder(self) -> bool:
@@ -114,7 +183,7 @@ class Strategy:
     @property
     def needs_labels(self) -> bool:
         """Needs gold passage ids for every training question (MNRL trains on (question, gold) pairs)."""
-        return any(p.loss == "mnrl" for p in self.table_phases)
+        return any(p.spec.needs_labels for p in self.table_phases)
 
     @property
     def uses_rag(self) -> bool:
@@ -158,19 +227,35 @@ STRATEGIES: tuple[Strategy, ...] = (
     # The generator phase runs first so that it retrieves with the *base* retriever, exactly as when the
     # two components are trained separately.
     Strategy("independent", "Independent", "independent", (GEN, EMBED), "separate",
-             "Ft-Gen and Ft-Embed trained separately, then combined; needs context labels"),
+             "Ft-Gen and Ft-Embed trained separately, then combined; needs context labels",
+             combine_from=("embed_ft", "gen_ft"), advised_for=("labels",)),
     Strategy("two_phase", "Two-phase", "two_phase",
              (Phase("two_phase_generator", False, True, "rag"), Phase("two_phase_retriever", True, False, "rag")),
-             "sequential", "generator, then retriever (order configurable), both with the RAG loss"),
+             "sequential", "generator, then retriever (order configurable), both with the RAG loss",
+             order_configurable=True, advised_for=("no_labels_rates_searched",)),
     Strategy("joint_sequence", "RAG-Seq", "joint", (Phase("joint_sequence", True, True, "rag_sequence"),),
-             "grid", "both at once through the RAG-Sequence marginal likelihood", rag_loss="sequence"),
+             "grid", "both at once through the RAG-Sequence marginal likelihood", rag_loss="sequence",
+             rates_from="two_phase", advised_for=("no_labels_rates_known",)),
     Strategy("joint_token", "RAG-Tok", "joint", (Phase("joint_token", True, True, "rag_token"),),
-             "grid", "both at once through the RAG-Token marginal likelihood", rag_loss="token"),
+             "grid", "both at once through the RAG-Token marginal likelihood", rag_loss="token",
+             rates_from="two_phase", advised_for=("no_labels_rates_known",)),
 )
 
 BY_KEY: dict[str, Strategy] = {s.key: s for s in STRATEGIES}
 TRAIN_STRATEGIES: tuple[str, ...] = tuple(dict.fromkeys(s.train_strategy for s in STRATEGIES))
 """Allowed values of ``train.strategy`` (the configuration validates against it)."""
+BASELINE: Strategy = next(s for s in STRATEGIES if not s.trains)
+"""The row that trains nothing (No-FT): ``distrag eval`` runs it."""
+
+
+def advised(situation: Situation) -> list[Strategy]:
+    """The strategies the paper's decision rule recommends in ``situation`` (table order)."""
+    return [s for s in STRATEGIES if situation in s.advised_for]
+
+
+def needs_index_rank(cfg: ExperimentConfig) -> bool:
+    """Whether a multi-process run of ``cfg`` has an index rank (:meth:`Strategy.needs_index_rank`)."""
+    return strategy_of(cfg).needs_index_rank(cfg.train)
 
 
 def get_strategy(key: str) -> Strategy:
@@ -201,7 +286,7 @@ def phases_for(cfg: ExperimentConfig) -> list[Phase]:
 def check_strategy_data(cfg: ExperimentConfig, train_questions: list[Question],
                         phases: list[Phase] | None = None) -> None:
     """A phase trained with MNRL needs context labels; say so before anything is trained."""
-    needs_labels = any(p.loss == "mnrl" for p in (phases_for(cfg) if phases is None else phases))
+    needs_labels = any(p.spec.needs_labels for p in (phases_for(cfg) if phases is None else phases))
     unlabelled = [q.id for q in train_questions if not q.has_labels]
     if needs_labels and unlabelled:
         no_labels = dict.fromkeys(f"train.strategy={s.train_strategy}" for s in STRATEGIES

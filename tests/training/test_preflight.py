@@ -11,8 +11,9 @@ import pytest
 
 from distrag.config import build_config
 from distrag.data.records import Corpus, Passage, Question, Splits
+from distrag.distributed.runner import check_setup, preflight
 from distrag.errors import ConfigError
-from distrag.preflight import check_data, check_setup, embedder_dim, output_dir_problem, preflight
+from distrag.training.preflight import check_data, embedder_dim, output_dir_problem
 
 
 def _cfg(tmp_path, enc, lm, *overrides):
@@ -147,7 +148,7 @@ def test_launch_train_reports_the_world_and_deepspeed_problems_at_once_before_lo
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"embedder": {"model": str(tiny_encoder_dir)},
                                    "generator": {"model": str(tiny_lm_dir)},
