@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distrag import metric_names as mn
-from distrag.reporting.groups import GroupKey, GroupSelection, describe_groups, key_of, other_groups_note
+from distrag.reporting.comparison import GroupKey, key_of
+from distrag.reporting.groups import GroupSelection, describe_groups, other_groups_note
 from distrag.reporting.results import StrategyResult, load_group, load_groups
 from distrag.strategies import BY_KEY
 

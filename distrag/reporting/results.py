@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from distrag import metric_names as mn
 from distrag.errors import ConfigError
 from distrag.redaction import mask_credentials
-from distrag.reporting.groups import Group, GroupSelection, choose, comparison_from_params, group_rows, key_of
+from distrag.reporting.comparison import comparison_from_params, key_of
+from distrag.reporting.groups import Group, GroupSelection, choose, group_rows
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig, TrackingConfig
@@ -59,7 +60,7 @@ class StrategyResult:
     eval_split: str = ""
     """The split it was scored on."""
     comparison: str = ""
-    """Its comparison hash (:func:`distrag.reporting.groups.comparison_hash`)."""
+    """Its comparison hash (:func:`distrag.reporting.comparison.comparison_hash`)."""
     started_ms: int = 0
     """When its run started (ms since the epoch; results read back from MLflow)."""
     extra: dict[str, float] = field(default_factory=dict)

@@ -37,7 +37,7 @@ from typing import Any
 from distrag import metric_names as mn
 from distrag.config import ExperimentConfig, TrackingConfig
 from distrag.redaction import mask_credentials, masked_exception
-from distrag.reporting.groups import comparison_hash
+from distrag.reporting.comparison import comparison_hash
 
 log = logging.getLogger(__name__)
 

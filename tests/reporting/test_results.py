@@ -8,7 +8,8 @@ import pytest
 from distrag import metric_names as mn
 from distrag.config import TrackingConfig, build_config
 from distrag.errors import ConfigError, UserError
-from distrag.reporting.groups import GroupSelection, comparison_hash
+from distrag.reporting.comparison import comparison_hash
+from distrag.reporting.groups import GroupSelection
 from distrag.reporting.results import load_group, load_groups, load_runs
 from distrag.reporting.tracking import Tracker, experiment_tags, flatten
 
