@@ -10,7 +10,7 @@ context labels exist (a strategy that needs them was recorded, or retrieval reca
 the five that need none. When no group is complete, the one with the most strategies is shown (ties: the
 newest) and the output says so. ``--list-groups`` lists them all.
 
-Nothing here reads MLflow: :func:`distrag.reporting.results.load_groups` reads the runs and groups them
+Nothing here reads MLflow: :func:`distrag.reporting.tracking.load_groups` reads the runs and groups them
 with :func:`group_rows`.
 """
 
@@ -148,6 +148,16 @@ def other_groups_note(groups: Sequence[Group], chosen: Group) -> str:
         return ""
     return (f"{n} other comparison group{'s' if n > 1 else ''} recorded in this experiment (other dataset, "
             f"models, split, k or settings): list them with --list-groups, pick one with --group ID")
+
+
+@dataclass
+class Loaded:
+    """The group chosen for a report or a recommendation, and every group recorded."""
+
+    group: Group
+    why: str
+    """Why this group ("the newest complete group", "selected with --group", ...)."""
+    groups: list[Group]
 
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """Result tables and the report: the paper-style comparison of strategies by quality and cost.
 
 Rows are :class:`~distrag.reporting.results.StrategyResult` s of ONE comparison group
-(:mod:`distrag.reporting.groups`), fresh from a run or read back from MLflow. The same column list makes
+(:mod:`distrag.reporting.groups`), fresh from a run or read back from MLflow
+(:mod:`distrag.reporting.tracking`). The same column list makes
 the terminal table, ``table.md`` and ``table.csv``; the report adds the plots (:mod:`distrag.reporting.plots`:
 ``em_vs_flops.png``, ``em_vs_device_hours.png``, ``cost_by_phase.png``) and ``report.html``, one
 self-contained page with the table and the plots (:mod:`distrag.reporting.html_page`). Each group has
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING
 from distrag import metric_names as mn
 from distrag.reporting.comparison import GroupKey, key_of
 from distrag.reporting.groups import GroupSelection, describe_groups, other_groups_note
-from distrag.reporting.results import StrategyResult, load_group, load_groups
+from distrag.reporting.results import StrategyResult
+from distrag.reporting.tracking import load_group, load_groups, open_report_run
 from distrag.strategies import BY_KEY
 
 if TYPE_CHECKING:
@@ -247,20 +249,6 @@ def _group_key(results: Sequence[StrategyResult]) -> GroupKey | None:
     return next(iter(keys), None)
 
 
-def _report_tracker(tracking_cfg: TrackingConfig, key: GroupKey):
-    """The group's report run, reopened when it exists (found by its ``distrag.group`` tag), else created."""
-    from distrag.reporting.results import open_experiment
-    from distrag.reporting.tracking import Tracker
-
-    client, exp = open_experiment(tracking_cfg)
-    found = client.search_runs([exp.experiment_id], f"tags.`{mn.TAG_KIND}` = '{mn.KIND_REPORT}' and "
-                               f"tags.`{mn.TAG_GROUP}` = '{key.id}'", order_by=["attributes.start_time DESC"],
-                               max_results=1)
-    return Tracker.open(tracking_cfg, run_name=f"report {key.id} {key.dataset or ''}".strip(),
-                        tags={mn.TAG_KIND: mn.KIND_REPORT, **key.tags()},
-                        run_id=found[0].info.run_id if found else None)
-
-
 def write_report_for_results(results: Sequence[StrategyResult], out_dir: Path, *, tracking_cfg=None,
                              why: str = "") -> Path:
     """Report files for ``results`` (one comparison group) in ``out_dir``, attached (tracking on) to the
@@ -269,7 +257,7 @@ def write_report_for_results(results: Sequence[StrategyResult], out_dir: Path, *
     title, meta = report_heading(key, results, why)
     files = write_report_files(results, out_dir, title=title, meta=meta)
     if key is not None and tracking_cfg is not None and tracking_cfg.enabled:
-        with _report_tracker(tracking_cfg, key) as tr:
+        with open_report_run(tracking_cfg, key) as tr:
             for f in files:
                 tr.log_artifact(f, "report")
     return Path(out_dir)

@@ -24,8 +24,8 @@ from distrag.reporting.report import (
     write_report_files,
     write_report_for_results,
 )
-from distrag.reporting.results import StrategyResult, load_groups
-from distrag.reporting.tracking import Tracker
+from distrag.reporting.results import StrategyResult
+from distrag.reporting.tracking import Tracker, load_groups
 from distrag.strategies import STRATEGIES
 
 PNG = b"\x89PNG\r\n\x1a\n"
