@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from distrag import metric_names as mn
 from distrag.errors import ConfigError
+from distrag.reporting.columns import fmt_flops
 from distrag.reporting.groups import GroupSelection, Loaded, other_groups_note
-from distrag.reporting.report import fmt_flops
 from distrag.reporting.results import StrategyResult
 from distrag.strategies import BY_KEY, STRATEGIES, Strategy, advised
 

@@ -2,8 +2,8 @@
 
 A :class:`StrategyResult` comes either straight from a run (:meth:`distrag.training.experiment.Experiment.run`)
 or back from MLflow (:func:`distrag.reporting.tracking.load_group`); the report and ``advise`` cannot tell
-the difference. Rows read back are grouped (:mod:`distrag.reporting.groups`): one comparison group at a
-time.
+the difference. The report's columns read it (:mod:`distrag.reporting.columns`); rows read back are
+grouped (:mod:`distrag.reporting.groups`): one comparison group at a time.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ Tags every distrag run carries (used by ``distrag report``; the names live in di
 and ``distrag.group``, sweep runs ``distrag.selected_run`` and ``distrag.notes``, report runs ``distrag.group``.
 
 Reading (:func:`load_group`) creates nothing. Each finished strategy run becomes a ``StrategyResult`` that
-keeps every metric the run logged, so a new report column can read a new metric; the rows are then
-grouped (:mod:`distrag.reporting.groups`).
+keeps every metric the run logged, so a new report column (:mod:`distrag.reporting.columns`) can read a
+new metric; the rows are then grouped (:mod:`distrag.reporting.groups`).
 """
 
 from __future__ import annotations
