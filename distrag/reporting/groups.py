@@ -16,7 +16,6 @@ with :func:`group_rows`.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -158,17 +157,3 @@ class Loaded:
     why: str
     """Why this group ("the newest complete group", "selected with --group", ...)."""
     groups: list[Group]
-
-
-def add_selection_args(p: argparse.ArgumentParser) -> None:
-    """``--group``, ``--dataset`` and ``--list-groups`` (``distrag report`` and ``distrag advise``)."""
-    p.add_argument("--group", help="comparison group to show: its id or a prefix (see --list-groups); default: "
-                                   "the newest complete group")
-    p.add_argument("--dataset", help="only groups of this dataset (e.g. synthetic, hotpotqa:dev.json)")
-    p.add_argument("--list-groups", action="store_true",
-                   help="list the comparison groups recorded (dataset, models, split, k, settings) and exit")
-
-
-def selection_from_args(args: argparse.Namespace) -> GroupSelection:
-    return GroupSelection(getattr(args, "group", None), getattr(args, "dataset", None),
-                          bool(getattr(args, "list_groups", False)))

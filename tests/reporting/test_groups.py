@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from distrag.errors import ConfigError
@@ -11,12 +9,10 @@ from distrag.reporting.comparison import key_of
 from distrag.reporting.groups import (
     Group,
     GroupSelection,
-    add_selection_args,
     choose,
     describe_groups,
     group_rows,
     other_groups_note,
-    selection_from_args,
 )
 from distrag.reporting.results import StrategyResult
 from distrag.strategies import STRATEGIES
@@ -102,12 +98,3 @@ def test_group_listing_and_notes():
     assert "popqa:tail, test split, k=3, embedder enc, generator lm, settings c1" in lines[1]
     assert "2 other comparison groups" in other_groups_note(groups, groups[0])
     assert other_groups_note(groups[:1], groups[0]) == ""
-
-
-def test_command_line_selection():
-    p = argparse.ArgumentParser()
-    add_selection_args(p)
-    sel = selection_from_args(p.parse_args(["--group", "ab12", "--dataset", "popqa", "--list-groups"]))
-    assert sel == GroupSelection("ab12", "popqa", True)
-    assert selection_from_args(p.parse_args([])) == GroupSelection()
-    assert selection_from_args(argparse.Namespace()) == GroupSelection()  # a parser without the options
