@@ -29,7 +29,7 @@ from distrag.distributed.preemption import sigterm_as_interrupt
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.redaction import mask_tree
-from distrag.reporting.groups import comparison_hash, key_of
+from distrag.reporting.comparison import comparison_hash, key_of
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import experiment_tags, flatten, open_tracker
 from distrag.retrieval.corpus_encoding import build_index, load_or_build_index
