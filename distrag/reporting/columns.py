@@ -140,6 +140,10 @@ def _blocked_percent(r: StrategyResult) -> float | None:
     return None if share is None else 100 * share
 
 
+def _int_or_none(v: float | None) -> int | None:
+    return None if v is None else int(v)
+
+
 def _one_decimal(v: float) -> str:
     return f"{v:.1f}"
 
@@ -163,6 +167,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("recall", "Recall@{k}", _percent_at_k("recall"), _one_decimal),
     Column("recall_all", "Recall-all@{k}", _percent_at_k("recall_all"), _one_decimal),
     Column("answer_recall", "Answer recall@{k}", _percent_at_k("answer_recall"), _one_decimal),
+    Column("mrr", "MRR@{k}", _percent_at_k("mrr"), _one_decimal),
+    Column("ndcg", "nDCG@{k}", _percent_at_k("ndcg"), _one_decimal),
     Column("passage_vectors", "Passages", lambda r: r.passage_vectors or None, align="left"),
     Column("train_flops", "Train FLOPs", lambda r: r.costs.get(mn.COST_TRAIN_FLOPS, 0.0), _flops, fmt_flops),
     Column("total_flops", "Total FLOPs", lambda r: r.costs.get(mn.COST_TOTAL_FLOPS, 0.0), _flops, fmt_flops),
@@ -175,6 +181,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("blocked_share", "Blocked on index (%)", _blocked_percent, _one_decimal),
     Column("search_flops", "LR-search FLOPs", lambda r: r.search_flops, _flops, fmt_flops, show="nonzero"),
     Column("n", "Questions", _n),
+    Column("n_retrieval", "Retrieval questions", lambda r: _int_or_none(r.metrics.get(mn.N_RETRIEVAL_QUESTIONS))),
     # in table.csv only: the interval's ends, what the caption says once, where the row comes from
     Column("em_ci_low", "EM 95% CI low", lambda r: _em_ci(r)[0], table=False),
     Column("em_ci_high", "EM 95% CI high", lambda r: _em_ci(r)[1], table=False),
