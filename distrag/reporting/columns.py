@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from distrag import metric_names as mn
+from distrag.reporting.paired import annotate
 from distrag.reporting.results import StrategyResult
 
 
@@ -140,6 +141,46 @@ def _blocked_percent(r: StrategyResult) -> float | None:
     return None if share is None else 100 * share
 
 
+def _paired(against: str, metric: str, part: str | None = None) -> Callable[[StrategyResult], Any]:
+    """A paired comparison of the row (``vs_baseline`` or ``vs_best``): the interval of ``metric``'s difference, in
+    points (x100), or one ``part`` of it (``mean``, ``low``, ``high``) for table.csv."""
+    def value(r: StrategyResult) -> Any:
+        comparison = getattr(r, against)
+        iv = comparison.intervals.get(metric) if comparison is not None else None
+        if iv is None:
+            return None
+        scaled = (100 * iv.mean, 100 * iv.low, 100 * iv.high)
+        return scaled if part is None else scaled[("mean", "low", "high").index(part)]
+
+    return value
+
+
+def _mcnemar_p(r: StrategyResult) -> float | None:
+    test = r.vs_baseline.mcnemar.get("em") if r.vs_baseline is not None else None
+    return None if test is None else test.p_value
+
+
+def _difference(v: tuple[float, float, float]) -> str:
+    return f"{v[0]:+.1f} [{v[1]:+.1f}, {v[2]:+.1f}]"
+
+
+def _paired_columns() -> tuple[Column, ...]:
+    """The paired comparisons: in the tables dEM and dRecall@k against No-FT (with McNemar's p for EM) and dEM
+    against the best row; in table.csv the mean and interval ends of dEM, dF1 and dRecall@k against both."""
+    shown = (
+        Column("dem_vs_base", "dEM vs No-FT [95% CI]", _paired("vs_baseline", "em"), _difference, csv=False),
+        Column("mcnemar_p", "McNemar p (EM vs No-FT)", _mcnemar_p, lambda v: f"{v:.3g}"),
+        Column("drecall_vs_base", "dRecall@{k} vs No-FT [95% CI]", _paired("vs_baseline", "recall"), _difference,
+               csv=False),
+        Column("dem_vs_best", "dEM vs best [95% CI]", _paired("vs_best", "em"), _difference, csv=False),
+    )
+    raw = tuple(Column(f"d{metric}_vs_{name}_{part}", f"d{metric} vs {name} {part}", _paired(against, metric, part),
+                       table=False)
+                for against, name in (("vs_baseline", "base"), ("vs_best", "best"))
+                for metric in ("em", "f1", "recall") for part in ("mean", "low", "high"))
+    return shown + raw
+
+
 def _int_or_none(v: float | None) -> int | None:
     return None if v is None else int(v)
 
@@ -169,6 +210,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("answer_recall", "Answer recall@{k}", _percent_at_k("answer_recall"), _one_decimal),
     Column("mrr", "MRR@{k}", _percent_at_k("mrr"), _one_decimal),
     Column("ndcg", "nDCG@{k}", _percent_at_k("ndcg"), _one_decimal),
+    *_paired_columns(),
     Column("passage_vectors", "Passages", lambda r: r.passage_vectors or None, align="left"),
     Column("train_flops", "Train FLOPs", lambda r: r.costs.get(mn.COST_TRAIN_FLOPS, 0.0), _flops, fmt_flops),
     Column("total_flops", "Total FLOPs", lambda r: r.costs.get(mn.COST_TOTAL_FLOPS, 0.0), _flops, fmt_flops),
@@ -197,7 +239,9 @@ COLUMNS: tuple[Column, ...] = (
 
 
 def result_rows(results: Sequence[StrategyResult]) -> list[dict]:
-    """One dict per result: every column's raw value under its key (quality in %; the plots read these)."""
+    """One dict per result: every column's raw value under its key (quality in %; the plots read these). The rows
+    are compared question by question first (:func:`distrag.reporting.paired.annotate`)."""
+    annotate(results)
     return [{c.key: c.value(r) for c in COLUMNS} for r in results]
 
 
@@ -220,6 +264,10 @@ def table_caption(rows: Sequence[dict]) -> str:
                  "questions with all of them")
     if any(r.get("passage_vectors") for r in rows):
         text += "; Passages: base = the base encoder's vectors, re-embedded = the corpus re-encoded after training"
+    if any(r.get("dem_vs_base") is not None or r.get("dem_vs_best") is not None for r in rows):
+        text += ("; d<metric> = the row minus No-FT (or minus the best row by EM), in points, over the questions both "
+                 "answered, with its 95 % paired bootstrap interval (10,000 resamples); McNemar p: exact test of the "
+                 "EM differences; an interval that covers 0 does not tell the two rows apart")
     return text + "." if text else ""
 
 
