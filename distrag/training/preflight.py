@@ -51,7 +51,9 @@ def embedder_dim(cfg: ExperimentConfig) -> int | None:
     return int(dim) if isinstance(dim, int) else None
 
 
-def _model_problems(cfg: ExperimentConfig) -> Problems:
+def _model_problems(cfg: ExperimentConfig, *, generator: bool = True) -> Problems:
+    """The models resolve (and ``index.pq_m`` fits the embedder); ``generator=False``: the embedder alone (a
+    retrieval-only evaluation loads no generator)."""
     from distrag.models.sources import resolve_model
 
     problems: Problems = []
@@ -65,7 +67,8 @@ def _model_problems(cfg: ExperimentConfig) -> Problems:
         problems.append(("index.pq_m", f"{cfg.index.pq_m} does not divide the embedder's dimension {dim} "
                                        f"(index.kind=ivfpq); use one of {divisors}"))
     try:
-        resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
+        if generator:
+            resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
     except ModelNotFoundError as e:
         if cfg.generator.gguf_file and "gguf_file" in str(e):
             there = sorted(p.name for p in Path(cfg.generator.model).expanduser().glob("*.gguf"))
@@ -109,12 +112,13 @@ def require_output_dir(output_dir: str | Path) -> None:
         raise ConfigError([("output_dir", problem)])
 
 
-def check_setup(cfg: ExperimentConfig, *, tracking: bool = True) -> Problems:
-    """The problems that need no data: models, output folder, tracker (when ``tracking``). A launched run adds
-    the world's and DeepSpeed's (:func:`distrag.distributed.runner.check_setup`)."""
+def check_setup(cfg: ExperimentConfig, *, tracking: bool = True, generator: bool = True) -> Problems:
+    """The problems that need no data: models (the generator only when it will be loaded), output folder,
+    tracker (when ``tracking``). A launched run adds the world's and DeepSpeed's
+    (:func:`distrag.distributed.runner.check_setup`)."""
     from distrag.reporting.tracking import tracking_problem
 
-    problems = _model_problems(cfg)
+    problems = _model_problems(cfg, generator=generator)
     out = output_dir_problem(cfg.output_dir)
     if out:
         problems.append(("output_dir", out))
@@ -163,10 +167,10 @@ def check_data(cfg: ExperimentConfig, splits: Splits) -> Problems:
 
 
 def preflight(cfg: ExperimentConfig, splits: Splits | None = None, *, tracking: bool = True,
-              problems: Problems | None = None) -> None:
+              problems: Problems | None = None, generator: bool = True) -> None:
     """Raise one :class:`ConfigError` with every problem :func:`check_setup` and (given ``splits``)
     :func:`check_data` find, after ``problems`` found by the caller; return quietly when there is none."""
-    problems = [*(problems or []), *check_setup(cfg, tracking=tracking)]
+    problems = [*(problems or []), *check_setup(cfg, tracking=tracking, generator=generator)]
     if splits is not None:
         problems += check_data(cfg, splits)
     if problems:
