@@ -32,9 +32,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distrag.distributed.process_watch import exit_reason, hostname
 from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID
 from distrag.distributed.run_secret import run_secret, signed_record
+from distrag.process_watch import exit_reason, hostname
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig

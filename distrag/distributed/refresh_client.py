@@ -67,9 +67,9 @@ import torch
 from distrag import metric_names as mn
 from distrag.atomic_io import atomic_write_bytes
 from distrag.distributed import run_secret
-from distrag.distributed.process_watch import end_lingering, hostname, pid_alive
 from distrag.distributed.refresh_stats import RefreshStats
 from distrag.errors import IndexRankFailed
+from distrag.process_watch import end_lingering, hostname, pid_alive
 
 PREFIX = "distrag/index/"
 K_WEIGHTS = PREFIX + "weights"  # submissions by trainer 0 (counter)

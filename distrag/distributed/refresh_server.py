@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from distrag.data import load_data
-from distrag.distributed.process_watch import hostname
 from distrag.distributed.refresh_client import (
     K_ADOPTED,
     K_BYE,
@@ -34,6 +33,7 @@ from distrag.distributed.refresh_client import (
 )
 from distrag.distributed.run_secret import run_secret, signed_record
 from distrag.models.embedder import Embedder
+from distrag.process_watch import hostname
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import CorpusEncoder
 from distrag.retrieval.sharded_index import ShardedIndex

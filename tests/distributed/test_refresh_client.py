@@ -17,7 +17,6 @@ from _dist_workers import TOY_IN, Job, toy_corpus, toy_embed
 
 from distrag.config import DistributedConfig
 from distrag.distributed import roles, run_secret
-from distrag.distributed.process_watch import hostname
 from distrag.distributed.refresh_client import (
     K_ERROR,
     K_PID,
@@ -26,6 +25,7 @@ from distrag.distributed.refresh_client import (
     IndexClient,
     meta_key,
 )
+from distrag.process_watch import hostname
 from distrag.retrieval import index_store
 
 

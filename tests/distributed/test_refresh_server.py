@@ -16,11 +16,11 @@ from _dist_workers import TOY_IN, toy_corpus, toy_embed, toy_index
 from distrag.config import DistributedConfig, build_config
 from distrag.data import load_data
 from distrag.distributed import roles
-from distrag.distributed.process_watch import hostname
 from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID, K_PUBLISHED, K_WEIGHTS, IndexClient, meta_key
 from distrag.distributed.refresh_server import IndexServer, serve_index
 from distrag.distributed.run_secret import read_record, run_secret
 from distrag.models.embedder import Embedder
+from distrag.process_watch import hostname
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import encode_corpus
 

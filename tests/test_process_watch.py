@@ -1,4 +1,5 @@
-"""Process helpers: liveness (a zombie is gone), exit reasons, ending a process that lingers (even stopped)."""
+"""Process helpers: liveness (a zombie is gone), exit reasons, ending a process that lingers (even stopped),
+SIGTERM as Ctrl-C."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from distrag.distributed.process_watch import end_lingering, exit_reason, pid_alive
+import pytest
+
+from distrag.process_watch import end_lingering, exit_reason, pid_alive, sigterm_as_interrupt
 
 
 def test_pid_alive_sees_running_zombie_and_reaped_processes():
@@ -35,3 +38,10 @@ def test_end_lingering_kills_a_stopped_process_and_leaves_a_finished_one():
     q = subprocess.Popen([sys.executable, "-c", "pass"])
     q.wait()
     assert end_lingering(q.pid, wait_s=0.3) is False
+
+
+def test_sigterm_interrupts_like_ctrl_c_inside_and_is_restored_after():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), sigterm_as_interrupt():
+        signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == before

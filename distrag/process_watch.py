@@ -1,5 +1,12 @@
-"""Processes of a job seen from another one: is a pid alive (zombies count as gone), why did a child
-end, and ending a process that outlives its job (the index rank's supervisor after training)."""
+"""Processes and signals, below every layer: is a pid alive (zombies count as gone), why did a child end,
+ending a process that outlives its job (the index rank's supervisor after training), and SIGTERM taken
+as Ctrl-C in a single-process run.
+
+It sits at the base of the package because both ends use it: the output folder's lock
+(:mod:`distrag.run_lock`) asks whether a lock holder still runs, the single-process experiment
+(:mod:`distrag.training.experiment`) turns SIGTERM into an interrupt, and the distributed refresh
+protocol watches and ends the index rank's processes.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,9 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
 
 def hostname() -> str:
@@ -52,3 +61,21 @@ def end_lingering(pid: int, wait_s: float, poll_s: float = 0.1) -> bool:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
     return True
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises KeyboardInterrupt like Ctrl-C does (single-process runs: ``kill`` or a
+    scheduler's SIGTERM then saves what was trained, as an interrupt does). Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
