@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,11 +40,9 @@ def test_no_module_is_too_long():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
-def test_only_the_roles_module_reads_the_launcher_environment():
-    """Distributed roles have one home: no other module reads RANK / WORLD_SIZE / LOCAL_RANK itself."""
-    readers = []
-    for py in PACKAGE.rglob("*.py"):
-        text = py.read_text()
-        if any(f'"{var}"' in text for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
-            readers.append(py.relative_to(PACKAGE).as_posix())
-    assert readers == ["distributed/roles.py"], readers
+def test_only_the_world_module_reads_the_launcher_environment():
+    """The launcher's environment has one home: no other module reads RANK / WORLD_SIZE / LOCAL_RANK, MASTER_* or
+    SLURM_* itself."""
+    names = re.compile(r"""["'](RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT|SLURM_\w+)["']""")
+    readers = sorted(py.relative_to(PACKAGE).as_posix() for py in PACKAGE.rglob("*.py") if names.search(py.read_text()))
+    assert readers == ["distributed/world.py"], readers

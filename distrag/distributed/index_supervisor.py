@@ -38,7 +38,7 @@ from distrag.process_watch import exit_reason, hostname
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig
-    from distrag.distributed.roles import DistInfo
+    from distrag.distributed.world import DistInfo
 
 
 def _trainers_done(store) -> bool:

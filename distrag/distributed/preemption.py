@@ -27,6 +27,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from distrag.distributed.world import slurm_job_id
+
 _requested = False
 _signum: int | None = None
 
@@ -72,7 +74,7 @@ def requeue_command(job_id: str | None = None) -> list[str] | None:
     """``scontrol requeue <job>`` or the command in ``DISTRAG_REQUEUE_CMD`` (tests, other schedulers;
     ``{job_id}`` is substituted). None outside SLURM."""
     # an array task has its own SLURM_JOB_ID, so this requeues just that task
-    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    job_id = job_id or slurm_job_id()
     if not job_id:
         return None
     custom = os.environ.get("DISTRAG_REQUEUE_CMD")

@@ -1,8 +1,8 @@
 """Multi-process training: DeepSpeed ZeRO trainers plus a dedicated, asynchronous index rank.
 
 ``run(cfg)`` is what ``launch/train.py`` calls in every process of ``deepspeed launch/train.py`` or
-``torchrun launch/train.py``. Roles come from :mod:`distrag.distributed.roles` (the only module that
-reads RANK / WORLD_SIZE): with ``train.refresh_every > 0`` one rank is the **index rank** and never
+``torchrun launch/train.py``. Roles come from :mod:`distrag.distributed.roles` (the launcher's environment from
+:mod:`distrag.distributed.world`): with ``train.refresh_every > 0`` one rank is the **index rank** and never
 joins a trainer collective; DeepSpeed only ever sees the trainers (its default group is trainers-only).
 
 * The index rank (:func:`run_index_rank`) supervises a child process (the index worker:

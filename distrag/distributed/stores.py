@@ -17,14 +17,12 @@ import ipaddress
 import logging
 import socket
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.distributed as tdist
 
+from distrag.distributed.world import DistInfo
 from distrag.errors import DistError
-
-if TYPE_CHECKING:
-    from distrag.distributed.roles import DistInfo
 
 log = logging.getLogger(__name__)
 
