@@ -32,18 +32,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID
-from distrag.distributed.run_secret import run_secret, signed_record
-from distrag.process_watch import exit_reason, hostname
+from distrag.distributed.refresh_protocol import RefreshChannel
+from distrag.process_watch import exit_reason
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig
     from distrag.distributed.world import DistInfo
 
 
-def _trainers_done(store) -> bool:
+def _trainers_done(channel: RefreshChannel) -> bool:
     try:
-        return store.add(K_DONE, 0) > 0
+        return channel.trainers_done()
     except (RuntimeError, OSError):  # trainer 0 (the store's host) is gone: nobody is left to serve
         return True
 
@@ -54,13 +53,12 @@ def supervise(store, worker: multiprocessing.process.BaseProcess, run_root: str 
     """Start ``worker`` and watch it until the trainers are done (see the module's docstring). Returns
     the exit code of the index rank's process: 0, or 1 when the worker failed under ``stop``."""
     log = log or (lambda msg: print(f"[index rank] {msg}", flush=True))
-    key = run_secret(run_root)
+    channel = RefreshChannel(store, run_root)
     worker.start()
-    store.set(K_PID, signed_record(key, K_PID, {"host": hostname(), "pid": worker.pid,
-                                                "supervisor": os.getpid()}))
+    channel.announce_process(worker.pid, supervisor=os.getpid())
     failed: str | None = None
     while True:
-        done = _trainers_done(store)
+        done = _trainers_done(channel)
         if worker.exitcode is not None:
             if worker.exitcode == 0:
                 return 0
@@ -68,8 +66,8 @@ def supervise(store, worker: multiprocessing.process.BaseProcess, run_root: str 
                 failed = f"the index worker (pid {worker.pid}) ended: {exit_reason(worker.exitcode)}"
                 log(f"{failed}; the trainers follow distributed.on_index_failure={on_failure}")
                 try:
-                    if not store.check([K_ERROR]):  # keep the worker's own exception when it recorded one
-                        store.set(K_ERROR, signed_record(key, K_ERROR, {"error": failed}))
+                    if not channel.error_recorded():  # keep the worker's own exception when it recorded one
+                        channel.record_error(failed)
                 except (RuntimeError, OSError):
                     pass
             if done:

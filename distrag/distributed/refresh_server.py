@@ -4,7 +4,9 @@ The index rank waits for embedder weights that trainer 0 hands off, re-embeds th
 (heartbeating between shards, and abandoning a version when the trainers finish), builds a
 :class:`~distrag.retrieval.sharded_index.ShardedIndex` and publishes it as the next version with
 :func:`distrag.retrieval.index_store.publish`; the trainers adopt it through the store
-(:mod:`distrag.distributed.refresh_client`, which also describes the protocol and its keys).
+(:mod:`distrag.distributed.refresh_client`). Everything it tells the trainers goes through the channel of
+:mod:`distrag.distributed.refresh_protocol`, which signs it; :meth:`IndexServer.publish_version` fills in
+what a published version records (:class:`~distrag.distributed.refresh_protocol.Publication`).
 """
 
 from __future__ import annotations
@@ -19,21 +21,8 @@ import numpy as np
 import torch
 
 from distrag.data import load_data
-from distrag.distributed.refresh_client import (
-    K_ADOPTED,
-    K_BYE,
-    K_CONSUMED,
-    K_DONE,
-    K_ERROR,
-    K_HEARTBEAT,
-    K_PID,
-    K_PUBLISHED,
-    K_WEIGHTS,
-    meta_key,
-)
-from distrag.distributed.run_secret import run_secret, signed_record
+from distrag.distributed.refresh_protocol import Publication, RefreshChannel
 from distrag.models.embedder import Embedder
-from distrag.process_watch import hostname
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import CorpusEncoder
 from distrag.retrieval.sharded_index import ShardedIndex
@@ -63,7 +52,7 @@ class IndexServer:
         self.build_index_fn = build_index_fn
         self.root = Path(publish_root)
         self.weights_dir = Path(weights_dir)
-        self._key = run_secret(Path(run_root) if run_root is not None else self.weights_dir.parent)
+        self.channel = RefreshChannel(store, Path(run_root) if run_root is not None else self.weights_dir.parent)
         self.extra = dict(extra or {})
         self.poll_s = poll_interval_s
         self.log = log or (lambda msg: print(f"[index rank] {msg}", flush=True))
@@ -77,40 +66,36 @@ class IndexServer:
         self.protected_fn = protected_fn or (lambda: set())
         self.announce_pid = announce_pid
 
-    def _set(self, key: str, record: dict) -> None:
-        """Set a record in the store, signed: trainer 0 ignores what does not verify."""
-        self.store.set(key, signed_record(self._key, key, record))
-
     def heartbeat(self) -> None:
-        self.store.add(K_HEARTBEAT, 1)
+        self.channel.heartbeat()
 
     def _done(self) -> bool:
-        return self.store.add(K_DONE, 0) > 0
+        return self.channel.trainers_done()
 
     def run(self) -> int:
         """Serve until trainer 0 calls ``done()``. Returns the number of versions published."""
         if self.announce_pid:  # a supervisor announces its worker itself (index_supervisor)
-            self._set(K_PID, {"host": hostname(), "pid": os.getpid()})
-        self.consumed = self.store.add(K_CONSUMED, 0)
+            self.channel.announce_process(os.getpid())
+        self.consumed = self.channel.consumed()
         try:
             while True:
                 self.heartbeat()
                 if self._done():
                     self.log(f"trainers are done; {self.published} version(s) published, exiting")
-                    self.store.add(K_BYE, 1)
+                    self.channel.say_bye()
                     return self.published
-                newest = self.store.add(K_WEIGHTS, 0)
+                newest = self.channel.weights_announced()
                 if newest > self.consumed:
                     if newest > self.consumed + 1:
                         self.log(f"skipping weights {self.consumed + 1}..{newest - 1}: newer ones arrived")
-                    self.store.add(K_CONSUMED, newest - self.consumed)
+                    self.channel.mark_consumed(newest)
                     self.consumed = newest
                     self._refresh(newest)
                 else:
                     time.sleep(self.poll_s)
         except BaseException as e:
             try:
-                self._set(K_ERROR, {"error": f"{type(e).__name__}: {e}"})
+                self.channel.record_error(f"{type(e).__name__}: {e}")
             except (RuntimeError, OSError) as e2:
                 self.log(f"could not record the error in the store: {e2!r}")
             raise
@@ -132,25 +117,31 @@ class IndexServer:
         vectors = np.concatenate(shards) if shards else np.zeros((0, 0), np.float32)
         index = self.build_index_fn(vectors)
         self.heartbeat()
+        pub = self.publish_version(index, weights_step=int(blob["step"]), weights_n=n, n_vectors=len(vectors),
+                                   t0=t0)
+        self.log(f"published version {pub.version} from step {pub.weights_step} in {pub.build_s:.2f}s -> {pub.path}")
+        self.prune()
+
+    def publish_version(self, index: ShardedIndex, *, weights_step: int, weights_n: int, n_vectors: int,
+                        t0: float) -> Publication:
+        """Publish ``index`` as the next version (its facts and ``extra`` in its manifest) and announce it to the
+        trainers; returns what was announced. What a version records is filled in here."""
         version = self.version + 1
-        build_s = time.perf_counter() - t0
-        meta = {"weights_step": int(blob["step"]), "weights_n": n, "n_vectors": len(vectors),
-                "build_s": build_s, "created": time.time()}
-        path = index_store.publish(index, self.root, version, extra={**meta, **self.extra})
+        facts = {"weights_step": weights_step, "weights_n": weights_n, "n_vectors": n_vectors,
+                 "build_s": time.perf_counter() - t0, "created": time.time()}
+        path = index_store.publish(index, self.root, version, extra={**facts, **self.extra})
         self.version = version
         self.published += 1
-        # details first, then the counter: a reader that sees the count finds the details
-        self._set(meta_key(self.published), {**meta, "version": version, "path": str(path)})
-        self.store.add(K_PUBLISHED, 1)
-        self.log(f"published version {version} from step {blob['step']} in {build_s:.2f}s -> {path}")
-        self.prune()
+        pub = Publication(version=version, path=str(path), **facts)
+        self.channel.publish(self.published, pub)
+        return pub
 
     def prune(self) -> list[int]:
         """Delete versions beyond the newest ``keep_versions``, except the one trainer 0 adopts (set in the
         store before any trainer loads it) and those ``protected_fn()`` names (checkpoints' versions)."""
         if not self.keep_versions:
             return []
-        protect = {self.store.add(K_ADOPTED, 0), *self.protected_fn()}
+        protect = {self.channel.adopted_version(), *self.protected_fn()}
         gone = index_store.prune_versions(self.root, self.keep_versions, protect)
         if gone:
             self.log(f"pruned index version(s) {gone} (keeping the newest {self.keep_versions} and {sorted(protect)})")

@@ -16,7 +16,7 @@ an ``mpu``) therefore hangs. So ``init_roles`` builds two separate things:
   them too) agrees with the group it is handed. The launcher's values stay in
   :class:`~distrag.distributed.world.DistInfo` and in ``DISTRAG_GLOBAL_RANK`` / ``DISTRAG_GLOBAL_WORLD_SIZE``.
 * a **coordination TCPStore** (``MASTER_PORT + 2``, long timeouts) shared by the trainers and the
-  index rank. The refresh protocol (``distrag.distributed.refresh_client``) talks only through it, with
+  index rank. The refresh protocol (:mod:`distrag.distributed.refresh_protocol`) talks only through it, with
   non-blocking calls on the trainer side; the index rank never joins a collective.
 
 Both store servers live in global rank 0 (the process on MASTER_ADDR). With the default
@@ -25,7 +25,7 @@ takes the stores down (trainers see that as an index failure).
 
 The stores listen only where the job needs them (loopback on one node, else MASTER_ADDR's address:
 :mod:`distrag.distributed.stores`); what the index rank publishes through them is signed with the run's
-secret and checked by trainer 0 (:mod:`distrag.distributed.refresh_client`).
+secret and checked by trainer 0 (:mod:`distrag.distributed.refresh_protocol`).
 
 The trainers' collectives are methods of :class:`DistContext` (no-ops in a single process, refused on
 the index rank); :meth:`DistContext.shutdown` / :func:`finish` give deterministic exits (see ``finish``).

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from distrag.distributed.index_supervisor import supervise
-from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID
-from distrag.distributed.run_secret import read_record, run_secret
+from distrag.distributed.refresh_protocol import K_DONE, K_ERROR, K_PID, read_record
+from distrag.distributed.run_secret import run_secret
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -77,7 +77,7 @@ def test_a_worker_that_finishes_ends_the_supervisor(store, tmp_path):
 
 def test_the_worker_own_error_record_is_kept(store, tmp_path):
     """The worker recorded its exception before dying: the supervisor does not overwrite the reason."""
-    from distrag.distributed.run_secret import signed_record
+    from distrag.distributed.refresh_protocol import signed_record
 
     key = run_secret(tmp_path)
     store.set(K_ERROR, signed_record(key, K_ERROR, {"error": "ValueError: no corpus"}))

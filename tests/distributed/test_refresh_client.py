@@ -1,6 +1,7 @@
 """The refresh protocol as the trainers live it: adoption at the same step on every trainer, versions
 that increase and equal a brute-force search with the weights they were built from, and the two
-failure policies (real 3-process runs on gloo; the index rank publishes ShardedIndex versions)."""
+failure policies (real 3-process runs on gloo; the index rank publishes ShardedIndex versions), and what the
+refresh cost a trainer (RefreshStats)."""
 
 from __future__ import annotations
 
@@ -16,21 +17,16 @@ import torch
 from _dist_workers import TOY_IN, Job, toy_corpus, toy_embed
 
 from distrag.config import DistributedConfig
-from distrag.distributed import roles, run_secret
-from distrag.distributed.refresh_client import (
-    K_ERROR,
-    K_PID,
-    K_PUBLISHED,
-    AdoptDecision,
-    IndexClient,
-    meta_key,
-)
+from distrag.distributed import refresh_protocol, roles, run_secret
+from distrag.distributed.refresh_client import AdoptDecision, IndexClient, RefreshStats
+from distrag.distributed.refresh_protocol import K_ERROR, K_PID, K_PUBLISHED, meta_key
+from distrag.distributed.world import get_dist_info
 from distrag.process_watch import hostname
 from distrag.retrieval import index_store
 
 
 def test_on_index_failure_is_validated(clean_env):
-    ctx = roles.DistContext(roles.get_dist_info())
+    ctx = roles.DistContext(get_dist_info())
     with pytest.raises(ValueError, match="on_index_failure"):
         IndexClient(ctx, "w", on_index_failure="ignore")
 
@@ -38,14 +34,14 @@ def test_on_index_failure_is_validated(clean_env):
 def test_the_client_runs_on_trainers_only(clean_env):
     for key, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")):
         clean_env.setenv(key, value)
-    ctx = roles.DistContext(roles.get_dist_info(DistributedConfig()))
+    ctx = roles.DistContext(get_dist_info(DistributedConfig()))
     assert ctx.info.is_index
     with pytest.raises(ValueError, match="the index rank runs IndexServer"):
         IndexClient(ctx, "w")
 
 
 def test_without_a_store_nothing_is_submitted_or_adopted_and_the_version_in_use_round_trips(clean_env, tmp_path):
-    ctx = roles.DistContext(roles.get_dist_info())
+    ctx = roles.DistContext(get_dist_info())
     client = IndexClient(ctx, tmp_path)
     assert client.submit_weights(0, {"w": torch.zeros(2)}) is None and client.poll(0) is None
     assert not list(tmp_path.iterdir()) and client.done() is False
@@ -61,7 +57,7 @@ def test_without_a_store_nothing_is_submitted_or_adopted_and_the_version_in_use_
 
 
 def test_polls_record_staleness_and_blocked_time_which_a_checkpoint_carries(clean_env, tmp_path):
-    ctx = roles.DistContext(roles.get_dist_info())
+    ctx = roles.DistContext(get_dist_info())
     client = IndexClient(ctx, tmp_path)
     for step in range(3):
         client.poll(step)  # the base encoder's index: it lags by the whole step count
@@ -78,6 +74,49 @@ def test_polls_record_staleness_and_blocked_time_which_a_checkpoint_carries(clea
 
 
 # ----------------------------------------------------------------------------------------------
+# what the refresh cost a trainer: blocked time (nested calls counted once) and index staleness
+
+
+def test_blocked_time_counts_nested_calls_once():
+    stats = RefreshStats()
+    with stats.blocking():
+        time.sleep(0.05)
+        with stats.blocking():  # a poll inside wait_for_version
+            time.sleep(0.05)
+    outer = stats.blocked_s
+    assert 0.09 <= outer < 0.5
+    time.sleep(0.05)  # training: not blocked
+    with stats.blocking():
+        pass
+    assert stats.blocked_s == pytest.approx(outer, abs=0.01)
+
+
+def test_staleness_per_step_and_the_summary():
+    stats = RefreshStats()
+    for step, weights_step in ((0, None), (1, None), (1, None), (2, 0), (3, 2), (4, 2)):
+        stats.note_step(step, weights_step)  # step 1 polled twice: counted once
+    assert stats.steps == 5
+    assert stats.staleness_mean == pytest.approx((0 + 1 + 2 + 1 + 2) / 5) and stats.staleness_max == 2
+    stats.blocked_s, stats.n_adopted = 3.0, 2
+    s = stats.summary(train_s=60.0)
+    assert s == {"blocked_s": 3.0, "blocked_share": 0.05, "staleness_mean": 1.2, "staleness_max": 2.0,
+                 "n_adopted": 2.0}
+    assert RefreshStats().summary(0.0)["blocked_share"] == 0.0
+
+
+def test_staleness_and_adoptions_survive_a_resume_blocked_time_does_not():
+    stats = RefreshStats(blocked_s=9.0)
+    stats.note_step(5, 1)
+    stats.n_adopted = 3
+    resumed = RefreshStats()
+    resumed.load_state_dict(stats.state_dict())
+    assert (resumed.steps, resumed.staleness_sum, resumed.staleness_max, resumed.n_adopted) == (1, 4.0, 4, 3)
+    assert resumed.blocked_s == 0.0
+    resumed.load_state_dict({})  # a checkpoint written before these stats existed
+    assert resumed.steps == 0 and resumed.n_adopted == 0
+
+
+# ----------------------------------------------------------------------------------------------
 # trust: only what this run's index rank signed, and only paths inside the run folder
 
 
@@ -86,7 +125,7 @@ def trainer0(clean_env, tmp_path):
     """Trainer 0 with a coordination store, its client for the run folder ``tmp_path/run``, and a
     foreign client of the same store (anyone who can reach its port)."""
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    ctx = roles.DistContext(roles.get_dist_info(DistributedConfig()), store=store)
+    ctx = roles.DistContext(get_dist_info(DistributedConfig()), store=store)
     client = IndexClient(ctx, tmp_path / "run" / "weights", index_timeout_s=60)
     foreign = torch.distributed.TCPStore("127.0.0.1", store.port, is_master=False, wait_for_workers=False)
     return client, store, foreign
@@ -94,7 +133,7 @@ def trainer0(clean_env, tmp_path):
 
 def _publish(store, n: int, record: dict, key: bytes | None) -> None:
     """What an index rank does: set meta/<n> (signed under ``key``; plain JSON when None), then count it."""
-    value = run_secret.signed_record(key, meta_key(n), record) if key is not None else json.dumps(record)
+    value = refresh_protocol.signed_record(key, meta_key(n), record) if key is not None else json.dumps(record)
     store.set(meta_key(n), value)
     store.add(K_PUBLISHED, 1)
 
@@ -114,7 +153,7 @@ def test_records_from_a_foreign_client_are_ignored_and_their_paths_never_opened(
         assert client.poll(1, load_fn=opened.append) is None
     key = run_secret.run_secret(run)
     with pytest.warns(RuntimeWarning, match="does not verify"):  # a genuine record replayed under another key
-        foreign.set(meta_key(3), run_secret.signed_record(key, meta_key(4), {**record, "path": str(run / "v")}))
+        foreign.set(meta_key(3), refresh_protocol.signed_record(key, meta_key(4), {**record, "path": str(run / "v")}))
         foreign.add(K_PUBLISHED, 1)
         assert client.poll(2, load_fn=opened.append) is None
     with pytest.warns(RuntimeWarning, match="not a signed record"):  # nor can it fake a failure of the index rank

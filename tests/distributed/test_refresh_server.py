@@ -16,9 +16,11 @@ from _dist_workers import TOY_IN, toy_corpus, toy_embed, toy_index
 from distrag.config import DistributedConfig, build_config
 from distrag.data import load_data
 from distrag.distributed import roles
-from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID, K_PUBLISHED, K_WEIGHTS, IndexClient, meta_key
+from distrag.distributed.refresh_client import IndexClient
+from distrag.distributed.refresh_protocol import K_DONE, K_ERROR, K_PID, K_PUBLISHED, K_WEIGHTS, meta_key, read_record
 from distrag.distributed.refresh_server import IndexServer, serve_index
-from distrag.distributed.run_secret import read_record, run_secret
+from distrag.distributed.run_secret import run_secret
+from distrag.distributed.world import get_dist_info
 from distrag.models.embedder import Embedder
 from distrag.process_watch import hostname
 from distrag.retrieval import index_store
@@ -29,7 +31,7 @@ from distrag.retrieval.corpus_encoding import encode_corpus
 def store_ctx(clean_env):
     """A single trainer (trainer 0) with a coordination store, as under a launcher."""
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    return store, roles.DistContext(roles.get_dist_info(DistributedConfig()), store=store)
+    return store, roles.DistContext(get_dist_info(DistributedConfig()), store=store)
 
 
 def _serve(server: IndexServer, client: IndexClient, version: int, step: int):
