@@ -82,7 +82,7 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
     """``distributed.index_rank`` inside the world, an explicit ``distributed.resume`` that exists, a usable
     DeepSpeed configuration (``launch/train.py`` runs)."""
-    from distrag.distributed.deepspeed_glue import build_ds_config
+    from distrag.distributed.deepspeed_setup import build_ds_config
 
     problems: Problems = []
     d = cfg.distributed
@@ -184,7 +184,7 @@ class TrainerRun:
     def setup(self) -> None:
         """DeepSpeed's process group; the experiment, built by trainer 0 first (it may build the frozen
         index), then loaded from disk by the others."""
-        from distrag.distributed.deepspeed_glue import attach_deepspeed, outside_zero3_init
+        from distrag.distributed.deepspeed_setup import attach_deepspeed, outside_zero3_init
         from distrag.training.experiment import Experiment
 
         if self.rank0:  # one run per output folder (distrag.run_lock), before anything loads

@@ -292,7 +292,7 @@ def deepspeed_engine(args: dict) -> int:
     from transformers.integrations import HfDeepSpeedConfig
 
     from distrag.distributed.checkpoint import CheckpointManager
-    from distrag.distributed.deepspeed_glue import (
+    from distrag.distributed.deepspeed_setup import (
         attach_deepspeed,
         build_ds_config,
         check_ds_batch,
