@@ -10,7 +10,14 @@ import time
 
 import pytest
 
-from distrag.process_watch import end_lingering, exit_reason, pid_alive, sigterm_as_interrupt
+from distrag.process_watch import (
+    end_lingering,
+    exit_reason,
+    kill_if_same,
+    pid_alive,
+    sigterm_as_interrupt,
+    start_time,
+)
 
 
 def test_pid_alive_sees_running_zombie_and_reaped_processes():
@@ -45,3 +52,18 @@ def test_sigterm_interrupts_like_ctrl_c_inside_and_is_restored_after():
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"), sigterm_as_interrupt():
         signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_pid_counts_only_with_its_start_time_and_is_signalled_only_while_it_matches():
+    """A pid the kernel gave to another process since (another start time) is gone for us, and never signalled."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        st = start_time(p.pid)
+        assert st is not None and pid_alive(p.pid, st) and not pid_alive(p.pid, st + 1)
+        assert kill_if_same(p.pid, st + 1) is False and p.poll() is None
+        assert end_lingering(p.pid, wait_s=0.2, start=st + 1) is False and p.poll() is None
+        assert kill_if_same(p.pid, st) is True and p.wait(5) == -signal.SIGKILL
+    finally:
+        p.kill()
+        p.wait()
+    assert kill_if_same(p.pid, st) is False  # reaped: gone, or its pid is another process's by now
