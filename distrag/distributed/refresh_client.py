@@ -50,6 +50,7 @@ survive a resume (:meth:`RefreshStats.state_dict`); blocked time is this process
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import threading
@@ -65,7 +66,7 @@ import torch
 
 from distrag import metric_names as mn
 from distrag.atomic_io import atomic_write_bytes
-from distrag.distributed.refresh_protocol import Publication, RefreshChannel
+from distrag.distributed.refresh_protocol import Publication, RefreshChannel, WeightsHandoff
 from distrag.errors import IndexRankFailed
 from distrag.process_watch import end_lingering, hostname, pid_alive
 
@@ -178,17 +179,18 @@ class IndexClient:
         self.stats = RefreshStats()
         """Time blocked on the protocol, staleness of the index in use, versions adopted."""
         self._rank0 = ctx.info.is_rank0
-        self._seen_pub = 0
-        self._hb = -1
+        self._hb = 0
         self._hb_t = time.monotonic()
         self._n_submitted = 0
+        self._submitted: dict[int, int] = {}  # hand-offs announced in this job: number -> training step
         self._writer: threading.Thread | None = None
+        self._written: WeightsHandoff | None = None  # what the background writer wrote (announced when it ends)
+        self._refused: set[int] = set()  # publications (versions) already reported as not built by this job
         self.channel: RefreshChannel | None = None
-        """Trainer 0's end of the protocol (None on the other trainers: they never touch the store)."""
+        """Trainer 0's end of the protocol (None on the other trainers: they never touch the store). Creating it
+        starts a new job: only records of this job are read (:mod:`~distrag.distributed.refresh_protocol`)."""
         if self._rank0 and self.store is not None:
-            self.channel = RefreshChannel(self.store, self.run_root)
-            self._n_submitted = self.channel.weights_announced()
-            self._seen_pub = self.channel.publications()
+            self.channel = RefreshChannel.for_trainer(self.store, self.run_root)
 
     # -- weights ---------------------------------------------------------------------------------
     def submit_weights(self, step: int, state_dict: dict[str, torch.Tensor]) -> int | None:
@@ -210,8 +212,10 @@ class IndexClient:
             def write() -> None:
                 buf = io.BytesIO()
                 torch.save(blob, buf)
+                data = buf.getvalue()
                 # the rename keeps it all-or-nothing; a hand-off file is useless after a crash, so no fsync
-                atomic_write_bytes(path, buf.getvalue(), fsync=False)
+                atomic_write_bytes(path, data, fsync=False)
+                self._written = WeightsHandoff(n, int(step), hashlib.sha256(data).hexdigest())
 
             self._writer = threading.Thread(target=write, name=f"distrag-weights-{n}", daemon=True)
             self._writer.start()
@@ -233,7 +237,12 @@ class IndexClient:
             return
         w.join()
         self._writer = None
-        self._n_submitted = self.channel.announce_weights()
+        handoff, self._written = self._written, None
+        if handoff is None:  # the write failed (its thread printed why): nothing to announce
+            return
+        self._n_submitted = handoff.n
+        self._submitted[handoff.n] = handoff.step
+        self.channel.announce_weights(handoff)
         self._prune_weights()
 
     def _prune_weights(self) -> None:
@@ -248,11 +257,11 @@ class IndexClient:
         ch = self.channel
         if (err := ch.index_error()) is not None:
             return f"the index rank raised: {err}"
-        if (who := ch.index_process()) is not None and who.host == hostname() and not pid_alive(who.pid):
+        if (who := ch.index_process()) is not None and who.host == hostname() and not pid_alive(who.pid, who.start):
             return f"the index rank process (pid {who.pid}) is gone"
-        hb = ch.heartbeats()
+        hb = ch.heartbeat_seq()  # the largest seen: an older heartbeat replayed does not count
         now = time.monotonic()
-        if hb != self._hb:
+        if hb > self._hb:
             self._hb, self._hb_t = hb, now
         elif now - self._hb_t > self.timeout_s:
             return f"no heartbeat from the index rank for {now - self._hb_t:.0f}s (index_timeout_s)"
@@ -262,14 +271,11 @@ class IndexClient:
         """Trainer 0 only: look at the store without blocking."""
         try:
             out = None
-            count = self.channel.publications()
-            if count > self._seen_pub and self.channel.publication_recorded(count):
-                pub = self.channel.publication(count)
-                self._seen_pub = count
-                if pub is not None and (self.current is None or pub.version > self.current.version):
-                    out = ("adopt", pub)
-                    # announced before any trainer loads it: the index rank never prunes it from now on
-                    self.channel.mark_adopted(pub.version)
+            pub = self.channel.latest_publication()
+            if pub is not None and self._adoptable(pub, step):
+                out = ("adopt", pub)
+                # announced before any trainer loads it: the index rank never prunes it from now on
+                self.channel.mark_adopted(pub.version)
             why = self._health()
         except (RuntimeError, OSError) as e:  # the store itself is gone (it lived in the index process)
             return ("fail", f"coordination store unreachable: {e!r}")
@@ -277,6 +283,21 @@ class IndexClient:
             # a version published before the failure is still adopted first
             return out or ("fail", why)
         return out
+
+    def _adoptable(self, pub: Publication, step: int) -> bool:
+        """Whether trainers adopt ``pub`` (signed by this job's index rank) at ``step``: newer than the version in
+        use, built from a hand-off this trainer 0 made in this job (number and step match: the index rank can
+        only have read what was announced), and not from weights newer than ``step`` (staleness is never
+        negative). A version that breaks the hand-off rule is reported once."""
+        if self.current is not None and pub.version <= self.current.version:
+            return False
+        if self._submitted.get(pub.weights_n) != pub.weights_step:
+            if pub.version not in self._refused:
+                self._refused.add(pub.version)
+                warnings.warn(f"ignoring index version {pub.version}: not built from a weights hand-off of this job "
+                              f"(hand-off {pub.weights_n}, step {pub.weights_step})", RuntimeWarning, stacklevel=3)
+            return False
+        return pub.weights_step <= step
 
     def poll(self, step: int, load_fn: Callable[[str], Any] | None = None) -> AdoptDecision | None:
         """Call on EVERY trainer at EVERY step (a small broadcast). Returns the decision when a newer
@@ -380,9 +401,9 @@ class IndexClient:
         on this host, kill one that does not (stopped, hung), so the launcher can end the job."""
         who = self.channel.index_process()
         pid = who.supervisor if who is not None else None
-        if pid is None or who.host != hostname():
-            return  # no supervisor, or on another node: its launcher ends it
-        if end_lingering(pid, wait_s):
+        if pid is None or who.host != hostname() or who.supervisor_start is None:
+            return  # no supervisor, on another node (its launcher ends it), or nothing to tell that pid's process by
+        if end_lingering(pid, wait_s, start=who.supervisor_start):
             warnings.warn(f"the index rank (pid {pid}) did not leave within {wait_s:.0f}s of the end of "
                           "training (stopped or hung): killed it", RuntimeWarning, stacklevel=3)
 

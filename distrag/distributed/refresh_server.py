@@ -11,6 +11,8 @@ what a published version records (:class:`~distrag.distributed.refresh_protocol.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from distrag.data import load_data
-from distrag.distributed.refresh_protocol import Publication, RefreshChannel
+from distrag.distributed.refresh_protocol import Publication, RefreshChannel, WeightsHandoff
 from distrag.models.embedder import Embedder
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import CorpusEncoder
@@ -39,7 +41,8 @@ class IndexServer:
     step, build time, ...) and ``extra`` in its manifest's ``extra``. Both functions are injectable, so
     tests run the protocol without models. Runs in the launcher-started index process (never a fork:
     faiss). Every record it sets in the store is signed with the secret of ``run_root`` (default: the
-    parent of ``weights_dir``), the run folder the trainers trust."""
+    parent of ``weights_dir``), the run folder the trainers trust, for the job trainer 0 started there; it
+    builds only from hand-offs of that job whose file matches the signed checksum."""
 
     def __init__(self, store, encode_corpus_fn: Callable[[dict], Iterable[np.ndarray]],
                  build_index_fn: Callable[[np.ndarray], ShardedIndex], publish_root: str | Path,
@@ -61,6 +64,7 @@ class IndexServer:
             start_version = latest[0] if latest else 0
         self.version = start_version
         self.consumed = 0
+        """The newest hand-off of the current job started on."""
         self.published = 0
         self.keep_versions = keep_versions
         self.protected_fn = protected_fn or (lambda: set())
@@ -72,25 +76,34 @@ class IndexServer:
     def _done(self) -> bool:
         return self.channel.trainers_done()
 
+    def _new_job(self) -> bool:
+        """Whether trainer 0 started a new job (the run folder's job file changed): then that job's hand-offs
+        count from 1 again."""
+        if not self.channel.sync_job():
+            return False
+        self.log(f"serving job {self.channel.job[:8]} of this run")
+        self.consumed = 0
+        return True
+
     def run(self) -> int:
         """Serve until trainer 0 calls ``done()``. Returns the number of versions published."""
         if self.announce_pid:  # a supervisor announces its worker itself (index_supervisor)
             self.channel.announce_process(os.getpid())
-        self.consumed = self.channel.consumed()
         try:
             while True:
+                self._new_job()
                 self.heartbeat()
                 if self._done():
                     self.log(f"trainers are done; {self.published} version(s) published, exiting")
                     self.channel.say_bye()
                     return self.published
-                newest = self.channel.weights_announced()
-                if newest > self.consumed:
-                    if newest > self.consumed + 1:
-                        self.log(f"skipping weights {self.consumed + 1}..{newest - 1}: newer ones arrived")
-                    self.channel.mark_consumed(newest)
-                    self.consumed = newest
-                    self._refresh(newest)
+                handoff = self.channel.newest_weights()
+                if handoff is not None and handoff.n > self.consumed:
+                    if handoff.n > self.consumed + 1:
+                        self.log(f"skipping weights {self.consumed + 1}..{handoff.n - 1}: newer ones arrived")
+                    self.channel.mark_consumed(handoff.n)
+                    self.consumed = handoff.n
+                    self._refresh(handoff)
                 else:
                     time.sleep(self.poll_s)
         except BaseException as e:
@@ -100,25 +113,48 @@ class IndexServer:
                 self.log(f"could not record the error in the store: {e2!r}")
             raise
 
-    def _refresh(self, n: int) -> None:
+    def _load_weights(self, handoff: WeightsHandoff) -> dict | None:
+        """The state dict of ``handoff``, read only from a file whose bytes match its signed checksum (a file of an
+        earlier job under the same name is never read); None, said once in the log, when there is no such file."""
+        path = self.weights_dir / handoff.file_name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            self.log(f"ignoring weights {handoff.n}: cannot read {path}: {e.strerror}")
+            return None
+        if hashlib.sha256(data).hexdigest() != handoff.sha256:
+            self.log(f"ignoring weights {handoff.n}: {path} is not the file trainer 0 announced (checksum differs)")
+            return None
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return blob["state_dict"]
+
+    def _refresh(self, handoff: WeightsHandoff) -> None:
         t0 = time.perf_counter()
-        blob = torch.load(self.weights_dir / f"w_{n:06d}.pt", map_location="cpu", weights_only=True)
+        state_dict = self._load_weights(handoff)
+        if state_dict is None:
+            return
+        n, step = handoff.n, handoff.step
         shards = []
         n_rows = 0
-        for i, emb in enumerate(self.encode_corpus_fn(blob["state_dict"])):
+        for i, emb in enumerate(self.encode_corpus_fn(state_dict)):
             emb = np.asarray(emb, dtype=np.float32)
             shards.append(emb)
             n_rows += len(emb)
+            if self._new_job():  # a version of the job that started it is of no use to another one
+                self.log("a new job of this run started during re-embedding; abandoning this version")
+                return
             self.heartbeat()
-            self.log(f"weights {n} (step {blob['step']}): shard {i + 1} embedded, {n_rows} passages")
+            self.log(f"weights {n} (step {step}): shard {i + 1} embedded, {n_rows} passages")
             if self._done():
                 self.log("trainers finished during re-embedding; abandoning this version")
                 return
         vectors = np.concatenate(shards) if shards else np.zeros((0, 0), np.float32)
         index = self.build_index_fn(vectors)
+        if self._new_job():
+            self.log("a new job of this run started while building the index; abandoning this version")
+            return
         self.heartbeat()
-        pub = self.publish_version(index, weights_step=int(blob["step"]), weights_n=n, n_vectors=len(vectors),
-                                   t0=t0)
+        pub = self.publish_version(index, weights_step=step, weights_n=n, n_vectors=len(vectors), t0=t0)
         self.log(f"published version {pub.version} from step {pub.weights_step} in {pub.build_s:.2f}s -> {pub.path}")
         self.prune()
 
@@ -131,9 +167,9 @@ class IndexServer:
                  "build_s": time.perf_counter() - t0, "created": time.time()}
         path = index_store.publish(index, self.root, version, extra={**facts, **self.extra})
         self.version = version
-        self.published += 1
         pub = Publication(version=version, path=str(path), **facts)
-        self.channel.publish(self.published, pub)
+        self.channel.publish(pub)
+        self.published += 1
         return pub
 
     def prune(self) -> list[int]:

@@ -391,6 +391,8 @@ class Job:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         port = free_port_block()
+        self.port = port
+        """MASTER_PORT of the job (its coordination store listens on ``port + roles.STORE_PORT_OFFSET``)."""
         self.procs = []
         self.logs = []
         for rank in range(world):
