@@ -93,7 +93,6 @@ K_HEARTBEAT = PREFIX + "heartbeat"  # {"seq"}: grows while it works
 K_PID = PREFIX + "pid"  # IndexProcess: where it runs
 K_ERROR = PREFIX + "error"  # {"error"}: why it failed
 K_BYE = PREFIX + "bye"  # {}: it left its loop (trainer 0 hosts the store: it waits for this)
-KEYS = (K_WEIGHTS, K_ADOPTED, K_DONE, K_CONSUMED, K_PUBLICATION, K_HEARTBEAT, K_PID, K_ERROR, K_BYE)
 
 JOB_FILE = ".distrag_job"
 _JOB_HEX = 32
