@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from distrag.errors import OutputLockedError
+from distrag.process_watch import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ def _open_locked(path: Path, folder: Path) -> int:
 def lock_output_dir(folder: str | Path) -> Path:
     """Take (or, in this process, keep) the lock of ``folder`` for the rest of the process; returns the
     lock file. Raises :class:`OutputLockedError` when another run holds it."""
-    from distrag.distributed.process_watch import pid_alive
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     folder = folder.resolve()

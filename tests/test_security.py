@@ -19,6 +19,9 @@ Fixes (tested where their code lives, and end to end below):
     wrongly signed records ignored with a warning, paths outside the run folder refused);
     tests/distributed/test_stores.py (the stores listen on loopback / MASTER_ADDR only);
     tests/distributed/test_run_secret.py (the run's secret).
+  * An outsider on the coordination store cannot replay an earlier job's records, freeze or stop a run with a
+    counter or a malformed value, get stale weights adopted or an unrelated process signalled (issue 19):
+    tests/distributed/test_refresh_protocol.py (in-process and end to end), tests/test_process_watch.py.
   * Credentials in ``tracking.uri`` never reach logs, params or files: tests/test_redaction.py,
     tests/reporting/test_tracking.py, and a whole ``distrag train`` against an MLflow server below.
   * slurm/mlflow_server.sbatch listens on loopback unless told otherwise, and never on the network

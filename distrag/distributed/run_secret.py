@@ -2,9 +2,10 @@
 
 Two things cross a boundary an attacker can reach and are then trusted: the records the index rank
 publishes through the coordination TCPStore (a TCP port anyone on the network can connect to; trainers
-open the index folder a record names), and checkpoint manifests (a checkpoint with a DeepSpeed engine is
-read by DeepSpeed's loader, which unpickles). Both are signed with HMAC-SHA256 under this key, and a
-reader accepts only what verifies.
+open the index folder a record names: :mod:`distrag.distributed.refresh_protocol` signs and checks them),
+and checkpoint manifests (a checkpoint with a DeepSpeed engine is read by DeepSpeed's loader, which
+unpickles). Both are signed with HMAC-SHA256 under this key (:func:`sign`), and a reader accepts only
+what verifies (:func:`verify`).
 
 Design: the key is 32 random bytes kept in ``<run folder>/.distrag_secret`` (hex, mode 0600, owned by the
 user running the job). The run folder (``output_dir/distributed/<strategy>-<hash>``) is already the one
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import stat
@@ -100,22 +100,3 @@ def sign(key: bytes, *parts: str) -> str:
 def verify(key: bytes, signature: object, *parts: str) -> bool:
     """Whether ``signature`` is :func:`sign` of ``parts`` under ``key`` (constant-time comparison)."""
     return isinstance(signature, str) and hmac.compare_digest(signature, sign(key, *parts))
-
-
-def signed_record(key: bytes, store_key: str, record: dict) -> str:
-    """The store value of ``record`` for ``store_key``: JSON of the record and its HMAC under ``key``."""
-    body = json.dumps(record, sort_keys=True)
-    return json.dumps({"record": record, "hmac": sign(key, store_key, body)})
-
-
-def read_record(key: bytes, store_key: str, raw: bytes) -> tuple[dict | None, str]:
-    """``(record, "")`` when ``raw`` is a :func:`signed_record` for ``store_key`` under ``key``, else
-    ``(None, why not)``."""
-    try:
-        value = json.loads(raw)
-        record, mac = value["record"], value["hmac"]
-    except (ValueError, TypeError, KeyError):
-        return None, "not a signed record"
-    if not isinstance(record, dict) or not verify(key, mac, store_key, json.dumps(record, sort_keys=True)):
-        return None, "its signature does not verify under the run's secret"
-    return record, ""

@@ -1,8 +1,8 @@
 """Multi-process training: DeepSpeed ZeRO trainers plus a dedicated, asynchronous index rank.
 
 ``run(cfg)`` is what ``launch/train.py`` calls in every process of ``deepspeed launch/train.py`` or
-``torchrun launch/train.py``. Roles come from :mod:`distrag.distributed.roles` (the only module that
-reads RANK / WORLD_SIZE): with ``train.refresh_every > 0`` one rank is the **index rank** and never
+``torchrun launch/train.py``. Roles come from :mod:`distrag.distributed.roles` (the launcher's environment from
+:mod:`distrag.distributed.world`): with ``train.refresh_every > 0`` one rank is the **index rank** and never
 joins a trainer collective; DeepSpeed only ever sees the trainers (its default group is trainers-only).
 
 * The index rank (:func:`run_index_rank`) supervises a child process (the index worker:
@@ -82,7 +82,7 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
     """``distributed.index_rank`` inside the world, an explicit ``distributed.resume`` that exists, a usable
     DeepSpeed configuration (``launch/train.py`` runs)."""
-    from distrag.distributed.deepspeed_glue import build_ds_config
+    from distrag.distributed.deepspeed_setup import build_ds_config
 
     problems: Problems = []
     d = cfg.distributed
@@ -184,7 +184,7 @@ class TrainerRun:
     def setup(self) -> None:
         """DeepSpeed's process group; the experiment, built by trainer 0 first (it may build the frozen
         index), then loaded from disk by the others."""
-        from distrag.distributed.deepspeed_glue import attach_deepspeed, outside_zero3_init
+        from distrag.distributed.deepspeed_setup import attach_deepspeed, outside_zero3_init
         from distrag.training.experiment import Experiment
 
         if self.rank0:  # one run per output folder (distrag.run_lock), before anything loads

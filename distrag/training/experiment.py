@@ -25,9 +25,9 @@ from distrag.costs.accountant import Accountant
 from distrag.costs.ledger import CostLedger
 from distrag.data import load_data
 from distrag.data.records import Splits
-from distrag.distributed.preemption import sigterm_as_interrupt
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
+from distrag.process_watch import sigterm_as_interrupt
 from distrag.redaction import mask_tree
 from distrag.reporting.comparison import comparison_hash, key_of
 from distrag.reporting.paired import outcomes

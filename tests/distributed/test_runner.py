@@ -21,8 +21,9 @@ from distrag import metric_names as mn
 from distrag.config import DistributedConfig, ExperimentConfig, TrainConfig
 from distrag.costs.ledger import CostLedger
 from distrag.distributed import roles, runner
-from distrag.distributed.refresh_stats import RefreshStats
+from distrag.distributed.refresh_client import RefreshStats
 from distrag.distributed.runner import TrainerRun, _merged_ledger, needs_index_rank, refresh_metrics
+from distrag.distributed.world import DistInfo
 from distrag.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +69,7 @@ def test_read_checkpoint_explicit_missing_is_an_error(single_trainer, tmp_path):
 
 
 def _trainer_ctx(trainer_rank: int, n_trainers: int = 2) -> roles.DistContext:
-    return roles.DistContext(roles.DistInfo(rank=trainer_rank, world_size=n_trainers + 1, local_rank=trainer_rank,
+    return roles.DistContext(DistInfo(rank=trainer_rank, world_size=n_trainers + 1, local_rank=trainer_rank,
                                             role="trainer", trainer_rank=trainer_rank, n_trainers=n_trainers,
                                             index_rank=n_trainers))
 
