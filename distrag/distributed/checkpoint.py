@@ -20,12 +20,19 @@ the folder into place, replaces ``latest``, prunes; barrier. A crash anywhere be
 only a ``.tmp`` folder and ``latest`` still names the previous complete checkpoint. The folder must be
 on a file system shared by all trainers (multi-node: the cluster's shared storage).
 
-Reading never runs code from the files: ``trainer_state.pt`` and ``rank_*.pt`` hold tensors and plain
-data only (checked when saved) and are read with ``torch.load(weights_only=True)``. DeepSpeed's own
-loader unpickles, so it runs only on a checkpoint whose manifest verifies under this run's secret and
-whose every file matches the manifest. Resume (:meth:`CheckpointManager.resolve`): ``auto`` takes the
-newest checkpoint that is complete and valid, saying on trainer 0 which newer ones it skipped and why;
-an explicit checkpoint that is not valid is a :class:`CheckpointError` naming the bad file.
+Trust: a checkpoint is used only when its manifest's signature verifies under this run's secret, checked
+FIRST, before any file is hashed or read, for every checkpoint (with or without a DeepSpeed engine): sizes
+and checksums alone prove nothing, since whoever rewrites a file can recompute them (issue 19: a zeroed
+encoder with a recomputed manifest was resumed silently). The signature covers every file's sha256, so a
+verified manifest whose files all match is exactly what this run wrote. Reading never runs code from the
+files: ``trainer_state.pt`` and ``rank_*.pt`` hold tensors and plain data only (checked when saved), are
+read once into memory, checked against the manifest's sha256 there (no window between the check and the
+read) and parsed with ``torch.load(weights_only=True)``. DeepSpeed's own loader unpickles, so it runs only
+on such a verified checkpoint. Every path a payload names must lie inside the run folder
+(:meth:`CheckpointManager.require_inside`). Resume (:meth:`CheckpointManager.resolve`): ``auto`` takes the
+newest checkpoint that is complete and valid, saying on trainer 0 which newer ones it skipped and why (one
+copied in from another run is skipped: its signature does not verify); an explicit checkpoint that is not
+valid is a :class:`CheckpointError` naming the bad file.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import torch
 
 from distrag.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from distrag.distributed import roles, run_secret
-from distrag.errors import CheckpointError
+from distrag.errors import CheckpointError, DistError
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +133,19 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _read_state(path: Path, keys: tuple[str, ...]) -> dict:
-    """A state file as a dict holding ``keys``; tensors and plain data only (no pickled objects)."""
+def _read_state(path: Path, keys: tuple[str, ...], sha256: str) -> dict:
+    """A state file as a dict holding ``keys``; tensors and plain data only (no pickled objects). The bytes
+    parsed are the bytes checked against ``sha256`` (the signed manifest's): a file swapped after
+    :meth:`CheckpointManager.validate` hashed it is refused, not read."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"{path} does not match its checksum in the manifest (sha256): changed after it "
+                              "was verified")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         raise CheckpointError(f"cannot read {path}: it holds objects other than tensors and plain data "
@@ -173,6 +189,16 @@ def _stats(folder: Path) -> tuple:
 
 def _signed_text(manifest: dict) -> str:
     return json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True)
+
+
+def _signed_by(run_folder: Path, manifest: dict) -> bool:
+    """Whether ``manifest`` verifies under the secret of the run in ``run_folder`` (never created here): only to
+    say which run a refused checkpoint belongs to."""
+    try:
+        key = run_secret.run_secret(run_folder, create=False)
+    except DistError:
+        return False
+    return run_secret.verify(key, manifest.get("signature"), _signed_text(manifest))
 
 
 def is_complete(path: str | Path) -> bool:
@@ -282,11 +308,11 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
     # -- validating ----------------------------------------------------------------------------------
-    def validate(self, path: str | Path, *, signed: bool = False) -> dict:
-        """The manifest of checkpoint ``path`` once every file matches it: present, same size, same
-        sha256, and no file it does not list. ``signed``: the manifest must also verify under this run's
-        secret (required before DeepSpeed's unpickling loader). Raises :class:`CheckpointError` naming
-        the bad file."""
+    def validate(self, path: str | Path) -> dict:
+        """The manifest of checkpoint ``path`` once its signature verifies under this run's secret (checked
+        first: nothing of an unsigned or foreign checkpoint is hashed or read) and every file matches it:
+        present, same size, same sha256, and no file it does not list. Raises :class:`CheckpointError`
+        naming the bad file."""
         path = Path(path)
         mpath = path / MANIFEST
         try:
@@ -298,11 +324,17 @@ class CheckpointManager:
         if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
             raise CheckpointError(f"{mpath} lists no file checksums (written by an older distrag, or edited): "
                                   "it cannot be verified")
-        if signed and not run_secret.verify(self._secret(), manifest.get("signature"), _signed_text(manifest)):
+        if not run_secret.verify(self._secret(), manifest.get("signature"), _signed_text(manifest)):
+            owner = path.resolve().parent.parent
+            if owner != self.root.parent.resolve() and _signed_by(owner, manifest):
+                raise CheckpointError(
+                    f"{mpath}: signed by the run in {owner} (another configuration), not by this run "
+                    f"({self.root.parent}): resume it with the configuration that wrote it, or start fresh with "
+                    "distributed.resume=none")
             raise CheckpointError(
                 f"{mpath}: signature does not verify under this run's secret "
-                f"({run_secret.secret_path(self.root.parent)}): the checkpoint was not written by this run or "
-                "its manifest was edited; DeepSpeed's loader unpickles, so it is not loaded")
+                f"({run_secret.secret_path(self.root.parent)}): the checkpoint was written by another run "
+                "(copied in?) or edited after it was saved; nothing in it is read")
         seen = (text, _stats(path))  # a resume validates, then loads (twice): hash the files once
         if self._valid.get(path.resolve()) == seen:
             return manifest
@@ -335,12 +367,15 @@ class CheckpointManager:
         """Every trainer: validate, read the payload, restore this trainer's RNG, and (collective) load
         the DeepSpeed engine state. An engine checkpoint that DeepSpeed cannot find is an error."""
         path = Path(path)
-        manifest = self.validate(path, signed=engine is not None)
-        shared = _read_state(path / TRAINER_STATE, ("step", "payload"))
+        manifest = self.validate(path)
+        files = manifest["files"]
+        if TRAINER_STATE not in files:
+            raise CheckpointError(f"{path / MANIFEST} lists no {TRAINER_STATE}: not a distrag checkpoint")
+        shared = _read_state(path / TRAINER_STATE, ("step", "payload"), files[TRAINER_STATE]["sha256"])
         rank_file = path / f"rank_{self._rank:05d}.pt"
         rank_payload = None
-        if rank_file.is_file():
-            mine = _read_state(rank_file, ("rng", "rank_payload"))
+        if rank_file.name in files:
+            mine = _read_state(rank_file, ("rng", "rank_payload"), files[rank_file.name]["sha256"])
             try:
                 set_rng_state(mine["rng"])
             except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
@@ -362,6 +397,20 @@ class CheckpointManager:
                                       "(load_checkpoint returned None)")
         return Restored(step=int(shared["step"]), payload=shared["payload"], rank_payload=rank_payload,
                         path=path, client_state=client_state)
+
+    def require_inside(self, path: str | Path, named: dict[str, object]) -> None:
+        """Raise :class:`CheckpointError` unless every path in ``named`` (where in the payload -> the path it
+        names) lies inside the run folder (this root's parent; symlinks resolved). The payload is signed by
+        now, so this is a second line: a checkpoint never makes a trainer open a file elsewhere."""
+        run = self.root.parent.resolve()
+        for where, value in named.items():
+            try:
+                ok = isinstance(value, str) and Path(value).resolve().is_relative_to(run)
+            except (OSError, RuntimeError, ValueError):
+                ok = False
+            if not ok:
+                raise CheckpointError(f"checkpoint {path} names {where}={value!r}, outside the run folder {run}: "
+                                      "it is not opened; resume from a checkpoint of this run")
 
     # -- choosing ------------------------------------------------------------------------------------
     def resolve(self, spec: str | None) -> Path | None:

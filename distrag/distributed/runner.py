@@ -206,7 +206,8 @@ class TrainerRun:
         found = self.ckpt.resolve(self.cfg.distributed.resume)
         if found is None:
             return None
-        restored = self.ckpt.load(found)
+        restored = self.ckpt.load(found)  # signature first, then every file: nothing unverified is read
+        self.ckpt.require_inside(found, _named_paths(restored.payload))
         saved_hash, this_hash = restored.payload.get("config_hash"), self.cfg.config_hash()
         if saved_hash != this_hash:
             raise CheckpointError(f"checkpoint {found} was written by another configuration ({saved_hash} vs "
@@ -388,6 +389,21 @@ class TrainerRun:
         """Every trainer records the index versions it adopted and when (they must agree)."""
         atomic_write_json(self.root / f"adoptions_trainer{self.ctx.info.trainer_rank}.json",
                           [asdict(d) for d in self.client.history])
+
+
+def _named_paths(payload: dict) -> dict[str, object]:
+    """Every path a trainer's checkpoint payload names (where -> path): the index in use and the index versions
+    the client adopted. :meth:`CheckpointManager.require_inside` keeps them inside the run folder."""
+    named: dict[str, object] = {}
+    if payload.get("index_path") is not None:
+        named["index_path"] = payload["index_path"]
+    client = payload.get("index_client")
+    if isinstance(client, dict):
+        if isinstance(client.get("current"), dict):
+            named["index_client.current.path"] = client["current"].get("path")
+        for i, d in enumerate(client.get("history") or []):
+            named[f"index_client.history[{i}].path"] = d.get("path") if isinstance(d, dict) else d
+    return named
 
 
 def _merged_ledger(states: list[dict]) -> CostLedger:
