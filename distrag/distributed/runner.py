@@ -55,7 +55,7 @@ from distrag.distributed.checkpoint import CheckpointManager, Restored
 from distrag.distributed.deepspeed_trainer import DistributedTrainer
 from distrag.distributed.index_supervisor import run_supervised_index_rank
 from distrag.distributed.refresh_client import IndexClient
-from distrag.errors import CheckpointError, DSConfigError, IndexRankFailed
+from distrag.errors import CheckpointError, DSConfigError, IndexRankFailed, user_error_exit
 from distrag.logging_setup import progress_enabled
 from distrag.retrieval import index_store
 from distrag.run_lock import lock_output_dir
@@ -439,7 +439,9 @@ def run(cfg: ExperimentConfig) -> int:
     """Entry point of every process; returns the exit code (0 on success and after a requeue)."""
     ctx = roles.init_roles(cfg.distributed, with_index_rank=needs_index_rank(cfg))
     if ctx.info.is_index:
-        return run_index_rank(cfg, ctx)
+        # Its own user errors (e.g. the run's secret readable by others) are printed here: only trainer 0
+        # prints the job's user errors, and the launcher ends trainer 0 as soon as this process exits.
+        return user_error_exit(lambda: run_index_rank(cfg, ctx))
     if ctx.info.role == "single" and needs_index_rank(cfg):
         log.warning("train.refresh_every=%d needs an index rank, and this job has one process: the index stays "
                     "frozen during training (distributed.index_rank is unused). Start 2+ processes (torchrun "

@@ -342,6 +342,23 @@ def test_explicit_resume_from_missing_checkpoint_is_an_error(job_root):
     assert "/nonexistent/step_00000009" in log
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_secret_readable_by_others_is_an_error_line_under_torchrun(job_root):
+    """Before: the index rank exited 2 with no ``error:`` line; torchrun's ChildFailedError was all there was."""
+    from distrag.config import load_config
+    from distrag.distributed import run_secret
+
+    out, overrides = "open_secret", ("train.refresh_every=2", "tracking.enabled=false")
+    cfg = load_config(job_root / "cfg.yaml", [f"output_dir={job_root / out}", *overrides])
+    folder = runner.run_dir(cfg)
+    run_secret.run_secret(folder)
+    run_secret.secret_path(folder).chmod(0o644)
+    rc, log = launch(job_root, 2, out, *overrides)
+    assert rc != 0
+    assert f"error: {run_secret.secret_path(folder)}: the run's secret is readable by others" in log, log[-3000:]
+
+
 def test_refresh_metrics_count_versions_adopted_and_published():
     stats = [RefreshStats(blocked_s=1.0, n_adopted=3).summary(10.0), RefreshStats(n_adopted=3).summary(10.0)]
     m = refresh_metrics(stats, published=5)
