@@ -204,6 +204,39 @@ def test_user_errors_and_log_records_are_printed_with_credentials_masked(capsys)
     assert "hunter2" not in text and text.count("http://***@mlflow.internal:5000") == 3  # ...masked
 
 
+def test_a_password_with_a_quote_is_masked_at_every_exit(tmp_path, capsys):
+    """Issue 19 item 7. Before: ``http://bob:pa'ss...@host`` was printed (log, ``error:`` line, the tracker
+    probe's message) and stored in MLflow's params as it was: the masking regex stopped at the quote."""
+    from distrag.config import TrackingConfig
+    from distrag.errors import user_error_exit
+    from distrag.logging_setup import setup_logging
+    from distrag.reporting.tracking import Tracker, flatten, tracking_problem
+
+    password = "pa'ss" + "-w0rd(!)"
+    uri = f"http://bob:{password}@127.0.0.1:{_free_port()}"  # nothing listens there
+    probe = tracking_problem(TrackingConfig(uri=uri))
+    assert probe and "no MLflow server answers" in probe
+
+    def fail() -> int:
+        raise ConfigError([("tracking.uri", probe), ("tracking.uri", f"as given: {uri!r}")])
+
+    assert user_error_exit(fail) == 2
+    setup_logging(verbose=True)
+    try:
+        logging.getLogger("distrag.test_security").warning("tracking at %r", uri)
+    finally:
+        setup_logging(verbose=False)
+    tracker = Tracker.open(TrackingConfig(uri=f"sqlite:///{tmp_path / 'db.sqlite'}", experiment="e"), run_name="r")
+    tracker.log_params(flatten(build_config(overrides=[f"tracking.uri={uri}"]).model_dump(mode="json")))
+    params = tracker.client.get_run(tracker.run_id).data.params
+    tracker.end()
+    out = capsys.readouterr()
+    for where, text in (("probe", probe), ("stderr/stdout", out.out + out.err), ("params", json.dumps(params))):
+        assert password not in text and "pa'ss" not in text, where
+    assert params["tracking.uri"].startswith("http://***@127.0.0.1:")
+    assert (out.out + out.err).count("http://***@127.0.0.1:") == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end: a whole `distrag train` with credentials in tracking.uri and hostile ids
 
