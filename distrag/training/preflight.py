@@ -52,6 +52,7 @@ def embedder_dim(cfg: ExperimentConfig) -> int | None:
 
 
 def _model_problems(cfg: ExperimentConfig) -> Problems:
+    from distrag.models.generator import answer_length_problem
     from distrag.models.sources import resolve_model
 
     problems: Problems = []
@@ -65,7 +66,7 @@ def _model_problems(cfg: ExperimentConfig) -> Problems:
         problems.append(("index.pq_m", f"{cfg.index.pq_m} does not divide the embedder's dimension {dim} "
                                        f"(index.kind=ivfpq); use one of {divisors}"))
     try:
-        resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
+        source = resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
     except ModelNotFoundError as e:
         if cfg.generator.gguf_file and "gguf_file" in str(e):
             there = sorted(p.name for p in Path(cfg.generator.model).expanduser().glob("*.gguf"))
@@ -73,7 +74,28 @@ def _model_problems(cfg: ExperimentConfig) -> Problems:
                                                     "gguf_file unset for a transformers folder)"))
         else:
             problems.append(("generator.model", _with_fix(str(e))))
+    else:
+        problem = answer_length_problem(cfg.generator.max_new_tokens, generator_positions(cfg, source))
+        if problem:
+            problems.append(("generator.max_new_tokens", problem.removeprefix("generator.max_new_tokens=")))
     return problems
+
+
+def generator_positions(cfg: ExperimentConfig, source) -> int | None:
+    """The generator's ``max_position_embeddings`` from its config.json (no weights loaded); None when it does not
+    say, its config cannot be read here (loading the model reports that) or it is a GGUF file: transformers
+    parses a whole GGUF file's metadata for its config (5-15 s for SmolLM2-135M here), so a GGUF generator is
+    checked when it loads (:class:`~distrag.models.generator.Generator`), still before anything is generated."""
+    from transformers import AutoConfig
+
+    if source.gguf_file:
+        return None
+    try:
+        mcfg = AutoConfig.from_pretrained(source.path_or_id, trust_remote_code=cfg.generator.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    positions = getattr(mcfg, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
 
 
 def _with_fix(message: str) -> str:
