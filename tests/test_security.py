@@ -23,6 +23,19 @@ Fixes (tested where their code lives, and end to end below):
     tests/reporting/test_tracking.py, and a whole ``distrag train`` against an MLflow server below.
   * slurm/mlflow_server.sbatch listens on loopback unless told otherwise, and never on the network
     without authentication unless explicitly allowed (below).
+
+Issue 19 (second round), each with a test that failed before its fix:
+  3. checkpoints: signature first for every checkpoint, paths inside the run folder, foreign ones skipped:
+     tests/distributed/test_checkpoint.py, tests/distributed/test_runner.py;
+  4. the run's secret: not re-created over signed checkpoints, the index rank's own error line:
+     tests/distributed/test_run_secret.py, tests/distributed/test_runner.py (torchrun);
+  5. index checksums (format v2) and the cache keyed on the weights: tests/retrieval/test_index_store.py,
+     tests/retrieval/test_corpus_encoding.py;
+  6. the output folder's lock never followed through a link: tests/test_run_lock.py;
+  7. credentials with any userinfo character masked: tests/test_redaction.py and below;
+  8. YAML alias bombs and recursive aliases: tests/test_config.py;
+  9. max_new_tokens against the model's positions: tests/training/test_preflight.py, tests/models/test_generator.py;
+  11. the MLflow server for real on loopback, with and without basic-auth (below).
 """
 
 from __future__ import annotations
