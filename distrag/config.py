@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from distrag.errors import ConfigError
 from distrag.strategies import TRAIN_STRATEGIES
+from distrag.yaml_input import MAX_VALUES, bounded_copy, parse_value, read_yaml
 
 
 class Section(BaseModel):
@@ -341,38 +342,6 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-MAX_CONFIG_VALUES = 10_000
-"""Values (mappings, lists and scalars) a configuration may hold once YAML aliases are expanded. A whole
-configuration is a few hundred; a document whose aliases nest (billion laughs: 9 levels of 9 aliases are 387
-million values) is refused as soon as its copy passes the bound, instead of being expanded into minutes and a
-MemoryError (issue 19)."""
-
-
-def _bounded_copy(tree: Any, budget: list[int]) -> Any:
-    """A copy of a YAML/JSON tree (dict keys as strings), counting every value against ``budget[0]``: ValueError
-    when it runs out (aliases expanding beyond :data:`MAX_CONFIG_VALUES`) or when a value contains itself (a
-    recursive alias, which would otherwise loop)."""
-
-    def copy(node: Any, inside: set[int]) -> Any:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise ValueError(f"it expands to more than {MAX_CONFIG_VALUES} values (nested YAML aliases, e.g. a "
-                             "'billion laughs' document); write the values out")
-        if not isinstance(node, (dict, list, tuple)):
-            return node
-        if id(node) in inside:
-            raise ValueError("a YAML alias refers to a value that contains it (a recursive structure)")
-        inside.add(id(node))
-        if isinstance(node, dict):
-            out: Any = {k if isinstance(k, str) else str(k): copy(v, inside) for k, v in node.items()}
-        else:
-            out = [copy(v, inside) for v in node]
-        inside.discard(id(node))
-        return out
-
-    return copy(tree, set())
-
-
 def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     """``["train.lr_generator=1e-4", "index.kind=ivf"]`` -> typed pairs (values parsed as YAML)."""
     pairs, problems = [], []
@@ -381,11 +350,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
             problems.append((item, "override must look like key.sub=value"))
             continue
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except (yaml.YAMLError, RecursionError):
-            value = raw
-        pairs.append((key.strip(), value))
+        pairs.append((key.strip(), parse_value(raw)))
     if problems:
         raise ConfigError(problems, "the command line")
     return pairs
@@ -404,12 +369,12 @@ def _format_errors(err: ValidationError) -> list[tuple[str, str]]:
 
 def build_config(tree: dict | None = None, overrides: list[str] | None = None,
                  source: str | None = None) -> ExperimentConfig:
-    """Validate a config tree plus overrides; every problem is reported at once. The tree and each override
-    are copied within :data:`MAX_CONFIG_VALUES` values (YAML aliases expanded) before anything reads them."""
-    budget, parsed = [MAX_CONFIG_VALUES], parse_overrides(overrides)
+    """Validate a config tree plus overrides; every problem is reported at once. The tree and the overrides are
+    copied within :data:`distrag.yaml_input.MAX_VALUES` values (YAML aliases expanded) before anything reads them."""
+    budget, parsed = [MAX_VALUES], parse_overrides(overrides)
     try:
-        tree = _bounded_copy(tree or {}, budget)
-        pairs = [(key, _bounded_copy(value, budget)) for key, value in parsed]
+        tree = bounded_copy(tree or {}, budget)
+        pairs = [(key, bounded_copy(value, budget)) for key, value in parsed]
     except ValueError as e:
         raise ConfigError([("(top level)", str(e))], source) from None
     for key, value in pairs:
@@ -426,14 +391,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError([("--config", f"file not found: {path}")])
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([("(yaml)", str(e))], str(path)) from None
-        except RecursionError:
-            raise ConfigError([("(yaml)", "nested too deeply to read")], str(path)) from None
-        except UnicodeDecodeError as e:
-            raise ConfigError([("(yaml)", f"not UTF-8 text ({e.reason} at byte {e.start})")], str(path)) from None
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError([("(top level)", "a config file must be a mapping")], str(path))
     return build_config(tree, overrides, str(path) if path else None)

@@ -20,45 +20,37 @@ the folder into place, replaces ``latest``, prunes; barrier. A crash anywhere be
 only a ``.tmp`` folder and ``latest`` still names the previous complete checkpoint. The folder must be
 on a file system shared by all trainers (multi-node: the cluster's shared storage).
 
-Trust: a checkpoint is used only when its manifest's signature verifies under this run's secret, checked
-FIRST, before any file is hashed or read, for every checkpoint (with or without a DeepSpeed engine): sizes
-and checksums alone prove nothing, since whoever rewrites a file can recompute them (issue 19: a zeroed
-encoder with a recomputed manifest was resumed silently). The signature covers every file's sha256, so a
-verified manifest whose files all match is exactly what this run wrote. Reading never runs code from the
-files: ``trainer_state.pt`` and ``rank_*.pt`` hold tensors and plain data only (checked when saved), are
-read once into memory, checked against the manifest's sha256 there (no window between the check and the
-read) and parsed with ``torch.load(weights_only=True)``. DeepSpeed's own loader unpickles, so it runs only
-on such a verified checkpoint. Every path a payload names must lie inside the run folder
-(:meth:`CheckpointManager.require_inside`). Resume (:meth:`CheckpointManager.resolve`): ``auto`` takes the
-newest checkpoint that is complete and valid, saying on trainer 0 which newer ones it skipped and why (one
-copied in from another run is skipped: its signature does not verify); an explicit checkpoint that is not
-valid is a :class:`CheckpointError` naming the bad file.
+Trust: the manifest's signature (under this run's secret) is checked FIRST, for every checkpoint, before any
+file is hashed or read: sizes and checksums alone prove nothing, whoever rewrites a file can recompute them
+(issue 19: a zeroed encoder with a recomputed manifest was resumed). The signed manifest holds every file's
+sha256; ``trainer_state.pt`` and ``rank_*.pt`` (tensors and plain data only, checked when saved) are parsed
+with ``torch.load(weights_only=True)`` from the very bytes checked against it, and DeepSpeed's loader (which
+unpickles) runs only on a verified checkpoint. Every path the payload names (keys ``path`` / ``*_path``) must
+lie inside the run folder. Resume (:meth:`CheckpointManager.resolve`): ``auto`` takes the newest complete and
+valid checkpoint, saying on trainer 0 which newer ones it skipped and why (one copied in from another run:
+its signature does not verify); an explicit one that is not valid is a :class:`CheckpointError` naming the
+bad file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import pickle
-import random
 import re
 import shutil
 import time
 import warnings
-from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from distrag.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from distrag.distributed import roles, run_secret
-from distrag.errors import CheckpointError, DistError
+from distrag.distributed.plain_state import check_plain, read_state, rng_state, set_rng_state, torch_bytes
+from distrag.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -80,82 +72,6 @@ class Restored:
     path: Path
     client_state: dict | None = None
     """DeepSpeed's client state, when an engine was loaded."""
-
-
-def rng_state() -> dict:
-    """This process's generators as tensors and plain data (what ``weights_only`` loading accepts)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            warnings.warn("CUDA RNG states saved for a different GPU count; not restored", RuntimeWarning,
-                          stacklevel=2)
-
-
-_LEAVES = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
-
-
-def check_plain(obj: Any, where: str = "payload") -> None:
-    """Raise TypeError unless ``obj`` is tensors and plain data (dict, list, tuple, str, int, float, bool,
-    None): what ``torch.load(weights_only=True)`` reads back. Exact types: a numpy scalar or a dataclass
-    would need pickle."""
-    if type(obj) in _LEAVES or isinstance(obj, torch.Tensor):
-        return
-    if type(obj) in (dict, OrderedDict):
-        for k, v in obj.items():
-            check_plain(k, f"{where} key")
-            check_plain(v, f"{where}[{k!r}]")
-    elif type(obj) in (list, tuple):
-        for i, v in enumerate(obj):
-            check_plain(v, f"{where}[{i}]")
-    else:
-        raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot go into a checkpoint "
-                        "(tensors, dict, list, tuple, str, int, float, bool and None only)")
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _read_state(path: Path, keys: tuple[str, ...], sha256: str) -> dict:
-    """A state file as a dict holding ``keys``; tensors and plain data only (no pickled objects). The bytes
-    parsed are the bytes checked against ``sha256`` (the signed manifest's): a file swapped after
-    :meth:`CheckpointManager.validate` hashed it is refused, not read."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise CheckpointError(f"{path} does not match its checksum in the manifest (sha256): changed after it "
-                              "was verified")
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        raise CheckpointError(f"cannot read {path}: it holds objects other than tensors and plain data "
-                              f"({found.group(1) if found else 'refused by weights_only'}); they are not "
-                              "loaded, because unpickling them could run code") from None
-    except Exception as e:  # noqa: BLE001 - any failure to parse (bad zip, EOF, ...) is a bad file
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {str(e).strip()[:300]}") from None
-    if not isinstance(obj, dict) or any(k not in obj for k in keys):
-        raise CheckpointError(f"{path} does not hold a distrag checkpoint state (expected keys {list(keys)})")
-    return obj
 
 
 def _sha256(path: Path) -> str:
@@ -191,14 +107,22 @@ def _signed_text(manifest: dict) -> str:
     return json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True)
 
 
-def _signed_by(run_folder: Path, manifest: dict) -> bool:
-    """Whether ``manifest`` verifies under the secret of the run in ``run_folder`` (never created here): only to
-    say which run a refused checkpoint belongs to."""
+def _named_paths(obj: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` of every value under a key ``path`` or ``*_path`` in a payload's dicts and lists."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        at = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
+        if isinstance(k, str) and (k == "path" or k.endswith("_path")):
+            yield at, v
+        else:
+            yield from _named_paths(v, at)
+
+
+def _inside(value: Any, folder: Path) -> bool:
     try:
-        key = run_secret.run_secret(run_folder, create=False)
-    except DistError:
+        return value is None or (isinstance(value, str) and Path(value).resolve().is_relative_to(folder))
+    except (OSError, RuntimeError, ValueError):
         return False
-    return run_secret.verify(key, manifest.get("signature"), _signed_text(manifest))
 
 
 def is_complete(path: str | Path) -> bool:
@@ -267,8 +191,8 @@ class CheckpointManager:
             check_plain(rank_payload, "rank_payload")
             if self.ctx.info.is_rank0:
                 check_plain(payload, "payload")
-            shared = _torch_bytes({"step": step, "payload": payload}) if self.ctx.info.is_rank0 else b""
-            mine, error = _torch_bytes({"rng": rng_state(), "rank_payload": rank_payload}), None
+            shared = torch_bytes({"step": step, "payload": payload}) if self.ctx.info.is_rank0 else b""
+            mine, error = torch_bytes({"rng": rng_state(), "rank_payload": rank_payload}), None
         except TypeError as e:
             error = e
         if self.ctx.all_reduce_flag(error is not None):
@@ -325,16 +249,11 @@ class CheckpointManager:
             raise CheckpointError(f"{mpath} lists no file checksums (written by an older distrag, or edited): "
                                   "it cannot be verified")
         if not run_secret.verify(self._secret(), manifest.get("signature"), _signed_text(manifest)):
-            owner = path.resolve().parent.parent
-            if owner != self.root.parent.resolve() and _signed_by(owner, manifest):
-                raise CheckpointError(
-                    f"{mpath}: signed by the run in {owner} (another configuration), not by this run "
-                    f"({self.root.parent}): resume it with the configuration that wrote it, or start fresh with "
-                    "distributed.resume=none")
             raise CheckpointError(
                 f"{mpath}: signature does not verify under this run's secret "
-                f"({run_secret.secret_path(self.root.parent)}): the checkpoint was written by another run "
-                "(copied in?) or edited after it was saved; nothing in it is read")
+                f"({run_secret.secret_path(self.root.parent)}): written by another run (another configuration, "
+                "or copied in) or edited after it was saved, so nothing in it is read; resume a checkpoint of "
+                f"this configuration's run ({self.root}) or start fresh with distributed.resume=none")
         seen = (text, _stats(path))  # a resume validates, then loads (twice): hash the files once
         if self._valid.get(path.resolve()) == seen:
             return manifest
@@ -368,14 +287,16 @@ class CheckpointManager:
         the DeepSpeed engine state. An engine checkpoint that DeepSpeed cannot find is an error."""
         path = Path(path)
         manifest = self.validate(path)
-        files = manifest["files"]
-        if TRAINER_STATE not in files:
-            raise CheckpointError(f"{path / MANIFEST} lists no {TRAINER_STATE}: not a distrag checkpoint")
-        shared = _read_state(path / TRAINER_STATE, ("step", "payload"), files[TRAINER_STATE]["sha256"])
+        shared = read_state(path / TRAINER_STATE, ("step", "payload"), manifest["files"][TRAINER_STATE]["sha256"])
+        run = self.root.parent.resolve()
+        for where, value in _named_paths(shared["payload"]):
+            if not _inside(value, run):
+                raise CheckpointError(f"checkpoint {path} names {where}={value!r}, outside the run folder {run}: "
+                                      "it is not opened; resume from a checkpoint of this run")
         rank_file = path / f"rank_{self._rank:05d}.pt"
         rank_payload = None
-        if rank_file.name in files:
-            mine = _read_state(rank_file, ("rng", "rank_payload"), files[rank_file.name]["sha256"])
+        if rank_file.name in manifest["files"]:
+            mine = read_state(rank_file, ("rng", "rank_payload"), manifest["files"][rank_file.name]["sha256"])
             try:
                 set_rng_state(mine["rng"])
             except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
@@ -397,20 +318,6 @@ class CheckpointManager:
                                       "(load_checkpoint returned None)")
         return Restored(step=int(shared["step"]), payload=shared["payload"], rank_payload=rank_payload,
                         path=path, client_state=client_state)
-
-    def require_inside(self, path: str | Path, named: dict[str, object]) -> None:
-        """Raise :class:`CheckpointError` unless every path in ``named`` (where in the payload -> the path it
-        names) lies inside the run folder (this root's parent; symlinks resolved). The payload is signed by
-        now, so this is a second line: a checkpoint never makes a trainer open a file elsewhere."""
-        run = self.root.parent.resolve()
-        for where, value in named.items():
-            try:
-                ok = isinstance(value, str) and Path(value).resolve().is_relative_to(run)
-            except (OSError, RuntimeError, ValueError):
-                ok = False
-            if not ok:
-                raise CheckpointError(f"checkpoint {path} names {where}={value!r}, outside the run folder {run}: "
-                                      "it is not opened; resume from a checkpoint of this run")
 
     # -- choosing ------------------------------------------------------------------------------------
     def resolve(self, spec: str | None) -> Path | None:

@@ -206,8 +206,7 @@ class TrainerRun:
         found = self.ckpt.resolve(self.cfg.distributed.resume)
         if found is None:
             return None
-        restored = self.ckpt.load(found)  # signature first, then every file: nothing unverified is read
-        self.ckpt.require_inside(found, _named_paths(restored.payload))
+        restored = self.ckpt.load(found)  # signature first, every file, paths inside the run folder
         saved_hash, this_hash = restored.payload.get("config_hash"), self.cfg.config_hash()
         if saved_hash != this_hash:
             raise CheckpointError(f"checkpoint {found} was written by another configuration ({saved_hash} vs "
@@ -391,21 +390,6 @@ class TrainerRun:
                           [asdict(d) for d in self.client.history])
 
 
-def _named_paths(payload: dict) -> dict[str, object]:
-    """Every path a trainer's checkpoint payload names (where -> path): the index in use and the index versions
-    the client adopted. :meth:`CheckpointManager.require_inside` keeps them inside the run folder."""
-    named: dict[str, object] = {}
-    if payload.get("index_path") is not None:
-        named["index_path"] = payload["index_path"]
-    client = payload.get("index_client")
-    if isinstance(client, dict):
-        if isinstance(client.get("current"), dict):
-            named["index_client.current.path"] = client["current"].get("path")
-        for i, d in enumerate(client.get("history") or []):
-            named[f"index_client.history[{i}].path"] = d.get("path") if isinstance(d, dict) else d
-    return named
-
-
 def _merged_ledger(states: list[dict]) -> CostLedger:
     """All trainers' ledgers as one: the trainers ran in parallel (FLOPs and device-seconds add, the
     wall-clock is the longest)."""
@@ -439,9 +423,7 @@ def run(cfg: ExperimentConfig) -> int:
     """Entry point of every process; returns the exit code (0 on success and after a requeue)."""
     ctx = roles.init_roles(cfg.distributed, with_index_rank=needs_index_rank(cfg))
     if ctx.info.is_index:
-        # Its own user errors (e.g. the run's secret readable by others) are printed here: only trainer 0
-        # prints the job's user errors, and the launcher ends trainer 0 as soon as this process exits.
-        return user_error_exit(lambda: run_index_rank(cfg, ctx))
+        return user_error_exit(lambda: run_index_rank(cfg, ctx))  # its own error line: trainer 0 may be ended first
     if ctx.info.role == "single" and needs_index_rank(cfg):
         log.warning("train.refresh_every=%d needs an index rank, and this job has one process: the index stays "
                     "frozen during training (distributed.index_rank is unused). Start 2+ processes (torchrun "

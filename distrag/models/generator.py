@@ -40,24 +40,7 @@ from distrag.config import GeneratorConfig, LoRAConfig
 from distrag.data.records import Passage
 from distrag.errors import GeneratorError
 from distrag.models.sources import pick_device, pick_dtype, resolve_model
-from distrag.models.text_limits import tokenize_within
-
-MIN_PROMPT_TOKENS = 64
-"""Positions an answer must leave to the prompt (chat template, passages, question): ``max_new_tokens`` is at
-most the model's ``max_position_embeddings`` minus this. More cannot work (the prompt could not be cut to
-fit) and ran for minutes with no warning (issue 19: 100000 new tokens on a 4096-position model)."""
-
-
-def answer_length_problem(max_new_tokens: int, positions: object, what: str = "generator.max_new_tokens") -> str | None:
-    """Why ``max_new_tokens`` cannot fit a model of ``positions`` positions (None when it fits, or when the
-    model does not say how many it has)."""
-    if not isinstance(positions, int) or positions <= 0:
-        return None
-    most = positions - MIN_PROMPT_TOKENS
-    if max_new_tokens <= most:
-        return None
-    return (f"{what}={max_new_tokens} but the model holds {positions} positions (prompt + answer): use at most "
-            f"{max(most, 1)}, leaving {MIN_PROMPT_TOKENS} for the prompt")
+from distrag.models.text_limits import check_answer_length, tokenize_within
 
 
 class ScoredBatch(NamedTuple):
@@ -67,8 +50,7 @@ class ScoredBatch(NamedTuple):
     width: int
     """Padded positions per row (prompt + answer + eos)."""
     logit_positions: int
-    """Positions per row whose logits (the LM head) were computed: the answer's, or every one when the
-    model cannot restrict them."""
+    """Positions per row whose logits (the LM head) were computed: the answer's, or all if it cannot say."""
 
 
 class GeneratedBatch(NamedTuple):
@@ -141,13 +123,7 @@ class Generator:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-        self._check_answer_length(self.cfg.max_new_tokens, "generator.max_new_tokens")
-
-    def _check_answer_length(self, max_new_tokens: int, what: str) -> None:
-        problem = answer_length_problem(max_new_tokens, getattr(self.model.config, "max_position_embeddings", None),
-                                        what)
-        if problem:
-            raise GeneratorError(f"{self.name}: {problem}")
+        check_answer_length(self.cfg.max_new_tokens, model.config, self.name, "generator.max_new_tokens")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -262,10 +238,8 @@ class Generator:
             return []
         bs = int(batch_size or self.cfg.batch_size)
         eos = self.eos_token_ids
-        if max_new_tokens:
-            self._check_answer_length(int(max_new_tokens), "max_new_tokens")
-        gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens or self.cfg.max_new_tokens),
-                                   do_sample=False, num_beams=1, eos_token_id=eos,
+        n_new = check_answer_length(int(max_new_tokens or self.cfg.max_new_tokens), self.config, self.name)
+        gen_cfg = GenerationConfig(max_new_tokens=n_new, do_sample=False, num_beams=1, eos_token_id=eos,
                                    pad_token_id=self.tokenizer.pad_token_id)
         was_training = self.model.training
         self.model.eval()

@@ -52,8 +52,8 @@ def embedder_dim(cfg: ExperimentConfig) -> int | None:
 
 
 def _model_problems(cfg: ExperimentConfig) -> Problems:
-    from distrag.models.generator import answer_length_problem
     from distrag.models.sources import resolve_model
+    from distrag.models.text_limits import answer_length_problem
 
     problems: Problems = []
     try:
@@ -75,27 +75,25 @@ def _model_problems(cfg: ExperimentConfig) -> Problems:
         else:
             problems.append(("generator.model", _with_fix(str(e))))
     else:
-        problem = answer_length_problem(cfg.generator.max_new_tokens, generator_positions(cfg, source))
+        problem = answer_length_problem(cfg.generator.max_new_tokens, generator_config(cfg, source))
         if problem:
             problems.append(("generator.max_new_tokens", problem.removeprefix("generator.max_new_tokens=")))
     return problems
 
 
-def generator_positions(cfg: ExperimentConfig, source) -> int | None:
-    """The generator's ``max_position_embeddings`` from its config.json (no weights loaded); None when it does not
-    say, its config cannot be read here (loading the model reports that) or it is a GGUF file: transformers
-    parses a whole GGUF file's metadata for its config (5-15 s for SmolLM2-135M here), so a GGUF generator is
-    checked when it loads (:class:`~distrag.models.generator.Generator`), still before anything is generated."""
+def generator_config(cfg: ExperimentConfig, source):
+    """The generator's config from its config.json (no weights loaded); None when it cannot be read here (loading
+    the model reports that) or the model is a GGUF file: transformers parses a whole GGUF file's metadata for
+    its config (5-15 s for SmolLM2-135M here), so a GGUF generator is checked when it loads, still before
+    anything is generated (:func:`distrag.models.text_limits.check_answer_length`)."""
     from transformers import AutoConfig
 
     if source.gguf_file:
         return None
     try:
-        mcfg = AutoConfig.from_pretrained(source.path_or_id, trust_remote_code=cfg.generator.trust_remote_code)
+        return AutoConfig.from_pretrained(source.path_or_id, trust_remote_code=cfg.generator.trust_remote_code)
     except (OSError, ValueError):
         return None
-    positions = getattr(mcfg, "max_position_embeddings", None)
-    return positions if isinstance(positions, int) else None
 
 
 def _with_fix(message: str) -> str:

@@ -45,7 +45,7 @@ def test_save_load_round_trip_with_rng(mgr):
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     payload = {"model": model.state_dict(), "optim": opt.state_dict(), "data_pos": 17,
-               "index": {"version": 3, "path": "/x/v000003"}, "mlflow_run_id": "abc"}
+               "index": {"version": 3, "path": str(mgr.root.parent / "index" / "v000003")}, "mlflow_run_id": "abc"}
     path = mgr.save(5, payload, rank_payload={"sampler": [1, 2, 3]})
     expected = _draws()
     _draws()  # move the generators on
