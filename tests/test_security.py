@@ -33,7 +33,7 @@ Issue 19 (second round), each with a test that failed before its fix:
      tests/retrieval/test_corpus_encoding.py;
   6. the output folder's lock never followed through a link: tests/test_run_lock.py;
   7. credentials with any userinfo character masked: tests/test_redaction.py and below;
-  8. YAML alias bombs and recursive aliases: tests/test_config.py;
+  8. YAML alias bombs and recursive aliases: tests/test_yaml_input.py;
   9. max_new_tokens against the model's positions: tests/training/test_preflight.py, tests/models/test_generator.py;
   11. the MLflow server for real on loopback, with and without basic-auth (below).
 """
