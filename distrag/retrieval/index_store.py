@@ -21,18 +21,18 @@ Checksums (format v2): sizes and shapes cannot tell a shard rewritten at the sam
 search wrong, Recall@3 75 -> 0, issue 19), so the manifest holds the sha256 of every file and :func:`load`
 refuses a file that does not match. Hashing is not free: sha256 ran at about 0.6-0.7 GB/s on this project's 2
 shared CPU cores (45-55 ms for a 20,000 x 384 float32 flat index, 30.7 MB, which faiss reads in 12-14 ms),
-i.e. about 25 s for a 16 GB index, on every trainer, at every index adoption (a step all trainers wait at).
-So the hash is computed once, by the writer: :func:`save` hashes the bytes as faiss and numpy write them
-(inside a 0700 temporary folder nobody else can enter), then records each file's inode and ctime (the
-change time, which every write, rename or chmod moves forward and no user can set back). :func:`load`
-re-hashes only a file whose inode or ctime differ from the record, or whose ctime is not older than the
-manifest's (written after the record: a file changed since is never trusted on its stat); a file rewritten
-in place or replaced is therefore always hashed and refused, while an untouched version costs one ``stat``
-per file to verify. Re-hashing runs in threads while faiss parses, and nothing is returned before every
-hash matched. Format v1 (no checksums) is refused with a message saying to rebuild: reading it unverified
-would let whoever rewrites a shard also rewrite the manifest down to v1. The manifest itself is not signed:
-checksums catch damage and a rewrite of a data file alone; someone who can rewrite the manifest too can
-replace the index (see the README's security section).
+i.e. about 25 s for a 16 GB index, on every trainer, at every index adoption (a step all trainers wait at). So
+the hash is computed once, by the writer: :func:`save` hashes each file it wrote (inside the 0700 temporary
+folder of :func:`~distrag.atomic_io.atomic_directory`, which nobody else can enter) and records its inode and
+ctime (the change time, which every write, rename or chmod moves forward and no user can set back).
+:func:`load` re-hashes only a file whose inode or ctime differ from the record, or whose ctime is not older
+than the manifest's (written after the record: a file changed since is never trusted on its stat); a file
+rewritten in place or replaced is therefore always hashed and refused, while an untouched version costs one
+``stat`` per file to verify. Re-hashing runs in threads while faiss parses, and nothing is returned before
+every hash matched. Format v1 (no checksums) is refused with a message saying to rebuild: reading it
+unverified would let whoever rewrites a shard also rewrite the manifest down to v1. The manifest itself is not
+signed: checksums catch damage and a rewrite of a data file alone; someone who can rewrite the manifest too
+can replace the index (see the README's security section).
 
 Published versions
 ------------------
@@ -106,32 +106,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class _HashingFile:
-    """A binary file that hashes what is written to it: the checksum is of the bytes written, not read back."""
-
-    def __init__(self, f):
-        self.f, self.h = f, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.h.update(data)
-        return self.f.write(data)
-
-
-def _write_hashed(path: Path, write) -> dict:
-    """Create ``path`` with ``write(file)``, fsync it; its sha256 and the stat that proves it unchanged later."""
-    with open(path, "wb") as f:
-        out = _HashingFile(f)
-        write(out)
-        f.flush()
-        os.fsync(f.fileno())
+def _seal(path: Path) -> dict:
+    """fsync a file just written into the save's private (0700) temporary folder, then its size, sha256 and the
+    stat that proves it unchanged later (inode, ctime). Nobody else can enter that folder, so the bytes hashed
+    are the bytes written."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    digest = _sha256(path)
     st = os.stat(path)
-    return {"bytes": st.st_size, "sha256": out.h.hexdigest(), "stat": [st.st_ino, st.st_ctime_ns]}
-
-
-def _write_faiss(index: faiss.Index, out: _HashingFile) -> None:
-    writer = faiss.PyCallbackIOWriter(out.write)
-    faiss.write_index(index, writer)
-    del writer  # flushes its buffer into ``out``
+    return {"bytes": st.st_size, "sha256": digest, "stat": [st.st_ino, st.st_ctime_ns]}
 
 
 def save(index: ShardedIndex, path: str | Path, *, version: int = 0, extra: dict | None = None,
@@ -149,11 +135,12 @@ def save(index: ShardedIndex, path: str | Path, *, version: int = 0, extra: dict
     json.dumps(m)  # fail before writing anything if extra is not JSON-serialisable
     with atomic_directory(path, overwrite=overwrite) as tmp:
         for s, entry in enumerate(m["shards"]):
-            entry.update(_write_hashed(tmp / entry["file"], lambda f, s=s: _write_faiss(index.cpu_shard(s), f)))
+            faiss.write_index(index.cpu_shard(s), str(tmp / entry["file"]))
+            entry.update(_seal(tmp / entry["file"]))
             if entry["vectors"] is not None:
-                vectors = np.ascontiguousarray(index.shard_vectors(s))
-                written = _write_hashed(tmp / entry["vectors"], lambda f, v=vectors: np.save(f, v))
-                entry.update({f"vectors_{k}": v for k, v in written.items()})
+                with open(tmp / entry["vectors"], "wb") as f:
+                    np.save(f, np.ascontiguousarray(index.shard_vectors(s)))
+                entry.update({f"vectors_{k}": v for k, v in _seal(tmp / entry["vectors"]).items()})
         atomic_write_json(tmp / MANIFEST, m)
     index.version, index.extra = m["version"], dict(m["extra"])
     return path
