@@ -20,8 +20,8 @@ weights and vocabulary (:func:`weights_digest`), max length, pooling, the index 
 :func:`load_or_build_index` reuses ``<cache root>/<12-hex hash of it>`` when the signature saved there
 matches, else encodes, builds and saves. The weights are hashed, not named: new weights saved into the same
 model folder (a re-trained encoder) must never reuse the old vectors (issue 19: Recall 25 instead of 50).
-Hashing MiniLM-L6 (22.7M float32 parameters, 91 MB) takes about 0.1 s, once per process setup; a reused
-index is verified by :func:`distrag.retrieval.index_store.load` (checksums).
+Hashing MiniLM-L6 (22.7M float32 parameters, 91 MB, and its tokenizer) took 0.2 s on 2 heavily shared CPU
+cores, once per process setup; a reused index is verified by :func:`distrag.retrieval.index_store.load`.
 A reused index is charged the encoding it stands for, so a run's ledger is the same whether the cache was
 warm or not, and gets today's search-time settings (``nprobe``, ``refine``).
 """
@@ -156,16 +156,21 @@ a new ``nprobe`` or a new config key must not re-encode the corpus."""
 
 def weights_digest(embedder: Embedder) -> str:
     """sha256 of what the embedder's vectors depend on besides the settings: every tensor of its state (name,
-    dtype, shape, bytes, in name order) and its tokenizer's vocabulary. The same weights give the same digest
-    wherever they were loaded from."""
+    dtype, shape, bytes, in name order) and its tokenizer (a fast tokenizer's whole definition: vocabulary,
+    normalizer, pre-tokenizer; else its vocabulary). The same weights give the same digest wherever they were
+    loaded from."""
     h = hashlib.sha256()
     for name, tensor in sorted(embedder.model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    vocab = getattr(embedder.tokenizer, "get_vocab", None)
-    if callable(vocab):
-        h.update(json.dumps(vocab(), sort_keys=True).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
+    tok = embedder.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    elif callable(getattr(tok, "get_vocab", None)):
+        h.update(json.dumps(tok.get_vocab(), sort_keys=True).encode())
     return h.hexdigest()
 
 
