@@ -19,20 +19,20 @@ or nothing)::
 
 Checksums (format v2): sizes and shapes cannot tell a shard rewritten at the same size (rows reversed: every
 search wrong, Recall@3 75 -> 0, issue 19), so the manifest holds the sha256 of every file and :func:`load`
-refuses a file that does not match. Hashing is not free: sha256 ran at about 0.6-0.7 GB/s on this project's 2
-shared CPU cores (45-55 ms for a 20,000 x 384 float32 flat index, 30.7 MB, which faiss reads in 12-14 ms),
-i.e. about 25 s for a 16 GB index, on every trainer, at every index adoption (a step all trainers wait at). So
+refuses a file that does not match. Hashing is not free: sha256 ran at 0.35-0.7 GB/s on this project's 2
+shared CPU cores (44-88 ms for a 20,000 x 384 float32 flat index, 30.7 MB, which faiss reads in 12-14 ms),
+i.e. 25-45 s for a 16 GB index, on every trainer, at every index adoption (a step all trainers wait at). So
 the hash is computed once, by the writer: :func:`save` hashes each file it wrote (inside the 0700 temporary
 folder of :func:`~distrag.atomic_io.atomic_directory`, which nobody else can enter) and records its inode and
 ctime (the change time, which every write, rename or chmod moves forward and no user can set back).
 :func:`load` re-hashes only a file whose inode or ctime differ from the record, or whose ctime is not older
 than the manifest's (written after the record: a file changed since is never trusted on its stat); a file
 rewritten in place or replaced is therefore always hashed and refused, while an untouched version costs one
-``stat`` per file to verify. Re-hashing runs in threads while faiss parses, and nothing is returned before
-every hash matched. Format v1 (no checksums) is refused with a message saying to rebuild: reading it
-unverified would let whoever rewrites a shard also rewrite the manifest down to v1. The manifest itself is not
-signed: checksums catch damage and a rewrite of a data file alone; someone who can rewrite the manifest too
-can replace the index (see the README's security section).
+``stat`` per file to verify (3-4 ms more than no check, measured). Re-hashing runs in threads while faiss
+parses, and nothing is returned before every hash matched. Format v1 (no checksums) is refused with a message
+saying to rebuild: reading it unverified would let whoever rewrites a shard also rewrite the manifest down to
+v1. The manifest itself is not signed: checksums catch damage and a rewrite of a data file alone; someone who
+can rewrite the manifest too can replace the index (see the README's security section).
 
 Published versions
 ------------------
