@@ -113,4 +113,3 @@ def test_bad_files_are_config_errors(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty) == ExperimentConfig()
-
