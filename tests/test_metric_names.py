@@ -9,7 +9,7 @@ from distrag.costs.ledger import validate_metric_name
 def test_tags_are_namespaced_and_unique():
     tags = [v for k, v in vars(mn).items() if k.startswith("TAG_")]
     assert all(t.startswith("distrag.") for t in tags) and len(set(tags)) == len(tags)
-    assert mn.RUN_KINDS == ("eval", "strategy", "sweep", "sweep_point", "report")
+    assert mn.RUN_KINDS == ("eval", "strategy", "sweep", "sweep_point", "retrieval", "report")
 
 
 def test_metric_names_are_valid_mlflow_names_and_helpers_round_trip():
