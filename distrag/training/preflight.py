@@ -3,7 +3,8 @@ tracker, run before any model loads; every problem is reported at once, as confi
 
 Config validation (:mod:`distrag.config`) checks each value alone. What it cannot see is checked here:
 
-* :func:`check_setup` (no data needed): the models resolve (hub id, folder, ``gguf_file``) and, for
+* :func:`check_setup` (no data needed): the models resolve (hub id, folder, ``gguf_file``), bitsandbytes
+  imports when ``generator.quantization`` needs it, and, for
   ``index.kind=ivfpq``, ``index.pq_m`` divides the embedder's dimension (read from the model's config
   file, no weights loaded); ``output_dir`` is a folder this process can write; ``tracking.uri`` has a
   supported scheme and its server answers (:func:`distrag.reporting.tracking.tracking_problem`, a few
@@ -73,6 +74,12 @@ def _model_problems(cfg: ExperimentConfig) -> Problems:
                                                     "gguf_file unset for a transformers folder)"))
         else:
             problems.append(("generator.model", _with_fix(str(e))))
+    if cfg.generator.quantization != "none":
+        from distrag.models.quantization import bitsandbytes_problem
+
+        why = bitsandbytes_problem()
+        if why:
+            problems.append(("generator.quantization", f"{cfg.generator.quantization} {why}"))
     return problems
 
 
