@@ -28,6 +28,7 @@ from distrag.data.records import Splits
 from distrag.distributed.preemption import sigterm_as_interrupt
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
+from distrag.models.quantization import base_weight_bytes
 from distrag.redaction import mask_tree
 from distrag.reporting.groups import comparison_hash, key_of
 from distrag.reporting.results import StrategyResult
@@ -156,7 +157,8 @@ class Experiment:
         strategy = strategy_of(cfg)
         ledger = copy.deepcopy(models.ledger)
         ledger.set_params(trainable=_trainable_count(cfg, models), total=models.embedder.num_parameters()
-                          + models.generator.num_parameters())
+                          + models.generator.num_parameters(),
+                          generator_weight_bytes=base_weight_bytes(models.generator.model).total)
         questions = self.splits.get(split)
         if cfg.max_eval_questions:
             questions = questions[:cfg.max_eval_questions]
@@ -177,6 +179,7 @@ class Experiment:
                              passage_vectors=models.passage_vectors, embedder=cfg.embedder.model,
                              generator=cfg.generator.model, eval_split=split, comparison=comparison_hash(cfg))
         tracker.set_tags({mn.TAG_DECODING: decoding, mn.TAG_EVAL_K: str(cfg.retrieval.top_k),
+                          mn.TAG_GENERATOR_QUANTIZATION: cfg.generator.quantization,
                           mn.TAG_PASSAGE_VECTORS: models.passage_vectors, mn.TAG_GROUP: key_of(row).id})
         if models.history:
             tracker.log_dict(models.history, "train_history.json")
