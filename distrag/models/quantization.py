@@ -14,13 +14,13 @@ Two ways in, one result:
   way transformers does (every ``nn.Linear`` but the output embeddings), so the offline SmolLM2 alias
   trains in NF4 like any other model.
 
-On the CPU, bitsandbytes (>= 0.49) repacks a 4-bit weight in place the first time it runs in eval mode on
+On the CPU, bitsandbytes (0.50) repacks a 4-bit weight in place the first time it runs in eval mode on
 a CPU with AVX512-BF16 (a bf16 inference layout with the double quantisation undone). That packed path has
 no backward, cannot pack layers narrower than one 64-weight block, and changes the bytes the weights take,
 so a generator that is evaluated and then trained (every strategy after the No-FT row) would silently lose
 the gradient through its base layers. :func:`keep_training_layout` turns it off: weights stay as quantised.
 
-:func:`base_weight_bytes` measures what the base weights occupy (storages counted once, quantisation state
+:func:`base_weight_bytes` measures what the base weights occupy (each tensor once, quantisation state
 included) for the cost ledger and for checking the ``distrag plan --qlora`` projection.
 """
 
@@ -89,8 +89,9 @@ def quantize_linears(model: torch.nn.Module, cfg: GeneratorConfig, dtype: torch.
                      device: torch.device) -> torch.nn.Module:
     """Replace every ``nn.Linear`` of ``model`` but its output embeddings (the LM head stays in ``dtype``, as
     transformers keeps it) by a bitsandbytes layer holding the same weights quantised to
-    ``cfg.quantization``, and move the model to ``device``. Marks the model as loaded in 4 / 8 bits, which
-    is how peft knows to wrap these layers with its bitsandbytes LoRA layers."""
+    ``cfg.quantization`` on ``device`` (one layer's full-precision weight there at a time), then move the rest
+    of the model there. Marks the model as loaded in 4 / 8 bits, which is how peft knows to wrap these layers
+    with its bitsandbytes LoRA layers."""
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings()
@@ -98,7 +99,6 @@ def quantize_linears(model: torch.nn.Module, cfg: GeneratorConfig, dtype: torch.
     if not linears:
         raise GeneratorError(f"generator.quantization={cfg.quantization}: {type(model).__name__} has no linear "
                              "layers to quantise")
-    model.to(device)
     cdtype = compute_dtype(cfg, dtype)
     for name, lin in linears:
         w = lin.weight.data
@@ -118,6 +118,7 @@ def quantize_linears(model: torch.nn.Module, cfg: GeneratorConfig, dtype: torch.
             new.bias = torch.nn.Parameter(lin.bias.data.to(device), requires_grad=False)
         new.source_cls = torch.nn.Linear
         model.set_submodule(name, new)
+    model.to(device)  # embeddings, norms, head; the quantised layers are there already
     setattr(model, "is_loaded_in_8bit" if cfg.quantization == "int8" else "is_loaded_in_4bit", True)
     return model
 

@@ -114,14 +114,15 @@ def test_zero_engine_beside_index_rank(tmp_path, tiny_lm_dir, tiny_encoder_dir, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("stage,quantization", [(2, "nf4"), (3, "nf4"), (2, "int8")])
-def test_zero_engine_trains_a_quantized_generator(tmp_path, tiny_lm_dir, stage, quantization):
+@pytest.mark.parametrize("stage,quantization,offload", [(2, "nf4", False), (3, "nf4", False), (3, "nf4", True),
+                                                       (2, "int8", False)])
+def test_zero_engine_trains_a_quantized_generator(tmp_path, tiny_lm_dir, stage, quantization, offload):
     """QLoRA under DeepSpeed, 2 trainers on gloo: the generator as the runner builds it (quantised base, LoRA,
     torch AdamW in a ZeRO engine) takes two optimizer steps; the adapters move and agree on both trainers, the
     quantised base (codes, scales, the unquantised rest) stays as loaded, ZeRO-3 holds half of the 4-bit codes on
-    each trainer, and an engine checkpoint brings the adapters back after a further step (the base is never read
-    back from it). int8 under ZeRO-3 is refused before anything loads (test_runner.py)."""
-    job = Job("ds_quant", {"out": str(tmp_path), "stage": stage, "quantization": quantization,
+    each trainer (with CPU offload too), and an engine checkpoint brings the adapters back after a further step (the
+    base is never read back from it). int8 under ZeRO-3 is refused before anything loads (test_runner.py)."""
+    job = Job("ds_quant", {"out": str(tmp_path), "stage": stage, "quantization": quantization, "offload": offload,
                            "lm": str(tiny_lm_dir)}, 2, tmp_path, env={"PYTHONWARNINGS": "ignore"})
     codes = job.wait(280)
     assert codes == [0, 0], job.output()
