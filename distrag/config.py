@@ -127,9 +127,8 @@ class GeneratorConfig(Section):
     phase that trains the generator (LoRA): activation memory drops to the blocks' inputs for one extra
     forward of compute (not charged to the FLOPs ledger, which counts model FLOPs; wall-clock shows it)."""
     quantization: Literal["none", "nf4", "int8"] = "none"
-    """Linear layers' base weights in bitsandbytes, LoRA trained on top: `nf4` (QLoRA: 4-bit NormalFloat, about a
-    quarter of bf16's bytes) or `int8` (LLM.int8); embeddings, norms and LM head stay in `dtype`. Any transformers
-    model or GGUF file, CPU or CUDA; needs bitsandbytes; DeepSpeed: see the README. `none`: all in `dtype`."""
+    """Linear layers' base weights in bitsandbytes under LoRA: `nf4` (QLoRA, 4-bit NormalFloat) or `int8`; embeddings,
+    norms, LM head stay in `dtype`. Any transformers model or GGUF file, CPU or CUDA; DeepSpeed: README."""
     quant_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`nf4`: dtype each 4-bit weight block is dequantised to for its matmul. `auto` = the weights' `dtype`."""
     double_quant: bool = True
@@ -338,6 +337,8 @@ class ExperimentConfig(Section):
         for k in ("resume", "stop_after", "checkpoint_every", "keep_checkpoints", "keep_index_versions",
                   "index_timeout_s", "on_index_failure"):
             tree["distributed"].pop(k, None)
+        if tree["generator"]["quantization"] == "none":  # hashes of configs from before quantisation stay the same
+            tree["generator"] = {k: v for k, v in tree["generator"].items() if not k.startswith(("quant", "double_q"))}
         blob = json.dumps(tree, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
