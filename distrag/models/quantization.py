@@ -82,7 +82,22 @@ def load_quantized(source, cfg: GeneratorConfig, dtype: torch.dtype, device: tor
         model = AutoModelForCausalLM.from_pretrained(source.path_or_id, dtype=dtype, device_map={"": str(device)},
                                                      quantization_config=bnb_config(cfg, dtype), **kw)
     keep_training_layout(model)
+    return_freed_memory()
     return model
+
+
+def return_freed_memory() -> None:
+    """Hand the heap that loading left free back to the OS. glibc keeps freed memory in its arenas, so without
+    this a process that loaded a GGUF file (dequantised, then quantised) stays as resident as the full-precision
+    model it no longer holds (measured on SmolLM2: 976 MB after an NF4 load, 288 MB trimmed; benchmarks/README)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def quantize_linears(model: torch.nn.Module, cfg: GeneratorConfig, dtype: torch.dtype,
