@@ -259,7 +259,7 @@ class CheckpointManager:
         if engine is not None:
             # a collective (every trainer); ZeRO shards are written by their owners
             engine.save_checkpoint(str(tmp / DS_SUBDIR), tag=DS_TAG,
-                                   exclude_frozen_parameters=is_quantized(engine.module))
+                                   exclude_frozen_parameters=is_quantized(getattr(engine, "module", None)))
         self.ctx.barrier_trainers()
         if self.ctx.info.is_rank0:
             manifest = {"step": step, "n_trainers": self.ctx.info.n_trainers, "engine": engine is not None,
@@ -359,7 +359,7 @@ class CheckpointManager:
             load_path, client_state = engine.load_checkpoint(
                 str(path / DS_SUBDIR), tag=DS_TAG, load_optimizer_states=load_optimizer_states,
                 load_lr_scheduler_states=load_optimizer_states,  # a quantised base is never read back (its file is)
-                custom_load_fn=load_trainable_state if is_quantized(engine.module) else None)
+                custom_load_fn=load_trainable_state if is_quantized(getattr(engine, "module", None)) else None)
             if load_path is None:
                 raise CheckpointError(f"DeepSpeed found no checkpoint in {path / DS_SUBDIR} "
                                       "(load_checkpoint returned None)")

@@ -153,9 +153,10 @@ def is_quantized_param(param: torch.Tensor) -> bool:
     return type(param).__name__ in ("Params4bit", "Int8Params")
 
 
-def is_quantized(model: torch.nn.Module) -> bool:
-    """Whether any layer of ``model`` holds bitsandbytes-quantised weights."""
-    return any(is_quantized_param(p) for p in model.parameters())
+def is_quantized(model: torch.nn.Module | None) -> bool:
+    """Whether any layer of ``model`` holds bitsandbytes-quantised weights (False for None or a non-module)."""
+    parameters = getattr(model, "parameters", None)
+    return callable(parameters) and any(is_quantized_param(p) for p in parameters())
 
 
 def weight_count(param: torch.Tensor) -> int:
