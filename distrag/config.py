@@ -126,6 +126,21 @@ class GeneratorConfig(Section):
     """Recompute each transformer block's activations in the backward pass instead of keeping them, in every
     phase that trains the generator (LoRA): activation memory drops to the blocks' inputs for one extra
     forward of compute (not charged to the FLOPs ledger, which counts model FLOPs; wall-clock shows it)."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """Linear layers' base weights in bitsandbytes under LoRA: `nf4` (QLoRA, 4-bit NormalFloat) or `int8`; embeddings,
+    norms, LM head stay in `dtype`. Any transformers model or GGUF file, CPU or CUDA; DeepSpeed: README."""
+    quant_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`nf4`: dtype each 4-bit weight block is dequantised to for its matmul. `auto` = the weights' `dtype`."""
+    double_quant: bool = True
+    """`nf4`: 8-bit block scales (QLoRA's double quantisation): 0.516 instead of 0.5625 bytes a weight."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key, default in (("quant_compute_dtype", "auto"), ("double_quant", True)):
+            if self.quantization != "nf4" and getattr(self, key) != default:
+                raise ValueError(f"generator.{key} is used by generator.quantization=nf4 only; set it to nf4 "
+                                 f"or leave {key} at {str(default).lower()}")
+        return self
 
 
 class IndexConfig(Section):
@@ -324,6 +339,8 @@ class ExperimentConfig(Section):
         for k in ("resume", "stop_after", "checkpoint_every", "keep_checkpoints", "keep_index_versions",
                   "index_timeout_s", "on_index_failure"):
             tree["distributed"].pop(k, None)
+        if tree["generator"]["quantization"] == "none":  # hashes of configs from before quantisation stay the same
+            tree["generator"] = {k: v for k, v in tree["generator"].items() if not k.startswith(("quant", "double_q"))}
         blob = json.dumps(tree, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -36,9 +36,9 @@ from distrag.redaction import CredentialFilter
 T = TypeVar("T")
 
 NOISY_LOGGERS = ("transformers", "sentence_transformers", "mlflow", "alembic", "urllib3", "httpx",
-                 "huggingface_hub", "faiss", "DeepSpeed")
+                 "huggingface_hub", "faiss", "DeepSpeed", "bitsandbytes", "kernels")
 THIRD_PARTY = ("transformers", "torch", "deepspeed", "peft", "sentence_transformers", "mlflow", "huggingface_hub",
-               "accelerate", "gguf", "faiss", "datasets", "pydantic", "sqlalchemy", "alembic")
+               "accelerate", "gguf", "faiss", "datasets", "pydantic", "sqlalchemy", "alembic", "bitsandbytes")
 """Packages whose ``UserWarning`` s are hidden (unless ``DISTRAG_SHOW_WARNINGS=1``)."""
 SHOW_WARNINGS_ENV = "DISTRAG_SHOW_WARNINGS"
 PLAIN_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"

@@ -3,6 +3,9 @@ config hash, and save/load."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import yaml
 
@@ -95,6 +98,25 @@ def test_config_hash_ignores_where_results_go_and_how_the_job_is_sliced():
     for override in ("train.lr_generator=1e-3", "train.strategy=joint", "data.synthetic.seed=1",
                      "distributed.zero_stage=3"):
         assert build_config(overrides=[override]).config_hash() != h, override
+
+
+def test_generator_quantization_shapes_the_hash_and_full_precision_hashes_stay_as_they_were():
+    """A quantised run is another configuration (its checkpoints, its comparison group); a full-precision one hashes
+    as before ``generator.quantization`` existed, so its checkpoints and recorded groups still match."""
+    variants = [[], ["generator.quantization=nf4"], ["generator.quantization=int8"],
+                ["generator.quantization=nf4", "generator.quant_compute_dtype=bfloat16"],
+                ["generator.quantization=nf4", "generator.double_quant=false"]]
+    assert len({build_config(overrides=v).config_hash() for v in variants}) == len(variants)
+    tree = build_config().model_dump(mode="json")
+    for key in ("quantization", "quant_compute_dtype", "double_quant"):
+        del tree["generator"][key]  # the configuration as it was dumped before the fields existed
+    tree.pop("tracking")
+    tree.pop("output_dir")
+    for k in ("resume", "stop_after", "checkpoint_every", "keep_checkpoints", "keep_index_versions", "index_timeout_s",
+              "on_index_failure"):
+        del tree["distributed"][k]
+    before = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+    assert build_config().config_hash() == before
 
 
 def test_save_then_load_round_trips(tmp_path):

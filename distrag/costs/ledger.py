@@ -123,6 +123,7 @@ class CostLedger:
         self._device_s = 0.0
         self.trainable_params: int | None = None
         self.total_params: int | None = None
+        self.generator_weight_bytes: int | None = None
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -172,12 +173,17 @@ class CostLedger:
             tally.add(flops, tokens, passages)
             tally.by_category[category] = tally.by_category.get(category, 0.0) + flops
 
-    def set_params(self, trainable: int | None = None, total: int | None = None) -> None:
-        """Record the trainable and total parameter counts (logged as ``cost/trainable_params`` ...)."""
+    def set_params(self, trainable: int | None = None, total: int | None = None, *,
+                   generator_weight_bytes: int | None = None) -> None:
+        """Record the trainable and total parameter counts (logged as ``cost/trainable_params`` ...) and the bytes
+        the generator's base weights take as measured (``cost/generator_weights_gb``: a memory cost that
+        ``generator.quantization`` changes, recorded like the FLOPs it does not)."""
         if trainable is not None:
             self.trainable_params = int(trainable)
         if total is not None:
             self.total_params = int(total)
+        if generator_weight_bytes is not None:
+            self.generator_weight_bytes = int(generator_weight_bytes)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -256,6 +262,7 @@ class CostLedger:
             {prefix}/total_flops  {prefix}/tokens  {prefix}/passages  {prefix}/wall_s  {prefix}/device_hours
             {prefix}/<category>_flops | _tokens | _passages   (the four standard categories always, 0 if unused)
             {prefix}/trainable_params  {prefix}/total_params  {prefix}/trainable_fraction   (when set)
+            {prefix}/generator_weights_gb                     (when set; GB = 1e9 bytes)
             {prefix}/phase.<phase>.flops | .wall_s | .device_hours | .tokens | .passages
             {prefix}/peak_rss_gb  {prefix}/phase.<phase>.peak_rss_gb          (when measured; GB = 1e9 bytes)
             {prefix}/peak_device_gb  {prefix}/phase.<phase>.peak_device_gb    (when a device was in use)
@@ -280,6 +287,8 @@ class CostLedger:
             out["total_params"] = float(self.total_params)
             if self.trainable_params is not None and self.total_params > 0:
                 out["trainable_fraction"] = self.trainable_params / self.total_params
+        if self.generator_weight_bytes is not None:
+            out["generator_weights_gb"] = self.generator_weight_bytes / _GB
         for name in self._phases:
             p = self.phase_totals(name)
             for key in ("flops", "wall_s", "tokens", "passages"):
@@ -317,6 +326,7 @@ class CostLedger:
             "device_s": self._device_s + outer * self.n_devices,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
+            "generator_weight_bytes": self.generator_weight_bytes,
             "peak_rss": run.peak_rss,
             "peak_device": run.peak_device,
             "categories": {c: {"flops": t.flops, "tokens": t.tokens, "passages": t.passages, "calls": t.calls}
@@ -335,6 +345,7 @@ class CostLedger:
         self._device_s = float(state["device_s"])
         self.trainable_params = state.get("trainable_params")
         self.total_params = state.get("total_params")
+        self.generator_weight_bytes = state.get("generator_weight_bytes")  # absent from states written before it
         self._peaks = _PhaseTally()
         self._peaks.see_peaks(int(state.get("peak_rss") or 0), state.get("peak_device"))
         self._categories = {validate_metric_name(c): _Tally(float(t["flops"]), int(t["tokens"]),
@@ -358,8 +369,8 @@ class CostLedger:
 
         FLOPs, tokens, passages and device-seconds always add. Wall-clock adds for sequential work
         (``parallel=False``: phases or runs one after another) and takes the maximum for ranks that ran
-        at the same time (``parallel=True``). Parameter counts are not additive (the same model on every
-        rank / phase) and neither are memory peaks: the larger is kept. Returns ``self``.
+        at the same time (``parallel=True``). Parameter counts and weight bytes are not additive (the same model
+        on every rank / phase) and neither are memory peaks: the larger is kept. Returns ``self``.
         """
         state = other.state_dict() if isinstance(other, CostLedger) else other
         src = CostLedger.from_state_dict(state, memory=None)
@@ -381,7 +392,7 @@ class CostLedger:
         self._peaks.see_peaks(src.peak_rss, src.peak_device)
         self._wall_s = wall(self._wall_s, src._wall_s)
         self._device_s += src._device_s
-        for attr in ("trainable_params", "total_params"):
+        for attr in ("trainable_params", "total_params", "generator_weight_bytes"):
             a, b = getattr(self, attr), getattr(src, attr)
             setattr(self, attr, b if a is None else a if b is None else max(a, b))
         return self

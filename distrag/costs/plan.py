@@ -11,7 +11,8 @@ learning-rate grid m x n; GPU kind and count; MFU; index refresh interval) every
   forward, corpus re-embeddings for index refreshes and for the deployed index);
 * **wall-clock and device-hours**: FLOPs / (trainer GPUs x peak FLOP/s x MFU); the index rank (one GPU, when
   a strategy refreshes the index) re-embeds in the background and is charged for the whole run;
-* **memory per device**: weights (bf16, or 4-bit for QLoRA), LoRA / encoder gradients and AdamW state
+* **memory per device**: weights (bf16; with QLoRA the blocks' linear layers in NF4 as bitsandbytes stores
+  them, embeddings, norms and an untied LM head in bf16), LoRA / encoder gradients and AdamW state
   (16 bytes per trainable parameter), activations of one forward (gradient checkpointing and pair chunks
   as configured; ``2 (10 h + 3 i)`` bytes per token and block, an estimate), the answer logits, and 1 GB
   of runtime;
@@ -56,6 +57,13 @@ commonly report 0.3-0.5: pass yours with ``--mfu``."""
 
 RUNTIME_BYTES = 1e9
 """Per-device memory the framework takes whatever the model (CUDA context, allocator slack): an estimate."""
+
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""QLoRA (``generator.quantization=nf4``, double quantisation): 4 bits a weight, one 8-bit absmax per block of
+64 weights and one float32 scale per 256 of those (``tests/models/test_quantization.py`` measures it)."""
+NF4_LAYER_BYTES = 16 * 4 + 4 + 256 * 4
+"""What bitsandbytes keeps per NF4 layer whatever its size: the 16-value NF4 code, the double quantisation's
+offset and its 256-value 8-bit code (float32 each): 1.1 KB, which matters only for tiny models."""
 
 
 @dataclass(frozen=True)
@@ -283,7 +291,7 @@ class _Projector:
         t, g, e = self.t, self.g.dims, self.e.dims
         trainers = self.trainers(phase)
         per_device = math.ceil(t.batch_size / trainers)
-        out = {"generator weights": self.g.params * (0.55 if t.qlora else 2.0),
+        out = {"generator weights": self.generator_weight_bytes(),
                "embedder": self.e.params * (16.0 if phase.train_embedder else 2.0),
                "lora + optimizer": self.lora * 16.0 if phase.train_generator else 0.0,
                "runtime": RUNTIME_BYTES}
@@ -304,6 +312,16 @@ class _Projector:
             out["activations"] = out.get("activations", 0.0) + per_device * t.question_tokens * e.layers * 2 * (
                 10 * e.hidden + 3 * e.intermediate)
         return out
+
+    def generator_weight_bytes(self) -> float:
+        """The generator's base weights: bf16; with QLoRA, the blocks' linear layers in NF4 (what bitsandbytes
+        quantises) and the rest in bf16 (what transformers leaves unquantised: embeddings, norms, the LM head)."""
+        g = self.g
+        if not self.t.qlora:
+            return g.params * 2.0
+        linears = g.dims.layers * (7 if g.dims.gated_mlp else 6)  # q, k, v, o + gate, up, down (or up, down)
+        dense = g.dims.dense_params
+        return dense * NF4_BYTES_PER_WEIGHT + linears * NF4_LAYER_BYTES + (g.params - dense) * 2.0
 
     def trainers(self, phase: Phase) -> int:
         index_rank = self.t.refresh_every and phase.train_embedder and self.t.n_gpus > 1

@@ -57,6 +57,7 @@ import torch
 from distrag.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from distrag.distributed import roles, run_secret
 from distrag.errors import CheckpointError
+from distrag.models.quantization import is_quantized, load_trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,8 @@ class CheckpointManager:
         atomic_write_bytes(tmp / f"rank_{self._rank:05d}.pt", mine)
         if engine is not None:
             # a collective (every trainer); ZeRO shards are written by their owners
-            engine.save_checkpoint(str(tmp / DS_SUBDIR), tag=DS_TAG)
+            engine.save_checkpoint(str(tmp / DS_SUBDIR), tag=DS_TAG,
+                                   exclude_frozen_parameters=is_quantized(getattr(engine, "module", None)))
         self.ctx.barrier_trainers()
         if self.ctx.info.is_rank0:
             manifest = {"step": step, "n_trainers": self.ctx.info.n_trainers, "engine": engine is not None,
@@ -400,7 +402,8 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint {path} holds no DeepSpeed engine state")
             load_path, client_state = engine.load_checkpoint(
                 str(path / DS_SUBDIR), tag=DS_TAG, load_optimizer_states=load_optimizer_states,
-                load_lr_scheduler_states=load_optimizer_states)
+                load_lr_scheduler_states=load_optimizer_states,  # a quantised base is never read back (its file is)
+                custom_load_fn=load_trainable_state if is_quantized(getattr(engine, "module", None)) else None)
             if load_path is None:
                 raise CheckpointError(f"DeepSpeed found no checkpoint in {path / DS_SUBDIR} "
                                       "(load_checkpoint returned None)")

@@ -81,7 +81,7 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 
 def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
     """``distributed.index_rank`` inside the world, an explicit ``distributed.resume`` that exists, a usable
-    DeepSpeed configuration (``launch/train.py`` runs)."""
+    DeepSpeed configuration, one that can hold the generator's quantised weights (``launch/train.py`` runs)."""
     from distrag.distributed.deepspeed_setup import build_ds_config
 
     problems: Problems = []
@@ -95,6 +95,10 @@ def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
         problems.append(("distributed.resume",
                          f"checkpoint {d.resume} does not exist; give a checkpoint folder (<output_dir>/distributed/"
                          "<strategy>-<hash>/checkpoints/step_N), auto (the newest, or a fresh start) or none"))
+    if strategy_of(cfg).trains_generator and cfg.generator.quantization == "int8" and d.zero_stage == 3:
+        # bitsandbytes keeps each int8 weight whole in its layer's state, where ZeRO-3 cannot partition it
+        problems.append(("distributed.zero_stage", "3 cannot partition generator.quantization=int8 weights; use "
+                         "distributed.zero_stage=2 (offload off), or generator.quantization=nf4 with ZeRO-3"))
     if strategy_of(cfg).trains_generator:  # DeepSpeed wraps the generator only
         try:
             build_ds_config(cfg.train, d, max(world_size - 1 if refresh else world_size, 1), bf16=False)

@@ -39,6 +39,7 @@ from distrag.atomic_io import follow_umask
 from distrag.config import GeneratorConfig, LoRAConfig
 from distrag.data.records import Passage
 from distrag.errors import GeneratorError
+from distrag.models.quantization import load_quantized, weight_count
 from distrag.models.sources import pick_device, pick_dtype, resolve_model
 from distrag.models.text_limits import check_answer_length, tokenize_within
 
@@ -128,18 +129,17 @@ class Generator:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg: GeneratorConfig, device: str | torch.device | None = None) -> Generator:
-        """Load ``cfg.model`` (hub id, folder, ``.gguf`` file or offline alias) on ``device``."""
+        """Load ``cfg.model`` (hub id, folder, ``.gguf`` file or alias) on ``device``, in ``cfg.quantization``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = resolve_model(cfg.model, gguf_file=cfg.gguf_file)
         dev = pick_device(device)
         dtype = pick_dtype(cfg.dtype, dev)
         kw = {"trust_remote_code": cfg.trust_remote_code}
-        if source.gguf_file:
-            kw["gguf_file"] = source.gguf_file
-        tok = AutoTokenizer.from_pretrained(source.path_or_id, **kw)
-        model = AutoModelForCausalLM.from_pretrained(source.path_or_id, dtype=dtype, **kw)
-        model.to(dev)
+        tok = AutoTokenizer.from_pretrained(source.path_or_id, gguf_file=source.gguf_file, **kw)
+        model = (load_quantized(source, cfg, dtype, dev, **kw) if cfg.quantization != "none" else
+                 AutoModelForCausalLM.from_pretrained(source.path_or_id, dtype=dtype, gguf_file=source.gguf_file,
+                                                      **kw).to(dev))
         model.eval()
         return cls(model, tok, cfg, name=cfg.model)
 
@@ -167,7 +167,7 @@ class Generator:
         return ids
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad or not trainable_only)
+        return sum(weight_count(p) for p in self.model.parameters() if p.requires_grad or not trainable_only)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters with ``requires_grad`` (after :meth:`add_lora`: the adapters only)."""

@@ -27,6 +27,7 @@ from distrag.data import load_data
 from distrag.data.records import Splits
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
+from distrag.models.quantization import base_weight_bytes
 from distrag.process_watch import sigterm_as_interrupt
 from distrag.redaction import mask_tree
 from distrag.reporting.comparison import comparison_hash, key_of
@@ -159,7 +160,8 @@ class Experiment:
         strategy = strategy_of(cfg)
         ledger = copy.deepcopy(models.ledger)
         ledger.set_params(trainable=_trainable_count(cfg, models), total=models.embedder.num_parameters()
-                          + models.generator.num_parameters())
+                          + models.generator.num_parameters(),
+                          generator_weight_bytes=base_weight_bytes(models.generator.model).total)
         every = self.splits.get(split)
         questions = every[:cfg.max_eval_questions] if cfg.max_eval_questions else every  # generation is capped
         models.generator.tokens.reset()
@@ -184,6 +186,7 @@ class Experiment:
                              generator=cfg.generator.model, eval_split=split, comparison=comparison_hash(cfg),
                              per_question=outcomes(res.rows(questions), retrieval.rows(every)))
         tracker.set_tags({mn.TAG_DECODING: decoding, mn.TAG_EVAL_K: str(cfg.retrieval.top_k),
+                          mn.TAG_GENERATOR_QUANTIZATION: cfg.generator.quantization,
                           mn.TAG_PASSAGE_VECTORS: models.passage_vectors, mn.TAG_GROUP: key_of(row).id})
         if models.history:
             tracker.log_dict(models.history, "train_history.json")

@@ -3,7 +3,8 @@ tracker, run before any model loads; every problem is reported at once, as confi
 
 Config validation (:mod:`distrag.config`) checks each value alone. What it cannot see is checked here:
 
-* :func:`check_setup` (no data needed): the models resolve (hub id, folder, ``gguf_file``) and, for
+* :func:`check_setup` (no data needed): the models resolve (hub id, folder, ``gguf_file``), bitsandbytes
+  imports when ``generator.quantization`` needs it, and, for
   ``index.kind=ivfpq``, ``index.pq_m`` divides the embedder's dimension (read from the model's config
   file, no weights loaded); ``output_dir`` is a folder this process can write; ``tracking.uri`` has a
   supported scheme and its server answers (:func:`distrag.reporting.tracking.tracking_problem`, a few
@@ -82,6 +83,12 @@ def _model_problems(cfg: ExperimentConfig, *, generator: bool = True) -> Problem
         problem = answer_length_problem(cfg.generator.max_new_tokens, generator_config(cfg, source))
         if problem:
             problems.append(("generator.max_new_tokens", problem.removeprefix("generator.max_new_tokens=")))
+    if cfg.generator.quantization != "none":
+        from distrag.models.quantization import bitsandbytes_problem
+
+        why = bitsandbytes_problem()
+        if why:
+            problems.append(("generator.quantization", f"{cfg.generator.quantization} {why}"))
     return problems
 
 

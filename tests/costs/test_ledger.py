@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from distrag import metric_names as mn
 from distrag.costs.ledger import STANDARD_CATEGORIES, CostLedger, validate_metric_name
 from distrag.costs.memory import PeakMemory, Watch
 
@@ -210,3 +211,21 @@ def test_memory_peaks_per_phase_run_maximum_resume_and_merge():
         del p["peak_rss"], p["peak_device"]
     del old["peak_rss"], old["peak_device"]
     assert not any("peak" in k for k in CostLedger.from_state_dict(old, memory=None).to_metrics())
+
+
+def test_generator_weight_bytes_are_recorded_resumed_and_not_summed_over_ranks():
+    """The generator's measured weight bytes (what ``generator.quantization`` changes) become
+    ``cost/generator_weights_gb`` once set, survive a resume, and merge as the same model on every rank."""
+    led = CostLedger(memory=None)
+    assert mn.COST_GENERATOR_WEIGHTS_GB not in led.to_metrics()  # never measured: no metric, not a 0
+    led.set_params(trainable=5, total=50, generator_weight_bytes=111_691_896)
+    assert led.to_metrics()[mn.COST_GENERATOR_WEIGHTS_GB] == pytest.approx(0.111691896)
+    led.set_params(trainable=6)  # setting the counts alone keeps the bytes
+    assert led.generator_weight_bytes == 111_691_896
+    resumed = CostLedger.from_state_dict(json.loads(json.dumps(led.state_dict())), memory=None)
+    assert resumed.generator_weight_bytes == 111_691_896
+    merged = resumed.merge(led, parallel=True)
+    assert merged.to_metrics()[mn.COST_GENERATOR_WEIGHTS_GB] == pytest.approx(0.111691896)
+    old = led.state_dict()
+    del old["generator_weight_bytes"]  # a checkpoint written before the bytes were recorded
+    assert CostLedger.from_state_dict(old, memory=None).generator_weight_bytes is None

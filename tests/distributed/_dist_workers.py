@@ -357,6 +357,82 @@ def deepspeed_engine(args: dict) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# QLoRA under DeepSpeed: 2 trainers, the generator as the runner builds it (quantised base, LoRA, ZeRO engine)
+
+
+def deepspeed_quantized(args: dict) -> int:
+    """A few LoRA steps of a quantised generator inside a ZeRO engine; reports whether the adapters moved, whether
+    the quantised base (codes and scales) stayed as loaded, and the adapters as gathered on every trainer."""
+    import hashlib
+
+    import deepspeed
+
+    from distrag.config import GeneratorConfig, LoRAConfig
+    from distrag.distributed.checkpoint import CheckpointManager
+    from distrag.distributed.deepspeed_setup import (
+        attach_deepspeed,
+        build_ds_config,
+        engine_kwargs,
+        gathered_lora_state_dict,
+        uses_bf16,
+    )
+    from distrag.models.generator import Generator
+    from distrag.models.quantization import base_tensors, base_weight_bytes, is_quantized, is_quantized_param
+    from distrag.training.trainer import set_generator_trainable
+
+    out = Path(args["out"])
+    dcfg = DistributedConfig(zero_stage=args["stage"], offload=args.get("offload", False))
+    ctx = roles.init_roles(dcfg, with_index_rank=False)
+    attach_deepspeed(ctx)
+    gen = Generator.from_config(GeneratorConfig(model=args["lm"], quantization=args["quantization"]), device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same adapters on every trainer, as Trainer does from train.seed
+        gen.add_lora(LoRAConfig(r=4, alpha=8))
+    set_generator_trainable(gen, True)
+
+    def base_digest() -> str:  # the quantised codes, their scales and the unquantised weights
+        h = hashlib.sha256()
+        for name, _, t in sorted(base_tensors(gen.model), key=lambda x: x[0]):
+            h.update(name.encode() + t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    before, weight_bytes = base_digest(), base_weight_bytes(gen.model)
+    tcfg = TrainConfig(batch_size=2, micro_batch_size=1, max_grad_norm=1.0)
+    ds_cfg = build_ds_config(tcfg, dcfg, ctx.info.n_trainers, bf16=uses_bf16(gen.model))
+    engine, *_ = deepspeed.initialize(**engine_kwargs(gen.model, ds_cfg, lr=0.05))
+    r = ctx.info.trainer_rank
+    prompts = [gen.build_prompt(f"Who founded company {r}{i}?", []) for i in range(4)]
+    losses = []
+    for i in range(2 * ds_cfg["gradient_accumulation_steps"]):  # two optimizer steps
+        loss = gen.sequence_nll([prompts[i]], [f"person {r} {i}"]).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    # what this trainer holds of the quantised codes: under ZeRO-3 its partition (ds_tensor), else all of them
+    held = sum(getattr(p, "ds_tensor", p).numel() for n, p in gen.model.named_parameters() if is_quantized_param(p))
+    lora = gathered_lora_state_dict(engine)
+    ckpt = CheckpointManager(out / "ckpt", ctx=ctx)  # the engine's checkpoint round trip (collective)
+    path = ckpt.save(int(engine.global_steps), {"losses": losses}, engine=engine)
+    for i in range(ds_cfg["gradient_accumulation_steps"]):  # one more step, which the load must undo
+        engine.backward(gen.sequence_nll([prompts[i]], ["someone else"]).mean())
+        engine.step()
+    moved_on = gathered_lora_state_dict(engine)
+    ckpt.load(path, engine=engine)
+    reloaded = gathered_lora_state_dict(engine)
+    with deepspeed.zero.GatheredParameters(list(gen.model.parameters()), enabled=args["stage"] == 3):
+        after = base_digest()  # ZeRO-3 holds a partition of every parameter: compare the gathered ones
+    _result(out, {"trainer_rank": r, "losses": losses, "global_steps": int(engine.global_steps),
+                  "quantized": is_quantized(gen.model), "base_unchanged": after == before,
+                  "weight_bytes": weight_bytes.total, "quantized_bytes": weight_bytes.quantized, "held_bytes": held,
+                  "zero_stage": engine.zero_optimization_stage(),
+                  "lora_b_moved": all(bool((v != 0).any()) for k, v in lora.items() if "lora_B" in k),
+                  "moved_on": any(not torch.equal(v, moved_on[k]) for k, v in lora.items()),
+                  "reloaded_equal": all(torch.equal(v, reloaded[k]) for k, v in lora.items()),
+                  "lora_sums": {k: float(v.double().sum()) for k, v in lora.items()}})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # launching (used by the tests)
 
 
@@ -439,7 +515,7 @@ class Job:
         return json.loads((self.out / f"result_{rank}.json").read_text())
 
 
-SCENARIOS = {"refresh": refresh, "preempt": preempt_scenario, "ds": deepspeed_engine}
+SCENARIOS = {"refresh": refresh, "preempt": preempt_scenario, "ds": deepspeed_engine, "ds_quant": deepspeed_quantized}
 
 if __name__ == "__main__":
     scenario, raw = sys.argv[1], sys.argv[2]

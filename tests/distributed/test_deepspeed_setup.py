@@ -112,6 +112,30 @@ def test_zero_engine_beside_index_rank(tmp_path, tiny_lm_dir, tiny_encoder_dir, 
     assert not np.allclose(plain, logits, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage,quantization,offload", [(2, "nf4", False), (3, "nf4", False), (3, "nf4", True),
+                                                       (2, "int8", False)])
+def test_zero_engine_trains_a_quantized_generator(tmp_path, tiny_lm_dir, stage, quantization, offload):
+    """QLoRA under DeepSpeed, 2 trainers on gloo: the generator as the runner builds it (quantised base, LoRA,
+    torch AdamW in a ZeRO engine) takes two optimizer steps; the adapters move and agree on both trainers, the
+    quantised base (codes, scales, the unquantised rest) stays as loaded, ZeRO-3 holds half of the 4-bit codes on
+    each trainer (with CPU offload too), and an engine checkpoint brings the adapters back after a further step (the
+    base is never read back from it). int8 under ZeRO-3 is refused before anything loads (test_runner.py)."""
+    job = Job("ds_quant", {"out": str(tmp_path), "stage": stage, "quantization": quantization, "offload": offload,
+                           "lm": str(tiny_lm_dir)}, 2, tmp_path, env={"PYTHONWARNINGS": "ignore"})
+    codes = job.wait(280)
+    assert codes == [0, 0], job.output()
+    r0, r1 = job.result(0), job.result(1)
+    for r in (r0, r1):
+        assert r["quantized"] and r["zero_stage"] == stage and r["global_steps"] == 2
+        assert all(np.isfinite(r["losses"])) and r["lora_b_moved"] and r["base_unchanged"]
+        assert r["moved_on"] and r["reloaded_equal"]
+        assert r["held_bytes"] == (r["quantized_bytes"] // 2 if stage == 3 else r["quantized_bytes"])
+    assert r0["lora_sums"] == r1["lora_sums"]  # one optimizer over both trainers' gradients
+    assert r0["losses"] != r1["losses"]  # different data per trainer
+
+
 @pytest.mark.parametrize("dtype,expect", [(torch.bfloat16, True), (torch.float32, False), (torch.float16, False)])
 def test_engine_precision_follows_the_generator_weights(tiny_lm_dir, dtype, expect):
     """bf16 in the DeepSpeed config exactly when the generator was loaded in bfloat16 (``generator.dtype``

@@ -360,6 +360,60 @@ def test_a_secret_readable_by_others_is_an_error_line_under_torchrun(job_root):
     assert f"error: {run_secret.secret_path(folder)}: the run's secret is readable by others" in log, log[-3000:]
 
 
+@pytest.mark.parametrize("quantization,stage,offload,refused", [
+    ("int8", 3, False, True), ("int8", 3, True, True), ("int8", 2, False, False), ("nf4", 3, False, False),
+    ("nf4", 3, True, False), ("nf4", 2, False, False), ("none", 3, False, False)])
+def test_zero3_cannot_hold_int8_weights_and_says_what_to_use(quantization, stage, offload, refused):
+    """bitsandbytes keeps an int8 layer's weights whole in the layer's state, out of ZeRO-3's reach (each trainer
+    would hold all of them): refused in the world's checks, one line naming the key and what to use instead.
+    NF4 partitions (test_deepspeed_setup.py trains it under ZeRO-2 and ZeRO-3)."""
+    cfg = ExperimentConfig(train=TrainConfig(strategy="gen_ft"), generator={"quantization": quantization},
+                           distributed=DistributedConfig(zero_stage=stage, offload=offload))
+    problems = runner.world_problems(cfg, 2)
+    if not refused:
+        assert problems == []
+        return
+    assert problems == [("distributed.zero_stage", "3 cannot partition generator.quantization=int8 weights; use "
+                                                   "distributed.zero_stage=2 (offload off), or "
+                                                   "generator.quantization=nf4 with ZeRO-3")]
+    # a strategy that never trains the generator never puts it in a DeepSpeed engine
+    assert runner.world_problems(cfg.model_copy(update={"train": TrainConfig(strategy="embed_ft")}), 2) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_int8_under_zero3_is_refused_before_any_model_loads(job_root):
+    rc, log = launch(job_root, 1, "int8_z3", "train.strategy=gen_ft", "generator.quantization=int8",
+                     "distributed.zero_stage=3", "tracking.enabled=false")
+    assert rc != 0 and "exitcode: 2" in log, log[-4000:]  # torchrun reports the user error's exit code 2
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert errors == ["error: 1 problem in the configuration: distributed.zero_stage: 3 cannot partition "
+                      "generator.quantization=int8 weights; use distributed.zero_stage=2 (offload off), or "
+                      "generator.quantization=nf4 with ZeRO-3"]
+    assert "models loaded" not in log and not (job_root / "int8_z3" / "distributed").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_qlora_through_the_launcher(job_root):
+    """Ft-Gen on an NF4 generator, 2 trainers, ZeRO-2: trains, saves a non-zero adapter, and the one MLflow run
+    records the quantisation and the 4-bit base's measured bytes."""
+    from safetensors.torch import load_file
+
+    out = "qlora"
+    rc, log = launch(job_root, 2, out, "train.strategy=gen_ft", "train.max_steps=2", "generator.quantization=nf4")
+    assert rc == 0, log[-4000:]
+    assert [h["phase"] for h in json.loads((run_dir(job_root, out) / "history.json").read_text())] == ["gen_ft"] * 2
+    adapter = load_file(str(next((job_root / out / "models").glob("gen_ft-*")) / "adapter" /
+                            "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+    (run,) = _finished_runs(job_root / out / "mlflow.db")
+    assert run.data.tags[mn.TAG_GENERATOR_QUANTIZATION] == "nf4" and run.data.params["generator.quantization"] == "nf4"
+    # the tiny Llama in NF4 (float32 on the CPU for what stays unquantised): 77,328 bytes, 61 % of its float32 bytes
+    assert run.data.metrics[mn.COST_GENERATOR_WEIGHTS_GB] * 1e9 == pytest.approx(77_328)
+
+
 def test_refresh_metrics_count_versions_adopted_and_published():
     stats = [RefreshStats(blocked_s=1.0, n_adopted=3).summary(10.0), RefreshStats(n_adopted=3).summary(10.0)]
     m = refresh_metrics(stats, published=5)

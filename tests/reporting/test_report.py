@@ -49,6 +49,7 @@ def _ledger() -> CostLedger:
     with led.phase("eval_test"):
         led.add("generate", 1e11, tokens=50)
     led.set_params(trainable=123_456, total=135_000_000)
+    led.set_params(generator_weight_bytes=111_691_896)
     return led
 
 

@@ -11,7 +11,7 @@ import torch
 from distrag import metric_names as mn
 from distrag.config import build_config
 from distrag.reporting.tracking import NullTracker
-from distrag.strategies import BY_KEY
+from distrag.strategies import BY_KEY, STRATEGIES
 from distrag.training.experiment import Experiment, combine
 
 pytestmark = pytest.mark.timeout(180)
@@ -139,16 +139,19 @@ def test_every_row_is_evaluated_with_the_configured_decoder_and_k(exp):
 
 
 class _Recorder(NullTracker):
-    """Keeps what an evaluation logs (metrics and text artifacts)."""
+    """Keeps what an evaluation logs (metrics, tags and text artifacts)."""
 
     def __init__(self):
-        self.metrics, self.texts = {}, {}
+        self.metrics, self.texts, self.tags = {}, {}, {}
 
     def log_metrics(self, metrics, step=None):
         self.metrics.update(metrics)
 
     def log_text(self, text, name):
         self.texts[name] = text
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
 
 
 def test_generation_is_capped_and_retrieval_is_scored_on_every_question(exp):
@@ -176,3 +179,53 @@ def test_generation_is_capped_and_retrieval_is_scored_on_every_question(exp):
     assert len(generated) == 2 and {"em", "f1", "recall", "mrr"} <= set(generated[0])
     assert [r["id"] for r in retrieved] == [q.id for q in every] and "ndcg" in retrieved[0]
     assert res.metrics["em"] == pytest.approx(sum(r["em"] for r in generated) / 2)
+
+
+@pytest.fixture(scope="module")
+def nf4_exp(tmp_path_factory, tiny_encoder_dir, tiny_lm_dir):
+    tmp = tmp_path_factory.mktemp("experiment_nf4")
+    cfg = build_config({
+        "data": {"synthetic": {"n_entities": 8, "n_single_hop": 12, "n_two_hop": 4}, "test_fraction": 0.3},
+        "embedder": {"model": str(tiny_encoder_dir), "max_length": 64},
+        "generator": {"model": str(tiny_lm_dir), "max_new_tokens": 3, "max_passage_chars": 80, "quantization": "nf4"},
+        "retrieval": {"top_k": 3}, "index": {"device": "cpu"}, "max_eval_questions": 4,
+        "train": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 2, "train_k": 2},
+        "tracking": {"enabled": False}, "output_dir": str(tmp / "runs"),
+    })
+    return Experiment(cfg, show_progress=False).setup()
+
+
+@pytest.mark.parametrize("key", [s.key for s in STRATEGIES])
+def test_every_strategy_runs_on_a_4bit_generator_and_records_its_weight_bytes(nf4_exp, key):
+    """QLoRA for every strategy: the copies it trains keep the 4-bit base as loaded while their adapters move, and
+    the run records the generator's quantisation (tag) and its base weights' measured bytes (cost metric)."""
+    from distrag.models.quantization import base_tensors, base_weight_bytes, is_quantized
+
+    def base(gen):  # names without peft's wrapping (base_model.model. ... .base_layer)
+        return {n.removeprefix("base_model.model.").replace(".base_layer.", "."): t.clone()
+                for n, _, t in base_tensors(gen.model)}
+
+    loaded = base(nf4_exp.generator)
+    cfg = _cfg(nf4_exp, key)
+    models = nf4_exp.train(cfg)
+    assert is_quantized(models.generator.model)
+    trained = base(models.generator)
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in loaded)
+    lora_b = [p for n, p in models.generator.model.named_parameters() if "lora_B" in n]
+    assert bool(lora_b) is BY_KEY[key].trains_generator
+    assert all((p != 0).any() for p in lora_b), "a LoRA B matrix did not move"
+    rec = _Recorder()
+    res = nf4_exp.evaluate(cfg, models, rec, split="test", t0=time.perf_counter())
+    assert rec.tags[mn.TAG_GENERATOR_QUANTIZATION] == "nf4"
+    measured = base_weight_bytes(nf4_exp.generator.model).total
+    assert res.costs[mn.COST_GENERATOR_WEIGHTS_GB] * 1e9 == pytest.approx(measured)
+    assert rec.metrics[mn.COST_GENERATOR_WEIGHTS_GB] == res.costs[mn.COST_GENERATOR_WEIGHTS_GB]
+    assert res.metrics["n_questions"] == 4
+
+
+def test_a_full_precision_run_records_its_weight_bytes_too(exp):
+    rec = _Recorder()
+    res = exp.evaluate(_cfg(exp, "none"), exp.base_models(), rec, split="test", t0=time.perf_counter())
+    assert rec.tags[mn.TAG_GENERATOR_QUANTIZATION] == "none"
+    params = exp.generator.num_parameters()  # float32 on the CPU; the tied head shares the embeddings' bytes
+    assert res.costs[mn.COST_GENERATOR_WEIGHTS_GB] * 1e9 == pytest.approx(4 * params, rel=0.02)
