@@ -123,6 +123,13 @@ class Trainer:
         """The top ``k`` of the index in use for question vectors (``[B, d]``, any grad state)."""
         return self.index.search(vectors.detach().float().cpu().numpy(), k, return_vectors=return_vectors)
 
+    def gather_candidates(self, candidates: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """MNRL's candidate passages (``[B, ...]``: this process's questions' rows) of the whole batch, and the row
+        where this process's own start. One process holds the whole batch: unchanged, 0. The distributed trainer
+        gathers every trainer's rows (with gradient back to each trainer's own), so a question's negatives are the
+        global batch's (``train.gather_negatives``)."""
+        return candidates, 0
+
     # -- optimisation hooks (the DeepSpeed runner overrides these) -------------------------------
     def make_optimizers(self, phase: Phase, total_steps: int) -> None:
         from transformers import get_linear_schedule_with_warmup
