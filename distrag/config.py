@@ -319,7 +319,9 @@ class ExperimentConfig(Section):
     eval_split: Literal["train", "dev", "test"] = "test"
     """Split scored by `distrag eval` and by each strategy's final evaluation."""
     max_eval_questions: int | None = Field(None, ge=1)
-    """Score at most this many questions of the eval split."""
+    """Generate answers for at most this many questions of the eval split (EM / F1 are scored on them). Retrieval
+    (Recall@k, Recall-all@k, answer recall@k, MRR@k, nDCG@k) is always scored on every question of the split, in a
+    pass of its own that needs no generator."""
 
     def config_hash(self) -> str:
         """Stable hash of the settings that shape the results (tags runs so identical configs can be

@@ -96,7 +96,11 @@ def split_metric(split: str, name: str) -> str:
     return f"{split}/{name}"
 
 
-AT_K_METRICS = ("recall", "recall_all", "answer_recall")
+N_RETRIEVAL_QUESTIONS = "n_retrieval_questions"
+"""Questions the retrieval metrics were computed on: every question of the split (the generation, and so EM / F1
+and ``n_questions``, may be capped by ``max_eval_questions``)."""
+
+AT_K_METRICS = ("recall", "recall_all", "answer_recall", "mrr", "ndcg")
 """Quality metrics measured at the eval k: logged as ``<name>_at_<k>`` (e.g. ``test/recall_at_5``) and
 under the k-free name ``<name>`` (``test/recall``), which MLflow's compare view lines up across runs
 evaluated at different k (k itself is the param ``retrieval.top_k`` and the tag ``distrag.eval_k``)."""

@@ -17,10 +17,10 @@ from distrag.data.records import Corpus, Question
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.retrieval.qa_metrics import (
-    answer_in_text,
+    mean_retrieval,
     normalize_answer,
-    recall_all_at_k,
-    recall_at_k,
+    question_scores,
+    retrieval_scores,
     score_predictions,
 )
 from distrag.retrieval.sharded_index import SearchResult, ShardedIndex
@@ -31,18 +31,38 @@ if TYPE_CHECKING:
 
 @dataclass
 class EvalResult:
-    """Scores (fractions in [0, 1]), predictions and retrieved passage ids of an evaluation."""
+    """Scores (fractions in [0, 1]), predictions and retrieved passage ids of an evaluation, and each question's
+    own outcomes (``em``, ``f1`` and :data:`~distrag.retrieval.qa_metrics.RETRIEVAL_METRICS` at k), which paired
+    comparisons between strategies are made of (:mod:`distrag.reporting.paired`)."""
 
     metrics: dict[str, float]
     predictions: list[str]
     retrieved: list[list[str]]
     seconds: dict[str, float] = field(default_factory=dict)
+    per_question: list[dict[str, float | None]] = field(default_factory=list)
 
     def rows(self, questions: list[Question]) -> list[dict]:
-        """Per-question records (for the predictions artifact)."""
+        """Per-question records (for the predictions artifact), with each question's outcomes."""
+        outcomes = self.per_question or [{} for _ in questions]
         return [{"id": q.id, "question": q.text, "answers": list(q.answers), "prediction": p,
-                 "retrieved": r, "gold_passage_ids": list(q.gold_passage_ids or [])}
-                for q, p, r in zip(questions, self.predictions, self.retrieved)]
+                 "retrieved": r, "gold_passage_ids": list(q.gold_passage_ids or []), **o}
+                for q, p, r, o in zip(questions, self.predictions, self.retrieved, outcomes)]
+
+
+@dataclass
+class RetrievalEval:
+    """The retrieval-only pass: metrics (``<name>_at_<k>`` means and ``n_questions``), each question's outcomes
+    and retrieved passage ids, in question order."""
+
+    metrics: dict[str, float]
+    per_question: list[dict[str, float | None]]
+    retrieved: list[list[str]]
+    seconds: float = 0.0
+
+    def rows(self, questions: list[Question]) -> list[dict]:
+        """Per-question records (the ``retrieval_<split>.jsonl`` artifact)."""
+        return [{"id": q.id, "retrieved": r, "gold_passage_ids": list(q.gold_passage_ids or []), **o}
+                for q, r, o in zip(questions, self.retrieved, self.per_question)]
 
 
 class RAGPipeline:
@@ -65,6 +85,35 @@ class RAGPipeline:
         if self.acc is not None:
             self.acc.encode_texts(self.embedder, texts, category="encode_questions")
         return self.index.search(qv, k, return_vectors=return_vectors)
+
+    def retrieval_outcomes(self, questions: list[Question], ids: np.ndarray, k: int) -> tuple[list[list[str]], list]:
+        """The retrieved passage ids of each question and its retrieval outcomes at ``k``."""
+        retrieved, outcomes = [], []
+        for q, row in zip(questions, ids):
+            passages = [self.corpus[int(i)] for i in row if i >= 0]
+            retrieved.append([p.id for p in passages])
+            outcomes.append(retrieval_scores(retrieved[-1], [p.as_text() for p in passages], q.gold_passage_ids,
+                                             q.answers, k))
+        return retrieved, outcomes
+
+    def evaluate_retrieval(self, questions: list[Question], *, k: int | None = None, batch_size: int = 256,
+                           show_progress: bool = True) -> RetrievalEval:
+        """Retrieval metrics on every question, without the generator: questions encoded and searched
+        ``batch_size`` at a time (a progress bar over them), each scored at ``k`` (default ``retrieval.top_k``)."""
+        from tqdm.auto import tqdm
+
+        k = k or self.cfg.retrieval.top_k
+        t0 = time.perf_counter()
+        retrieved, outcomes = [], []
+        with tqdm(total=len(questions), desc="retrieve", unit="q", disable=not show_progress, leave=False) as bar:
+            for start in range(0, len(questions), batch_size):
+                chunk = questions[start:start + batch_size]
+                ids, per_q = self.retrieval_outcomes(chunk, self.retrieve(chunk, k).ids, k)
+                retrieved += ids
+                outcomes += per_q
+                bar.update(len(chunk))
+        metrics = {**mean_retrieval(outcomes, k), "n_questions": float(len(questions))}
+        return RetrievalEval(metrics, outcomes, retrieved, time.perf_counter() - t0)
 
     def passages_for(self, ids: np.ndarray) -> list[list]:
         """The passages of each row of retrieved ``ids`` (padding ``-1`` dropped)."""
@@ -128,17 +177,13 @@ class RAGPipeline:
         else:
             raise ValueError(f"unknown decoding {decoding!r}; expected 'concat' or 'rag'")
         t2 = time.perf_counter()
-        retrieved = [[self.corpus[int(i)].id for i in row if i >= 0] for row in res.ids]
-        metrics = score_predictions(preds, [q.answers for q in questions],
-                                    hotpotqa=self.cfg.data.format == "hotpotqa")
-        gold = [q.gold_passage_ids for q in questions]
-        for name, fn in ((f"recall_at_{k}", recall_at_k), (f"recall_all_at_{k}", recall_all_at_k)):
-            value = fn(retrieved, gold, k)
-            if value is not None:
-                metrics[name] = value
-        hits = [any(answer_in_text(q.answers, self.corpus[int(i)].as_text()) for i in row if i >= 0)
-                for q, row in zip(questions, res.ids)]
-        metrics[f"answer_recall_at_{k}"] = float(np.mean(hits)) if hits else 0.0
+        hotpotqa = self.cfg.data.format == "hotpotqa"
+        retrieved, outcomes = self.retrieval_outcomes(questions, res.ids, k)
+        for o, q, p in zip(outcomes, questions, preds):
+            o.update(question_scores(p, q.answers, hotpotqa=hotpotqa))
+        metrics = score_predictions(preds, [q.answers for q in questions], hotpotqa=hotpotqa)
+        metrics.update(mean_retrieval(outcomes, k))
+        metrics.setdefault(f"answer_recall_at_{k}", 0.0)
         metrics["n_questions"] = float(len(questions))
-        return EvalResult(metrics, preds, retrieved,
-                          seconds={"retrieve": t1 - t0, "generate": t2 - t1, "total": t2 - t0})
+        return EvalResult(metrics, preds, retrieved, seconds={"retrieve": t1 - t0, "generate": t2 - t1,
+                                                             "total": t2 - t0}, per_question=outcomes)

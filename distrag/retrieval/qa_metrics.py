@@ -12,10 +12,19 @@ Retrieval is reported under three names (the first two only where questions carr
   top k (HotPotQA-style "all supporting passages found");
 - ``answer_recall@k``: share of questions with a gold answer string (normalised) in one of the top-k
   passages; defined for every dataset, used where there are no labels (PopQA).
+
+Two rank-aware scores complete them (:func:`retrieval_scores`, per question; the mean is the metric):
+- ``mrr@k``: 1 / rank of the first relevant passage in the top k (0 when none is);
+- ``ndcg@k``: binary-relevance nDCG, ``sum_i rel_i / log2(i + 1)`` over the top k divided by its ideal value.
+A passage is relevant when it is one of the question's gold passages; a question without context labels
+counts the passages that contain a gold answer string instead (as answer recall does). With gold passages the
+ideal ranking puts ``min(#gold, k)`` of them first; without, the corpus' answer-bearing passages are unknown, so
+the ideal is the retrieved relevant passages ranked first (nDCG then scores the order of what was found).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -101,3 +110,47 @@ def score_predictions(predictions: Sequence[str], answers: Sequence[Sequence[str
     f1_rule = partial(f1, hotpotqa=hotpotqa)
     f = sum(best_over_golds(f1_rule, p, a) for p, a in zip(predictions, answers)) / len(predictions)
     return {"em": em, "f1": f}
+
+
+def question_scores(prediction: str, golds: Sequence[str], *, hotpotqa: bool = False) -> dict[str, float]:
+    """One question's EM and F1 (the max over its gold answers), as :func:`score_predictions` averages them."""
+    return {"em": best_over_golds(exact_match, prediction, golds),
+            "f1": best_over_golds(partial(f1, hotpotqa=hotpotqa), prediction, golds)}
+
+
+def retrieval_scores(retrieved: Sequence[str], texts: Sequence[str], gold: Sequence[str] | None,
+                     answers: Sequence[str], k: int) -> dict[str, float | None]:
+    """One question's retrieval outcomes at ``k`` (module docstring): ``recall`` and ``recall_all`` (None without
+    context labels), ``answer_recall``, ``mrr`` and ``ndcg``. ``retrieved``: the ranked passage ids; ``texts``:
+    their texts (what the embedder saw), for answer containment."""
+    ids, texts = list(retrieved[:k]), list(texts[:k])
+    has_answer = [answer_in_text(answers, t) for t in texts]
+    golds = set(gold or ())
+    if golds:
+        rel = [i in golds for i in ids]
+        found = sum(rel)
+        recall, recall_all, ideal = found / len(golds), float(found == len(golds)), min(len(golds), k)
+    else:
+        rel = has_answer
+        recall = recall_all = None
+        ideal = sum(rel)
+    first = next((i for i, r in enumerate(rel) if r), None)
+    dcg = sum(1.0 / math.log2(i + 2) for i, r in enumerate(rel) if r)
+    idcg = sum(1.0 / math.log2(i + 2) for i in range(ideal))
+    return {"recall": recall, "recall_all": recall_all, "answer_recall": float(any(has_answer)),
+            "mrr": 0.0 if first is None else 1.0 / (first + 1), "ndcg": dcg / idcg if idcg else 0.0}
+
+
+RETRIEVAL_METRICS = ("recall", "recall_all", "answer_recall", "mrr", "ndcg")
+"""What :func:`retrieval_scores` measures per question; each is reported as ``<name>_at_<k>``."""
+
+
+def mean_retrieval(per_question: Sequence[dict[str, float | None]], k: int) -> dict[str, float]:
+    """``<name>_at_<k>``: the mean of each of :data:`RETRIEVAL_METRICS` over the questions that have it (recall
+    and recall_all only over labelled questions; absent when none is)."""
+    out = {}
+    for name in RETRIEVAL_METRICS:
+        values = [q[name] for q in per_question if q.get(name) is not None]
+        if values:
+            out[f"{name}_at_{k}"] = float(sum(values) / len(values))
+    return out

@@ -127,3 +127,27 @@ def test_recall_at_k_counts_each_gold_passage_and_recall_all_needs_all(world, mo
     found = sum(i in res.retrieved[0] for i in (corpus[0].id, corpus[far].id))
     assert res.metrics["recall_at_3"] == pytest.approx(found / 2)
     assert res.metrics["recall_all_at_3"] == float(found == 2)
+
+
+def test_retrieval_only_pass_scores_every_question_without_the_generator(world, monkeypatch):
+    """evaluate_retrieval: the retrieval metrics evaluate() reports, on any number of questions, in batches, with
+    the generator never called; MRR and nDCG with them; per-question outcomes in question order."""
+    questions = world["data"].questions
+    full = _pipeline(world).evaluate(questions, show_progress=False)
+
+    def no_generation(*a, **k):
+        raise AssertionError("the retrieval-only pass must not generate")
+
+    monkeypatch.setattr(world["generator"], "generate", no_generation)
+    ledger = CostLedger()
+    for batch in (1, 3, 1000):
+        r = _pipeline(world, ledger).evaluate_retrieval(questions, batch_size=batch, show_progress=False)
+        assert r.metrics["n_questions"] == len(questions)
+        for name in ("recall_at_3", "recall_all_at_3", "answer_recall_at_3", "mrr_at_3", "ndcg_at_3"):
+            assert r.metrics[name] == pytest.approx(full.metrics[name]), name
+        assert r.retrieved == full.retrieved
+        assert [{k: o[k] for k in r.per_question[0]} for o in full.per_question] == r.per_question
+    assert ledger.flops("encode_questions") > 0 and ledger.flops("generate") == 0
+    rows = r.rows(questions)
+    assert [x["id"] for x in rows] == [q.id for q in questions] and "mrr" in rows[0]
+    assert {"em", "f1", "mrr"} <= set(full.rows(questions)[0])

@@ -81,3 +81,32 @@ def test_answer_in_text_is_token_aligned():
     assert answer_in_text(["Tarsa"], "Velan was born in Tarsa, a city.")
     assert not answer_in_text(["Tars"], "Velan was born in Tarsa.")
     assert answer_in_text(["the Quillon Group"], "He works for Quillon Group.")
+
+
+def test_retrieval_scores_with_gold_passages_hand_computed():
+    from math import log2
+
+    from distrag.retrieval.qa_metrics import retrieval_scores
+
+    s = retrieval_scores(["x", "a", "y", "b"], ["", "", "", ""], ("a", "b"), ("nope",), 4)
+    assert s["recall"] == 1.0 and s["recall_all"] == 1.0 and s["mrr"] == 0.5 and s["answer_recall"] == 0.0
+    assert s["ndcg"] == pytest.approx((1 / log2(3) + 1 / log2(5)) / (1 + 1 / log2(3)))
+    s2 = retrieval_scores(["x", "a", "y", "b"], ["", "", "", ""], ("a", "b"), ("nope",), 2)  # only the top 2
+    assert (s2["recall"], s2["recall_all"], s2["mrr"]) == (0.5, 0.0, 0.5)
+    assert s2["ndcg"] == pytest.approx((1 / log2(3)) / (1 + 1 / log2(3)))
+    miss = retrieval_scores(["x", "y"], ["", ""], ("a",), ("z",), 2)
+    assert (miss["recall"], miss["mrr"], miss["ndcg"]) == (0.0, 0.0, 0.0)
+
+
+def test_retrieval_scores_without_labels_use_answer_bearing_passages():
+    from math import log2
+
+    from distrag.retrieval.qa_metrics import mean_retrieval, retrieval_scores
+
+    s = retrieval_scores(["p1", "p2", "p3"], ["foo", "born in Paris, France", "Paris"], None, ("paris",), 3)
+    assert s["recall"] is None and s["recall_all"] is None
+    assert s["answer_recall"] == 1.0 and s["mrr"] == 0.5
+    assert s["ndcg"] == pytest.approx((1 / log2(3) + 1 / log2(4)) / (1 + 1 / log2(3)))
+    m = mean_retrieval([s, {**s, "mrr": 1.0, "recall": 1.0}], 3)
+    assert m["mrr_at_3"] == 0.75 and m["recall_at_3"] == 1.0  # recall: over the questions that have it
+    assert "recall_all_at_3" not in m
