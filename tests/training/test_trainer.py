@@ -551,8 +551,9 @@ def test_a_new_loss_is_a_table_entry_and_a_registered_step(world, monkeypatch):
     tr.train()
     assert calls == [2, 2, 2, 2]  # 2 steps x 2 micro batches
     assert any(not torch.equal(before[k], v) for k, v in tr.embedder.state_dict().items())
-    p = _Projector(PlanTarget(generator="135m", embedder="22m"))
-    assert p.question_flops(phase) == p.question_flops(Phase("e", True, False, "mnrl")) > 0  # no generator
+    # no generator, no passage side (its Loss says neither): projected as MNRL on the question side alone
+    p = _Projector(PlanTarget(generator="135m", embedder="22m", embed_sides="question"))
+    assert p.question_flops(phase) == p.question_flops(Phase("e", True, False, "mnrl")) > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,3 +602,20 @@ def test_rag_passage_grad_trains_the_passage_side_and_charges_it(world, monkeypa
     assert encoded == []
     _one_backward(world, cfg_for(world, strategy="two_phase", rag_passage_grad=True), 1)
     assert len(encoded) == 1 and encoded[0][1].grad.abs().max() > 0
+
+
+def test_a_retriever_only_run_needs_no_generator(world):
+    """Ft-Embed never runs the generator: a run without one (no LLM loaded) trains the encoder; a phase that runs
+    the generator refuses None up front."""
+    cfg = cfg_for(world, strategy="embed_ft", max_steps=1)
+    emb = copy.deepcopy(world["embedder"])
+    before = snap(emb)
+    tr = Trainer(cfg, world["data"].corpus, world["data"].questions, emb, None, world["index"],
+                 Accountant(CostLedger()), show_progress=False)
+    tr.train()
+    assert changed(before, snap(emb)) and tr.acc.ledger.flops("train") > 0
+    for strategy in ("gen_ft", "two_phase"):
+        with pytest.raises(ValueError, match="runs the generator"):
+            Trainer(cfg_for(world, strategy=strategy), world["data"].corpus, world["data"].questions,
+                    copy.deepcopy(world["embedder"]), None, world["index"], Accountant(CostLedger()),
+                    show_progress=False)
