@@ -7,6 +7,10 @@ Ft-Embed -- :func:`mnrl_loss`, the multiple-negatives ranking loss (InfoNCE) wit
     s(q, c) = scale * cos(q, c)
     L = mean_i [ -s(q_i, p_i) + logsumexp_{c in C} s(q_i, c) ],   C = {p_1..p_B} U {all hard negatives}
 
+(sentence-transformers' ``MultipleNegativesRankingLoss``; the passages ``p`` and hard negatives are encoded by the
+same encoder as the questions, with gradient, unless ``train.embed_sides=question``; with several trainers ``C``
+is every trainer's candidates, as its ``gather_across_devices``.)
+
 Ft-Gen -- :func:`nll_loss`, the answer negative log-likelihood given the retrieved passages::
 
     L = mean_b [ -sum_t log p(y_t | q_b, passages, y_<t) ]
