@@ -22,10 +22,10 @@ TAG_CONFIG_HASH = "distrag.config_hash"
 """Hash of the whole configuration (distrag.config.ExperimentConfig.config_hash)."""
 TAG_COMPARISON = "distrag.comparison"
 """Hash of the settings rows must share to be compared: the configuration without the strategy's own
-fields (distrag.reporting.groups.comparison_hash)."""
+fields (distrag.reporting.comparison.comparison_hash)."""
 TAG_GROUP = "distrag.group"
 """The comparison group of a strategy or report run: (dataset, models, eval split, k, comparison hash)
-hashed (distrag.reporting.groups.GroupKey.id); the report and ``advise`` never mix groups."""
+hashed (distrag.reporting.comparison.GroupKey.id); the report and ``advise`` never mix groups."""
 TAG_EVAL_SPLIT = "distrag.eval_split"
 """Split the run's quality metrics were measured on (their name prefix)."""
 TAG_DECODING = "distrag.decoding"

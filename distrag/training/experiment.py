@@ -29,7 +29,8 @@ from distrag.distributed.preemption import sigterm_as_interrupt
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.redaction import mask_tree
-from distrag.reporting.groups import comparison_hash, key_of
+from distrag.reporting.comparison import comparison_hash, key_of
+from distrag.reporting.paired import outcomes
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import experiment_tags, flatten, open_tracker
 from distrag.retrieval.corpus_encoding import build_index, load_or_build_index
@@ -179,7 +180,8 @@ class Experiment:
                              own_flops=costs.get(mn.COST_OWN_FLOPS, 0.0), history=list(models.history), cfg=cfg,
                              dataset=self.splits.name, decoding=decoding, k=cfg.retrieval.top_k,
                              passage_vectors=models.passage_vectors, embedder=cfg.embedder.model,
-                             generator=cfg.generator.model, eval_split=split, comparison=comparison_hash(cfg))
+                             generator=cfg.generator.model, eval_split=split, comparison=comparison_hash(cfg),
+                             per_question=outcomes(res.rows(questions), retrieval.rows(every)))
         tracker.set_tags({mn.TAG_DECODING: decoding, mn.TAG_EVAL_K: str(cfg.retrieval.top_k),
                           mn.TAG_PASSAGE_VECTORS: models.passage_vectors, mn.TAG_GROUP: key_of(row).id})
         if models.history:
