@@ -58,9 +58,14 @@ def cmd_eval(args) -> int:
     from distrag.training.experiment import Experiment
 
     cfg = BASELINE.apply(_load(args))
-    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress)).setup()
-    res, _ = exp.run(cfg, kind=KIND_EVAL)
-    print_results([res], title=f"No-FT baseline on {exp.splits.name} ({cfg.eval_split} split)")
+    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress)).setup(generator=not args.retrieval_only)
+    if args.retrieval_only:
+        res = exp.run_retrieval(cfg)
+        print_results([res], title=f"Base retriever on {exp.splits.name} ({cfg.eval_split} split, every question, "
+                                   "no generator)")
+    else:
+        res, _ = exp.run(cfg, kind=KIND_EVAL)
+        print_results([res], title=f"No-FT baseline on {exp.splits.name} ({cfg.eval_split} split)")
     _where(cfg)
     return 0
 
@@ -297,8 +302,14 @@ COMMANDS = [
     Command("eval", "No-FT baseline: index, retrieve top-k, generate, score, record", cmd_eval,
             "Evaluate the base retriever and generator without training (the No-FT row): build the\n"
             "index of the corpus (cached under <output_dir>/index/), retrieve the top-k passages for every\n"
-            "question of eval_split, generate answers and score EM, F1 and recall@k.\n" + _WRITES_RUN,
-            "distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3"),
+            "question of eval_split, generate answers and score EM, F1 and recall@k.\n" + _WRITES_RUN +
+            "\n--retrieval-only: no generator is loaded; Recall@k, Recall-all@k, answer recall@k, MRR@k and\n"
+            "nDCG@k on every question of eval_split (max_eval_questions caps only generation), recorded in\n"
+            "an MLflow run of kind 'retrieval' with retrieval_<split>.jsonl.",
+            "distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3\n"
+            "distrag eval --retrieval-only data.format=hotpotqa data.path=hotpot_dev.json retrieval.top_k=10",
+            None, lambda p: p.add_argument("--retrieval-only", action="store_true",
+                                           help="score retrieval only, on every question, without the generator")),
     Command("train", "train one strategy (train.strategy=...) and evaluate it", cmd_train,
             "Train one strategy on the training split, then evaluate it on eval_split as `eval` does.\n"
             + _WRITES_RUN + "\nThe trained parts (question encoder, LoRA adapter, config.json) go to\n"

@@ -304,3 +304,32 @@ def test_a_malformed_grid_is_a_config_error():
 
     with pytest.raises(ConfigError, match="MxN"):
         target_from(_args("--grid", "3by3"), build_config({}))
+
+
+@pytest.mark.timeout(300)
+def test_eval_retrieval_only_scores_every_question_without_the_generator(tmp_path, tiny_encoder_dir, monkeypatch):
+    """No generator is loaded (its model path does not even exist); every test question is scored, even past
+    max_eval_questions; the run is recorded with its per-question outcomes, and is no row of the report's groups."""
+    import json
+
+    from distrag.reporting.tracking import read_recorded
+
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["eval", "--retrieval-only", "--no-progress", f"embedder.model={tiny_encoder_dir}",
+                   "generator.model=/no/such/generator", "data.synthetic.n_entities=8",
+                   "data.synthetic.n_single_hop=20",
+                   "data.synthetic.n_two_hop=4", "max_eval_questions=2", "retrieval.top_k=3", "index.device=cpu",
+                   f"output_dir={tmp_path / 'runs'}"])
+    assert rc == 0
+    c, runs = all_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "distrag")
+    (run,) = runs
+    assert run.data.tags["distrag.kind"] == "retrieval"
+    m = run.data.metrics
+    assert m["test/n_retrieval_questions"] > 2 and "test/em" not in m
+    assert {"test/recall_at_3", "test/mrr_at_3", "test/ndcg_at_3", "test/answer_recall_at_3"} <= set(m)
+    local = c.download_artifacts(run.info.run_id, "retrieval_test.jsonl", str(tmp_path / "dl"))
+    rows = [json.loads(x) for x in open(local).read().splitlines()]
+    assert len(rows) == m["test/n_retrieval_questions"] and {"recall", "mrr", "ndcg"} <= set(rows[0])
+    from distrag.config import TrackingConfig
+
+    assert read_recorded(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))[0] == []

@@ -102,8 +102,9 @@ def _at_k(metrics: dict[str, float], name: str) -> tuple[float | None, int | Non
     return metrics.get(name), None
 
 
-def _percent(name: str) -> Callable[[StrategyResult], float]:
-    return lambda r: 100 * r.metrics.get(name, 0.0)
+def _percent(name: str) -> Callable[[StrategyResult], float | None]:
+    """An answer metric in %; None for a row that answered nothing (a retrieval-only evaluation has no EM)."""
+    return lambda r: None if "em" not in r.metrics else 100 * r.metrics.get(name, 0.0)
 
 
 def _percent_at_k(name: str) -> Callable[[StrategyResult], float | None]:
@@ -123,8 +124,10 @@ def _n(r: StrategyResult) -> int:
     return int(r.metrics.get("n_questions", 0))
 
 
-def _em_ci(r: StrategyResult) -> tuple[float, float]:
-    lo, hi = em_interval(r.metrics.get("em", 0.0), _n(r))
+def _em_ci(r: StrategyResult) -> tuple[float, float] | None:
+    if "em" not in r.metrics:  # a retrieval-only row answered nothing
+        return None
+    lo, hi = em_interval(r.metrics["em"], _n(r))
     return 100 * lo, 100 * hi
 
 
@@ -203,7 +206,7 @@ def _two_decimals(v: float) -> str:
 COLUMNS: tuple[Column, ...] = (
     Column("strategy", "Strategy", lambda r: r.label, align="left"),
     Column("em", "EM", _percent("em"), _one_decimal),
-    Column("em_ci", "EM 95% CI", _em_ci, lambda v: f"{v[0]:.1f}-{v[1]:.1f}", show="always", csv=False),
+    Column("em_ci", "EM 95% CI", _em_ci, lambda v: f"{v[0]:.1f}-{v[1]:.1f}", csv=False),
     Column("f1", "F1", _percent("f1"), _one_decimal),
     Column("recall", "Recall@{k}", _percent_at_k("recall"), _one_decimal),
     Column("recall_all", "Recall-all@{k}", _percent_at_k("recall_all"), _one_decimal),
@@ -225,8 +228,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("n", "Questions", _n),
     Column("n_retrieval", "Retrieval questions", lambda r: _int_or_none(r.metrics.get(mn.N_RETRIEVAL_QUESTIONS))),
     # in table.csv only: the interval's ends, what the caption says once, where the row comes from
-    Column("em_ci_low", "EM 95% CI low", lambda r: _em_ci(r)[0], table=False),
-    Column("em_ci_high", "EM 95% CI high", lambda r: _em_ci(r)[1], table=False),
+    Column("em_ci_low", "EM 95% CI low", lambda r: (_em_ci(r) or (None, None))[0], table=False),
+    Column("em_ci_high", "EM 95% CI high", lambda r: (_em_ci(r) or (None, None))[1], table=False),
     Column("k", "k", _eval_k, table=False),
     Column("decoding", "Decoding", lambda r: r.decoding or None, table=False),
     Column("run_id", "MLflow run", lambda r: r.run_id, table=False),
