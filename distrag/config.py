@@ -229,6 +229,16 @@ class TrainConfig(Section):
     """Ft-Embed: retrieved non-gold passages added per question as extra negatives."""
     mnrl_scale: float = Field(20.0, gt=0)
     """Ft-Embed: similarity scale of the multiple-negatives ranking loss (sentence-transformers' default)."""
+    embed_sides: Literal["both", "question"] = "both"
+    """MNRL (Ft-Embed, Independent): `both` trains the shared encoder on the question and the passage side (gold
+    passages and hard negatives encoded from their text, with gradient), as sentence-transformers does; `question`
+    scores the questions against the index's frozen passage vectors (cheaper, and worse once re-embedded)."""
+    gather_negatives: Literal["auto", True, False] = "auto"
+    """MNRL with several trainers: every question's in-batch negatives are all trainers' candidates (gathered with
+    gradient), not its own trainer's only. `auto`: on when there is more than one trainer."""
+    rag_passage_grad: bool = False
+    """RAG losses training the retriever (joint, two-phase): re-encode the k retrieved passages with gradient in
+    each step, so p(z|q) trains the passage side too (as rag-end2end); costs k passage forwards + backwards."""
     refresh_every: int = Field(0, ge=0)
     """Re-embed the corpus and rebuild the index every N steps (0: passage vectors stay frozen)."""
     weight_decay: float = Field(0.0, ge=0)

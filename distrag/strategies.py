@@ -77,14 +77,20 @@ class Loss:
     question encoder through the passage scores (the RAG losses)."""
     takes_hard_negatives: bool = False
     """Uses ``train.hard_negatives`` retrieved non-gold passages per question."""
+    passage_side: Literal["none", "gold", "retrieved"] = "none"
+    """Which passages its step encodes with gradient when the passage side trains (the cost projection reads it):
+    ``gold``, each question's gold passage and hard negatives (``train.embed_sides=both``); ``retrieved``, the k
+    retrieved passages (``train.rag_passage_grad``); ``none``, never (frozen index vectors only)."""
 
 
 LOSSES: dict[str, Loss] = {loss.key: loss for loss in (
     Loss("mnrl", "multiple-negatives ranking (InfoNCE, cosine) on (question, gold passage) pairs", "none",
-         needs_labels=True, takes_hard_negatives=True),
+         needs_labels=True, takes_hard_negatives=True, passage_side="gold"),
     Loss("nll", "answer negative log-likelihood given one prompt with the top-k passages", "concat"),
-    Loss("rag_sequence", "RAG-Sequence marginal likelihood over the top-k", "per_passage", marginal=True),
-    Loss("rag_token", "RAG-Token marginal likelihood over the top-k", "per_passage", marginal=True),
+    Loss("rag_sequence", "RAG-Sequence marginal likelihood over the top-k", "per_passage", marginal=True,
+         passage_side="retrieved"),
+    Loss("rag_token", "RAG-Token marginal likelihood over the top-k", "per_passage", marginal=True,
+         passage_side="retrieved"),
 )}
 """Every loss a phase can train with. ``rag`` in the table (not a key here) is the configured
 ``train.rag_loss``: ``rag_sequence`` or ``rag_token``."""
@@ -221,7 +227,8 @@ STRATEGIES: tuple[Strategy, ...] = (
     Strategy("none", "No-FT", "none", (), "none",
              "no training: the base retriever and generator (the baseline)"),
     Strategy("embed_ft", "Ft-Embed", "embed_ft", (EMBED,), "separate",
-             "question encoder with MNRL on (question, gold passage) pairs; needs context labels"),
+             "the shared encoder (question and passage side) with MNRL on (question, gold passage) pairs; needs "
+             "context labels"),
     Strategy("gen_ft", "Ft-Gen", "gen_ft", (GEN,), "separate",
              "LoRA generator with answer NLL given the frozen retriever's top-k"),
     # The generator phase runs first so that it retrieves with the *base* retriever, exactly as when the

@@ -8,7 +8,9 @@ learning-rate grid m x n; GPU kind and count; MFU; index refresh interval) every
 * **FLOPs** of one training run and of its learning-rate search, from the ledger's own formulas
   (:mod:`distrag.costs.flops`, applied at the shapes the accountant charges: one prompt with k passages for
   the answer NLL, k one-passage prompts for the RAG losses, the question encoder trained in full or run
-  forward, corpus re-embeddings for index refreshes and for the deployed index);
+  forward, the passages trained on the passage side (MNRL's gold passages and hard negatives with
+  ``embed_sides=both``, the k retrieved with ``rag_passage_grad``), corpus re-embeddings for index refreshes and
+  for the deployed index);
 * **wall-clock and device-hours**: FLOPs / (trainer GPUs x peak FLOP/s x MFU); the index rank (one GPU, when
   a strategy refreshes the index) re-embeds in the background and is charged for the whole run;
 * **memory per device**: weights (bf16; with QLoRA the blocks' linear layers in NF4 as bitsandbytes stores
@@ -191,6 +193,13 @@ class PlanTarget:
     """Chat template and system prompt around the question and passages."""
     gradient_checkpointing: bool = True
     pair_micro_batch: int = 0
+    embed_sides: str = "both"
+    """MNRL's ``train.embed_sides``: ``both`` trains the encoder on each question's gold passage (and hard
+    negatives) too, ``question`` on the question alone."""
+    hard_negatives: int = 0
+    rag_passage_grad: bool = False
+    """``train.rag_passage_grad``: RAG phases that train the encoder re-encode the k retrieved passages with
+    gradient."""
 
 
 @dataclass
@@ -229,6 +238,9 @@ class _Projector:
     def __init__(self, t: PlanTarget):
         if t.n_gpus < 1 or not 0 < t.mfu <= 1 or t.batch_size < 1 or t.k < 1:
             raise ConfigError([("plan", "need gpus >= 1, 0 < mfu <= 1, batch size >= 1 and k >= 1")])
+        if t.embed_sides not in ("both", "question") or t.hard_negatives < 0:
+            raise ConfigError([("plan", f"embed_sides is 'both' or 'question' (got {t.embed_sides!r}) and "
+                                        f"hard_negatives >= 0")])
         gpu = GPUS.get(t.gpu.lower())
         if gpu is None:
             raise ConfigError([("plan", f"unknown GPU {t.gpu!r}; known: {', '.join(g.name for g in GPUS.values())}")])
@@ -247,9 +259,18 @@ class _Projector:
 
     @staticmethod
     def runs_generator(phase: Phase) -> bool:
-        """Whether ``phase``'s loss runs the generator at all (MNRL's positives and hard negatives come from the
-        index: no generator, no passage encoding)."""
+        """Whether ``phase``'s loss runs the generator at all (MNRL does not)."""
         return phase.spec.generator_prompts != "none"
+
+    def trained_passages(self, phase: Phase) -> int:
+        """Passages per question encoded with gradient in ``phase`` (the loss's ``passage_side``, switched on by
+        ``embed_sides`` / ``rag_passage_grad``): the passage side of the shared encoder training."""
+        t, side = self.t, phase.spec.passage_side
+        if not phase.train_embedder:
+            return 0
+        if side == "gold" and t.embed_sides == "both":
+            return 1 + (t.hard_negatives if phase.spec.takes_hard_negatives else 0)
+        return t.k if side == "retrieved" and t.rag_passage_grad else 0
 
     def chunked(self, phase: Phase) -> bool:
         """Whether ``phase``'s pairs run in checkpointed chunks (``train.pair_micro_batch``, per-passage prompts)."""
@@ -259,6 +280,7 @@ class _Projector:
         """FLOPs of one training question in ``phase`` (what the accountant charges to ``train``)."""
         t = self.t
         flops = encoder_flops(self.e.dims, t.question_tokens, train=phase.train_embedder)
+        flops += self.trained_passages(phase) * encoder_flops(self.e.dims, t.passage_tokens, train=True)
         if not self.runs_generator(phase):
             return flops
         rows, prompt = self.shapes(phase)
@@ -309,7 +331,8 @@ class _Projector:
                 out["activations"] = chunk * width * block  # a forward keeps one block's activations
             out["logits"] = 2 * 4.0 * chunk * (t.answer_tokens + 1) * g.vocab
         if phase.train_embedder:
-            out["activations"] = out.get("activations", 0.0) + per_device * t.question_tokens * e.layers * 2 * (
+            tokens = t.question_tokens + self.trained_passages(phase) * t.passage_tokens
+            out["activations"] = out.get("activations", 0.0) + per_device * tokens * e.layers * 2 * (
                 10 * e.hidden + 3 * e.intermediate)
         return out
 

@@ -6,7 +6,7 @@
 * data: each trainer takes its slice of the global batch (``step_questions``);
 * optimisation: the LoRA generator trains inside a DeepSpeed engine (ZeRO-2/3, torch AdamW); the
   question encoder is data-parallel, its gradients all-reduced over the trainers (``make_optimizers``,
-  ``backward``, ``optimizer_step``);
+  ``backward``, ``optimizer_step``); MNRL's candidates are gathered over the trainers (``gather_candidates``);
 * index versions: hands embedder weights to the index rank and adopts each published version at the
   same step on every trainer (``on_step_start``, ``on_step_end``);
 * checkpoints: writes them (a collective), periodically, at ``distributed.stop_after`` and when a
@@ -111,18 +111,39 @@ class DistributedTrainer(Trainer):
         else:
             loss.backward()
 
+    def gathers_negatives(self) -> bool:
+        """Whether MNRL gathers every trainer's candidates (``train.gather_negatives``; ``auto``: with more than
+        one trainer). One trainer has nothing to gather."""
+        several = self.ctx.has_group and self.ctx.info.n_trainers > 1
+        return several and self.cfg.train.gather_negatives in ("auto", True)
+
+    def gather_candidates(self, candidates: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every trainer's MNRL candidates with gradient back to each trainer's own rows (a collective: every
+        trainer runs the same micro-batches), so a question's negatives are the global batch's."""
+        if not self.gathers_negatives():
+            return candidates, 0
+        from distrag.distributed.gather import gather_with_grad
+
+        return gather_with_grad(candidates)
+
+    def reduce_embedder_grads(self) -> None:
+        """The encoder's gradients averaged over the trainers (a collective; a trainer's missing gradient counts
+        as zeros). One trainer: left as they are."""
+        if not (self.ctx.has_group and self.ctx.info.n_trainers > 1):
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.emb_params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.ctx.info.n_trainers
+        for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
+        for p, g in zip(self.emb_params, grads):
+            p.grad = g
+
     def optimizer_step(self) -> float:
         norm = 0.0
         if self.emb_opt is not None:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.emb_params]
-            if self.ctx.has_group and self.ctx.info.n_trainers > 1:
-                flat = torch._utils._flatten_dense_tensors(grads)
-                torch.distributed.all_reduce(flat)
-                flat /= self.ctx.info.n_trainers
-                for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                    g.copy_(f)
-                for p, g in zip(self.emb_params, grads):
-                    p.grad = g
+            self.reduce_embedder_grads()
             norm = float(torch.nn.utils.clip_grad_norm_(self.emb_params, self.cfg.train.max_grad_norm))
             self.emb_opt.step()
             self.emb_sched.step()

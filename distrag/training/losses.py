@@ -7,6 +7,10 @@ Ft-Embed -- :func:`mnrl_loss`, the multiple-negatives ranking loss (InfoNCE) wit
     s(q, c) = scale * cos(q, c)
     L = mean_i [ -s(q_i, p_i) + logsumexp_{c in C} s(q_i, c) ],   C = {p_1..p_B} U {all hard negatives}
 
+(sentence-transformers' ``MultipleNegativesRankingLoss``; the passages ``p`` and hard negatives are encoded by the
+same encoder as the questions, with gradient, unless ``train.embed_sides=question``; with several trainers ``C``
+is every trainer's candidates, as its ``gather_across_devices``.)
+
 Ft-Gen -- :func:`nll_loss`, the answer negative log-likelihood given the retrieved passages::
 
     L = mean_b [ -sum_t log p(y_t | q_b, passages, y_<t) ]
@@ -67,54 +71,61 @@ def _as_float(x: Tensor) -> Tensor:
 
 
 def mnrl_loss(q: Tensor, pos: Tensor, neg: Tensor | None = None, scale: float = 20.0,
-              neg_mask: Tensor | None = None) -> Tensor:
+              neg_mask: Tensor | None = None, offset: int = 0) -> Tensor:
     """Multiple-negatives ranking loss with in-batch and hard negatives (cosine similarity).
 
     Args:
         q: ``[B, d]`` question embeddings (need not be normalised; normalised here).
-        pos: ``[B, d]`` gold-passage embeddings; ``pos[i]`` is the positive of ``q[i]`` and a negative of
-            every other question (in-batch negatives).
-        neg: optional ``[B, h, d]`` hard negatives (``[B, d]`` is read as ``h = 1``). As in
-            sentence-transformers with extra columns, *all* ``B*h`` hard negatives of the batch are
+        pos: ``[P, d]`` gold-passage embeddings, ``P >= offset + B``; ``pos[offset + i]`` is the positive of
+            ``q[i]`` and every row is a negative of every other question (in-batch negatives). ``P = B``,
+            ``offset = 0`` is one process's batch; with several trainers ``pos`` is every trainer's rows (gathered)
+            and ``offset`` where this trainer's questions start in them.
+        neg: optional ``[P, h, d]`` hard negatives (``[P, d]`` is read as ``h = 1``). As in
+            sentence-transformers with extra columns, *all* ``P*h`` hard negatives of the batch are
             candidates for *every* question.
         scale: inverse temperature applied to the cosine similarities (sentence-transformers' default 20).
-        neg_mask: optional ``[B, h]`` bool, False for padding slots of questions with fewer than ``h``
+        neg_mask: optional ``[P, h]`` bool, False for padding slots of questions with fewer than ``h``
             hard negatives; those candidates are excluded for every question.
+        offset: the row of ``pos`` that holds ``q[0]``'s positive.
 
-    Returns the scalar ``mean_i [logsumexp_c s(q_i, c) - s(q_i, p_i)]`` with ``s = scale * cos``.
+    Returns the scalar ``mean_i [logsumexp_c s(q_i, c) - s(q_i, p_{offset+i})]`` with ``s = scale * cos``.
     The candidate order (positives first, then hard-negative column 0 of every question, then column 1, ...)
     and arithmetic follow ``sentence_transformers.losses.MultipleNegativesRankingLoss`` (default
-    ``directions=("query_to_doc",)``, ``partition_mode="joint"``), which this equals to float rounding.
+    ``directions=("query_to_doc",)``, ``partition_mode="joint"``, and its ``gather_across_devices`` when
+    ``pos`` is gathered), which this equals to float rounding.
     """
-    if q.dim() != 2 or pos.shape != q.shape:
-        raise ValueError(f"q and pos must both be [B, d]; got {tuple(q.shape)} and {tuple(pos.shape)}")
+    if q.dim() != 2 or pos.dim() != 2 or pos.shape[1] != q.shape[1]:
+        raise ValueError(f"q and pos must be [B, d] and [P, d]; got {tuple(q.shape)} and {tuple(pos.shape)}")
+    if not 0 <= offset <= pos.shape[0] - q.shape[0]:
+        raise ValueError(f"offset {offset} + {q.shape[0]} questions exceed the {pos.shape[0]} positives")
     if scale <= 0:
         raise ValueError("scale must be positive")
     B, d = q.shape
+    P = pos.shape[0]
     docs = pos
     col_mask = None
     if neg is not None:
         if neg.dim() == 2:
             neg = neg.unsqueeze(1)
-        if neg.dim() != 3 or neg.shape[0] != B or neg.shape[2] != d:
-            raise ValueError(f"neg must be [B, h, d] = [{B}, h, {d}]; got {tuple(neg.shape)}")
+        if neg.dim() != 3 or neg.shape[0] != P or neg.shape[2] != d:
+            raise ValueError(f"neg must be [P, h, d] = [{P}, h, {d}]; got {tuple(neg.shape)}")
         h = neg.shape[1]
         # column-major, like sentence-transformers' torch.cat([pos, neg_col_0, neg_col_1, ...])
-        docs = torch.cat([pos, neg.transpose(0, 1).reshape(h * B, d)], dim=0)
+        docs = torch.cat([pos, neg.transpose(0, 1).reshape(h * P, d)], dim=0)
         if neg_mask is not None:
-            if neg_mask.shape != (B, h):
-                raise ValueError(f"neg_mask must be [B, h] = [{B}, {h}]; got {tuple(neg_mask.shape)}")
-            col_mask = torch.cat([torch.ones(B, dtype=torch.bool, device=q.device),
-                                  neg_mask.to(torch.bool).transpose(0, 1).reshape(h * B)])
+            if neg_mask.shape != (P, h):
+                raise ValueError(f"neg_mask must be [P, h] = [{P}, {h}]; got {tuple(neg_mask.shape)}")
+            col_mask = torch.cat([torch.ones(P, dtype=torch.bool, device=q.device),
+                                  neg_mask.to(torch.bool).transpose(0, 1).reshape(h * P)])
     elif neg_mask is not None:
         raise ValueError("neg_mask given without neg")
     qn = F.normalize(_as_float(q), p=2, dim=-1)
     dn = F.normalize(_as_float(docs), p=2, dim=-1)
-    scores = (qn @ dn.transpose(0, 1)) * scale  # [B, B*(1+h)]
+    scores = (qn @ dn.transpose(0, 1)) * scale  # [B, P*(1+h)]
     if col_mask is not None:
         scores = scores.masked_fill(~col_mask.unsqueeze(0), float("-inf"))
     rows = torch.arange(B, device=q.device)
-    positive = scores[rows, rows]
+    positive = scores[rows, rows + offset]
     return -(positive - torch.logsumexp(scores, dim=1)).mean()
 
 
@@ -225,31 +236,58 @@ Step = Callable[["Trainer", "Phase", "list[Question]", random.Random], "tuple[Te
 
 
 def mnrl_step(t: Trainer, phase: Phase, questions: list[Question], rng: random.Random) -> tuple[Tensor, dict]:
-    """Ft-Embed: the question encoder against the index's stored gold-passage vectors, in-batch (and
-    ``train.hard_negatives`` retrieved) negatives."""
+    """Ft-Embed: each question's gold passage ranked against the batch's other candidates (in-batch and
+    ``train.hard_negatives`` retrieved negatives), sentence-transformers' MNRL.
+
+    ``train.embed_sides``: ``both`` encodes the candidates from their text with the trainable encoder (the shared
+    encoder learns on the passage side too, as sentence-transformers does; charged as training compute);
+    ``question`` scores against the index's frozen vectors. The candidates of all trainers are gathered
+    (:meth:`Trainer.gather_candidates`, ``train.gather_negatives``), so a question's negatives are the global
+    batch's, not its own trainer's."""
     cfg = t.cfg.train
     batch = t.embedder.tokenize([q.text for q in questions])
     qv = t.embedder(**batch)
     t.acc.encoder(t.embedder, batch["attention_mask"], train=True, category="train")
     # One gold passage per question per step (a question with two gold passages alternates), so
     # a question never meets its own other gold passage as an in-batch negative.
-    gold = np.array([t.corpus.position(rng.choice(q.gold_passage_ids)) for q in questions])
-    pos = torch.from_numpy(t.index.reconstruct(gold)).to(qv.device, qv.dtype)
-    neg = None
-    if cfg.hard_negatives:
-        res = t.retrieve(qv, cfg.hard_negatives + 4)
-        negs = []
-        for q, row in zip(questions, res.ids):
-            golds = {t.corpus.position(g) for g in q.gold_passage_ids}
-            cand = [int(i) for i in row if i >= 0 and int(i) not in golds][:cfg.hard_negatives]
-            while len(cand) < cfg.hard_negatives:  # tiny corpora: pad with a random non-gold passage
-                j = rng.randrange(len(t.corpus))
-                if j not in golds:
-                    cand.append(j)
-            negs.append(cand)
-        neg = torch.from_numpy(t.index.reconstruct(np.array(negs))).to(qv.device, qv.dtype)
-    loss = mnrl_loss(qv, pos, neg, scale=cfg.mnrl_scale)
+    gold = [t.corpus.position(rng.choice(q.gold_passage_ids)) for q in questions]
+    negs = _hard_negatives(t, questions, qv, rng) if cfg.hard_negatives else [[] for _ in questions]
+    rows = np.array([[g, *n] for g, n in zip(gold, negs)], dtype=np.int64)  # [B, 1 + h]: gold, then negatives
+    if cfg.embed_sides == "both":
+        cand = _encode_passages(t, rows.reshape(-1)).view(*rows.shape, -1)
+    else:  # frozen vectors of the index in use
+        cand = torch.from_numpy(t.index.reconstruct(rows.reshape(-1))).to(qv.device, qv.dtype).view(*rows.shape, -1)
+    cand, offset = t.gather_candidates(cand)
+    loss = mnrl_loss(qv, cand[:, 0], cand[:, 1:] if cfg.hard_negatives else None, scale=cfg.mnrl_scale,
+                     offset=offset)
     return loss, {"loss": loss.item()}
+
+
+def _hard_negatives(t: Trainer, questions: list[Question], qv: Tensor, rng: random.Random) -> list[list[int]]:
+    """``train.hard_negatives`` non-gold passages per question, the index's best first (padded with random non-gold
+    passages when a tiny corpus has too few)."""
+    h = t.cfg.train.hard_negatives
+    res = t.retrieve(qv, h + 4)
+    negs = []
+    for q, row in zip(questions, res.ids):
+        golds = {t.corpus.position(g) for g in q.gold_passage_ids}
+        cand = [int(i) for i in row if i >= 0 and int(i) not in golds][:h]
+        while len(cand) < h:
+            j = rng.randrange(len(t.corpus))
+            if j not in golds:
+                cand.append(j)
+        negs.append(cand)
+    return negs
+
+
+def _encode_passages(t: Trainer, rows: np.ndarray) -> Tensor:
+    """The passages at corpus positions ``rows`` encoded from their text (``Passage.as_text()``, the string the
+    index embeds, cut at ``embedder.max_length``) with gradient; charged as training compute (full fine-tuning of
+    the encoder: forward and backward)."""
+    batch = t.embedder.tokenize([t.corpus[int(i)].as_text() for i in rows])
+    vecs = t.embedder(**batch)
+    t.acc.encoder(t.embedder, batch["attention_mask"], train=True, category="train")
+    return vecs
 
 
 def _question_vectors(t: Trainer, phase: Phase, questions: list[Question]) -> Tensor:
@@ -275,14 +313,27 @@ def nll_step(t: Trainer, phase: Phase, questions: list[Question], rng: random.Ra
     return loss, {"loss": loss.item()}
 
 
+def _encode_retrieved(t: Trainer, ids: np.ndarray, qv: Tensor) -> Tensor:
+    """The retrieved passages ``ids`` (``[B, k]``, -1 where the index had no hit) re-encoded with gradient:
+    ``[B, k, d]``, zeros in the empty slots (masked out of p(z|q))."""
+    flat = ids.reshape(-1)
+    real = torch.from_numpy(np.flatnonzero(flat >= 0)).to(qv.device)
+    vecs = _encode_passages(t, flat[flat >= 0]).to(qv.dtype)
+    return qv.new_zeros(flat.size, qv.shape[1]).index_copy(0, real, vecs).view(*ids.shape, -1)
+
+
 def rag_step(marginal: Callable[[Tensor, Tensor, Tensor], Tensor], t: Trainer, phase: Phase,
              questions: list[Question], rng: random.Random) -> tuple[Tensor, dict]:
     """RAG-Sequence / RAG-Token: one prompt per (question, retrieved passage), marginalised over p(z|q) (the
-    gradient reaches the question encoder through the passage scores)."""
+    gradient reaches the question encoder through the passage scores; with ``train.rag_passage_grad`` the k
+    retrieved passages are re-encoded with gradient, so it reaches the passage side too)."""
     qv = _question_vectors(t, phase, questions)
     res = t.retrieve(qv, t.k, return_vectors=True)
     valid = torch.from_numpy(res.ids >= 0)
-    pvecs = torch.from_numpy(res.vectors).to(qv.device, qv.dtype)  # frozen index vectors
+    if phase.train_embedder and t.cfg.train.rag_passage_grad:  # the passage side trains too (rag-end2end)
+        pvecs = _encode_retrieved(t, res.ids, qv)
+    else:
+        pvecs = torch.from_numpy(res.vectors).to(qv.device, qv.dtype)  # frozen index vectors
     doc_lp = retrieval_log_probs(qv, pvecs, valid.to(qv.device), temperature=1.0 / t.cfg.retrieval.score_scale)
     prompts, ans = [], []
     for q, row in zip(questions, res.ids):

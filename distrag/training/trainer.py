@@ -49,9 +49,11 @@ def set_embedder_trainable(embedder: Embedder, on: bool) -> None:
     embedder.train(on)
 
 
-def set_generator_trainable(generator: Generator, on: bool) -> None:
+def set_generator_trainable(generator: Generator | None, on: bool) -> None:
     """Only LoRA adapters ever train; base weights stay frozen whatever the phase. While they train, the
-    blocks are gradient-checkpointed when ``generator.gradient_checkpointing`` is on."""
+    blocks are gradient-checkpointed when ``generator.gradient_checkpointing`` is on. None: a retriever-only run."""
+    if generator is None:
+        return
     for name, p in generator.model.named_parameters():
         p.requires_grad_(on and "lora_" in name)
     generator.model.train(on)
@@ -82,11 +84,12 @@ class Trainer:
     """Runs the phases of one strategy over the training questions.
 
     The models are mutated in place (LoRA is added to the generator when a phase trains it); the
-    index is the frozen corpus index unless ``train.refresh_every`` rebuilds it.
+    index is the frozen corpus index unless ``train.refresh_every`` rebuilds it. ``generator`` may be None when
+    no phase runs it (Ft-Embed alone: a retriever-only run need not load an LLM).
     """
 
     def __init__(self, cfg: ExperimentConfig, corpus: Corpus, train_questions: list[Question], embedder: Embedder,
-                 generator: Generator, index: ShardedIndex, accountant: Accountant, *,
+                 generator: Generator | None, index: ShardedIndex, accountant: Accountant, *,
                  on_metrics: Callable[[dict, int], None] | None = None, show_progress: bool = True,
                  phases: list[Phase] | None = None):
         self.cfg, self.corpus, self.questions = cfg, corpus, train_questions
@@ -99,6 +102,8 @@ class Trainer:
         self.phases = phases_for(cfg) if phases is None else phases
         self.state = TrainState()
         check_strategy_data(cfg, train_questions, self.phases)
+        if generator is None and any(p.train_generator or p.spec.generator_prompts != "none" for p in self.phases):
+            raise ValueError("a phase runs the generator: pass one (None is for retriever-only phases, e.g. MNRL)")
         if any(p.train_generator for p in self.phases) and not self.generator.is_peft:
             # LoRA A matrices are initialised randomly: from the run's seed, not from whatever the
             # global RNG went through before (model loading, other runs in the same process)
@@ -122,6 +127,13 @@ class Trainer:
     def retrieve(self, vectors: torch.Tensor, k: int, *, return_vectors: bool = False) -> SearchResult:
         """The top ``k`` of the index in use for question vectors (``[B, d]``, any grad state)."""
         return self.index.search(vectors.detach().float().cpu().numpy(), k, return_vectors=return_vectors)
+
+    def gather_candidates(self, candidates: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """MNRL's candidate passages (``[B, ...]``: this process's questions' rows) of the whole batch, and the row
+        where this process's own start. One process holds the whole batch: unchanged, 0. The distributed trainer
+        gathers every trainer's rows (with gradient back to each trainer's own), so a question's negatives are the
+        global batch's (``train.gather_negatives``)."""
+        return candidates, 0
 
     # -- optimisation hooks (the DeepSpeed runner overrides these) -------------------------------
     def make_optimizers(self, phase: Phase, total_steps: int) -> None:

@@ -152,3 +152,30 @@ def test_unknown_gpu_or_model_is_a_config_error():
         plan(PlanTarget(**{**SMALL, "gpu": "TPU"}))
     with pytest.raises(ConfigError, match="not a known size"):
         model_shape("7q")
+
+
+def test_the_passage_side_is_projected_as_the_steps_charge_it():
+    """MNRL on both sides (the default) trains each question's gold passage and hard negatives through the encoder,
+    a RAG phase with ``rag_passage_grad`` its k retrieved passages: the projection adds exactly those encoder
+    passes (the same formula the ledger's charge equals, above), and only in phases that train the encoder."""
+    from dataclasses import replace
+
+    from distrag.costs.plan import _Projector
+    from distrag.strategies import EMBED
+
+    t = PlanTarget(**SMALL, hard_negatives=2)
+    both, q_only, e2e = (_Projector(x) for x in (t, replace(t, embed_sides="question"),
+                                                 replace(t, rag_passage_grad=True)))
+    passage = encoder_flops(both.e.dims, t.passage_tokens, train=True)
+    assert both.question_flops(EMBED) - q_only.question_flops(EMBED) == pytest.approx(3 * passage)
+    gen_phase, retriever_phase = BY_KEY["two_phase"].phases()
+    joint = BY_KEY["joint_token"].phases()[0]
+    for phase in (joint, retriever_phase):
+        assert e2e.question_flops(phase) - both.question_flops(phase) == pytest.approx(t.k * passage)
+    assert e2e.question_flops(gen_phase) == both.question_flops(gen_phase)
+    assert e2e.memory(joint)["activations"] > both.memory(joint)["activations"]
+    rows = {r.label: r for r in plan(t).rows}
+    assert rows["Ft-Embed"].train_flops > {r.label: r for r in plan(replace(t, embed_sides="question")).rows}[
+        "Ft-Embed"].train_flops
+    with pytest.raises(ConfigError, match="embed_sides"):
+        plan(replace(t, embed_sides="passage"))

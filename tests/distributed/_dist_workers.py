@@ -433,6 +433,94 @@ def deepspeed_quantized(args: dict) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# MNRL's negatives across trainers: 2 trainers x 4 questions against one process with the 8
+
+
+def gather_rows(args: dict) -> int:
+    """gather_with_grad with a different number of rows per trainer: what each trainer got, and the gradient of
+    a per-trainer weighted sum of the result (every trainer's weights reach the rows it contributed)."""
+    from distrag.distributed.gather import gather_with_grad
+
+    ctx = roles.init_roles(DistributedConfig(), with_index_rank=False)
+    r = ctx.info.trainer_rank
+    x = torch.arange(3 * (r + 2), dtype=torch.float64).view(r + 2, 3).add(100 * r).requires_grad_(True)
+    out, offset = gather_with_grad(x)
+    weights = torch.arange(out.numel(), dtype=torch.float64).view_as(out) * (r + 1)
+    (out * weights).sum().backward()
+    _result(Path(args["out"]), {"out": out.tolist(), "offset": offset, "grad": x.grad.tolist()})
+    return 0
+
+
+def mnrl_gather_cfg(args: dict, *, trainers: int):
+    """The Ft-Embed run of the MNRL scenario: ``4 x 2 / trainers`` questions per trainer, every question with a
+    single gold passage (the per-step gold choice then cannot differ between the runs)."""
+    from distrag.config import build_config
+
+    per = 8 // trainers
+    return build_config({
+        "data": {"synthetic": {"n_entities": 12, "n_single_hop": 24, "n_two_hop": 0}},
+        "embedder": {"model": args["encoder"], "max_length": 64}, "generator": {"model": args["lm"]},
+        "index": {"device": "cpu"}, "tracking": {"enabled": False}, "output_dir": args["out"],
+        "train": {"strategy": "embed_ft", "batch_size": per, "micro_batch_size": per, "max_steps": 2,
+                  "hard_negatives": args["hard_negatives"], "gather_negatives": args["gather"],
+                  "embed_sides": args.get("sides", "both"), "lr_embedder": 1e-3}})
+
+
+def mnrl_gather_trainer(cfg, cls, **kw):
+    """A trainer (``cls``) of ``cfg`` on the synthetic world, the tiny encoder and its index."""
+    from distrag.costs.accountant import Accountant
+    from distrag.costs.ledger import CostLedger
+    from distrag.data.synthetic import make_synthetic
+    from distrag.models.embedder import Embedder
+    from distrag.models.generator import Generator
+    from distrag.retrieval.sharded_index import ShardedIndex
+
+    data = make_synthetic(cfg.data.synthetic)
+    emb = Embedder.from_config(cfg.embedder, device="cpu").eval()
+    vecs = emb.encode(data.corpus.texts())
+    index = ShardedIndex.from_config(vecs.shape[1], cfg.index).build(vecs)
+    return cls(cfg, data.corpus, data.questions, emb, Generator.from_config(cfg.generator, device="cpu"), index,
+               Accountant(CostLedger(memory=None)), show_progress=False, **kw)
+
+
+def mnrl_first_step(tr) -> tuple[float, list[str]]:
+    """The loss of the first optimizer step's micro-batch (dropout off) and its question ids; backward done."""
+    phase = tr.phases[0]
+    tr.make_optimizers(phase, 1)
+    tr.embedder.eval()
+    questions = tr.step_questions(0, 0)
+    loss, _ = tr.compute_loss(phase, questions, tr.step_rng())
+    tr.backward(loss)
+    return loss.item(), [q.id for q in questions]
+
+
+def mnrl_gather(args: dict) -> int:
+    """One step's loss and all-reduced encoder gradients on each trainer, then two steps of the real loop."""
+    from distrag.distributed.checkpoint import CheckpointManager
+    from distrag.distributed.deepspeed_trainer import DistributedTrainer
+
+    out = Path(args["out"])
+    ctx = roles.init_roles(DistributedConfig(), with_index_rank=False)
+    r = ctx.info.trainer_rank
+    cfg = mnrl_gather_cfg(args, trainers=ctx.info.n_trainers)
+    kw = {"ctx": ctx, "ckpt": CheckpointManager(out / f"ckpt_{r}", ctx=ctx)}
+    tr = mnrl_gather_trainer(cfg, DistributedTrainer, **kw)
+    loss, ids = mnrl_first_step(tr)
+    tr.reduce_embedder_grads()
+    torch.save({n: p.grad.clone() for n, p in tr.embedder.named_parameters() if p.grad is not None},
+               out / f"grads_{r}.pt")
+    flops = tr.acc.ledger.flops("train")
+    loop = mnrl_gather_trainer(cfg, DistributedTrainer, **kw)  # the loop itself: dropout on, two steps
+    base = {k: v.clone() for k, v in loop.embedder.state_dict().items()}
+    loop.train()
+    moved = [k for k, v in loop.embedder.state_dict().items() if not torch.equal(v, base[k])]
+    checksum = float(sum(v.double().sum() for v in loop.embedder.state_dict().values()))
+    _result(out, {"loss": loss, "ids": ids, "gathers": tr.gathers_negatives(), "train_flops": flops,
+                  "moved": len(moved), "checksum": checksum, "history": loop.state.history})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # launching (used by the tests)
 
 
@@ -515,7 +603,8 @@ class Job:
         return json.loads((self.out / f"result_{rank}.json").read_text())
 
 
-SCENARIOS = {"refresh": refresh, "preempt": preempt_scenario, "ds": deepspeed_engine, "ds_quant": deepspeed_quantized}
+SCENARIOS = {"refresh": refresh, "preempt": preempt_scenario, "ds": deepspeed_engine, "ds_quant": deepspeed_quantized,
+             "gather": gather_rows, "mnrl_gather": mnrl_gather}
 
 if __name__ == "__main__":
     scenario, raw = sys.argv[1], sys.argv[2]

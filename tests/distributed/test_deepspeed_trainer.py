@@ -71,3 +71,58 @@ def test_one_trainer_trains_the_encoder_checkpoints_and_charges_adopted_versions
     assert ledger.flops("encode_passages") - f0 == pytest.approx(2 * one_pass.flops)
     assert ledger.passages - p0 == 2 * len(data.corpus)
     assert trainer.index_path == str(path) and len(trainer.index) == len(data.corpus)
+
+
+# ----------------------------------------------------------------------------------------------
+# MNRL's negatives across trainers (issue 17): 2 trainers x 4 questions equal one process with the 8
+
+
+def _single_process_reference(args):
+    """Loss, encoder gradients, question ids and ledger of the first step of one process over the same 8 questions."""
+    from _dist_workers import mnrl_first_step, mnrl_gather_cfg, mnrl_gather_trainer
+
+    from distrag.training.trainer import Trainer
+
+    tr = mnrl_gather_trainer(mnrl_gather_cfg(args, trainers=1), Trainer)
+    loss, ids = mnrl_first_step(tr)
+    grads = {n: p.grad for n, p in tr.embedder.named_parameters() if p.grad is not None}
+    return loss, grads, ids, tr.acc.ledger.flops("train")
+
+
+@pytest.mark.timeout(420)  # two 2-process jobs and a reference, on shared CPUs
+@pytest.mark.parametrize("sides", ["both", "question"])
+def test_mnrl_with_gathered_negatives_on_two_trainers_equals_one_process(tmp_path, clean_env, tiny_encoder_dir,
+                                                                        tiny_lm_dir, sides):
+    from _dist_workers import Job
+
+    runs = {}
+    for gather in ("auto", False):
+        args = {"out": str(tmp_path / str(gather)), "encoder": str(tiny_encoder_dir), "lm": str(tiny_lm_dir),
+                "hard_negatives": 1, "gather": gather, "sides": sides}
+        job = Job("mnrl_gather", args, 2, tmp_path / str(gather))
+        assert job.wait(170) == [0, 0], job.output()
+        res = [job.result(r) for r in range(2)]
+        grads = [torch.load(tmp_path / str(gather) / f"grads_{r}.pt") for r in range(2)]
+        runs[gather] = (res, grads)
+    loss, ref_grads, ids, flops = _single_process_reference({**args, "out": str(tmp_path / "ref")})
+
+    res, grads = runs["auto"]
+    assert [r["gathers"] for r in res] == [True, True]
+    assert res[0]["ids"] + res[1]["ids"] == ids  # the trainers' slices are the single process's batch
+    # the global batch's mean loss, and after the trainers' all-reduce (mean) the same encoder gradients
+    assert (res[0]["loss"] + res[1]["loss"]) / 2 == pytest.approx(loss, abs=1e-5)
+    for r in range(2):
+        assert grads[r].keys() == ref_grads.keys()
+        for name, g in grads[r].items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=f"trainer {r}: {name}")
+    # each trainer charges its own questions and candidates: together what the one process charged, up to padding
+    assert sum(r["train_flops"] for r in res) == pytest.approx(flops, rel=0.15)
+    # the loop with gathering runs to its end and keeps the trainers' encoders identical
+    assert all(r["moved"] > 0 and len(r["history"]) == 2 for r in res)
+    assert res[0]["checksum"] == res[1]["checksum"]
+
+    # switched off, each trainer's questions see only their own trainer's candidates: a different (easier) loss
+    res_off, grads_off = runs[False]
+    assert [r["gathers"] for r in res_off] == [False, False]
+    assert (res_off[0]["loss"] + res_off[1]["loss"]) / 2 < loss - 1e-3
+    assert max((grads_off[0][n] - ref_grads[n]).abs().max() for n in ref_grads) > 1e-4

@@ -258,3 +258,155 @@ def test_every_loss_of_the_table_has_its_training_step():
     assert set(LOSS_STEPS) == set(LOSSES)
     with pytest.raises(KeyError, match="no training step is registered for loss 'bogus'"):
         loss_step("bogus")
+
+
+# ----------------------------------------------------------------------------------------------
+# the Ft-Embed step (mnrl_step) against sentence-transformers, on the same texts and the same encoder
+
+PASSAGES = [
+    ("Quick Fox", "The quick brown fox jumps over the lazy dog."),
+    ("The Company", "The company was founded in 1999 by a person of the city."),
+    ("The City", "She was born in the city in 2001 and lives at the river."),
+    ("The Capital", "The capital city of the country is 12."),
+    ("The River", "The river is in the city and the lazy dog lives there."),
+    ("Works", "He works at the company in the capital."),
+    ("Founder", "The founder of the company was born in 2020."),
+    ("Answer", "yes no answer question passage context title."),
+    ("Numbers", "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15."),
+    ("Country", "The country is the capital of the river city."),
+]
+QUESTIONS = [("Who founded the company?", 1), ("Which city was she born in?", 2),
+             ("What is the capital of the country?", 3), ("Where does the lazy dog live?", 4),
+             ("Who is the founder of the company?", 6)]
+
+
+@pytest.fixture(scope="module")
+def mnrl_world(tiny_encoder_dir, tiny_lm_dir):
+    """A corpus of ten passages, five single-gold questions, the tiny encoder and its index."""
+    from distrag.data.records import Corpus, Passage, Question
+    from distrag.models.embedder import Embedder
+    from distrag.models.generator import Generator
+    from distrag.retrieval.sharded_index import ShardedIndex
+
+    corpus = Corpus([Passage(f"p{i}", t, x) for i, (t, x) in enumerate(PASSAGES)])
+    questions = [Question(f"q{i}", text, ("x",), (f"p{g}",)) for i, (text, g) in enumerate(QUESTIONS)]
+    cfg = _mnrl_cfg(tiny_encoder_dir, tiny_lm_dir)
+    embedder = Embedder.from_config(cfg.embedder, device="cpu").eval()
+    vecs = embedder.encode(corpus.texts())
+    index = ShardedIndex.from_config(vecs.shape[1], cfg.index).build(vecs)
+    return {"corpus": corpus, "questions": questions, "embedder": embedder, "index": index, "vecs": vecs,
+            "generator": Generator.from_config(cfg.generator, device="cpu"), "dirs": (tiny_encoder_dir, tiny_lm_dir)}
+
+
+def _mnrl_cfg(enc_dir, lm_dir, **train):
+    from distrag.config import build_config
+
+    return build_config({"embedder": {"model": str(enc_dir), "max_length": 128},  # ST's max_seq_length
+                         "generator": {"model": str(lm_dir)}, "index": {"device": "cpu"},
+                         "tracking": {"enabled": False},
+                         "train": {"strategy": "embed_ft", "batch_size": 5, "micro_batch_size": 5, **train}})
+
+
+def _mnrl_step(w, **train):
+    """One Ft-Embed micro-batch on a copy of the encoder, dropout off (as the reference): the trainer, its loss
+    and the encoder's gradients by parameter name."""
+    import copy
+    import random
+
+    from distrag.costs.accountant import Accountant
+    from distrag.costs.ledger import CostLedger
+    from distrag.training.trainer import Trainer
+
+    cfg = _mnrl_cfg(*w["dirs"], **train)
+    tr = Trainer(cfg, w["corpus"], w["questions"], copy.deepcopy(w["embedder"]), w["generator"], w["index"],
+                 Accountant(CostLedger(memory=None)), show_progress=False)
+    phase = tr.phases[0]
+    tr.make_optimizers(phase, 1)
+    tr.embedder.eval()
+    loss, stats = tr.compute_loss(phase, w["questions"], random.Random(0))
+    loss.backward()
+    grads = {n: p.grad for n, p in tr.embedder.named_parameters() if p.grad is not None}
+    return tr, loss, stats, grads
+
+
+def _brute_force_negatives(w, h):
+    """The h best non-gold passages of each question under the base encoder (what the step mines)."""
+    q = w["embedder"].encode([q.text for q in w["questions"]])
+    order = (-(q @ w["vecs"].T)).argsort(axis=1, kind="stable")
+    return [[int(j) for j in row if j != gold][:h] for row, (_, gold) in zip(order, QUESTIONS)]
+
+
+@pytest.mark.parametrize("h", [0, 1, 2])
+def test_ft_embed_step_equals_sentence_transformers_mnrl(mnrl_world, h):
+    """Both sides (the default): distrag's step and sentence-transformers' MultipleNegativesRankingLoss on the
+    same (anchor, positive, negatives...) texts, with a SentenceTransformer loaded from the same folder, give the
+    same loss and the same gradient in every encoder parameter."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    w = mnrl_world
+    tr, loss, _, grads = _mnrl_step(w, hard_negatives=h)
+    assert tr.cfg.train.embed_sides == "both"
+    texts = w["corpus"].texts()
+    negs = _brute_force_negatives(w, h)
+    cols = [[q.text for q in w["questions"]], [texts[g] for _, g in QUESTIONS]]
+    cols += [[texts[n[j]] for n in negs] for j in range(h)]
+    st = SentenceTransformer(str(w["dirs"][0]), device="cpu").eval()
+    ref = MultipleNegativesRankingLoss(st, scale=20.0)([st.tokenize(c) for c in cols], labels=None)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    ref_grads = {n.removeprefix("0."): p.grad for n, p in st.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and "model.embeddings.word_embeddings.weight" in grads
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    # the passage side really trains: the positives' gradient is not the question side's alone
+    q_only = _mnrl_step(w, hard_negatives=h, embed_sides="question")[3]
+    assert any((grads[n] - q_only[n]).abs().max() > 1e-6 for n in grads)
+
+
+def test_ft_embed_question_side_scores_against_the_frozen_index_vectors(mnrl_world):
+    """``train.embed_sides=question`` keeps the earlier recipe: the stored vectors of the index in use as
+    candidates (no gradient to them), only the questions charged."""
+    w = mnrl_world
+    tr, loss, _, _ = _mnrl_step(w, hard_negatives=1, embed_sides="question")
+    qv = tr.embedder(**tr.embedder.tokenize([q.text for q in w["questions"]]))
+    pos = torch.from_numpy(w["vecs"][[g for _, g in QUESTIONS]])
+    neg = torch.from_numpy(w["vecs"][[n[0] for n in _brute_force_negatives(w, 1)]])
+    assert loss.item() == pytest.approx(mnrl_loss(qv, pos, neg).item(), abs=1e-6)
+    assert tr.acc.ledger.flops("train") == pytest.approx(_charged(tr, [q.text for q in w["questions"]]))
+
+
+def test_ft_embed_both_sides_charges_the_passage_forward_and_backward(mnrl_world):
+    w = mnrl_world
+    tr, _, _, _ = _mnrl_step(w, hard_negatives=2)
+    texts = w["corpus"].texts()
+    cands = [texts[i] for (_, g), n in zip(QUESTIONS, _brute_force_negatives(w, 2)) for i in (g, *n)]
+    want = _charged(tr, [q.text for q in w["questions"]]) + _charged(tr, cands)
+    assert tr.acc.ledger.flops("train") == pytest.approx(want, rel=1e-12)
+    assert want > 2 * _charged(tr, [q.text for q in w["questions"]])  # passages are the larger part
+
+
+def _charged(tr, texts):
+    """What the accountant charges for one trained encoder batch of ``texts`` (full fine-tuning, padded)."""
+    from distrag.costs.flops import transformer_train_flops
+
+    mask = tr.embedder.tokenize(texts)["attention_mask"]
+    B, S = mask.shape
+    return transformer_train_flops(tr.embedder.model.config, B * S, S, "full")
+
+
+def test_mnrl_offset_splits_a_batch_exactly():
+    """A trainer's questions against the whole batch's candidates (``offset``: where its own rows start): the
+    mean over the parts is the loss of the whole batch, gradients included."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    pos, neg = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 2, 6, generator=g,
+                                                                               dtype=torch.float64)
+    whole = mnrl_loss(q, pos, neg)
+    (g_whole,) = torch.autograd.grad(whole, q)
+    parts = (mnrl_loss(q[:3], pos, neg, offset=0) * 3 + mnrl_loss(q[3:], pos, neg, offset=3) * 5) / 8
+    (g_parts,) = torch.autograd.grad(parts, q)
+    assert parts.item() == pytest.approx(whole.item(), abs=1e-12)
+    torch.testing.assert_close(g_parts, g_whole)
+    with pytest.raises(ValueError, match="exceed"):
+        mnrl_loss(q[3:], pos, neg, offset=4)

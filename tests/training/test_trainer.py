@@ -551,5 +551,71 @@ def test_a_new_loss_is_a_table_entry_and_a_registered_step(world, monkeypatch):
     tr.train()
     assert calls == [2, 2, 2, 2]  # 2 steps x 2 micro batches
     assert any(not torch.equal(before[k], v) for k, v in tr.embedder.state_dict().items())
-    p = _Projector(PlanTarget(generator="135m", embedder="22m"))
-    assert p.question_flops(phase) == p.question_flops(Phase("e", True, False, "mnrl")) > 0  # no generator
+    # no generator, no passage side (its Loss says neither): projected as MNRL on the question side alone
+    p = _Projector(PlanTarget(generator="135m", embedder="22m", embed_sides="question"))
+    assert p.question_flops(phase) == p.question_flops(Phase("e", True, False, "mnrl")) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# train.rag_passage_grad: the RAG loss back-propagates into the retrieved passages (rag-end2end)
+
+
+def test_rag_passage_grad_trains_the_passage_side_and_charges_it(world, monkeypatch):
+    """With the flag the k retrieved passages of each question are re-encoded with gradient and p(z|q) is computed
+    from those vectors: the passage vectors receive a gradient, and their forward + backward is in the ledger.
+    Without it (the default) no passage is encoded in the step: p(z|q) uses the index's frozen vectors."""
+    from distrag.costs.flops import transformer_train_flops
+    from distrag.training import losses
+
+    encoded = []
+    real = losses._encode_passages
+
+    def recording(t, rows):
+        vecs = real(t, rows)
+        vecs.retain_grad()
+        encoded.append((list(rows), vecs))
+        return vecs
+
+    monkeypatch.setattr(losses, "_encode_passages", recording)
+    flops, qs = {}, world["data"].questions[:3]
+    for on in (False, True):
+        encoded.clear()
+        cfg = cfg_for(world, strategy="joint", rag_loss="sequence", train_k=2, rag_passage_grad=on)
+        tr = trainer_for(world, cfg)
+        tr.make_optimizers(tr.phases[0], 1)
+        torch.manual_seed(0)  # the same dropout, so both runs retrieve the same passages
+        loss, _ = tr.compute_loss(tr.phases[0], qs, random.Random(0))
+        loss.backward()
+        flops[on] = tr.acc.ledger.flops("train")
+        if not on:
+            assert encoded == [] and build_config().train.rag_passage_grad is False
+            continue
+        ((rows, vecs),) = encoded
+        assert len(rows) == 3 * 2 and vecs.grad is not None and vecs.grad.abs().max() > 0
+        mask = tr.embedder.tokenize([world["data"].corpus[i].as_text() for i in rows])["attention_mask"]
+        B, S = mask.shape
+        assert flops[True] - flops[False] == pytest.approx(
+            transformer_train_flops(tr.embedder.model.config, B * S, S, "full"), rel=1e-9)
+    # a phase that does not train the retriever never re-encodes, flag or not (two-phase's generator phase)
+    encoded.clear()
+    _one_backward(world, cfg_for(world, strategy="two_phase", rag_passage_grad=True), 0)
+    assert encoded == []
+    _one_backward(world, cfg_for(world, strategy="two_phase", rag_passage_grad=True), 1)
+    assert len(encoded) == 1 and encoded[0][1].grad.abs().max() > 0
+
+
+def test_a_retriever_only_run_needs_no_generator(world):
+    """Ft-Embed never runs the generator: a run without one (no LLM loaded) trains the encoder; a phase that runs
+    the generator refuses None up front."""
+    cfg = cfg_for(world, strategy="embed_ft", max_steps=1)
+    emb = copy.deepcopy(world["embedder"])
+    before = snap(emb)
+    tr = Trainer(cfg, world["data"].corpus, world["data"].questions, emb, None, world["index"],
+                 Accountant(CostLedger()), show_progress=False)
+    tr.train()
+    assert changed(before, snap(emb)) and tr.acc.ledger.flops("train") > 0
+    for strategy in ("gen_ft", "two_phase"):
+        with pytest.raises(ValueError, match="runs the generator"):
+            Trainer(cfg_for(world, strategy=strategy), world["data"].corpus, world["data"].questions,
+                    copy.deepcopy(world["embedder"]), None, world["index"], Accountant(CostLedger()),
+                    show_progress=False)
