@@ -21,10 +21,10 @@ uniformly from the store, copied to every shard, then each shard's rows added bl
 cells, so the merged result equals that of one IVF index trained on the same sample with every row added. The
 stored float32 vectors (exact re-scoring, ``return_vectors``) stay memory-mapped on disk; what is in memory is
 faiss' own data: the PQ codes for ``ivfpq`` (``pq_m`` bytes a row), the full rows for ``ivf`` and ``flat``. A
-``flat`` shard is allocated once at its final size and filled block by block, so building it holds the index and
-one block, never more (adding blocks one by one grew faiss' buffer by reallocation: up to twice the index while
-copying); the blocks are read with plain file reads, not through a memory map (mapped pages count in the
-process's resident memory until unmapped).
+``flat`` shard is allocated once at its final size and its file read straight into it, so building it holds the
+index and nothing more (adding blocks one by one grew faiss' buffer by reallocation: up to twice the index while
+copying); files are read with plain reads, not through a memory map (mapped pages count in the process's
+resident memory until unmapped).
 """
 
 from __future__ import annotations
@@ -212,12 +212,18 @@ def _trained_template(store: VectorStore, cfg: IndexConfig, train_size: int, see
 
 
 def _filled_flat(store: VectorStore, s: int, block_rows: int) -> faiss.Index:
-    """An ``IndexFlatIP`` of shard ``s``: its buffer sized once, then filled block by block (module docstring)."""
-    rows, dim = int(store.bounds[s + 1] - store.bounds[s]), store.dim
+    """An ``IndexFlatIP`` of shard ``s``: its buffer sized once, then filled (module docstring): a float32 shard file
+    is read straight into it, a float16 one converted block by block."""
+    rows, dim = len(store.shard(s)), store.dim  # (shard() checks the file's size)
     index = faiss.IndexFlatIP(dim)
     index.codes.resize(rows * dim * 4)
     index.ntotal = rows
     view = faiss.rev_swig_ptr(index.get_xb(), rows * dim).reshape(rows, dim)
+    if store.dtype == "float32":
+        with open(store.root / store.layout[s]["file"], "rb") as f:
+            if f.readinto(memoryview(view).cast("B")) != view.nbytes:
+                raise IndexLoadError(f"{store.root / store.layout[s]['file']}: shorter than {view.nbytes} bytes")
+        return index
     for start, block in store.blocks(s, block_rows):
         lo = start - int(store.bounds[s])
         view[lo:lo + len(block)] = block

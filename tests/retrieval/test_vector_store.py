@@ -99,3 +99,6 @@ def test_a_flat_index_from_a_store_holds_the_index_and_one_block_not_more(tmp_pa
     got = index.search(q, 5)
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
+    small = _store(tmp_path / "f16", q.astype(np.float16), shard_rows=20, dtype="float16")  # converted per block
+    np.testing.assert_array_equal(build_from_store(small, IndexConfig(device="cpu"), block_rows=7).reconstruct(
+        np.arange(50)), q.astype(np.float16).astype(np.float32))
