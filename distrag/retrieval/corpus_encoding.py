@@ -238,10 +238,15 @@ a new ``nprobe`` or a new config key must not re-encode the corpus."""
 
 
 def index_signature(corpus: BaseCorpus, embedder_cfg: EmbedderConfig, index_cfg: IndexConfig) -> dict[str, Any]:
-    """What an index built from ``corpus`` depends on (JSON-serialisable; saved in its manifest)."""
+    """What an index built from ``corpus`` depends on (JSON-serialisable; saved in its manifest). A ``flat`` index
+    is the same whether the corpus is in memory or read from disk (one cache serves both); IVF cells of a corpus
+    read from disk are trained on ``index.train_size`` sampled rows (:func:`build_index`), so that is named too."""
     settings = index_cfg.model_dump(mode="json")
+    index = {k: settings[k] for k in _BUILD_SETTINGS[index_cfg.kind]}
+    if corpus.on_disk and index_cfg.kind != "flat":
+        index.update(built_from="chunks", train_size=index_cfg.train_size)
     return {"corpus": corpus.fingerprint(), "embedder": embedder_cfg.model, "max_length": embedder_cfg.max_length,
-            "pooling": embedder_cfg.pooling, "index": {k: settings[k] for k in _BUILD_SETTINGS[index_cfg.kind]}}
+            "pooling": embedder_cfg.pooling, "index": index}
 
 
 def index_cache_dir(cache_root: str | Path, signature: dict[str, Any]) -> Path:

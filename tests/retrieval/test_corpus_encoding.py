@@ -266,6 +266,11 @@ def test_an_on_disk_ivf_index_outlives_its_temporary_store_and_is_cached(disk_wo
     exact = encode_corpus(embedder, disk, chunk_passages=7)
     np.testing.assert_allclose(index.reconstruct(np.arange(21)), exact, atol=1e-5)  # rows of the unlinked store
     assert index.search(exact[:3], 1).ids[:, 0].tolist() == [0, 1, 2]
+    # one cache for both kinds of corpus, except IVF cells trained on a sample of the chunks' vectors
+    corpus = disk_world["corpus"]
+    assert index_signature(disk, cfg.embedder, cfg.index) != index_signature(corpus, cfg.embedder, cfg.index)
+    assert index_signature(disk, disk_world["cfg"].embedder, disk_world["cfg"].index) == index_signature(
+        corpus, disk_world["cfg"].embedder, disk_world["cfg"].index)  # flat
     again = CostLedger()
     reused = load_or_build_index(tmp_path / "index", disk, embedder, cfg, Accountant(again), show_progress=False)
     np.testing.assert_allclose(reused.reconstruct(np.arange(21)), exact, atol=1e-5)
