@@ -108,6 +108,7 @@ class BaseCorpus(Sequence[Passage], ABC):
         for another. Equal for a :class:`Corpus` and a ``DiskCorpus`` of the same passages."""
 
     def __getitem__(self, row):  # type: ignore[override]
+        """``corpus[row]`` (negative rows count from the end, as for a list) or a list for a slice."""
         if isinstance(row, slice):
             return [self.passage(r) for r in range(*row.indices(len(self)))]
         row = int(row)
