@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from distrag.costs.flops import texts_forward_flops
+from distrag.costs.memory import release_free_memory
 from distrag.errors import IndexLoadError
 from distrag.models.embedder import TOKENIZE_ROWS, TokenizedTexts
 from distrag.retrieval import index_store
@@ -176,6 +177,8 @@ def encode_chunks(embedder: Embedder, chunks: Iterable[PassageChunk], writer: Ve
         writer.append(encoder.encode_all(accountant=accountant))
         if costs is not None:
             costs.append(encoder.cost)
+        del encoder, tokens
+        release_free_memory()  # the chunk's texts and token encodings: freed, now given back (costs/memory.py)
         yield writer.count
 
 
