@@ -3,10 +3,12 @@
 Why
 ---
 An in-memory :class:`~distrag.data.records.Corpus` holds every passage as a Python object (about 1 KB a passage,
-in every trainer, the index rank and evaluation: tens of GB at 21M passages). A ``DiskCorpus`` holds three
-memory-mapped arrays of 8 bytes a passage each, of which a process touches only the pages it reads, and fetches a
-passage's text from the corpus file when a row is asked for (a retrieved passage going into a prompt, a gold
-passage's row). Encoding streams the file in chunks (:meth:`DiskCorpus.chunks`).
+in every trainer, the index rank and evaluation: tens of GB at 21M passages). A ``DiskCorpus`` holds open files:
+its side files (three arrays of 8 bytes a passage) and the corpus, read with ``pread`` when a row or an id is asked
+for (a retrieved passage going into a prompt, a gold passage's row). Nothing is memory-mapped: a mapped page a
+process has touched counts in its resident memory (and the kernel maps 16 pages around each fault), while pages
+read with ``pread`` stay in the kernel's page cache, shared and reclaimable. Encoding streams the file in chunks
+(:meth:`DiskCorpus.chunks`).
 
 Side files
 ----------
@@ -98,14 +100,52 @@ def _line_of(path: Path, offset: int) -> int:
     return newlines + 1
 
 
-def _record_at(fd: int, offsets: np.ndarray, size: int, row: int) -> bytes:
+class _Column:
+    """One side file: ``n`` little-endian 8-byte integers, read with ``pread`` (module docstring: no memory map)."""
+
+    def __init__(self, path: Path, dtype: str, n: int):
+        self.path, self.dtype, self.n = path, np.dtype(dtype), n
+        self.fd = os.open(path, os.O_RDONLY)
+        if os.fstat(self.fd).st_size != 8 * n:
+            os.close(self.fd)
+            raise DataError(f"side file {path} is not {8 * n} bytes (damaged: delete its folder to rebuild it)")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Items ``[start, stop)``."""
+        return np.frombuffer(os.pread(self.fd, 8 * (stop - start), 8 * start), dtype=self.dtype)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.read(int(i), int(i) + 1)[0])
+
+    def equal_range(self, value: int) -> tuple[int, int]:
+        """``[lo, hi)`` of the items equal to ``value`` in a sorted column (two binary searches, one read a step)."""
+        lo, hi = 0, self.n
+        while lo < hi:  # first item >= value
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if self[mid] < value else (lo, mid)
+        end, hi = lo, self.n
+        while end < hi:  # first item > value
+            mid = (end + hi) // 2
+            end, hi = (mid + 1, hi) if self[mid] <= value else (end, mid)
+        return lo, end
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _record_at(fd: int, offsets: np.ndarray | _Column, size: int, row: int) -> bytes:
     """The bytes of row ``row``'s record (its line, without the newline)."""
     start = int(offsets[row])
     end = int(offsets[row + 1]) if row + 1 < len(offsets) else size
     return os.pread(fd, end - start, start).split(b"\n", 1)[0]
 
 
-def _check_unique(path: Path, sorted_hashes: np.ndarray, rows: np.ndarray, offsets: np.ndarray) -> None:
+def _check_unique(path: Path, sorted_hashes: np.ndarray, rows: np.ndarray, offsets: _Column) -> None:
     """Raise the in-memory loader's duplicate-id error for the first repeated id in file order. Equal hashes are
     compared by the ids themselves (a 64-bit collision of two different ids is allowed)."""
     same = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1])  # j: hashes j and j + 1 are equal
@@ -167,9 +207,11 @@ def _build(path: Path, tmp: Path) -> dict:
     sorted_hashes = hashes[order]
     del hashes
     (tmp / "hashes.tmp").unlink()
-    offsets_map = np.memmap(tmp / "offsets.int64", dtype=np.int64, mode="r", shape=(n,))
-    _check_unique(path, sorted_hashes, order, offsets_map)
-    del offsets_map
+    offset_column = _Column(tmp / "offsets.int64", "<i8", n)
+    try:
+        _check_unique(path, sorted_hashes, order, offset_column)
+    finally:
+        offset_column.close()
     sorted_hashes.tofile(tmp / "id_hash.uint64")
     order.astype(np.int64, copy=False).tofile(tmp / "id_row.int64")
     log.info("corpus %s: %d passages read, side files written in %.1fs", path, n, time.perf_counter() - t0)
@@ -212,9 +254,9 @@ class DiskCorpus(BaseCorpus):
                             "to rebuild them", file=str(path))
         n = int(self.meta["rows"])
         self._size = st.st_size
-        self._offsets = np.memmap(self.folder / "offsets.int64", dtype=np.int64, mode="r", shape=(n,))
-        self._hash = np.memmap(self.folder / "id_hash.uint64", dtype=np.uint64, mode="r", shape=(n,))
-        self._rows = np.memmap(self.folder / "id_row.int64", dtype=np.int64, mode="r", shape=(n,))
+        self._offsets = _Column(self.folder / "offsets.int64", "<i8", n)
+        self._hash = _Column(self.folder / "id_hash.uint64", "<u8", n)
+        self._rows = _Column(self.folder / "id_row.int64", "<i8", n)
         self._fd = os.open(self.path, os.O_RDONLY)
 
     @classmethod
@@ -254,10 +296,9 @@ class DiskCorpus(BaseCorpus):
         return corpus_passage(parse_json_line(raw, self.path, label), self.source, label)
 
     def position(self, passage_id: str) -> int:
-        h = id_hashes([passage_id])[0]
-        lo, hi = np.searchsorted(self._hash, h, "left"), np.searchsorted(self._hash, h, "right")
-        for j in range(int(lo), int(hi)):
-            row = int(self._rows[j])
+        lo, hi = self._hash.equal_range(int(id_hashes([passage_id])[0]))
+        for j in range(lo, hi):
+            row = self._rows[j]
             if self.passage(row).id == passage_id:
                 return row
         raise KeyError(passage_id)
@@ -275,14 +316,15 @@ class DiskCorpus(BaseCorpus):
         return str(self.meta["fingerprint"])
 
     def close(self) -> None:
-        if self._fd >= 0:
+        for column in (self._offsets, self._hash, self._rows):
+            column.close()
+        if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
             self._fd = -1
 
     def __del__(self) -> None:
-        fd = getattr(self, "_fd", -1)
-        if fd >= 0:
-            os.close(fd)
+        if getattr(self, "_rows", None) is not None:
+            self.close()
 
     def __deepcopy__(self, memo: dict) -> DiskCorpus:
         return self  # read-only: a copy would only duplicate the open file

@@ -155,3 +155,12 @@ def test_the_switch_and_the_loaders(big_file, tmp_path, monkeypatch):
                                    "context": []}]))
     hcfg = DataConfig(format="hotpotqa", path=str(hotpot), corpus_path=str(big_file), corpus_on_disk=True)
     assert load_data(hcfg, corpus_cache=tmp_path / "c").questions[0].gold_passage_ids == ("p7",)
+
+
+def test_nothing_of_the_corpus_is_mapped_into_the_process(big_file, tmp_path):
+    # read with pread: pages a memory map touched would count in the process' resident memory (RssFile)
+    disk = DiskCorpus.open(big_file, tmp_path)
+    assert [disk.position(f"p{i}") for i in (0, 1_234, 2_999)] == [0, 1_234, 2_999] and disk.take([5, 6])
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    assert str(disk.folder) not in maps and str(big_file) not in maps
+    disk.close()
