@@ -47,6 +47,13 @@ class DataConfig(Section):
     corpus_path: str | None = None
     """Corpus JSONL ({id, title, text} per line). Required for `jsonl`; optional elsewhere (replaces the
     corpus built from the questions file)."""
+    corpus_on_disk: bool | Literal["auto"] = "auto"
+    """Read `corpus_path` by row from the file instead of holding every passage in memory (in every trainer, the
+    index rank and evaluation): side files (byte offsets, an id -> row index) are written once under
+    `output_dir/corpus/`, and every corpus encoding streams the file in chunks of `index.chunk_passages`
+    (distrag/data/disk_corpus.py). `auto`: on for a `corpus_path` of 100 MiB or more. Results equal those of the
+    in-memory corpus (with `index.kind: ivf`/`ivfpq` the IVF cells are trained on `index.train_size` sampled
+    rows, as the index rank's `index.on_disk` path does). Corpora built from the questions file stay in memory."""
     hub_split: str = "validation"
     """Split to read when `path` is a hub dataset id."""
     max_questions: int | None = Field(None, ge=1)
@@ -66,6 +73,9 @@ class DataConfig(Section):
             raise ValueError(f"data.path is required for format={self.format!r}")
         if self.format == "jsonl" and not self.corpus_path:
             raise ValueError("data.corpus_path is required for format='jsonl'")
+        if self.corpus_on_disk is True and not self.corpus_path:
+            raise ValueError("data.corpus_on_disk: true reads data.corpus_path by row; set data.corpus_path (a corpus "
+                             "JSONL), or data.corpus_on_disk: auto")
         if self.dev_fraction + self.test_fraction >= 1.0:
             raise ValueError("data.dev_fraction + data.test_fraction must leave questions for training")
         return self
@@ -172,9 +182,11 @@ class IndexConfig(Section):
     """Index rank of a distributed run: stream the corpus file (`data.corpus_path`, JSONL) in chunks of
     `chunk_passages`, write each version's embeddings to shard files on disk and build the index shard by shard
     from them (IVF kinds trained on `train_size` sampled rows), so its memory follows the chunk, not the corpus.
-    The index has `n_shards` shards. `false`: the whole corpus is encoded in memory (small corpora)."""
+    The index has `n_shards` shards. `false`: the whole corpus is encoded in memory (small corpora), unless the
+    corpus is read from disk (`data.corpus_on_disk`), which always takes this path."""
     chunk_passages: int = Field(50_000, ge=1)
-    """`on_disk`: passages read, encoded and written per chunk."""
+    """`on_disk`, and every encoding of an on-disk corpus (`data.corpus_on_disk`): passages read, encoded and
+    written per chunk (what bounds memory while encoding)."""
     train_size: int = Field(100_000, ge=1)
     """`on_disk` with `ivf` / `ivfpq`: rows sampled from the stored embeddings to train the IVF cells and PQ
     codebooks (the cells are capped at train_size / 39)."""

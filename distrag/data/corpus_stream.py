@@ -19,31 +19,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distrag.data.parsing import Fields, check_file
-from distrag.data.records import Passage
+from distrag.data.parsing import check_file, corpus_passage
+from distrag.data.records import Passage, PassageChunk  # PassageChunk: re-exported, its old home
 from distrag.errors import DataError
 
-__all__ = ["JsonlPassageStream", "PassageChunk", "PassageLookup", "iter_parquet_chunks", "iter_record_chunks",
-           "write_offsets"]
+__all__ = ["JsonlPassageStream", "PassageChunk", "PassageLookup", "iter_lines", "iter_parquet_chunks",
+           "iter_record_chunks", "write_offsets"]
 
 
-@dataclass
-class PassageChunk:
-    """``passages`` of rows ``[start, start + len(passages))`` and, for JSONL, each one's byte ``offsets``."""
-
-    start: int
-    passages: list[Passage]
-    offsets: np.ndarray | None = None
-
-    def texts(self) -> list[str]:
-        """What the embedder sees for each passage (title and body: ``Passage.as_text``)."""
-        return [p.as_text() for p in self.passages]
+def iter_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """``(line number from 1, byte offset, line)`` of every non-blank line of a JSONL file; row ``i`` of a corpus
+    file is the ``i``-th of them. A UTF-8 BOM on the first line is skipped (the offset points past it)."""
+    with open(path, "rb") as f:
+        pos = 0
+        for lineno, raw in enumerate(f, 1):
+            start = pos
+            pos += len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], start + 3
+            if raw.strip():
+                yield lineno, start, raw
 
 
 def _passage(raw: bytes, path: str, row: int) -> Passage:
@@ -58,10 +58,7 @@ def _passage(raw: bytes, path: str, row: int) -> Passage:
     return _record_passage(rec, path, label)
 
 
-def _record_passage(rec: dict[str, Any], path: str, label: str) -> Passage:
-    f = Fields(rec, path, label)
-    title = f.string("title", required=False, allow_empty=True) or ""
-    return Passage(f.id("id"), title.strip(), f.string("text").strip())
+_record_passage = corpus_passage  # the in-memory loader's reading of a record, so both read a file alike
 
 
 class JsonlPassageStream:
@@ -75,15 +72,8 @@ class JsonlPassageStream:
 
     def _records(self) -> Iterator[tuple[int, bytes]]:
         """``(byte offset, line)`` of every non-blank line (a UTF-8 BOM on the first line is skipped)."""
-        with open(self.path, "rb") as f:
-            pos = 0
-            for lineno, raw in enumerate(f):
-                start = pos
-                pos += len(raw)
-                if lineno == 0 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw, start = raw[3:], start + 3
-                if raw.strip():
-                    yield start, raw
+        for _, start, raw in iter_lines(self.path):
+            yield start, raw
 
     def chunks(self) -> Iterator[PassageChunk]:
         """The passages in file order, ``chunk_passages`` per chunk (the last holds the rest)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from distrag.data.parsing import (
     load_hub_rows,
     read_json_records,
 )
-from distrag.data.records import Corpus, Passage, Question, RAGData
+from distrag.data.records import BaseCorpus, Corpus, Passage, Question, RAGData
 from distrag.errors import DataError
 
 _SUFFIXES = (".json", ".jsonl", ".ndjson")
@@ -173,7 +174,8 @@ def _read_records(path: str, hub_split: str, limit: int | None) -> tuple[str, li
 
 
 def load_hotpotqa(path: str, *, corpus_path: str | None = None, max_questions: int | None = None,
-                  hub_split: str = "validation") -> RAGData:
+                  hub_split: str = "validation", open_corpus: Callable[[str], BaseCorpus] = load_corpus_jsonl
+                  ) -> RAGData:
     """Load HotPotQA questions (and, unless ``corpus_path`` is given, the corpus of their contexts)."""
     source, rows = _read_records(path, hub_split, max_questions)
     records = [parse_record(rec, source, label, need_context=corpus_path is None) for label, rec in rows]
@@ -183,10 +185,12 @@ def load_hotpotqa(path: str, *, corpus_path: str | None = None, max_questions: i
     if corpus_path is None:
         corpus, maps = build_corpus(records, source)
     else:
-        corpus = load_corpus_jsonl(corpus_path)
+        corpus = open_corpus(corpus_path)
+        wanted = {t for r in records for t in r.sf_titles}  # only these titles: no map of every title
         by_title: dict[str, list[str]] = {}
         for psg in corpus:
-            by_title.setdefault(psg.title, []).append(psg.id)
+            if psg.title in wanted:
+                by_title.setdefault(psg.title, []).append(psg.id)
         maps = [{t: by_title.get(t) or ([t] if t in corpus else []) for t in r.sf_titles} for r in records]
 
     questions, labels, unlabelled = [], [], []

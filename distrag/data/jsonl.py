@@ -14,10 +14,11 @@ kept in ``Question.meta``. Corpus file, one object per line::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from distrag.data.parsing import Fields, as_id_list, assemble, check_file, iter_jsonl, load_corpus_jsonl
-from distrag.data.records import Question, RAGData
+from distrag.data.records import BaseCorpus, Question, RAGData
 
 QUESTION_KEYS = ("id", "question", "answers", "gold_passage_ids")
 
@@ -40,8 +41,9 @@ def load_questions_jsonl(path: str | Path, limit: int | None = None) -> tuple[li
     return questions, labels
 
 
-def load_jsonl(path: str, corpus_path: str, *, max_questions: int | None = None) -> RAGData:
-    """Load a generic questions JSONL over a corpus JSONL."""
-    corpus = load_corpus_jsonl(corpus_path)
+def load_jsonl(path: str, corpus_path: str, *, max_questions: int | None = None,
+               open_corpus: Callable[[str], BaseCorpus] = load_corpus_jsonl) -> RAGData:
+    """Load a generic questions JSONL over a corpus JSONL (opened by ``open_corpus``: in memory by default)."""
+    corpus = open_corpus(corpus_path)
     questions, labels = load_questions_jsonl(path, max_questions)
     return assemble(f"jsonl:{Path(path).stem}", str(path), corpus, questions, labels, max_questions)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distrag.data.records import Corpus, Passage, Question, RAGData
+from distrag.data.records import BaseCorpus, Corpus, Passage, Question, RAGData
 from distrag.errors import DataError
 
 Record = dict[str, Any]
@@ -41,6 +41,19 @@ def read_text(path: Path) -> str:
         raise DataError(f"cannot read: {e.strerror or e}", file=str(path)) from None
 
 
+def parse_json_line(raw: bytes, path: Path | str, label: str) -> Record:
+    """One JSONL line -> its object; not UTF-8, not JSON or not an object is a DataError naming file and record."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text (byte {e.start}): {e.reason}", file=str(path), record=label) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON at column {e.colno}: {e.msg}", file=str(path), record=label) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}", file=str(path), record=label)
+    return obj
+
+
 def iter_jsonl(path: Path, limit: int | None = None) -> Iterator[tuple[str, Record]]:
     """Yield ``("line N", object)`` for each non-blank line; at most ``limit`` records."""
     n = 0
@@ -54,17 +67,7 @@ def iter_jsonl(path: Path, limit: int | None = None) -> Iterator[tuple[str, Reco
                 if limit is not None and n >= limit:
                     break
                 label = f"line {lineno}"
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise DataError(f"not UTF-8 text (byte {e.start}): {e.reason}", file=str(path),
-                                    record=label) from None
-                except json.JSONDecodeError as e:
-                    raise DataError(f"invalid JSON at column {e.colno}: {e.msg}", file=str(path),
-                                    record=label) from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"expected a JSON object, got {type(obj).__name__}", file=str(path),
-                                    record=label)
+                obj = parse_json_line(raw, path, label)
                 n += 1
                 yield label, obj
     except OSError as e:
@@ -224,26 +227,33 @@ def load_hub_rows(path: str, split: str, limit: int | None, default_config: str 
 # corpus JSONL and assembly
 
 
+def corpus_passage(rec: Record, file: str, label: str) -> Passage:
+    """One corpus record ``{"id", "title" (optional), "text"}`` -> Passage (both corpus kinds read it so)."""
+    f = Fields(rec, file, label)
+    pid = f.id("id")
+    title = f.string("title", required=False, allow_empty=True) or ""
+    text = f.string("text")
+    return Passage(pid, title.strip(), text.strip())
+
+
 def load_corpus_jsonl(path: str | Path) -> Corpus:
-    """Read a corpus JSONL: one ``{"id", "title" (optional), "text"}`` object per line."""
+    """Read a corpus JSONL into memory: one ``{"id", "title" (optional), "text"}`` object per line."""
     p = check_file(path, "corpus file")
     passages: list[Passage] = []
     first_line: dict[str, str] = {}
     for label, rec in iter_jsonl(p):
-        f = Fields(rec, str(path), label)
-        pid = f.id("id")
-        title = f.string("title", required=False, allow_empty=True) or ""
-        text = f.string("text")
-        if pid in first_line:
-            raise f.fail("id", f"duplicate passage id {pid!r} (first at {first_line[pid]})")
-        first_line[pid] = label
-        passages.append(Passage(pid, title.strip(), text.strip()))
+        passage = corpus_passage(rec, str(path), label)
+        if passage.id in first_line:
+            raise DataError(f"duplicate passage id {passage.id!r} (first at {first_line[passage.id]})",
+                            file=str(path), record=label, field="id")
+        first_line[passage.id] = label
+        passages.append(passage)
     if not passages:
         raise DataError("corpus is empty: at least one passage is needed", file=str(path))
     return Corpus(passages, source=str(path))
 
 
-def assemble(name: str, file: str, corpus: Corpus, questions: list[Question], labels: list[str],
+def assemble(name: str, file: str, corpus: BaseCorpus, questions: list[Question], labels: list[str],
              max_questions: int | None = None) -> RAGData:
     """Check ids (naming the offending record) and build the RAGData.
 

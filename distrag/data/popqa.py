@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from distrag.data.parsing import (
     parse_json_list,
     read_json_records,
 )
-from distrag.data.records import Corpus, Passage, Question, RAGData
+from distrag.data.records import BaseCorpus, Corpus, Passage, Question, RAGData
 from distrag.errors import DataError
 
 ORIGINAL_REQUIRED = ("id", "question", "possible_answers")
@@ -149,7 +150,7 @@ def _ctx_passages(f: Fields, seen: dict[str, tuple[Passage, str]]) -> tuple[list
 
 
 def load_popqa(path: str, *, corpus_path: str | None = None, max_questions: int | None = None,
-               hub_split: str = "test") -> RAGData:
+               hub_split: str = "test", open_corpus: Callable[[str], BaseCorpus] = load_corpus_jsonl) -> RAGData:
     """Load PopQA questions from a TSV/CSV/JSONL file or a hub dataset id (e.g. ``akariasai/PopQA``)."""
     p = Path(path)
     if p.is_file() or p.suffix.lower() in (".tsv", ".csv", ".txt", ".json", ".jsonl", ".ndjson"):
@@ -199,7 +200,7 @@ def load_popqa(path: str, *, corpus_path: str | None = None, max_questions: int 
         labels.append(f.label)
 
     if corpus_path is not None:
-        corpus = load_corpus_jsonl(corpus_path)
+        corpus = open_corpus(corpus_path)
     else:
         if n_empty:
             warnings.warn(f"{source}: skipped {n_empty} retrieved contexts with empty text", stacklevel=2)

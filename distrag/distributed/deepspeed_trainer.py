@@ -26,7 +26,7 @@ import torch
 from distrag.distributed import preemption, roles
 from distrag.distributed.checkpoint import CheckpointManager
 from distrag.retrieval import index_store
-from distrag.retrieval.corpus_encoding import CorpusEncoder
+from distrag.retrieval.corpus_encoding import corpus_encoding_cost
 from distrag.strategies import Phase
 from distrag.training.trainer import Trainer, batch_indices
 
@@ -41,17 +41,17 @@ class DistributedTrainer(Trainer):
         super().__init__(*args, **kw)
         self.ctx, self.ckpt, self.client, self.tracker = ctx, ckpt, client, tracker
         self.restored = restored
+        self._refresh_flops: float | None = None
         self.engine = None
         self.emb_opt = self.emb_sched = None
         self.gen_training = False
         self.stopped = False
         self.index_path: str | None = None
-        # FLOPs of one corpus pass, charged to trainer 0 per adopted version. Counted here, before training:
-        # it tokenizes the whole corpus (30 s for 20k passages on a loaded CPU), which inside an adoption
-        # would block every trainer for that long.
-        self._refresh_flops: float | None = (
-            CorpusEncoder(self.embedder, self.corpus.texts()).cost.flops
-            if client is not None and ctx.info.is_rank0 else None)
+        # FLOPs of one corpus pass, charged to trainer 0 per adopted version. Counted here, before training: unless
+        # the frozen index recorded it, it tokenizes the whole corpus (30 s for 20k passages on a loaded CPU), which
+        # inside an adoption would block every trainer for that long.
+        if client is not None and ctx.info.is_rank0:
+            self.corpus_pass_flops()
 
     # -- data: this trainer's slice of the global batch -------------------------------------------
     def step_questions(self, phase_index: int, step: int):
@@ -162,9 +162,15 @@ class DistributedTrainer(Trainer):
             self.acc.ledger.add("encode_passages", self.corpus_pass_flops(), passages=len(self.corpus))
 
     def corpus_pass_flops(self) -> float:
-        """FLOPs of one encoding pass over the corpus (counted once: counting tokenizes the whole corpus)."""
+        """FLOPs of one encoding pass over the corpus as the index rank runs it: chunk by chunk
+        (``index.chunk_passages``) when it streams the corpus file (``index.on_disk`` or a corpus read from disk),
+        else in one pass. Taken from the frozen index's record when that was encoded the same way, else counted
+        once (tokenizing the corpus, chunk by chunk for a corpus read from disk)."""
         if self._refresh_flops is None:
-            self._refresh_flops = CorpusEncoder(self.embedder, self.corpus.texts()).cost.flops
+            streamed = self.cfg.index.on_disk or self.corpus.on_disk
+            self._refresh_flops = corpus_encoding_cost(
+                self.embedder, self.corpus, chunk_passages=self.cfg.index.chunk_passages if streamed else None,
+                recorded=self.index.extra.get("encoding_cost")).flops
         return self._refresh_flops
 
     def on_step_start(self, phase: Phase) -> None:

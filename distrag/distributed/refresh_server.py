@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from distrag.data import load_data
+from distrag.data.disk_corpus import reads_from_disk
 from distrag.distributed.refresh_protocol import Publication, RefreshChannel, WeightsHandoff
 from distrag.models.embedder import Embedder
 from distrag.retrieval import index_store
@@ -193,7 +194,9 @@ def serve_index(cfg: ExperimentConfig, store, run_root: Path, *, announce_pid: b
 
     embedder = Embedder.from_config(cfg.embedder)
     embedder.eval()
-    if cfg.index.on_disk:  # large corpora: streamed in chunks, embeddings on disk (retrieval/streaming_index.py)
+    if cfg.index.on_disk or reads_from_disk(cfg.data):
+        # large corpora: the file streamed in chunks, embeddings on disk (retrieval/streaming_index.py); the corpus
+        # is never loaded here, so this rank needs none of the side files trainer 0 writes
         indexer = OnDiskCorpusIndexer.from_config(embedder, cfg, run_root / "index_work")
         encode, build, extra = indexer.shards, indexer.build, indexer.extra
     else:

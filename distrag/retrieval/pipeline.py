@@ -1,7 +1,9 @@
 """The RAG pipeline over a built index: question -> embed -> index top-k -> prompt -> generate -> score.
 
 The index comes from :func:`distrag.retrieval.corpus_encoding.load_or_build_index` (or a trainer's
-refresh, or a version the index rank published); the pipeline only retrieves, answers and evaluates.
+refresh, or a version the index rank published); the pipeline only retrieves, answers and evaluates. Passages
+are fetched by row from the corpus (:meth:`~distrag.data.records.BaseCorpus.take`): only the retrieved ones, so a
+corpus read from disk is never held.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distrag.config import ExperimentConfig
-from distrag.data.records import Corpus, Question
+from distrag.data.records import BaseCorpus, Question
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.retrieval.qa_metrics import (
@@ -68,7 +70,7 @@ class RetrievalEval:
 class RAGPipeline:
     """Retrieval from ``index`` with ``embedder``, answers from ``generator``; costs go to ``accountant``."""
 
-    def __init__(self, cfg: ExperimentConfig, corpus: Corpus, embedder: Embedder, generator: Generator,
+    def __init__(self, cfg: ExperimentConfig, corpus: BaseCorpus, embedder: Embedder, generator: Generator,
                  index: ShardedIndex, accountant: Accountant | None = None):
         self.cfg, self.corpus, self.embedder, self.generator = cfg, corpus, embedder, generator
         self.index = index
@@ -90,7 +92,7 @@ class RAGPipeline:
         """The retrieved passage ids of each question and its retrieval outcomes at ``k``."""
         retrieved, outcomes = [], []
         for q, row in zip(questions, ids):
-            passages = [self.corpus[int(i)] for i in row if i >= 0]
+            passages = self.corpus.take(row[row >= 0])
             retrieved.append([p.id for p in passages])
             outcomes.append(retrieval_scores(retrieved[-1], [p.as_text() for p in passages], q.gold_passage_ids,
                                              q.answers, k))
@@ -117,7 +119,7 @@ class RAGPipeline:
 
     def passages_for(self, ids: np.ndarray) -> list[list]:
         """The passages of each row of retrieved ``ids`` (padding ``-1`` dropped)."""
-        return [[self.corpus[int(i)] for i in row if i >= 0] for row in ids]
+        return [self.corpus.take(row[row >= 0]) for row in np.asarray(ids)]
 
     def answer(self, questions: list[Question], result: SearchResult, *, show_progress: bool = True) -> list[str]:
         """One greedy answer per question from a prompt holding all its retrieved passages ("concat")."""

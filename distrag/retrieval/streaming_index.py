@@ -2,92 +2,49 @@
 
 Three steps, each bounded in memory by a chunk, a block or a sample, not by the corpus:
 
-1. :func:`encode_chunks` / :func:`encode_to_store`: passages arrive in chunks
-   (:mod:`distrag.data.corpus_stream`); each chunk is encoded by a
+1. :func:`~distrag.retrieval.corpus_encoding.encode_chunks` / :func:`encode_to_store`: passages arrive in chunks
+   (:mod:`distrag.data.corpus_stream`, or any corpus' ``chunks``); each chunk is encoded by a
    :class:`~distrag.retrieval.corpus_encoding.CorpusEncoder` (length-sorted batches, its cost charged to the
    accountant chunk by chunk) and appended to a :class:`~distrag.retrieval.vector_store.VectorStoreWriter`
    (shard files of ``shard_rows`` rows on disk).
-2. :func:`build_from_store`: a :class:`~distrag.retrieval.sharded_index.ShardedIndex` whose shard ``s`` is
-   store shard ``s``. ``ivf`` / ``ivfpq``: one quantizer (and PQ codebook) trained on ``train_size`` rows
-   drawn uniformly from the store, copied to every shard, then each shard's rows added block by block. All
-   shards share the cells, so the merged result equals that of one IVF index trained on the same sample with
-   every row added. The stored float32 vectors (exact re-scoring, ``return_vectors``) stay memory-mapped on
-   disk; what is in memory is faiss' own data: the PQ codes for ``ivfpq`` (``pq_m`` bytes a row), the full
-   rows for ``ivf`` and ``flat`` (an exact index over a corpus larger than memory is
-   :meth:`VectorStore.search <distrag.retrieval.vector_store.VectorStore.search>`, block by block).
+2. :func:`~distrag.retrieval.vector_store.build_from_store`: a :class:`~distrag.retrieval.sharded_index.ShardedIndex`
+   whose shard ``s`` is store shard ``s`` (IVF cells trained on ``train_size`` sampled rows; an exact index over a
+   corpus larger than memory is :meth:`VectorStore.search <distrag.retrieval.vector_store.VectorStore.search>`,
+   block by block).
 3. Publishing is :func:`distrag.retrieval.index_store.publish` (atomic version directories), unchanged.
 
-:class:`OnDiskCorpusIndexer` ties them together for the index rank (``index.on_disk``): the corpus is tokenized
-once (each chunk's ids kept on disk under ``tokens/``), one store per weights hand-off under a work folder (the
-previous one deleted when the next starts), built into a ShardedIndex of ``index.n_shards`` shards.
+:class:`OnDiskCorpusIndexer` ties them together for the index rank (``index.on_disk``, or a corpus read from disk:
+``data.corpus_on_disk``): the corpus is tokenized once (each chunk's ids kept on disk under ``tokens/``), one store
+per weights hand-off under a work folder (the previous one deleted when the next starts), built into a
+ShardedIndex of ``index.n_shards`` shards. The trainers' own encodings of an on-disk corpus (the frozen index,
+refreshes, re-embedding) take the same steps: :func:`distrag.retrieval.corpus_encoding.build_index`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from distrag.data.corpus_stream import JsonlPassageStream
 from distrag.errors import ConfigError
-from distrag.models.embedder import TOKENIZE_ROWS, TokenizedTexts
-from distrag.retrieval.corpus_encoding import CorpusEncoder
-from distrag.retrieval.faiss_backend import configure_faiss, new_cpu_shard
+from distrag.retrieval.corpus_encoding import encode_chunks
 from distrag.retrieval.sharded_index import ShardedIndex
-from distrag.retrieval.vector_store import VectorStore, VectorStoreWriter
+from distrag.retrieval.vector_store import VectorStore, VectorStoreWriter, build_from_store
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig, IndexConfig
     from distrag.costs.accountant import Accountant
-    from distrag.data.corpus_stream import PassageChunk
+    from distrag.data.records import PassageChunk
     from distrag.models.embedder import Embedder
 
+# encode_chunks and build_from_store live next to what they use (corpus_encoding, vector_store); their names
+# stay importable from here
 __all__ = ["OnDiskCorpusIndexer", "build_from_store", "encode_chunks", "encode_to_store"]
-
-log = logging.getLogger(__name__)
-
-
-def encode_chunks(embedder: Embedder, chunks: Iterable[PassageChunk], writer: VectorStoreWriter, *,
-                  accountant: Accountant | None = None, token_cache: str | Path | None = None) -> Iterator[int]:
-    """Encode each chunk (charged to ``accountant``) and append its vectors to ``writer``; yields the rows
-    written so far after each chunk (the index rank heartbeats there). The caller closes ``writer``.
-
-    ``token_cache``: a folder keeping each chunk's token ids (``<chunk>.npz``, about 4 bytes a token): a chunk
-    found there is not tokenized again, so a corpus encoded once per index version is tokenized once."""
-    for i, chunk in enumerate(chunks):
-        tokens = _cached_tokens(embedder, chunk, Path(token_cache) / f"{i:06d}.npz") if token_cache else None
-        # encoder shards of about TOKENIZE_ROWS texts (the index rank heartbeats between shards)
-        n_shards = -(-len(chunk.passages) // TOKENIZE_ROWS)
-        encoder = (CorpusEncoder(embedder, tokens=tokens, n_shards=n_shards) if tokens is not None
-                   else CorpusEncoder(embedder, chunk.texts(), n_shards=n_shards))
-        writer.append(encoder.encode_all(accountant=accountant))
-        yield writer.count
-
-
-def _cached_tokens(embedder: Embedder, chunk: PassageChunk, path: Path) -> TokenizedTexts:
-    """The chunk's token ids from ``path``, or tokenized and written there (temp file, then rename)."""
-    if path.exists():
-        with np.load(path) as z:
-            tokens = TokenizedTexts(z["input_ids"], z["offsets"], z["token_type_ids"] if "token_type_ids" in z
-                                    else None)
-        if len(tokens) == len(chunk.passages):
-            return tokens
-    tokens = embedder.tokenize_unpadded(chunk.texts())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"input_ids": tokens.input_ids, "offsets": tokens.offsets}
-    if tokens.token_type_ids is not None:
-        arrays["token_type_ids"] = tokens.token_type_ids
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
-    return tokens
 
 
 def encode_to_store(embedder: Embedder, chunks: Iterable[PassageChunk], root: str | Path, *, shard_rows: int,
@@ -102,43 +59,6 @@ def encode_to_store(embedder: Embedder, chunks: Iterable[PassageChunk], root: st
         for count in encode_chunks(embedder, chunks, writer, accountant=accountant):
             bar.update(count - bar.n)
     return writer.close()
-
-
-def _trained_template(store: VectorStore, cfg: IndexConfig, train_size: int, seed: int
-                      ) -> tuple[faiss.Index | None, dict[str, int]]:
-    """An empty ``ivf`` / ``ivfpq`` index trained on a sample of the store (None for ``flat``), and its
-    capped sizes (``nlist``, ``pq_nbits``: capped by the sample size as for a shard of that many rows)."""
-    if cfg.kind == "flat":
-        return None, {}
-    sample = store.sample(train_size, seed=seed)
-    template, info = new_cpu_shard(cfg.kind, store.dim, len(sample), cfg.nlist, cfg.pq_m, cfg.pq_nbits)
-    template.train(sample)
-    return template, info
-
-
-def build_from_store(store: VectorStore, cfg: IndexConfig, *, train_size: int | None = None, seed: int = 0,
-                     block_rows: int = 65_536) -> ShardedIndex:
-    """A :class:`ShardedIndex` of ``cfg.kind`` over ``store``, one index shard per store shard (see the
-    module docstring); ``train_size`` defaults to ``cfg.train_size``. The index stays valid while the store's
-    files exist (its stored vectors are memory maps of them), so publish it before deleting the store."""
-    configure_faiss()
-    if store.dtype != "float32" and cfg.kind != "flat":
-        raise ValueError(f"kind={cfg.kind!r} keeps the store's vectors for exact re-scoring: a float32 store is "
-                         f"needed, this one is {store.dtype}")
-    # the configured settings (checked: pq_m divides dim, ...) before any training; one shard per store shard
-    settings = {**ShardedIndex.from_config(store.dim, cfg).settings(), "n_shards": store.n_shards}
-    template, info = _trained_template(store, cfg, train_size or cfg.train_size, seed)
-    shards, vectors, layout = [], [], []
-    for s in range(store.n_shards):
-        index = faiss.IndexFlatIP(store.dim) if template is None else faiss.clone_index(template)
-        for _, block in store.blocks(s, block_rows):
-            index.add(block)
-        shards.append(index)
-        vectors.append(None if template is None else store.shard(s))
-        layout.append({"start": int(store.bounds[s]), "stop": int(store.bounds[s + 1]), **info})
-    index = ShardedIndex.from_parts(settings, shards, vectors, layout, device=cfg.device)
-    log.info("built a %s index over %d vectors in %d shard(s)", cfg.kind, len(store), store.n_shards)
-    return index
 
 
 class OnDiskCorpusIndexer:
@@ -168,11 +88,11 @@ class OnDiskCorpusIndexer:
 
     @classmethod
     def from_config(cls, embedder: Embedder, cfg: ExperimentConfig, work_dir: str | Path) -> OnDiskCorpusIndexer:
-        """The indexer of ``cfg.data.corpus_path`` (``data.format: jsonl`` is required: the corpus file is
-        what is streamed) under ``cfg.index``."""
-        if cfg.data.format != "jsonl" or not cfg.data.corpus_path:
-            raise ConfigError([("index.on_disk", "streams the corpus JSONL: set data.format: jsonl and "
-                                f"data.corpus_path (data.format is {cfg.data.format!r})")])
+        """The indexer of ``cfg.data.corpus_path`` (required: the corpus file is what is streamed) under
+        ``cfg.index``."""
+        if not cfg.data.corpus_path:
+            raise ConfigError([("index.on_disk", "streams the corpus JSONL: set data.corpus_path (data.format "
+                                f"{cfg.data.format!r} builds its corpus in memory)")])
         return cls(embedder, cfg.data.corpus_path, cfg.index, work_dir)
 
     def shards(self, state_dict: dict | None = None) -> Iterator[np.ndarray]:

@@ -14,24 +14,42 @@ memory map, ``blocks`` reads it in float32 blocks of ``block_rows`` rows (what b
 searching), ``sample`` draws rows to train IVF quantizers, and :meth:`VectorStore.search` is the exact
 inner-product top-k over every block, merged as :class:`~distrag.retrieval.sharded_index.ShardedIndex`
 merges its shards (:mod:`distrag.retrieval.topk_merge`: descending score, ties to the lower row).
+
+:func:`build_from_store` builds a :class:`~distrag.retrieval.sharded_index.ShardedIndex` from a store, one index
+shard per store shard. ``ivf`` / ``ivfpq``: one quantizer (and PQ codebook) trained on ``train_size`` rows drawn
+uniformly from the store, copied to every shard, then each shard's rows added block by block. All shards share the
+cells, so the merged result equals that of one IVF index trained on the same sample with every row added. The
+stored float32 vectors (exact re-scoring, ``return_vectors``) stay memory-mapped on disk; what is in memory is
+faiss' own data: the PQ codes for ``ivfpq`` (``pq_m`` bytes a row), the full rows for ``ivf`` and ``flat``. A
+``flat`` shard is allocated once at its final size and its file read straight into it, so building it holds the
+index and nothing more (adding blocks one by one grew faiss' buffer by reallocation: up to twice the index while
+copying); files are read with plain reads, not through a memory map (mapped pages count in the process's
+resident memory until unmapped).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
 from distrag.atomic_io import atomic_write_json
 from distrag.errors import IndexLoadError
-from distrag.retrieval.sharded_index import SearchResult
+from distrag.retrieval.faiss_backend import configure_faiss, new_cpu_shard
+from distrag.retrieval.sharded_index import SearchResult, ShardedIndex
 from distrag.retrieval.topk_merge import merge_topk, widen_boundary_ties
 
-__all__ = ["STORE_MANIFEST", "VectorStore", "VectorStoreWriter"]
+if TYPE_CHECKING:
+    from distrag.config import IndexConfig
+
+__all__ = ["STORE_MANIFEST", "VectorStore", "VectorStoreWriter", "build_from_store"]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "distrag.vector_store"
 STORE_MANIFEST = "store.json"
@@ -117,10 +135,14 @@ class VectorStore:
         return np.memmap(path, dtype=self.dtype, mode="r", shape=(rows, self.dim))
 
     def blocks(self, s: int, block_rows: int = 65_536) -> Iterator[tuple[int, np.ndarray]]:
-        """``(global first row, float32 rows)`` of shard ``s``, ``block_rows`` at a time."""
-        rows = self.shard(s)
-        for lo in range(0, len(rows), block_rows):
-            yield int(self.bounds[s]) + lo, np.ascontiguousarray(rows[lo:lo + block_rows], dtype=np.float32)
+        """``(global first row, float32 rows)`` of shard ``s``, ``block_rows`` at a time (plain reads: the file's
+        pages go to the page cache, not into this process' resident memory as a memory map's would)."""
+        rows = len(self.shard(s))  # checks the file's size
+        with open(self.root / self.layout[s]["file"], "rb") as f:
+            for lo in range(0, rows, block_rows):
+                n = min(block_rows, rows - lo)
+                block = np.fromfile(f, dtype=self.dtype, count=n * self.dim).reshape(n, self.dim)
+                yield int(self.bounds[s]) + lo, block.astype(np.float32, copy=False)
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """``min(n, count)`` distinct rows drawn uniformly (float32, in row order), read shard by shard."""
@@ -171,3 +193,67 @@ class VectorStore:
         ids, scores, _ = merge_topk(np.concatenate([p[0] for p in parts], axis=1),
                                     np.concatenate([p[1] for p in parts], axis=1), k)
         return SearchResult(ids, scores, self.rows(ids) if return_vectors else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# an index built from a store
+
+
+def _trained_template(store: VectorStore, cfg: IndexConfig, train_size: int, seed: int
+                      ) -> tuple[faiss.Index | None, dict[str, int]]:
+    """An empty ``ivf`` / ``ivfpq`` index trained on a sample of the store (None for ``flat``), and its
+    capped sizes (``nlist``, ``pq_nbits``: capped by the sample size as for a shard of that many rows)."""
+    if cfg.kind == "flat":
+        return None, {}
+    sample = store.sample(train_size, seed=seed)
+    template, info = new_cpu_shard(cfg.kind, store.dim, len(sample), cfg.nlist, cfg.pq_m, cfg.pq_nbits)
+    template.train(sample)
+    return template, info
+
+
+def _filled_flat(store: VectorStore, s: int, block_rows: int) -> faiss.Index:
+    """An ``IndexFlatIP`` of shard ``s``: its buffer sized once, then filled (module docstring): a float32 shard file
+    is read straight into it, a float16 one converted block by block."""
+    rows, dim = len(store.shard(s)), store.dim  # (shard() checks the file's size)
+    index = faiss.IndexFlatIP(dim)
+    index.codes.resize(rows * dim * 4)
+    index.ntotal = rows
+    view = faiss.rev_swig_ptr(index.get_xb(), rows * dim).reshape(rows, dim)
+    if store.dtype == "float32":
+        with open(store.root / store.layout[s]["file"], "rb") as f:
+            if f.readinto(memoryview(view).cast("B")) != view.nbytes:
+                raise IndexLoadError(f"{store.root / store.layout[s]['file']}: shorter than {view.nbytes} bytes")
+        return index
+    for start, block in store.blocks(s, block_rows):
+        lo = start - int(store.bounds[s])
+        view[lo:lo + len(block)] = block
+    return index
+
+
+def build_from_store(store: VectorStore, cfg: IndexConfig, *, train_size: int | None = None, seed: int = 0,
+                     block_rows: int = 65_536) -> ShardedIndex:
+    """A :class:`ShardedIndex` of ``cfg.kind`` over ``store``, one index shard per store shard (see the
+    module docstring); ``train_size`` defaults to ``cfg.train_size``. An ``ivf`` / ``ivfpq`` index stays valid
+    while the store's files exist or stay mapped (its stored vectors are memory maps of them); ``flat`` copies
+    the rows into faiss and does not need the store afterwards."""
+    configure_faiss()
+    if store.dtype != "float32" and cfg.kind != "flat":
+        raise ValueError(f"kind={cfg.kind!r} keeps the store's vectors for exact re-scoring: a float32 store is "
+                         f"needed, this one is {store.dtype}")
+    # the configured settings (checked: pq_m divides dim, ...) before any training; one shard per store shard
+    settings = {**ShardedIndex.from_config(store.dim, cfg).settings(), "n_shards": store.n_shards}
+    template, info = _trained_template(store, cfg, train_size or cfg.train_size, seed)
+    shards, vectors, layout = [], [], []
+    for s in range(store.n_shards):
+        if template is None:
+            index = _filled_flat(store, s, block_rows)
+        else:
+            index = faiss.clone_index(template)
+            for _, block in store.blocks(s, block_rows):
+                index.add(block)
+        shards.append(index)
+        vectors.append(None if template is None else store.shard(s))
+        layout.append({"start": int(store.bounds[s]), "stop": int(store.bounds[s + 1]), **info})
+    index = ShardedIndex.from_parts(settings, shards, vectors, layout, device=cfg.device)
+    log.info("built a %s index over %d vectors in %d shard(s)", cfg.kind, len(store), store.n_shards)
+    return index

@@ -99,11 +99,13 @@ class Experiment:
             require_output_dir(self.out)  # a file, or not writable: one clear error, not an OSError
             lock_output_dir(self.out)
         t0 = time.perf_counter()
-        data = load_data(cfg.data)
+        # a corpus read from disk keeps its side files in output_dir/corpus, written by this process on rank 0
+        data = load_data(cfg.data, corpus_cache=self.out / "corpus", writer=self.is_rank0)
         self.splits = data.split(cfg.data.dev_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-        log.info("data %s: %d passages, %d/%d/%d train/dev/test questions, context labels: %s",
-                 data.name, len(data.corpus), len(self.splits.train), len(self.splits.dev),
-                 len(self.splits.test), "yes" if data.has_context_labels else "no")
+        log.info("data %s: %d passages (%s), %d/%d/%d train/dev/test questions, context labels: %s",
+                 data.name, len(data.corpus), "read from disk" if data.corpus.on_disk else "in memory",
+                 len(self.splits.train), len(self.splits.dev), len(self.splits.test),
+                 "yes" if data.has_context_labels else "no")
         preflight(cfg, self.splits, tracking=self.is_rank0, generator=generator)  # every problem, before any load
         self.embedder = Embedder.from_config(cfg.embedder)
         self.embedder.eval()

@@ -19,7 +19,7 @@ import torch
 
 from distrag.config import ExperimentConfig
 from distrag.costs.accountant import Accountant
-from distrag.data.records import Corpus, Question
+from distrag.data.records import BaseCorpus, Question
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.retrieval.corpus_encoding import build_index
@@ -88,7 +88,7 @@ class Trainer:
     no phase runs it (Ft-Embed alone: a retriever-only run need not load an LLM).
     """
 
-    def __init__(self, cfg: ExperimentConfig, corpus: Corpus, train_questions: list[Question], embedder: Embedder,
+    def __init__(self, cfg: ExperimentConfig, corpus: BaseCorpus, train_questions: list[Question], embedder: Embedder,
                  generator: Generator | None, index: ShardedIndex, accountant: Accountant, *,
                  on_metrics: Callable[[dict, int], None] | None = None, show_progress: bool = True,
                  phases: list[Phase] | None = None):
@@ -166,7 +166,8 @@ class Trainer:
 
     # -- index refresh ---------------------------------------------------------------------------
     def refresh_index(self) -> None:
-        """Re-embed the corpus with the current encoder and rebuild the index (synchronous)."""
+        """Re-embed the corpus with the current encoder and rebuild the index (synchronous; a corpus read from disk
+        chunk by chunk, as the frozen index was built)."""
         t0 = time.perf_counter()
         self.index = build_index(self.embedder, self.corpus, self.cfg.index, self.acc)  # charged: encode_passages
         self.state.index_version += 1

@@ -7,6 +7,8 @@ import copy
 import pickle
 import time
 
+import pytest
+
 from distrag.costs import memory
 from distrag.costs.ledger import CostLedger
 from distrag.costs.memory import PROCESS_MEMORY, PeakMemory, rss_bytes
@@ -73,3 +75,19 @@ def test_a_ledger_without_memory_records_no_peaks():
     with CostLedger().phase("y") as measured:
         pass
     assert measured.to_metrics()["cost/peak_rss_gb"] > 0
+
+
+def test_freed_small_blocks_are_given_back_to_the_os():
+    from distrag.costs.memory import release_free_memory, rss_bytes
+
+    if not release_free_memory():
+        pytest.skip("no glibc malloc_trim here")
+    blocks = [bytes(1_000 + i % 7) for i in range(300_000)]  # ~300 MB of malloc'd (not pymalloc) blocks
+    keep = blocks[::64]  # survivors spread over the heap: it cannot shrink from its top
+    before = rss_bytes()
+    del blocks
+    kept = rss_bytes()
+    release_free_memory()
+    after = rss_bytes()
+    assert kept - after > 100 * 2**20, (before, kept, after)  # glibc kept it resident; now most of it is not
+    assert len(keep) == 4_688

@@ -11,6 +11,7 @@ import distrag.data.jsonl
 import distrag.data.popqa
 from distrag.config import DataConfig
 from distrag.data import FORMATS, load_data
+from distrag.data.disk_corpus import CorpusOpener
 from distrag.errors import DataError
 
 
@@ -27,14 +28,23 @@ def test_hub_capable_formats_dispatch_with_every_setting(monkeypatch, fmt, modul
     monkeypatch.setattr(module, fn, lambda *a, **k: calls.append((a, k)) or "loaded")
     cfg = DataConfig(format=fmt, path="q.json", corpus_path="c.jsonl", max_questions=7, hub_split="train")
     assert load_data(cfg) == "loaded"
-    assert calls == [(("q.json",), {"corpus_path": "c.jsonl", "max_questions": 7, "hub_split": "train"})]
+    assert calls == [(("q.json",), {"corpus_path": "c.jsonl", "max_questions": 7, "hub_split": "train",
+                                     "open_corpus": CorpusOpener("auto", None, True)})]
 
 
 def test_jsonl_dispatches_with_its_corpus(monkeypatch):
     calls = []
     monkeypatch.setattr(distrag.data.jsonl, "load_jsonl", lambda *a, **k: calls.append((a, k)) or "loaded")
     assert load_data(DataConfig(format="jsonl", path="q.jsonl", corpus_path="c.jsonl")) == "loaded"
-    assert calls == [(("q.jsonl", "c.jsonl"), {"max_questions": None})]
+    assert calls == [(("q.jsonl", "c.jsonl"), {"max_questions": None, "open_corpus": CorpusOpener("auto", None, True)})]
+
+
+def test_the_corpus_opener_carries_the_switch_the_side_file_folder_and_the_writer(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(distrag.data.jsonl, "load_jsonl", lambda *a, **k: calls.append(k["open_corpus"]))
+    load_data(DataConfig(format="jsonl", path="q.jsonl", corpus_path="c.jsonl", corpus_on_disk=True),
+              corpus_cache=tmp_path, writer=False)
+    assert calls == [CorpusOpener(True, tmp_path, False)]
 
 
 def test_unvalidated_configs_get_data_errors():

@@ -4,6 +4,7 @@ version adopted."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -71,6 +72,41 @@ def test_one_trainer_trains_the_encoder_checkpoints_and_charges_adopted_versions
     assert ledger.flops("encode_passages") - f0 == pytest.approx(2 * one_pass.flops)
     assert ledger.passages - p0 == 2 * len(data.corpus)
     assert trainer.index_path == str(path) and len(trainer.index) == len(data.corpus)
+
+
+def test_a_corpus_pass_of_an_on_disk_corpus_is_counted_chunk_by_chunk_or_taken_from_the_index(
+        tmp_path, clean_env, tiny_encoder_dir, tiny_lm_dir):
+    # the index rank streams an on-disk corpus in chunks of index.chunk_passages: trainer 0 charges that pass,
+    # read from the frozen index's record when it was made the same way (no tokenizing of 21M passages)
+    from distrag.data.disk_corpus import DiskCorpus
+    from distrag.retrieval.corpus_encoding import build_index
+
+    cfg = build_config({
+        "data": {"synthetic": {"n_entities": 8, "n_single_hop": 12, "n_two_hop": 4}},
+        "embedder": {"model": str(tiny_encoder_dir), "max_length": 64},
+        "generator": {"model": str(tiny_lm_dir)}, "index": {"device": "cpu", "chunk_passages": 9},
+        "train": {"strategy": "embed_ft", "max_steps": 1, "batch_size": 2, "micro_batch_size": 2},
+        "tracking": {"enabled": False}, "output_dir": str(tmp_path),
+    })
+    data = make_synthetic(cfg.data.synthetic)
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in data.corpus))
+    disk = DiskCorpus.open(path, tmp_path / "corpus")
+    embedder, generator = Embedder.from_config(cfg.embedder), Generator.from_config(cfg.generator)
+    chunked = sum(CorpusEncoder(embedder, data.corpus.texts()[lo:lo + 9]).cost.flops
+                  for lo in range(0, len(disk), 9))
+    ctx = roles.init_roles(cfg.distributed)
+    ckpt = CheckpointManager(tmp_path / "ckpt", keep=1, ctx=ctx)
+
+    def trainer(index):
+        return DistributedTrainer(cfg, disk, data.questions, embedder, generator, index, Accountant(CostLedger()),
+                                  show_progress=False, ctx=ctx, ckpt=ckpt)
+
+    built = build_index(embedder, disk, cfg.index)
+    plain = ShardedIndex.from_config(embedder.dim, cfg.index).build(encode_corpus(embedder, data.corpus))
+    assert trainer(plain).corpus_pass_flops() == pytest.approx(chunked)  # counted, chunk by chunk
+    clean_env.setattr(embedder, "tokenize_unpadded", lambda *a: pytest.fail("tokenized the corpus to count it"))
+    assert trainer(built).corpus_pass_flops() == pytest.approx(chunked)  # the frozen index's record
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ restart), and serve_index publishes the index of the real corpus under the hande
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -168,6 +169,43 @@ def test_serve_index_publishes_the_corpus_index_of_the_handed_off_embedder(tmp_p
     want = encode_corpus(embedder, corpus)
     np.testing.assert_allclose(index.reconstruct(np.arange(len(corpus))), want, atol=1e-5)
 
+
+@pytest.mark.timeout(180)
+def test_an_on_disk_corpus_is_streamed_by_the_index_rank_without_loading_it(tmp_path, store_ctx, tiny_encoder_dir,
+                                                                          monkeypatch):
+    # data.corpus_on_disk: the index rank streams the corpus file in chunks (the index.on_disk path) and loads
+    # neither the corpus nor its side files, which trainer 0 writes
+    from distrag.config import SyntheticConfig
+    from distrag.data.synthetic import make_synthetic
+
+    store, ctx = store_ctx
+    corpus = make_synthetic(SyntheticConfig(n_entities=6, n_single_hop=4, n_two_hop=2)).corpus
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in corpus))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "q", "question": "?", "answers": ["a"]}) + "\n")
+    cfg = build_config({"embedder": {"model": str(tiny_encoder_dir), "max_length": 32},
+                        "data": {"format": "jsonl", "path": str(questions), "corpus_path": str(path),
+                                 "corpus_on_disk": True},
+                        "index": {"device": "cpu", "chunk_passages": 5}, "tracking": {"enabled": False}})
+    monkeypatch.setattr("distrag.distributed.refresh_server.load_data", lambda *a, **k: pytest.fail("loaded"))
+    embedder = Embedder.from_config(cfg.embedder, device="cpu")
+    client = IndexClient(ctx, tmp_path / "weights", index_timeout_s=60)
+    client.submit_weights(3, embedder.state_dict())
+    client.flush()
+    th = threading.Thread(target=serve_index, args=(cfg, ctx.store, tmp_path))
+    th.start()
+    try:
+        d = client.wait_for_version(1, step=4, timeout_s=120, interval_s=0.05)
+    finally:
+        client.channel.send_done()
+        th.join(60)
+    assert not th.is_alive() and d.weights_step == 3
+    index = index_store.load(tmp_path / "index" / "v000001")
+    assert index.extra["corpus_file"] == str(path) and index.extra["corpus_rows"] == len(corpus)
+    np.testing.assert_allclose(index.reconstruct(np.arange(len(corpus))), encode_corpus(embedder, corpus),
+                               atol=1e-5)
+    assert not (tmp_path / "corpus").exists()
 
 def test_a_30_step_run_keeps_few_index_versions_and_never_the_one_in_use(tmp_path, store_ctx):
     """Refresh every 2 steps for 30 steps: at most keep + the adopted + checkpoint-named versions are ever on

@@ -312,6 +312,37 @@ def test_other_strategies_through_the_launcher(job_root, strategy):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_corpus_read_from_disk_through_the_launcher(job_root):
+    """data.corpus_on_disk with 2 trainers + 1 index rank: trainer 0 writes the side files once (trainer 1 opens
+    them after it), the index rank streams the file, and the versions it publishes are adopted at the same steps."""
+    from distrag.config import SyntheticConfig
+    from distrag.data.synthetic import make_synthetic
+
+    world = make_synthetic(SyntheticConfig(n_entities=12, n_single_hop=24, n_two_hop=8))
+    corpus, questions = job_root / "corpus.jsonl", job_root / "questions.jsonl"
+    corpus.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in world.corpus))
+    questions.write_text("".join(json.dumps({"id": q.id, "question": q.text, "answers": list(q.answers),
+                                             "gold_passage_ids": list(q.gold_passage_ids)}) + "\n"
+                                 for q in world.questions))
+    out = "on_disk"
+    rc, log = launch(job_root, 3, out, "data.format=jsonl", f"data.path={questions}", f"data.corpus_path={corpus}",
+                     "data.corpus_on_disk=true", "index.chunk_passages=16", "train.refresh_every=2",
+                     "train.max_steps=6")
+    assert rc == 0, log[-4000:]
+    assert len(list((job_root / out / "corpus").glob("*/corpus.json"))) == 1  # written once, by trainer 0
+    assert not list((job_root / out / "corpus").glob(".*"))  # no temporary folder left
+    rd = run_dir(job_root, out)
+    versions = sorted((rd / "index").glob("v*"))
+    assert versions and json.loads((versions[0] / "manifest.json").read_text())["extra"]["corpus_file"] == str(corpus)
+    a0 = json.loads((rd / "adoptions_trainer0.json").read_text())
+    a1 = json.loads((rd / "adoptions_trainer1.json").read_text())
+    assert a0 and [(d["version"], d["step"]) for d in a0] == [(d["version"], d["step"]) for d in a1]
+    (run,) = _finished_runs(job_root / out / "mlflow.db")
+    assert "test/em" in run.data.metrics and run.data.metrics["cost/phase.index_build.flops"] > 0
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_resume_equals_uninterrupted_run(job_root):
     """Stopped at step 3 (checkpoint, exit) and resumed = the uninterrupted run, loss by loss (ZeRO-3)."""

@@ -5,6 +5,7 @@ reused (same vectors, same charge)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -14,12 +15,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from distrag.config import SyntheticConfig, build_config
 from distrag.costs.accountant import Accountant
 from distrag.costs.ledger import CostLedger
+from distrag.data.disk_corpus import DiskCorpus
 from distrag.data.records import Corpus, Passage
 from distrag.data.synthetic import make_synthetic
 from distrag.models.embedder import Embedder
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import (
     CorpusEncoder,
+    EncodingCost,
+    build_index,
+    corpus_encoding_cost,
     encode_corpus,
     index_cache_dir,
     index_signature,
@@ -154,18 +159,23 @@ def test_signature_changes_with_the_corpus_the_embedder_and_the_index_settings_o
     assert index_cache_dir("out/index", changed[0]) != folder
 
 
-def test_a_cached_index_is_reused_with_the_same_vectors_and_charged_the_same(world, tmp_path):
+def test_a_cached_index_is_reused_with_the_same_vectors_and_charged_the_same(world, tmp_path, monkeypatch):
     cfg, corpus, embedder = world["cfg"], world["corpus"], world["embedder"]
     root = tmp_path / "index"
     built_ledger, reused_ledger = CostLedger(), CostLedger()
     built = load_or_build_index(root, corpus, embedder, cfg, Accountant(built_ledger), show_progress=False)
-    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index, weights_digest(embedder)))
+    sig = index_signature(corpus, cfg.embedder, cfg.index, weights_digest(embedder))
+    folder = index_cache_dir(root, sig)
     assert [p.name for p in root.iterdir()] == [folder.name]
-    assert index_store.read_manifest(folder)["extra"] == {"signature": index_signature(
-        corpus, cfg.embedder, cfg.index, weights_digest(embedder))}
+    extra = index_store.read_manifest(folder)["extra"]
+    assert extra == {"signature": sig, "encoding_cost": {
+        "flops": built_ledger.flops("encode_passages"), "tokens": built_ledger.tokens, "passages": len(corpus),
+        "batch_size": embedder.batch_size, "chunk_passages": None}}  # what reusing it charges, untokenized
     np.testing.assert_allclose(built.reconstruct(np.arange(len(corpus))), embedder.encode(corpus.texts()), atol=1e-5)
     marker = (folder / "manifest.json").stat().st_mtime_ns
-    reused = load_or_build_index(root, corpus, embedder, cfg, Accountant(reused_ledger), show_progress=False)
+    with monkeypatch.context() as m:  # the recorded cost is charged: the corpus is not tokenized again
+        m.setattr(embedder, "tokenize_unpadded", lambda *a: pytest.fail("tokenized the corpus to charge a reuse"))
+        reused = load_or_build_index(root, corpus, embedder, cfg, Accountant(reused_ledger), show_progress=False)
     assert (folder / "manifest.json").stat().st_mtime_ns == marker  # read, not rebuilt
     ids = np.arange(len(corpus))
     np.testing.assert_array_equal(reused.reconstruct(ids), built.reconstruct(ids))
@@ -251,3 +261,68 @@ def test_a_cached_index_rewritten_at_the_same_size_is_rebuilt(world, tmp_path, c
     assert "cached index unusable, rebuilding it" in caplog.text and "sha256" in caplog.text
     ids = np.arange(len(corpus))
     np.testing.assert_allclose(again.reconstruct(ids), built.reconstruct(ids), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# a corpus read from disk
+
+
+@pytest.fixture
+def disk_world(world, tmp_path):
+    """The world's corpus written to a JSONL and opened from disk; chunks of 7 passages (3 chunks of the 21)."""
+    corpus = world["corpus"]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for p in corpus))
+    cfg = build_config({**world["cfg"].model_dump(mode="json"), "index": {"device": "cpu", "chunk_passages": 7}})
+    return {**world, "cfg": cfg, "disk": DiskCorpus.open(path, tmp_path / "corpus")}
+
+
+def test_an_on_disk_corpus_is_indexed_chunk_by_chunk_with_the_same_results(disk_world, tmp_path):
+    embedder, corpus, disk, cfg = disk_world["embedder"], disk_world["corpus"], disk_world["disk"], disk_world["cfg"]
+    assert len(disk) == len(corpus) == 21 and disk.fingerprint() == corpus.fingerprint()
+    ledger = CostLedger()
+    index = build_index(embedder, disk, cfg.index, Accountant(ledger))
+    in_memory = build_index(embedder, corpus, cfg.index)
+    ids = np.arange(len(corpus))
+    np.testing.assert_allclose(index.reconstruct(ids), in_memory.reconstruct(ids), atol=1e-5)
+    q = embedder.encode(["Who founded the company?", "Where was she born?"])
+    np.testing.assert_array_equal(index.search(q, 5).ids, in_memory.search(q, 5).ids)
+    # charged: one pass, chunk by chunk (each chunk length-sorted on its own), and recorded as such
+    chunks = [CorpusEncoder(embedder, corpus.texts()[lo:lo + 7]).cost for lo in (0, 7, 14)]
+    assert ledger.flops("encode_passages") == pytest.approx(sum(c.flops for c in chunks))
+    assert ledger.passages == 21 and index.extra["encoding_cost"]["chunk_passages"] == 7
+    assert corpus_encoding_cost(embedder, disk, chunk_passages=7) == sum(chunks, EncodingCost(0.0, 0, 0))
+    np.testing.assert_allclose(encode_corpus(embedder, disk, chunk_passages=7), encode_corpus(embedder, corpus),
+                               atol=1e-5)
+    assert [p.name for p in disk.scratch_dir.iterdir()] == [disk.folder.name]  # the temporary store is gone
+
+
+def test_an_on_disk_ivf_index_outlives_its_temporary_store_and_is_cached(disk_world, tmp_path):
+    embedder, disk = disk_world["embedder"], disk_world["disk"]
+    cfg = build_config({**disk_world["cfg"].model_dump(mode="json"),
+                        "index": {"device": "cpu", "chunk_passages": 7, "kind": "ivf", "nlist": 2, "nprobe": 2}})
+    ledger = CostLedger()
+    index = load_or_build_index(tmp_path / "index", disk, embedder, cfg, Accountant(ledger), show_progress=False)
+    exact = encode_corpus(embedder, disk, chunk_passages=7)
+    np.testing.assert_allclose(index.reconstruct(np.arange(21)), exact, atol=1e-5)  # rows of the unlinked store
+    assert index.search(exact[:3], 1).ids[:, 0].tolist() == [0, 1, 2]
+    # one cache for both kinds of corpus, except IVF cells trained on a sample of the chunks' vectors
+    corpus = disk_world["corpus"]
+    W = "w" * 64  # any weights digest: the same on both sides
+    assert index_signature(disk, cfg.embedder, cfg.index, W) != index_signature(corpus, cfg.embedder, cfg.index, W)
+    assert index_signature(disk, disk_world["cfg"].embedder, disk_world["cfg"].index, W) == index_signature(
+        corpus, disk_world["cfg"].embedder, disk_world["cfg"].index, W)  # flat
+    again = CostLedger()
+    reused = load_or_build_index(tmp_path / "index", disk, embedder, cfg, Accountant(again), show_progress=False)
+    np.testing.assert_allclose(reused.reconstruct(np.arange(21)), exact, atol=1e-5)
+    assert again.to_metrics() == ledger.to_metrics()
+
+
+def test_a_recorded_cost_is_used_only_when_made_the_same_way(world):
+    embedder, corpus = world["embedder"], world["corpus"]
+    real = CorpusEncoder(embedder, corpus.texts()).cost
+    record = {"flops": 1.0, "tokens": 2, "passages": 3, "batch_size": embedder.batch_size, "chunk_passages": None}
+    assert corpus_encoding_cost(embedder, corpus, recorded=record) == EncodingCost(1.0, 2, 3)
+    assert corpus_encoding_cost(embedder, corpus, recorded={**record, "batch_size": 99}) == real
+    assert corpus_encoding_cost(embedder, corpus, recorded={**record, "chunk_passages": 7}) == real
+    assert corpus_encoding_cost(embedder, corpus, recorded=None) == real

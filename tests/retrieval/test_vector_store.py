@@ -77,3 +77,28 @@ def test_incomplete_or_damaged_stores_are_refused(tmp_path):
         VectorStore(store.root)
     with pytest.raises(ValueError, match="shape"):
         VectorStoreWriter(tmp_path / "t", 3, shard_rows=4).append(np.zeros((2, 4)))
+
+
+def test_a_flat_index_from_a_store_holds_the_index_and_one_block_not_more(tmp_path):
+    # the buffer is sized once and the rows are read with file reads: adding block by block reallocated faiss'
+    # buffer (old + new copy at once) and reading through the memory map kept the file's pages resident
+    from distrag.config import IndexConfig
+    from distrag.costs.memory import PROCESS_MEMORY, rss_bytes
+    from distrag.retrieval.vector_store import build_from_store
+
+    x = np.random.default_rng(0).standard_normal((300_000, 32)).astype(np.float32)
+    store = _store(tmp_path / "s", x, shard_rows=300_000, block=100_000)
+    q = x[:50] + 0.01
+    want = ShardedIndex(32, device="cpu").build(x).search(q, 5)
+    del x
+    before, watch = rss_bytes(), PROCESS_MEMORY.start()
+    index = build_from_store(store, IndexConfig(device="cpu"), block_rows=8_192)
+    grown = PROCESS_MEMORY.stop(watch).rss - before
+    index_bytes = 300_000 * 32 * 4
+    assert grown < 1.25 * index_bytes, f"building a {index_bytes}-byte flat index took {grown} bytes more"
+    got = index.search(q, 5)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
+    small = _store(tmp_path / "f16", q.astype(np.float16), shard_rows=20, dtype="float16")  # converted per block
+    np.testing.assert_array_equal(build_from_store(small, IndexConfig(device="cpu"), block_rows=7).reconstruct(
+        np.arange(50)), q.astype(np.float16).astype(np.float32))

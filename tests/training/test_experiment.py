@@ -229,3 +229,57 @@ def test_a_full_precision_run_records_its_weight_bytes_too(exp):
     assert rec.tags[mn.TAG_GENERATOR_QUANTIZATION] == "none"
     params = exp.generator.num_parameters()  # float32 on the CPU; the tied head shares the embeddings' bytes
     assert res.costs[mn.COST_GENERATOR_WEIGHTS_GB] * 1e9 == pytest.approx(4 * params, rel=0.02)
+
+
+def test_a_corpus_read_from_disk_gives_the_in_memory_results(tmp_path, tiny_encoder_dir, tiny_lm_dir):
+    """The same JSONL data with data.corpus_on_disk false and true: the same retrieval, training losses (Ft-Gen,
+    Ft-Embed, RAG-Token: passages by row, gold rows by id) and evaluation (EM, F1, retrieved ids, answers), while
+    the on-disk run holds a DiskCorpus whose side files are in its output_dir."""
+    import json
+
+    import numpy as np
+
+    from distrag.config import SyntheticConfig
+    from distrag.data.disk_corpus import DiskCorpus
+    from distrag.data.records import Corpus
+    from distrag.data.synthetic import make_synthetic
+    from distrag.retrieval.pipeline import RAGPipeline
+
+    world = make_synthetic(SyntheticConfig(n_entities=8, n_single_hop=12, n_two_hop=4))
+    corpus_file, questions_file = tmp_path / "corpus.jsonl", tmp_path / "questions.jsonl"
+    corpus_file.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n"
+                                   for p in world.corpus))
+    questions_file.write_text("".join(json.dumps({"id": q.id, "question": q.text, "answers": list(q.answers),
+                                                  "gold_passage_ids": list(q.gold_passage_ids)}) + "\n"
+                                      for q in world.questions))
+
+    def experiment(on_disk: bool) -> Experiment:
+        cfg = build_config({
+            "data": {"format": "jsonl", "path": str(questions_file), "corpus_path": str(corpus_file),
+                     "corpus_on_disk": on_disk, "test_fraction": 0.3},
+            "embedder": {"model": str(tiny_encoder_dir), "max_length": 64},
+            "generator": {"model": str(tiny_lm_dir), "max_new_tokens": 3, "max_passage_chars": 80},
+            "retrieval": {"top_k": 3}, "index": {"device": "cpu", "chunk_passages": 5},  # 4 chunks of the 18 passages
+            "train": {"max_steps": 2, "batch_size": 2, "micro_batch_size": 2, "train_k": 2},
+            "tracking": {"enabled": False}, "output_dir": str(tmp_path / f"runs_{on_disk}"),
+        })
+        return Experiment(cfg, show_progress=False).setup()
+
+    mem, disk = experiment(False), experiment(True)
+    assert type(mem.splits.corpus) is Corpus and isinstance(disk.splits.corpus, DiskCorpus)
+    assert disk.splits.corpus.folder.parent == tmp_path / "runs_True" / "corpus"
+    assert [q.id for q in disk.splits.test] == [q.id for q in mem.splits.test]
+    ids = np.arange(len(mem.splits.corpus))
+    np.testing.assert_allclose(disk.index.reconstruct(ids), mem.index.reconstruct(ids), atol=1e-5)
+    for key in ("gen_ft", "embed_ft", "joint_token"):
+        a, b = mem.train(_cfg(mem, key)), disk.train(_cfg(disk, key))
+        assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-4), key
+        res_a = mem.evaluate(_cfg(mem, key), a, NullTracker(), split="test", t0=time.perf_counter())
+        res_b = disk.evaluate(_cfg(disk, key), b, NullTracker(), split="test", t0=time.perf_counter())
+        for metric in ("em", "f1", "recall_at_3", "answer_recall_at_3", "n_questions"):
+            assert res_b.metrics[metric] == res_a.metrics[metric], (key, metric)
+    questions = mem.splits.test
+    pipe_a = RAGPipeline(mem.cfg, mem.splits.corpus, mem.embedder, mem.generator, mem.index)
+    pipe_b = RAGPipeline(disk.cfg, disk.splits.corpus, disk.embedder, disk.generator, disk.index)
+    ra, rb = pipe_a.evaluate(questions, show_progress=False), pipe_b.evaluate(questions, show_progress=False)
+    assert rb.retrieved == ra.retrieved and rb.predictions == ra.predictions and rb.metrics == ra.metrics
