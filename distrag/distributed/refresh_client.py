@@ -159,7 +159,7 @@ class IndexClient:
 
     def __init__(self, ctx, weights_dir: str | Path, *, index_timeout_s: float = 600.0,
                  on_index_failure: str = "continue", log_fn: Callable[[dict, int], None] | None = None,
-                 current: AdoptDecision | None = None, run_root: str | Path | None = None):
+                 current: AdoptDecision | None = None, run_root: str | Path | None = None, index_ranks: int = 1):
         if on_index_failure not in ("continue", "stop"):
             raise ValueError(f"on_index_failure must be 'continue' or 'stop', not {on_index_failure!r}")
         if ctx.info.is_index:
@@ -179,8 +179,10 @@ class IndexClient:
         self.stats = RefreshStats()
         """Time blocked on the protocol, staleness of the index in use, versions adopted."""
         self._rank0 = ctx.info.is_rank0
-        self._hb = 0
-        self._hb_t = time.monotonic()
+        self.index_ranks = int(index_ranks)
+        """Index ranks in the pool: trainer 0 watches each one's health (any one failing is the index's failure)."""
+        self._hb = [0] * self.index_ranks
+        self._hb_t = [time.monotonic()] * self.index_ranks
         self._n_submitted = 0
         self._submitted: dict[int, int] = {}  # hand-offs announced in this job: number -> training step
         self._writer: threading.Thread | None = None
@@ -190,7 +192,7 @@ class IndexClient:
         """Trainer 0's end of the protocol (None on the other trainers: they never touch the store). Creating it
         starts a new job: only records of this job are read (:mod:`~distrag.distributed.refresh_protocol`)."""
         if self._rank0 and self.store is not None:
-            self.channel = RefreshChannel.for_trainer(self.store, self.run_root)
+            self.channel = RefreshChannel.for_trainer(self.store, self.run_root, members=self.index_ranks)
 
     # -- weights ---------------------------------------------------------------------------------
     def submit_weights(self, step: int, state_dict: dict[str, torch.Tensor]) -> int | None:
@@ -254,17 +256,25 @@ class IndexClient:
 
     # -- adoption --------------------------------------------------------------------------------
     def _health(self) -> str | None:
+        """Why the index rank (any member of the pool) has failed, or None."""
+        for m in range(self.index_ranks):
+            why = self._member_health(m)
+            if why is not None:
+                return why if self.index_ranks == 1 else f"index rank {m} of {self.index_ranks}: {why}"
+        return None
+
+    def _member_health(self, m: int) -> str | None:
         ch = self.channel
-        if (err := ch.index_error()) is not None:
+        if (err := ch.index_error(m)) is not None:
             return f"the index rank raised: {err}"
-        if (who := ch.index_process()) is not None and who.host == hostname() and not pid_alive(who.pid, who.start):
+        if (who := ch.index_process(m)) is not None and who.host == hostname() and not pid_alive(who.pid, who.start):
             return f"the index rank process (pid {who.pid}) is gone"
-        hb = ch.heartbeat_seq()  # the largest seen: an older heartbeat replayed does not count
+        hb = ch.heartbeat_seq(m)  # the largest seen: an older heartbeat replayed does not count
         now = time.monotonic()
-        if hb > self._hb:
-            self._hb, self._hb_t = hb, now
-        elif now - self._hb_t > self.timeout_s:
-            return f"no heartbeat from the index rank for {now - self._hb_t:.0f}s (index_timeout_s)"
+        if hb > self._hb[m]:
+            self._hb[m], self._hb_t[m] = hb, now
+        elif now - self._hb_t[m] > self.timeout_s:
+            return f"no heartbeat from the index rank for {now - self._hb_t[m]:.0f}s (index_timeout_s)"
         return None
 
     def _decide(self, step: int) -> tuple[str, Any] | None:
@@ -397,15 +407,17 @@ class IndexClient:
             return False
 
     def _end_supervisor(self, wait_s: float) -> None:
-        """Wait up to ``wait_s`` for the index rank's launcher-started process (its supervisor) to leave;
-        on this host, kill one that does not (stopped, hung), so the launcher can end the job."""
-        who = self.channel.index_process()
-        pid = who.supervisor if who is not None else None
-        if pid is None or who.host != hostname() or who.supervisor_start is None:
-            return  # no supervisor, on another node (its launcher ends it), or nothing to tell that pid's process by
-        if end_lingering(pid, wait_s, start=who.supervisor_start):
-            warnings.warn(f"the index rank (pid {pid}) did not leave within {wait_s:.0f}s of the end of "
-                          "training (stopped or hung): killed it", RuntimeWarning, stacklevel=3)
+        """Wait up to ``wait_s`` for each index rank's launcher-started process (its supervisor) to leave; on this
+        host, kill one that does not (stopped, hung), so the launcher can end the job."""
+        deadline = time.monotonic() + wait_s
+        for m in range(self.index_ranks):
+            who = self.channel.index_process(m)
+            pid = who.supervisor if who is not None else None
+            if pid is None or who.host != hostname() or who.supervisor_start is None:
+                continue  # no supervisor, on another node (its launcher ends it), or no start time to tell it by
+            if end_lingering(pid, max(deadline - time.monotonic(), 0.0), start=who.supervisor_start):
+                warnings.warn(f"the index rank (pid {pid}) did not leave within {wait_s:.0f}s of the end of "
+                              "training (stopped or hung): killed it", RuntimeWarning, stacklevel=3)
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to know about the index in use."""

@@ -80,8 +80,9 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
-    """``distributed.index_rank`` inside the world, an explicit ``distributed.resume`` that exists, a usable
-    DeepSpeed configuration (``launch/train.py`` runs)."""
+    """``distributed.index_rank`` inside the world, a pool of ``distributed.index_ranks`` that leaves a trainer (and
+    ``index_rank`` left at -1 then), an explicit ``distributed.resume`` that exists, a usable DeepSpeed configuration
+    (``launch/train.py`` runs)."""
     from distrag.distributed.deepspeed_setup import build_ds_config
 
     problems: Problems = []
@@ -91,13 +92,21 @@ def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
         problems.append(("distributed.index_rank",
                          f"{d.index_rank} is outside the world of {world_size} process(es) "
                          f"(ranks 0..{world_size - 1}); use -1 (the last rank) or a rank in 0..{world_size - 1}"))
+    if refresh and d.index_ranks > 1 and d.index_ranks >= world_size:
+        problems.append(("distributed.index_ranks",
+                         f"{d.index_ranks} index ranks leave no trainer in a world of {world_size} process(es); use "
+                         f"at most {world_size - 1}, or start more processes"))
+    if refresh and d.index_ranks > 1 and d.index_rank != -1:
+        problems.append(("distributed.index_rank",
+                         f"{d.index_rank} places a single index rank; a pool of distributed.index_ranks="
+                         f"{d.index_ranks} is the last {d.index_ranks} ranks: leave distributed.index_rank at -1"))
     if d.resume not in (None, "", "none", "auto") and not Path(d.resume).exists():
         problems.append(("distributed.resume",
                          f"checkpoint {d.resume} does not exist; give a checkpoint folder (<output_dir>/distributed/"
                          "<strategy>-<hash>/checkpoints/step_N), auto (the newest, or a fresh start) or none"))
     if strategy_of(cfg).trains_generator:  # DeepSpeed wraps the generator only
         try:
-            build_ds_config(cfg.train, d, max(world_size - 1 if refresh else world_size, 1), bf16=False)
+            build_ds_config(cfg.train, d, max(world_size - d.index_ranks if refresh else world_size, 1), bf16=False)
         except DSConfigError as e:
             if "offload" in str(e):
                 problems.append(("distributed.offload", "CPU offload needs ZeRO-3; set distributed.zero_stage=3 or "
@@ -227,7 +236,7 @@ class TrainerRun:
         if needs_index_rank(cfg):
             self.client = IndexClient(self.ctx, self.root / "weights", index_timeout_s=cfg.distributed.index_timeout_s,
                                       on_index_failure=cfg.distributed.on_index_failure,
-                                      log_fn=self.tracker.log_metrics)
+                                      log_fn=self.tracker.log_metrics, index_ranks=max(self.ctx.info.n_index, 1))
         self.t0 = time.perf_counter()
         self.trainer = DistributedTrainer(
             cfg, exp.splits.corpus, exp.splits.train, embedder, generator, exp.index, self.acc,
@@ -360,13 +369,14 @@ class TrainerRun:
         return latest[0] if latest else 0
 
     def _index_rank_ledger(self, seconds: float) -> CostLedger:
-        """The index rank's costs, phase ``index_rank``: one device for ``seconds`` (the run's wall-clock),
-        and one corpus pass per version it published (by now) that trainer 0 never adopted (trainer 0 is
-        charged a pass per adopted version when it adopts it; a version abandoned half-way is not charged)."""
+        """The index ranks' costs, phase ``index_rank``: their devices (``distributed.index_ranks`` of them) for
+        ``seconds`` (the run's wall-clock), and one corpus pass per version they published (by now) that trainer 0
+        never adopted (trainer 0 is charged a pass per adopted version when it adopts it; a version abandoned
+        half-way is not charged). A pool shares each pass: its FLOPs are one pass in total, whatever N."""
         latest = index_store.latest_version(self.root / "index")
         unadopted = max(0, (latest[0] if latest else 0) - self.client.stats.n_adopted)
         now = [0.0]
-        ledger = CostLedger(clock=lambda: now[0])
+        ledger = CostLedger(n_devices=max(self.ctx.info.n_index, 1), clock=lambda: now[0])
         with ledger.phase(mn.PHASE_INDEX_RANK):
             if unadopted:
                 ledger.add("encode_passages", unadopted * self.trainer.corpus_pass_flops(),

@@ -22,6 +22,17 @@ Published versions
 an atomically replaced ``root/LATEST`` pointer: the index rank publishes, trainers pick the newest, and a
 single-process run keeps its frozen index in the same format (``output_dir/index/<signature hash>``).
 :func:`prune_versions` deletes old versions (keeping the newest few and any the caller protects).
+
+Versions built in parts
+-----------------------
+A pool of index ranks builds one version in parts: each part is a saved index over a contiguous row range of the
+corpus (:func:`~distrag.retrieval.sharded_index.pool_parts`), with its own shard files and manifest.
+:func:`publish_parts` makes them one version: it checks that the parts agree on their settings, moves every part's
+files into the version's temporary folder (a rename: no bytes are copied on one filesystem) under the version's
+shard numbering, writes one manifest whose shard entries are the parts' entries with their rows offset by the
+part's first row (sizes and checksums carried over), and publishes the folder atomically as :func:`publish`
+does. :func:`load` reads it like any other version: a manifest's shards are row ranges with their own files, so
+parts built apart describe one index.
 """
 
 from __future__ import annotations
@@ -43,8 +54,8 @@ from distrag.errors import IndexLoadError
 from distrag.retrieval.faiss_backend import resolve_device
 from distrag.retrieval.sharded_index import ShardedIndex
 
-__all__ = ["LATEST", "MANIFEST", "latest_version", "load", "manifest", "prune_versions", "publish", "read_manifest",
-           "save"]
+__all__ = ["LATEST", "MANIFEST", "latest_version", "load", "manifest", "prune_versions", "publish", "publish_parts",
+           "read_manifest", "save"]
 
 FORMAT = "distrag.sharded_index"
 FORMAT_VERSION = 1
@@ -244,16 +255,75 @@ def publish(index: ShardedIndex, root: str | Path, version: int, *, extra: dict 
     Returns the version directory.
     """
     root = Path(root)
+    target = _next_version_dir(root, version)
+    out = save(index, target, version=int(version), extra=extra)
+    atomic_write_text(root / LATEST, target.name + "\n")
+    return out
+
+
+_PART_SETTINGS = ("dim", "metric", "kind", "nlist", "nprobe", "pq_m", "pq_nbits", "refine")
+"""What the parts of one version must agree on (each shard keeps its own capped ``nlist`` / ``pq_nbits``)."""
+
+
+def _next_version_dir(root: Path, version: int) -> Path:
+    """``root/v{version:06d}``, refused unless ``version`` is newer than every version published under ``root``."""
     if not isinstance(version, (int, np.integer)) or version < 0:
         raise ValueError(f"version must be a non-negative integer, got {version!r}")
     found = _version_dirs(root)
     if found and found[-1][0] >= version:
         raise ValueError(f"cannot publish version {version} under {root}: version {found[-1][0]} "
                          "already exists (versions must increase)")
-    name = f"v{int(version):06d}"
-    out = save(index, root / name, version=int(version), extra=extra)
-    atomic_write_text(root / LATEST, name + "\n")
-    return out
+    return root / f"v{int(version):06d}"
+
+
+def publish_parts(parts: list[str | Path], root: str | Path, version: int, *, extra: dict | None = None) -> Path:
+    """Publish the saved indices ``parts`` (contiguous row ranges of one corpus, in row order) as the one version
+    ``root/v{version:06d}`` (module docstring: *Versions built in parts*): their files are moved into it, so the
+    part folders are left without them. Raises :class:`IndexLoadError` naming the part whose manifest is bad or
+    disagrees with the first part's settings; versions must increase as for :func:`publish`."""
+    root = Path(root)
+    if not parts:
+        raise ValueError("publish_parts needs at least one part")
+    target = _next_version_dir(root, version)
+    manifests = [read_manifest(p) for p in parts]
+    first = manifests[0]
+    for part, m in zip(parts[1:], manifests[1:]):
+        differ = [k for k in _PART_SETTINGS if m.get(k) != first.get(k)]
+        if differ:
+            raise IndexLoadError(f"{Path(part) / MANIFEST}: {differ} differ from the first part's "
+                                 f"({[first.get(k) for k in differ]} vs {[m.get(k) for k in differ]})")
+    combined = {**first, "version": int(version), "extra": dict(extra or {}), "shards": []}
+    created = time.time()
+    combined["created"] = datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds")
+    combined["created_unix"] = created
+    with atomic_directory(target) as tmp:
+        offset = 0
+        for part, m in zip(parts, manifests):
+            for entry in m["shards"]:
+                i = len(combined["shards"])
+                moved = {**entry, "start": entry["start"] + offset, "stop": entry["stop"] + offset,
+                         "file": f"shard_{i:05d}.faiss"}
+                _move(Path(part) / entry["file"], tmp / moved["file"])
+                if entry.get("vectors") is not None:
+                    moved["vectors"] = f"vectors_{i:05d}.npy"
+                    _move(Path(part) / entry["vectors"], tmp / moved["vectors"])
+                combined["shards"].append(moved)
+            offset += int(m["count"])
+        combined["count"], combined["n_shards"] = offset, len(combined["shards"])
+        atomic_write_json(tmp / MANIFEST, combined)
+    atomic_write_text(root / LATEST, target.name + "\n")
+    return target
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` (a copy, then the source removed, across filesystems)."""
+    if not src.is_file():
+        raise IndexLoadError(f"{src}: shard file missing")
+    try:
+        os.replace(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        src.unlink()
 
 
 def prune_versions(root: str | Path, keep: int, protect: set[int] | frozenset[int] = frozenset()) -> list[int]:
