@@ -101,6 +101,9 @@ class RefreshStats:
         """Steps whose staleness was recorded, the sum of the index's lag over them, the largest lag."""
         self._depth, self._t0 = 0, 0.0  # protocol calls open (nested ones count once), when the outermost began
         self._last_step: int | None = None  # the step noted last (a second poll at that step is not a step)
+        self.probes: list[tuple[float, float, float]] = []
+        """Trainer 0's staleness probes, one per adoption: (recall gap of the adopted index, of the one it replaced,
+        seconds the probe took) (:mod:`distrag.retrieval.staleness_probe`)."""
 
     @contextmanager
     def blocking(self) -> Iterator[None]:
@@ -129,22 +132,33 @@ class RefreshStats:
     def staleness_mean(self) -> float:
         return self.staleness_sum / self.steps if self.steps else 0.0
 
+    def note_probe(self, gap: float, retiring_gap: float, seconds: float) -> None:
+        """Trainer 0 scored the staleness probe at an adoption (gaps: fresh minus stale recall)."""
+        self.probes.append((float(gap), float(retiring_gap), float(seconds)))
+
     def summary(self, train_s: float) -> dict[str, float]:
-        """Totals for the run, with the blocked share of ``train_s`` (this trainer's training wall-clock)."""
-        return {"blocked_s": self.blocked_s, "blocked_share": self.blocked_s / train_s if train_s > 0 else 0.0,
-                "staleness_mean": self.staleness_mean, "staleness_max": float(self.staleness_max),
-                "n_adopted": float(self.n_adopted)}
+        """Totals for the run, with the blocked share of ``train_s`` (this trainer's training wall-clock); the
+        staleness probes' mean and largest gaps and their seconds when there were any."""
+        out = {"blocked_s": self.blocked_s, "blocked_share": self.blocked_s / train_s if train_s > 0 else 0.0,
+               "staleness_mean": self.staleness_mean, "staleness_max": float(self.staleness_max),
+               "n_adopted": float(self.n_adopted)}
+        if self.probes:
+            gaps, retiring, secs = zip(*self.probes)
+            out.update(gap_mean=sum(gaps) / len(gaps), gap_max=max(gaps), retiring_gap_mean=sum(retiring) / len(gaps),
+                       retiring_gap_max=max(retiring), probe_s=sum(secs))
+        return out
 
     def state_dict(self) -> dict:
-        """What a checkpoint carries: staleness and adoptions (agreed on every trainer)."""
+        """What a checkpoint carries: staleness, adoptions (agreed on every trainer) and trainer 0's probes."""
         return {"steps": self.steps, "staleness_sum": self.staleness_sum, "staleness_max": self.staleness_max,
-                "n_adopted": self.n_adopted}
+                "n_adopted": self.n_adopted, "probes": [list(p) for p in self.probes]}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state.get("steps", 0))
         self.staleness_sum = float(state.get("staleness_sum", 0.0))
         self.staleness_max = int(state.get("staleness_max", 0))
         self.n_adopted = int(state.get("n_adopted", 0))
+        self.probes = [(float(a), float(b), float(c)) for a, b, c in state.get("probes") or []]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ joins a trainer collective; DeepSpeed only ever sees the trainers (its default g
   3. ``build_trainer``    the MLflow run (a resumed run continues the same run id), the cost ledger,
                           this trainer's copies of the models, the index-refresh client and the
                           :class:`~distrag.distributed.deepspeed_trainer.DistributedTrainer`.
+     Trainer 0 also scores a staleness probe at each index adoption (``train.staleness_probe``).
   4. ``resume``           the checkpoint's state into them: position, embedder, LoRA adapter, index
                           client, index version in use.
   5. ``train_loop``       the preemption handler, then the strategy's phases (index adoption and
@@ -58,6 +59,7 @@ from distrag.distributed.refresh_client import IndexClient
 from distrag.errors import CheckpointError, DSConfigError, IndexRankFailed
 from distrag.logging_setup import progress_enabled
 from distrag.retrieval import index_store
+from distrag.retrieval.staleness_probe import StalenessProbe
 from distrag.run_lock import lock_output_dir
 from distrag.strategies import needs_index_rank, strategy_of
 from distrag.training import preflight as preflight_checks
@@ -241,8 +243,20 @@ class TrainerRun:
         self.trainer = DistributedTrainer(
             cfg, exp.splits.corpus, exp.splits.train, embedder, generator, exp.index, self.acc,
             on_metrics=self.tracker.log_metrics, show_progress=self.exp.show_progress, ctx=self.ctx, ckpt=self.ckpt,
-            client=self.client, tracker=self.tracker,
+            client=self.client, tracker=self.tracker, probe=self._staleness_probe(),
             restored=(restored.path, restored.payload) if restored is not None else None)
+
+    def _staleness_probe(self) -> StalenessProbe | None:
+        """Trainer 0's probe of what staleness costs (``train.staleness_probe`` dev questions), with an index rank
+        only; None elsewhere, when it is off, or when the dev split is empty (said once)."""
+        n = self.cfg.train.staleness_probe
+        if self.client is None or not self.rank0 or n == 0:
+            return None
+        dev = self.exp.splits.dev[:n]
+        if not dev:
+            log.warning("train.staleness_probe=%d: the dev split is empty, so what staleness costs is not measured", n)
+            return None
+        return StalenessProbe(dev, self.exp.splits.corpus, self.cfg.retrieval.top_k)
 
     def _start_ledger(self, restored: Restored | None) -> CostLedger:
         """This trainer's ledger as saved in the checkpoint, else a fresh one; trainer 0's holds the
@@ -412,8 +426,8 @@ def _merged_ledger(states: list[dict]) -> CostLedger:
 def refresh_metrics(stats: list[dict], *, published: int = 0) -> dict[str, float]:
     """The index-refresh metrics of a run from every trainer's :meth:`RefreshStats.summary` (trainer
     order): per trainer ``index/trainer<i>/blocked_s`` and ``.../blocked_share``; overall the mean blocked
-    time and share over the trainers, the staleness and versions adopted (agreed: trainer 0's), and the
-    ``published`` versions."""
+    time and share over the trainers, the staleness and versions adopted (agreed: trainer 0's), the
+    ``published`` versions, and trainer 0's staleness probes (mean and largest recall gaps, their seconds)."""
     if not stats:
         return {}
     out = {}
@@ -426,6 +440,12 @@ def refresh_metrics(stats: list[dict], *, published: int = 0) -> dict[str, float
     out[mn.INDEX_STALENESS_MAX] = stats[0]["staleness_max"]
     out[mn.INDEX_VERSIONS_ADOPTED] = stats[0]["n_adopted"]
     out[mn.INDEX_VERSIONS_PUBLISHED] = float(published)
+    if "gap_mean" in stats[0]:  # trainer 0 probed what staleness costs at its adoptions
+        out.update({mn.INDEX_STALENESS_RECALL_GAP_MEAN: stats[0]["gap_mean"],
+                    mn.INDEX_STALENESS_RECALL_GAP_MAX: stats[0]["gap_max"],
+                    mn.INDEX_RETIRING_RECALL_GAP_MEAN: stats[0]["retiring_gap_mean"],
+                    mn.INDEX_RETIRING_RECALL_GAP_MAX: stats[0]["retiring_gap_max"],
+                    mn.INDEX_STALENESS_PROBE_TOTAL_S: stats[0]["probe_s"]})
     return out
 
 

@@ -294,6 +294,17 @@ def test_explicit_resume_from_missing_checkpoint_is_an_error(job_root):
     assert "/nonexistent/step_00000009" in log
 
 
+def test_refresh_metrics_carry_trainer_0s_staleness_probes():
+    probed = RefreshStats(n_adopted=2)
+    probed.note_probe(0.1, 0.3, 2.0)
+    probed.note_probe(0.0, 0.2, 1.0)
+    m = refresh_metrics([probed.summary(10.0), RefreshStats(n_adopted=2).summary(10.0)])
+    assert m[mn.INDEX_STALENESS_RECALL_GAP_MEAN] == pytest.approx(0.05) and m[mn.INDEX_STALENESS_RECALL_GAP_MAX] == 0.1
+    assert m[mn.INDEX_RETIRING_RECALL_GAP_MEAN] == pytest.approx(0.25) and m[mn.INDEX_RETIRING_RECALL_GAP_MAX] == 0.3
+    assert m[mn.INDEX_STALENESS_PROBE_TOTAL_S] == 3.0
+    assert mn.INDEX_STALENESS_RECALL_GAP_MEAN not in refresh_metrics([RefreshStats().summary(10.0)])  # no probes
+
+
 def test_refresh_metrics_count_versions_adopted_and_published():
     stats = [RefreshStats(blocked_s=1.0, n_adopted=3).summary(10.0), RefreshStats(n_adopted=3).summary(10.0)]
     m = refresh_metrics(stats, published=5)
