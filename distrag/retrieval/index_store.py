@@ -296,20 +296,27 @@ def publish_parts(parts: list[str | Path], root: str | Path, version: int, *, ex
     created = time.time()
     combined["created"] = datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds")
     combined["created_unix"] = created
+    moves: list[tuple[Path, str]] = []  # (a part's file, its name in the version)
+    offset = 0
+    for part, m in zip(parts, manifests):
+        for entry in m["shards"]:
+            i = len(combined["shards"])
+            moved = {**entry, "start": entry["start"] + offset, "stop": entry["stop"] + offset,
+                     "file": f"shard_{i:05d}.faiss"}
+            moves.append((Path(part) / entry["file"], moved["file"]))
+            if entry.get("vectors") is not None:
+                moved["vectors"] = f"vectors_{i:05d}.npy"
+                moves.append((Path(part) / entry["vectors"], moved["vectors"]))
+            combined["shards"].append(moved)
+        offset += int(m["count"])
+    combined["count"], combined["n_shards"] = offset, len(combined["shards"])
+    missing = [str(src) for src, _ in moves if not src.is_file()]
+    if missing:  # checked before anything moves: the parts stay whole
+        raise IndexLoadError(f"{missing[0]}: shard file missing" + (f" (and {len(missing) - 1} more)"
+                                                                      if len(missing) > 1 else ""))
     with atomic_directory(target) as tmp:
-        offset = 0
-        for part, m in zip(parts, manifests):
-            for entry in m["shards"]:
-                i = len(combined["shards"])
-                moved = {**entry, "start": entry["start"] + offset, "stop": entry["stop"] + offset,
-                         "file": f"shard_{i:05d}.faiss"}
-                _move(Path(part) / entry["file"], tmp / moved["file"])
-                if entry.get("vectors") is not None:
-                    moved["vectors"] = f"vectors_{i:05d}.npy"
-                    _move(Path(part) / entry["vectors"], tmp / moved["vectors"])
-                combined["shards"].append(moved)
-            offset += int(m["count"])
-        combined["count"], combined["n_shards"] = offset, len(combined["shards"])
+        for src, name in moves:
+            _move(src, tmp / name)
         atomic_write_json(tmp / MANIFEST, combined)
     atomic_write_text(root / LATEST, target.name + "\n")
     return target
@@ -317,8 +324,6 @@ def publish_parts(parts: list[str | Path], root: str | Path, version: int, *, ex
 
 def _move(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` (a copy, then the source removed, across filesystems)."""
-    if not src.is_file():
-        raise IndexLoadError(f"{src}: shard file missing")
     try:
         os.replace(src, dst)
     except OSError:

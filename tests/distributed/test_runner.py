@@ -365,3 +365,31 @@ def test_a_run_is_finished_only_when_it_finished(single_trainer, tmp_path, monke
     else:
         assert run.run() == 0
     assert tracker.status == [status] and tracker.tags.get(mn.TAG_STOPPED) == tag
+
+
+@pytest.mark.parametrize("overrides, world, problems", [
+    ({"index_ranks": 2}, 4, []),
+    ({"index_ranks": 2}, 2, [("distributed.index_ranks", "2 index ranks leave no trainer in a world of 2")]),
+    ({"index_ranks": 3, "index_rank": 1}, 5, [("distributed.index_rank", "places a single index rank; a pool of "
+                                                                         "distributed.index_ranks=3 is the last 3")]),
+    ({"index_ranks": 1, "index_rank": 1}, 3, []),
+])
+def test_a_pool_of_index_ranks_is_checked_against_the_world(overrides, world, problems):
+    cfg = ExperimentConfig(train=TrainConfig(strategy="embed_ft", refresh_every=2),
+                           distributed=DistributedConfig(**overrides))
+    found = runner.world_problems(cfg, world)
+    assert [k for k, _ in found] == [k for k, _ in problems]
+    assert all(m in msg for (_, m), (_, msg) in zip(problems, found))
+
+
+def test_a_pool_of_index_ranks_counts_each_device_and_one_corpus_pass_per_version(tmp_path):
+    run = TrainerRun(_cfg(tmp_path), _trainer_ctx(0))
+    run.ctx.info = DistInfo(0, 5, 0, "trainer", 0, 3, 3, n_index=2)
+    (run.root / "index" / "v000001").mkdir(parents=True)
+    (run.root / "index" / "v000001" / "manifest.json").write_text("{}")
+    run.client = SimpleNamespace(stats=RefreshStats(n_adopted=0))
+    run.exp = SimpleNamespace(splits=SimpleNamespace(corpus=_Passages(["a", "b"])))
+    run.trainer = SimpleNamespace(corpus_pass_flops=lambda: 10.0)
+    led = run._index_rank_ledger(3600.0)
+    assert led.device_hours() == pytest.approx(2.0) and led.wall_s == 3600.0  # two devices for the hour
+    assert led.flops("encode_passages") == 10.0  # the pool shares each pass: one pass of FLOPs per version
