@@ -14,7 +14,7 @@ probes took. Every run shares one frozen-index cache (``output_dir/index``) and 
 The peer of each row is the fresh ranking of the same candidates under the same encoder at the same step: the
 gap is a difference measured inside one run, not a time.
 
-    python benchmarks/bench_staleness_gap.py                                  # 2, 8, 32; 44 steps each
+    python benchmarks/bench_staleness_gap.py                                  # 2, 8, 32; 24, 24, 46 steps
     python benchmarks/bench_staleness_gap.py --refresh-every 2 8 --steps 20 --keep /tmp/bsg
     python benchmarks/bench_staleness_gap.py --quick                          # tiny models, synthetic data
 """
@@ -65,7 +65,7 @@ def write_config(tmp: Path, args) -> Path:
         "retrieval": {"top_k": args.k},
         "index": {"reembed_after_training": False, "device": "cpu"},
         "train": {"strategy": "joint", "rag_loss": "token", "train_k": args.k, "batch_size": args.batch,
-                  "micro_batch_size": args.batch, "max_steps": args.steps, "lr_embedder": args.lr_embedder,
+                  "micro_batch_size": args.batch, "lr_embedder": args.lr_embedder,
                   "lr_generator": args.lr_generator, "staleness_probe": args.probe},
         "distributed": {"zero_stage": 2, "index_rank": -1, "on_index_failure": "stop", "index_timeout_s": 3600,
                         "checkpoint_every": 0},
@@ -78,13 +78,14 @@ def write_config(tmp: Path, args) -> Path:
     return path
 
 
-def launch(config: Path, tmp: Path, refresh_every: int, timeout: float) -> float:
+def launch(config: Path, tmp: Path, refresh_every: int, steps: int, timeout: float) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     torchrun = Path(sys.executable).with_name("torchrun")
     log = tmp / f"log_R{refresh_every}.txt"
     cmd = [str(torchrun), "--nproc_per_node", "3", "--master_port", str(free_port(3)), str(ROOT / "launch/train.py"),
-           "--config", str(config), f"train.refresh_every={refresh_every}", f"tracking.run_name=R{refresh_every}"]
+           "--config", str(config), f"train.refresh_every={refresh_every}", f"train.max_steps={steps}",
+           f"tracking.run_name=R{refresh_every}"]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--refresh-every", type=int, nargs="+", default=[2, 8, 32])
-    ap.add_argument("--steps", type=int, default=44, help="optimizer steps of each run")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimizer steps of each run (default: refresh_every + 14, at least 24: a few adoptions each)")
     ap.add_argument("--batch", type=int, default=1, help="questions per trainer per step")
     ap.add_argument("--k", type=int, default=3, help="retrieval.top_k = train.train_k (Recall@k of the probe)")
     ap.add_argument("--probe", type=int, default=32, help="train.staleness_probe (dev questions)")
@@ -134,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     config = write_config(tmp, args)
     label = "tiny random models, synthetic" if args.quick else f"{args.embedder} + {args.generator}, {args.data.name}"
     console.print(f"{label}: joint RAG-Token k={args.k}, 2 trainers x {args.batch} question(s) + 1 index rank, "
-                  f"{args.steps} steps, lr_embedder {args.lr_embedder}, probe {args.probe} dev questions, "
+                  f"{args.steps or 'refresh_every + 14 (>= 24)'} steps, lr_embedder {args.lr_embedder}, "
+                  f"probe {args.probe} dev questions, "
                   f"OMP_NUM_THREADS=1; load avg: {load_avg()}")
     rows = []
     for r in args.refresh_every:
-        wall = launch(config, tmp, r, args.timeout)
+        steps = args.steps or max(24, r + 14)
+        wall = launch(config, tmp, r, steps, args.timeout)
         metrics, series = read_run(tmp, f"R{r}")
         rows.append((r, wall, metrics, series))
-        console.print(f"  refresh_every={r}: {wall:.0f}s, {len(series[SERIES[0]])} adoption(s) probed; "
+        console.print(f"  refresh_every={r}: {steps} steps, {wall:.0f}s, {len(series[SERIES[0]])} adoption(s) probed; "
                       f"load avg: {load_avg()}")
 
     table = Table(title="What staleness costs: Recall@k gap (fresh - stale, points) at each index adoption")

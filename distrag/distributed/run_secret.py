@@ -16,6 +16,11 @@ verify. Whoever needs the key first creates it atomically (a complete file is ha
 so concurrent creators agree on one key); a key file that other users can read or that another user
 owns is refused, as ssh refuses a private key with open permissions. Anyone who can read the run folder
 as this user can sign; such a user could rewrite the checkpoints and index versions directly anyway.
+
+A missing key is created only while nothing in the run folder was signed with the old one: once complete
+checkpoints exist (``checkpoints/step_*/COMPLETE``), a new key would silently make every one of them
+unverifiable (each then refused as "not written by this run"), so :func:`run_secret` stops instead and
+says how to get the run's progress back (restore the file) or how to start over (move the checkpoints away).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from distrag.errors import DistError
 
 SECRET_FILE = ".distrag_secret"
 _KEY_BYTES = 32
+SIGNED_MANIFESTS = "checkpoints/step_*/COMPLETE"
+"""Files under a run folder signed with its key (:mod:`distrag.distributed.checkpoint`'s manifests): while any
+exists, a missing key is an error, never replaced."""
 
 
 def secret_path(run_folder: str | Path) -> Path:
@@ -56,14 +64,29 @@ def _create(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _refuse_to_replace(path: Path) -> None:
+    """Raise :class:`DistError` when the run folder of the missing key ``path`` holds checkpoints signed with
+    it (see the module's docstring): the message says what happened and both ways on."""
+    signed = sorted(path.parent.glob(SIGNED_MANIFESTS))
+    if not signed:
+        return
+    folder = signed[0].parent.parent
+    raise DistError(
+        f"{path}: the run's secret is missing, but {len(signed)} checkpoint(s) in {folder} were signed with it "
+        "(it was deleted, or the run folder was copied without it). A new secret would make them unverifiable, "
+        f"so none is created. To resume them, put the original file back (mode 0600: chmod 600 {path}); to "
+        f"start this run over instead, move {folder} away (or use another output_dir)")
+
+
 def run_secret(run_folder: str | Path, *, create: bool = True) -> bytes:
     """The key of the run in ``run_folder``, created (mode 0600) when missing and ``create``.
 
     Raises :class:`DistError` when the key file is readable by others, owned by another user, or not a
-    key; with ``create=False`` a missing key is a :class:`DistError` too.
+    key; when it is missing and either ``create=False`` or checkpoints signed with the lost key remain.
     """
     path = secret_path(run_folder)
     if create and not path.exists():
+        _refuse_to_replace(path)
         _create(path)
     try:
         st = path.lstat()

@@ -56,7 +56,7 @@ from distrag.distributed.checkpoint import CheckpointManager, Restored
 from distrag.distributed.deepspeed_trainer import DistributedTrainer
 from distrag.distributed.index_supervisor import run_supervised_index_rank
 from distrag.distributed.refresh_client import IndexClient
-from distrag.errors import CheckpointError, DSConfigError, IndexRankFailed
+from distrag.errors import CheckpointError, DSConfigError, IndexRankFailed, user_error_exit
 from distrag.logging_setup import progress_enabled
 from distrag.retrieval import index_store
 from distrag.retrieval.staleness_probe import StalenessProbe
@@ -217,7 +217,7 @@ class TrainerRun:
         found = self.ckpt.resolve(self.cfg.distributed.resume)
         if found is None:
             return None
-        restored = self.ckpt.load(found)
+        restored = self.ckpt.load(found)  # signature first, every file, paths inside the run folder
         saved_hash, this_hash = restored.payload.get("config_hash"), self.cfg.config_hash()
         if saved_hash != this_hash:
             raise CheckpointError(f"checkpoint {found} was written by another configuration ({saved_hash} vs "
@@ -453,7 +453,7 @@ def run(cfg: ExperimentConfig) -> int:
     """Entry point of every process; returns the exit code (0 on success and after a requeue)."""
     ctx = roles.init_roles(cfg.distributed, with_index_rank=needs_index_rank(cfg))
     if ctx.info.is_index:
-        return run_index_rank(cfg, ctx)
+        return user_error_exit(lambda: run_index_rank(cfg, ctx))  # its own error line: trainer 0 may be ended first
     if ctx.info.role == "single" and needs_index_rank(cfg):
         log.warning("train.refresh_every=%d needs an index rank, and this job has one process: the index stays "
                     "frozen during training (distributed.index_rank is unused). Start 2+ processes (torchrun "

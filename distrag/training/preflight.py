@@ -55,6 +55,7 @@ def _model_problems(cfg: ExperimentConfig, *, generator: bool = True) -> Problem
     """The models resolve (and ``index.pq_m`` fits the embedder); ``generator=False``: the embedder alone (a
     retrieval-only evaluation loads no generator)."""
     from distrag.models.sources import resolve_model
+    from distrag.models.text_limits import answer_length_problem
 
     problems: Problems = []
     try:
@@ -66,9 +67,10 @@ def _model_problems(cfg: ExperimentConfig, *, generator: bool = True) -> Problem
         divisors = [d for d in range(1, dim + 1) if dim % d == 0 and d <= 64]
         problems.append(("index.pq_m", f"{cfg.index.pq_m} does not divide the embedder's dimension {dim} "
                                        f"(index.kind=ivfpq); use one of {divisors}"))
+    if not generator:
+        return problems
     try:
-        if generator:
-            resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
+        source = resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
     except ModelNotFoundError as e:
         if cfg.generator.gguf_file and "gguf_file" in str(e):
             there = sorted(p.name for p in Path(cfg.generator.model).expanduser().glob("*.gguf"))
@@ -76,7 +78,26 @@ def _model_problems(cfg: ExperimentConfig, *, generator: bool = True) -> Problem
                                                     "gguf_file unset for a transformers folder)"))
         else:
             problems.append(("generator.model", _with_fix(str(e))))
+    else:
+        problem = answer_length_problem(cfg.generator.max_new_tokens, generator_config(cfg, source))
+        if problem:
+            problems.append(("generator.max_new_tokens", problem.removeprefix("generator.max_new_tokens=")))
     return problems
+
+
+def generator_config(cfg: ExperimentConfig, source):
+    """The generator's config from its config.json (no weights loaded); None when it cannot be read here (loading
+    the model reports that) or the model is a GGUF file: transformers parses a whole GGUF file's metadata for
+    its config (5-15 s for SmolLM2-135M here), so a GGUF generator is checked when it loads, still before
+    anything is generated (:func:`distrag.models.text_limits.check_answer_length`)."""
+    from transformers import AutoConfig
+
+    if source.gguf_file:
+        return None
+    try:
+        return AutoConfig.from_pretrained(source.path_or_id, trust_remote_code=cfg.generator.trust_remote_code)
+    except (OSError, ValueError):
+        return None
 
 
 def _with_fix(message: str) -> str:
