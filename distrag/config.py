@@ -254,8 +254,8 @@ class DistributedConfig(Section):
     the world has more than one process and `train.refresh_every` > 0."""
     index_ranks: int = Field(1, ge=1)
     """Index ranks sharing each re-embedding (a pool): each encodes its part of the corpus and builds its shards
-    of the index; a version is published once every part is complete. N > 1: the last N ranks of the world
-    (`index_rank` stays -1); the index has at least N shards. `distrag plan` recommends N for a staleness target."""
+    of the index; a version is published once every part is complete. They are the N ranks ending at `index_rank`
+    (default: the last N); the index has at least N shards. `distrag plan` recommends N for a staleness target."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage for the generator (trainers only)."""
     offload: bool = False

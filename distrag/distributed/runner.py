@@ -82,9 +82,9 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
-    """``distributed.index_rank`` inside the world, a pool of ``distributed.index_ranks`` that leaves a trainer (and
-    ``index_rank`` left at -1 then), an explicit ``distributed.resume`` that exists, a usable DeepSpeed configuration
-    (``launch/train.py`` runs)."""
+    """``distributed.index_rank`` inside the world, a pool of ``distributed.index_ranks`` (the ranks ending at
+    ``index_rank``) inside it that leaves a trainer, an explicit ``distributed.resume`` that exists, a usable
+    DeepSpeed configuration (``launch/train.py`` runs)."""
     from distrag.distributed.deepspeed_setup import build_ds_config
 
     problems: Problems = []
@@ -98,10 +98,11 @@ def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
         problems.append(("distributed.index_ranks",
                          f"{d.index_ranks} index ranks leave no trainer in a world of {world_size} process(es); use "
                          f"at most {world_size - 1}, or start more processes"))
-    if refresh and d.index_ranks > 1 and d.index_rank != -1:
+    elif refresh and -world_size <= d.index_rank < world_size and d.index_rank % world_size < d.index_ranks - 1:
         problems.append(("distributed.index_rank",
-                         f"{d.index_rank} places a single index rank; a pool of distributed.index_ranks="
-                         f"{d.index_ranks} is the last {d.index_ranks} ranks: leave distributed.index_rank at -1"))
+                         f"a pool of distributed.index_ranks={d.index_ranks} is the ranks ending at index_rank, and "
+                         f"{d.index_rank} leaves no room for it: use -1 (the last {d.index_ranks} ranks) or a rank >= "
+                         f"{d.index_ranks - 1}"))
     if d.resume not in (None, "", "none", "auto") and not Path(d.resume).exists():
         problems.append(("distributed.resume",
                          f"checkpoint {d.resume} does not exist; give a checkpoint folder (<output_dir>/distributed/"

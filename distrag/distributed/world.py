@@ -10,7 +10,8 @@ DeepSpeed will read (:func:`export_trainer_world`, :func:`export_single_process_
 :func:`get_dist_info` turns the environment into a :class:`DistInfo`: global rank, world size, local
 rank, and the role of this process (trainer, index rank, or a single process that does both), given
 the configuration's ``distributed.index_rank`` (where a single index rank sits) and ``distributed.index_ranks``
-(a pool of N > 1 index ranks: the last N ranks of the world, each re-embedding its part of the corpus). The
+(a pool of N index ranks: the N ranks ending at ``index_rank``, by default the last N, each re-embedding its part
+of the corpus). The
 launcher's own values survive the rewrite under ``DISTRAG_GLOBAL_*``, so a trainer asked again after
 :func:`~distrag.distributed.roles.init_roles` still gets its global rank.
 """
@@ -135,22 +136,18 @@ def get_dist_info(cfg: DistributedConfig | None = None, *, with_index_rank: bool
     if world < n_index + 1:
         raise DistError(f"{n_index} index rank(s) need a world of at least {n_index + 1} processes (one trainer or "
                         f"more), not {world}")
-    if n_index > 1:  # a pool: the last N ranks (distributed.index_rank places a single index rank only)
-        if cfg.index_rank != -1:
-            raise DistError(f"distributed.index_rank={cfg.index_rank} places a single index rank; a pool of "
-                            f"distributed.index_ranks={n_index} is the last {n_index} ranks (leave index_rank at -1)")
-        first = world - n_index
-        pool = dict(n_index=n_index, index_member=rank - first if rank >= first else -1)
-        if rank >= first:
-            return DistInfo(rank, world, local, "index", -1, first, first, *where, **pool)
-        return DistInfo(rank, world, local, "trainer", rank, first, first, *where, **pool)
     idx = cfg.index_rank if cfg.index_rank >= 0 else world + cfg.index_rank
     if not 0 <= idx < world:
         raise DistError(f"distributed.index_rank={cfg.index_rank} is outside the world of {world} processes")
-    if rank == idx:
-        return DistInfo(rank, world, local, "index", -1, world - 1, idx, *where, n_index=1, index_member=0)
-    trank = rank if rank < idx else rank - 1
-    return DistInfo(rank, world, local, "trainer", trank, world - 1, idx, *where, n_index=1)
+    first = idx - n_index + 1  # the pool: the n_index ranks ending at index_rank (a single one: index_rank itself)
+    if first < 0:
+        raise DistError(f"a pool of distributed.index_ranks={n_index} ending at distributed.index_rank={idx} would "
+                        "start below rank 0")
+    if first <= rank <= idx:
+        return DistInfo(rank, world, local, "index", -1, world - n_index, first, *where, n_index=n_index,
+                        index_member=rank - first)
+    trank = rank if rank < first else rank - n_index
+    return DistInfo(rank, world, local, "trainer", trank, world - n_index, first, *where, n_index=n_index)
 
 
 def slurm_job_id() -> str | None:

@@ -294,6 +294,37 @@ def test_joint_with_async_index_refresh(job_root, stage, tiny_encoder_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_joint_with_a_pool_of_two_index_ranks(job_root):
+    """2 trainers + 2 index ranks through the launcher: every version is one folder of both ranks' shards, both
+    trainers adopt the same versions at the same steps, trainer 0 logs what staleness costs at each adoption, and
+    the index ranks' two devices are charged."""
+    out = "pool"
+    rc, log = launch(job_root, 4, out, "distributed.index_ranks=2", "train.refresh_every=2", "train.max_steps=12")
+    assert rc == 0, log[-4000:]
+    rd = run_dir(job_root, out)
+    versions = sorted((rd / "index").glob("v*"))
+    assert versions and not list((rd / "index_parts").glob("*/part*"))
+    m = json.loads((versions[-1] / "manifest.json").read_text())
+    assert m["n_shards"] == 2 and m["extra"]["index_ranks"] == 2 and m["shards"][1]["start"] == m["shards"][0]["stop"]
+    a0 = json.loads((rd / "adoptions_trainer0.json").read_text())
+    a1 = json.loads((rd / "adoptions_trainer1.json").read_text())
+    assert a0 and [(d["version"], d["step"]) for d in a0] == [(d["version"], d["step"]) for d in a1]
+    (run,) = _finished_runs(job_root / out / "mlflow.db")
+    metrics = run.data.metrics
+    assert metrics["dist/n_trainers"] == 2 and metrics[mn.INDEX_VERSIONS_ADOPTED] == len(a0)
+    assert mn.INDEX_STALENESS_RECALL_GAP in metrics and mn.INDEX_STALENESS_RECALL_GAP_MEAN in metrics
+    assert metrics[mn.INDEX_STALENESS_PROBE_TOTAL_S] > 0
+    from mlflow.tracking import MlflowClient
+
+    gaps = MlflowClient(tracking_uri=f"sqlite:///{job_root / out / 'mlflow.db'}").get_metric_history(
+        run.info.run_id, mn.INDEX_STALENESS_RECALL_GAP)
+    assert [g.step for g in gaps] == [d["step"] for d in a0]  # one probe per adoption, at its step
+    wall_h = metrics["cost/phase.index_rank.wall_s"] / 3600
+    assert metrics["cost/phase.index_rank.device_hours"] == pytest.approx(2 * wall_h, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["gen_ft", "independent", "two_phase"])
 def test_other_strategies_through_the_launcher(job_root, strategy):
     out = f"s_{strategy}"
@@ -436,8 +467,10 @@ def test_a_run_is_finished_only_when_it_finished(single_trainer, tmp_path, monke
 @pytest.mark.parametrize("overrides, world, problems", [
     ({"index_ranks": 2}, 4, []),
     ({"index_ranks": 2}, 2, [("distributed.index_ranks", "2 index ranks leave no trainer in a world of 2")]),
-    ({"index_ranks": 3, "index_rank": 1}, 5, [("distributed.index_rank", "places a single index rank; a pool of "
-                                                                         "distributed.index_ranks=3 is the last 3")]),
+    ({"index_ranks": 3, "index_rank": 1}, 5, [("distributed.index_rank", "leaves no room for it: use -1 (the last "
+                                                                         "3 ranks) or a rank >= 2")]),
+    ({"index_ranks": 3, "index_rank": 2}, 5, []),  # ranks 0..2 index, 3..4 train
+    ({"index_ranks": 2, "index_rank": 4}, 5, []),  # the last rank, as SLURM's script names it
     ({"index_ranks": 1, "index_rank": 1}, 3, []),
 ])
 def test_a_pool_of_index_ranks_is_checked_against_the_world(overrides, world, problems):
