@@ -470,8 +470,10 @@ def _pool(store, run: Path, members: int = 2, **kw) -> list[IndexServer]:
 
 def test_a_pool_of_toy_index_ranks_publishes_versions_of_every_row(tmp_path, clean_env):
     """Two toy index ranks share each hand-off: trainer 0 adopts versions whose vectors are every row's under the
-    handed-off weights, with one shard from each member; the parts' folders do not outlive their version."""
+    handed-off weights, with one shard from each member; versions continue after the ones on disk (a resumed run);
+    the parts' folders do not outlive their version."""
     run, store = tmp_path / "run", _store()
+    index_store.publish(toy_index(toy_embed(torch.nn.Linear(TOY_IN, 4).state_dict(), toy_corpus())), run / "index", 3)
     client = IndexClient(roles.DistContext(get_dist_info(DistributedConfig()), store=store), run / "weights",
                          index_timeout_s=60, index_ranks=2)
     servers = _pool(store, run)
@@ -483,10 +485,11 @@ def test_a_pool_of_toy_index_ranks_publishes_versions_of_every_row(tmp_path, cle
             weights[step] = lin.state_dict()
             client.submit_weights(step, lin.state_dict())
             client.flush()
-            d = client.wait_for_version(len(weights), step=step + 1, load_fn=index_store.load, timeout_s=60,
+            d = client.wait_for_version(3 + len(weights), step=step + 1, load_fn=index_store.load, timeout_s=60,
                                         interval_s=0.01)
             index = index_store.load(d.path)
-            assert d.weights_step == step and index.n_shards == 2 and len(index) == len(toy_corpus())
+            assert (d.version, d.weights_step) == (3 + len(weights), step)
+            assert index.n_shards == 2 and len(index) == len(toy_corpus())
             np.testing.assert_allclose(index.reconstruct(np.arange(len(toy_corpus()))),
                                        toy_embed(weights[step], toy_corpus()), rtol=1e-6)
     finally:
