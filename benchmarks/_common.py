@@ -13,6 +13,28 @@ def load_avg() -> str:
         return "n/a"
 
 
+def free_port(n: int = 3) -> int:
+    """A port p with p..p+n-1 free on loopback (a job's MASTER_PORT, its trainers' group and its store)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for k in range(n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + k))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
 def build_rag_world(args, prefix: str):
     """The synthetic world, the retriever, the generator and the frozen index the step benchmarks share.
 

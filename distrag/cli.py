@@ -170,7 +170,10 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, default=1, help="GPUs of the job")
     p.add_argument("--mfu", type=float, help="model-FLOPs utilisation (default: calibrated, see README)")
     p.add_argument("--refresh-every", type=int, help="steps between index refreshes (default: train.refresh_every)")
-    p.add_argument("--staleness", type=int, help="index staleness target in steps (default: the refresh interval)")
+    p.add_argument("--staleness", type=int, help="index staleness target in steps (default: the refresh interval); "
+                                                 "sizes the pool of index ranks")
+    p.add_argument("--index-ranks", type=int, help="index GPUs the projection assumes (default: "
+                                                   "distributed.index_ranks)")
     p.add_argument("--passage-tokens", type=int, default=160, help="tokens per passage")
     p.add_argument("--plot", help="write the plot here (default: <output_dir>/plan.png)")
 
@@ -199,6 +202,7 @@ def target_from(args: argparse.Namespace, cfg: ExperimentConfig) -> PlanTarget:
         batch_size=pick(args.batch_size, cfg.train.batch_size),
         grid=grid, gpu=args.gpu, n_gpus=args.gpus, mfu=pick(args.mfu, DEFAULT_MFU),
         refresh_every=pick(args.refresh_every, cfg.train.refresh_every), staleness=args.staleness,
+        index_ranks=pick(args.index_ranks, cfg.distributed.index_ranks),
         passage_tokens=args.passage_tokens, gradient_checkpointing=cfg.generator.gradient_checkpointing,
         pair_micro_batch=cfg.train.pair_micro_batch)
 

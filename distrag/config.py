@@ -253,6 +253,10 @@ class TrainConfig(Section):
     each step, so p(z|q) trains the passage side too (as rag-end2end); costs k passage forwards + backwards."""
     refresh_every: int = Field(0, ge=0)
     """Re-embed the corpus and rebuild the index every N steps (0: passage vectors stay frozen)."""
+    staleness_probe: int = Field(32, ge=0)
+    """Asynchronous refresh: at each index adoption trainer 0 scores this many dev questions against the index
+    versions and against their candidates re-encoded with the current encoder (`index/staleness_recall_gap`:
+    what staleness costs in Recall@k). 0: off. A measurement: it does not change what trains."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -285,6 +289,10 @@ class DistributedConfig(Section):
     index_rank: int = -1
     """Global rank that re-embeds the corpus and rebuilds the index (-1: the last rank). Only used when
     the world has more than one process and `train.refresh_every` > 0."""
+    index_ranks: int = Field(1, ge=1)
+    """Index ranks sharing each re-embedding (a pool): each encodes its part of the corpus and builds its shards
+    of the index; a version is published once every part is complete. They are the N ranks ending at `index_rank`
+    (default: the last N); the index has at least N shards. `distrag plan` recommends N for a staleness target."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage for the generator (trainers only)."""
     offload: bool = False
@@ -358,8 +366,9 @@ class ExperimentConfig(Section):
         tree = self.model_dump(mode="json")
         tree.pop("tracking", None)
         tree.pop("output_dir", None)
+        tree["train"].pop("staleness_probe", None)  # a measurement, not a setting of the training
         for k in ("resume", "stop_after", "checkpoint_every", "keep_checkpoints", "keep_index_versions",
-                  "index_timeout_s", "on_index_failure"):
+                  "index_timeout_s", "on_index_failure", "index_ranks"):
             tree["distributed"].pop(k, None)
         if tree["generator"]["quantization"] == "none":  # hashes of configs from before quantisation stay the same
             tree["generator"] = {k: v for k, v in tree["generator"].items() if not k.startswith(("quant", "double_q"))}

@@ -160,6 +160,30 @@ INDEX_VERSIONS_PUBLISHED = "index/versions_published"
 INDEX_VERSIONS_ADOPTED = "index/versions_adopted"
 """Index versions the trainers adopted (the same on every trainer; a version already superseded by a newer
 publication when the trainers next polled is skipped)."""
+INDEX_STALENESS_RECALL_GAP = "index/staleness_recall_gap"
+"""At an adoption: the probe's Recall@k (answer recall without context labels) against the candidates re-encoded
+with the current encoder minus that against the adopted index (``distrag.retrieval.staleness_probe``); positive:
+staleness costs recall. Logged at the step of the adoption, next to ``index/staleness_steps``."""
+INDEX_STALENESS_RECALL_STALE = "index/staleness_recall_stale"
+"""The probe's recall against the adopted index, as published."""
+INDEX_STALENESS_RECALL_FRESH = "index/staleness_recall_fresh"
+"""The probe's recall against its candidates re-encoded with the current encoder."""
+INDEX_RETIRING_RECALL_GAP = "index/retiring_recall_gap"
+"""At an adoption: the same gap for the index the adoption replaces, at its oldest (what a refresh recovers)."""
+INDEX_RETIRING_STALENESS = "index/retiring_staleness_steps"
+"""Steps the replaced index lagged behind the encoder when it was replaced."""
+INDEX_STALENESS_PROBE_S = "index/staleness_probe_s"
+"""Seconds trainer 0 spent scoring the probe at an adoption (the other trainers wait at the next collective); kept
+apart from ``index/blocked_s``."""
+INDEX_STALENESS_RECALL_GAP_MEAN = "index/staleness_recall_gap_mean"
+"""Run summary: the mean of ``index/staleness_recall_gap`` over the adoptions (``_max``: the largest)."""
+INDEX_STALENESS_RECALL_GAP_MAX = "index/staleness_recall_gap_max"
+INDEX_RETIRING_RECALL_GAP_MEAN = "index/retiring_recall_gap_mean"
+INDEX_RETIRING_RECALL_GAP_MAX = "index/retiring_recall_gap_max"
+INDEX_STALENESS_PROBE_TOTAL_S = "index/staleness_probe_total_s"
+"""Run summary: seconds of every probe."""
+PHASE_STALENESS_PROBE = "staleness_probe"
+"""Ledger phase (inside the training phase) of the staleness probes' encodings, charged to trainer 0."""
 PHASE_INDEX_RANK = "index_rank"
 """Ledger phase of a distributed run: the index rank's device time (it holds a device for the whole
 run) and the re-embeddings it published that no trainer adopted (adopted ones are charged to trainer 0

@@ -11,15 +11,17 @@ learning-rate grid m x n; GPU kind and count; MFU; index refresh interval) every
   forward, the passages trained on the passage side (MNRL's gold passages and hard negatives with
   ``embed_sides=both``, the k retrieved with ``rag_passage_grad``), corpus re-embeddings for index refreshes and
   for the deployed index);
-* **wall-clock and device-hours**: FLOPs / (trainer GPUs x peak FLOP/s x MFU); the index rank (one GPU, when
-  a strategy refreshes the index) re-embeds in the background and is charged for the whole run;
+* **wall-clock and device-hours**: FLOPs / (trainer GPUs x peak FLOP/s x MFU); the index ranks
+  (``index_ranks`` GPUs, when a strategy refreshes the index) re-embed in the background and are charged for the
+  whole run;
 * **memory per device**: weights (bf16; with QLoRA the blocks' linear layers in NF4 as bitsandbytes stores
   them, embeddings, norms and an untied LM head in bf16), LoRA / encoder gradients and AdamW state
   (16 bytes per trainable parameter), activations of one forward (gradient checkpointing and pair chunks
   as configured; ``2 (10 h + 3 i)`` bytes per token and block, an estimate), the answer logits, and 1 GB
   of runtime;
 * **index rank sizing**: the passages/s that re-embed the corpus within the staleness target (in trainer
-  steps), against what one GPU encodes.
+  steps), against what one GPU encodes: the smallest pool of index ranks that keeps up (each takes a GPU from the
+  trainers, whose steps then take longer), the recommended ``distributed.index_ranks``.
 
 The default MFU (:data:`DEFAULT_MFU`) is calibrated on this project's measured runs
 (``benchmarks/bench_memory.py``: the ledger's FLOPs of a real-model Ft-Gen step over its wall-clock, against
@@ -183,6 +185,8 @@ class PlanTarget:
     mfu: float = DEFAULT_MFU
     refresh_every: int = 0
     """Trainer steps between index refreshes in phases that train the encoder (0: frozen passage vectors)."""
+    index_ranks: int = 1
+    """GPUs of the job that re-embed the corpus when it is refreshed (``distributed.index_ranks``)."""
     staleness: int | None = None
     """Index staleness target in trainer steps (default: ``refresh_every``)."""
     question_tokens: int = 24
@@ -229,15 +233,18 @@ class Plan:
     step_s: float
     """Seconds per training step of a joint (RAG) phase, the phase the index rank races."""
     passages_per_s_needed: float
+    """At ``index_ranks`` index GPUs (the target's): the corpus re-embedded once per staleness target."""
     passages_per_s_per_gpu: float
     index_gpus: int
+    """The recommended ``distributed.index_ranks``: the fewest index GPUs that re-embed the corpus within the staleness
+    target while the other GPUs of the job train (fewer trainers: slower steps, more time per version)."""
     index_memory_gb: float
 
 
 class _Projector:
     def __init__(self, t: PlanTarget):
-        if t.n_gpus < 1 or not 0 < t.mfu <= 1 or t.batch_size < 1 or t.k < 1:
-            raise ConfigError([("plan", "need gpus >= 1, 0 < mfu <= 1, batch size >= 1 and k >= 1")])
+        if t.n_gpus < 1 or not 0 < t.mfu <= 1 or t.batch_size < 1 or t.k < 1 or t.index_ranks < 1:
+            raise ConfigError([("plan", "need gpus >= 1, 0 < mfu <= 1, batch size >= 1, k >= 1 and index ranks >= 1")])
         if t.embed_sides not in ("both", "question") or t.hard_negatives < 0:
             raise ConfigError([("plan", f"embed_sides is 'both' or 'question' (got {t.embed_sides!r}) and "
                                         f"hard_negatives >= 0")])
@@ -346,9 +353,11 @@ class _Projector:
         dense = g.dims.dense_params
         return dense * NF4_BYTES_PER_WEIGHT + linears * NF4_LAYER_BYTES + (g.params - dense) * 2.0
 
-    def trainers(self, phase: Phase) -> int:
-        index_rank = self.t.refresh_every and phase.train_embedder and self.t.n_gpus > 1
-        return self.t.n_gpus - 1 if index_rank else self.t.n_gpus
+    def trainers(self, phase: Phase, index_ranks: int | None = None) -> int:
+        """Trainer GPUs in ``phase``: the job's, less ``index_ranks`` (default: the target's) when it refreshes."""
+        n = self.t.index_ranks if index_ranks is None else index_ranks
+        index_rank = self.t.refresh_every and phase.train_embedder and self.t.n_gpus > n
+        return self.t.n_gpus - n if index_rank else self.t.n_gpus
 
     def rate(self, n: int) -> float:
         return n * self.gpu.peak_flops * self.t.mfu
@@ -387,9 +396,16 @@ def plan(target: PlanTarget) -> Plan:
     rows = [p.row(s) for s in STRATEGIES]
     # the phase the index rank races: one that trains the encoder and the generator at once (joint)
     joint = next(ph for s in STRATEGIES for ph in s.phases() if ph.train_embedder and ph.train_generator)
-    step_s = t.batch_size * p.question_flops(joint) / p.rate(p.trainers(replace(joint)))
     staleness = t.staleness or t.refresh_every or 1
-    needed = t.corpus / (staleness * step_s)
     per_gpu = p.rate(1) / (p.corpus_flops() / t.corpus)
-    return Plan(t, p.gpu, rows, step_s, needed, per_gpu, max(1, math.ceil(needed / per_gpu)),
-                t.corpus * p.e.dims.hidden * 4 / 1e9)
+
+    def needed(index_ranks: int | None = None) -> tuple[float, float]:
+        """(seconds per joint step, passages/s that re-embed the corpus within the target) at ``index_ranks``."""
+        step = t.batch_size * p.question_flops(joint) / p.rate(p.trainers(replace(joint), index_ranks))
+        return step, t.corpus / (staleness * step)
+
+    step_s, rate = needed()
+    pool = next((n for n in range(1, t.n_gpus) if n * per_gpu >= needed(n)[1]), None)
+    if pool is None:  # no split of this job keeps up: as many as the rate asks with the target's trainers
+        pool = max(1, math.ceil(rate / per_gpu))
+    return Plan(t, p.gpu, rows, step_s, rate, per_gpu, pool, t.corpus * p.e.dims.hidden * 4 / 1e9)

@@ -75,10 +75,16 @@ class JsonlPassageStream:
         for _, start, raw in iter_lines(self.path):
             yield start, raw
 
-    def chunks(self) -> Iterator[PassageChunk]:
-        """The passages in file order, ``chunk_passages`` per chunk (the last holds the rest)."""
-        row, passages, offsets = 0, [], []
-        for offset, raw in self._records():
+    def chunks(self, rows: tuple[int, int] | None = None) -> Iterator[PassageChunk]:
+        """The passages in file order, ``chunk_passages`` per chunk (the last holds the rest); ``rows``: only those
+        of rows ``[start, stop)`` (a pool's index rank encodes its part; lines outside it are not parsed)."""
+        lo, hi = rows if rows is not None else (0, None)
+        row, passages, offsets = lo, [], []
+        for i, (offset, raw) in enumerate(self._records()):
+            if i < lo:
+                continue
+            if hi is not None and i >= hi:
+                break
             passages.append(_passage(raw, str(self.path), row + len(passages)))
             offsets.append(offset)
             if len(passages) == self.chunk_passages:

@@ -8,7 +8,9 @@
   question encoder is data-parallel, its gradients all-reduced over the trainers (``make_optimizers``,
   ``backward``, ``optimizer_step``); MNRL's candidates are gathered over the trainers (``gather_candidates``);
 * index versions: hands embedder weights to the index rank and adopts each published version at the
-  same step on every trainer (``on_step_start``, ``on_step_end``);
+  same step on every trainer (``on_step_start``, ``on_step_end``); at each adoption trainer 0 scores what the
+  staleness of the adopted index and of the one it replaces costs in recall on a probe set
+  (:mod:`distrag.retrieval.staleness_probe`, ``train.staleness_probe``);
 * checkpoints: writes them (a collective), periodically, at ``distributed.stop_after`` and when a
   preemption is agreed, and restores the phase in progress on a resume (``after_optimizers``).
 
@@ -18,11 +20,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from distrag import metric_names as mn
 from distrag.distributed import preemption, roles
 from distrag.distributed.checkpoint import CheckpointManager
 from distrag.retrieval import index_store
@@ -37,9 +41,12 @@ class DistributedTrainer(Trainer):
     """:class:`Trainer` with DeepSpeed for the generator and all-reduce for the question encoder."""
 
     def __init__(self, *args, ctx: roles.DistContext, ckpt: CheckpointManager, client=None, tracker=None,
-                 restored=None, **kw):
+                 restored=None, probe=None, **kw):
+        """``probe``: trainer 0's :class:`~distrag.retrieval.staleness_probe.StalenessProbe`, scored at each
+        adoption (None: no probe)."""
         super().__init__(*args, **kw)
         self.ctx, self.ckpt, self.client, self.tracker = ctx, ckpt, client, tracker
+        self.probe = probe if ctx.info.is_rank0 else None
         self.restored = restored
         self._refresh_flops: float | None = None
         self.engine = None
@@ -175,10 +182,29 @@ class DistributedTrainer(Trainer):
 
     def on_step_start(self, phase: Phase) -> None:
         if self.client is not None:
+            retiring, was = (self.index, self.client.current) if self.probe is not None else (None, None)
             d = self.client.poll(self.state.global_step, load_fn=self._load_index)
             if d is not None:
                 self.state.index_version = d.version
                 self.state.index_weights_step = d.weights_step
+                if self.probe is not None:
+                    self._score_staleness(d, retiring, was.weights_step if was is not None else 0)
+
+    def _score_staleness(self, d, retiring, retiring_step: int) -> None:
+        """Trainer 0, at the adoption ``d``: what the staleness of the adopted index and of the one it replaced
+        (``retiring``, built from the weights of ``retiring_step``) costs in recall on the probe set, logged at
+        this step. It blocks this step (the other trainers wait at its next collective) for the seconds logged
+        as ``index/staleness_probe_s``, kept apart from ``index/blocked_s``; its encodings are charged in the
+        ledger's ``staleness_probe`` phase."""
+        t0 = time.perf_counter()
+        with self.acc.phase(mn.PHASE_STALENESS_PROBE):
+            adopted, old = self.probe.score(self.embedder, [self.index, retiring], self.acc)
+        seconds = time.perf_counter() - t0
+        self.client.stats.note_probe(adopted.gap, old.gap, seconds)
+        self.on_metrics({mn.INDEX_STALENESS_RECALL_GAP: adopted.gap, mn.INDEX_STALENESS_RECALL_STALE: adopted.stale,
+                         mn.INDEX_STALENESS_RECALL_FRESH: adopted.fresh, mn.INDEX_RETIRING_RECALL_GAP: old.gap,
+                         mn.INDEX_RETIRING_STALENESS: d.step - retiring_step, mn.INDEX_STALENESS_PROBE_S: seconds},
+                        d.step)
 
     def on_step_end(self, phase: Phase, n_steps: int) -> bool:
         t, dc = self.cfg.train, self.cfg.distributed

@@ -15,6 +15,8 @@ process the launcher started for the index rank only supervises:
 * when the worker exits with an error or is killed, it records the reason (signed ``error`` record,
   unless the worker recorded its own exception) and keeps the launcher's process alive: the trainers
   follow ``on_index_failure`` (``continue``: train on the last version; ``stop``: checkpoint and stop);
+* in a pool of index ranks (``distributed.index_ranks``) every index rank is such a supervisor with its worker,
+  each under its own keys: the failure of any member's worker is the index rank's failure;
 * when the trainers are done (``done`` in the store, or the store is gone with trainer 0), it gives the
   worker ``grace_s`` to leave and then kills it (SIGKILL also ends a stopped process), and exits:
   0 unless the worker failed under ``on_index_failure=stop``.
@@ -55,11 +57,12 @@ def _trainers_done(channel: RefreshChannel) -> bool:
 
 def supervise(store, worker: multiprocessing.process.BaseProcess, run_root: str | Path, *,
               on_failure: str = "continue", grace_s: float = 20.0, poll_s: float = 0.5,
-              log: Callable[[str], None] | None = None) -> int:
-    """Start ``worker`` and watch it until the trainers are done (see the module's docstring). Returns
-    the exit code of the index rank's process: 0, or 1 when the worker failed under ``stop``."""
-    log = log or (lambda msg: print(f"[index rank] {msg}", flush=True))
-    channel = RefreshChannel(store, run_root)
+              log: Callable[[str], None] | None = None, member: int = 0, members: int = 1) -> int:
+    """Start ``worker`` and watch it until the trainers are done (see the module's docstring); ``member`` of
+    ``members``: this index rank's place in a pool (its records go under its own keys). Returns the exit code of
+    the index rank's process: 0, or 1 when the worker failed under ``stop``."""
+    log = log or (lambda msg: print(f"[index rank{f' {member}/{members}' if members > 1 else ''}] {msg}", flush=True))
+    channel = RefreshChannel(store, run_root, member=member, members=members)
     worker.start()
     channel.announce_process(worker.pid, supervisor=os.getpid())
     failed: str | None = None
@@ -72,7 +75,7 @@ def supervise(store, worker: multiprocessing.process.BaseProcess, run_root: str 
                 failed = f"the index worker (pid {worker.pid}) ended: {exit_reason(worker.exitcode)}"
                 log(f"{failed}; the trainers follow distributed.on_index_failure={on_failure}")
                 try:  # keep the worker's own exception when it recorded one in this job
-                    channel.record_error(channel.index_error() or failed)
+                    channel.record_error(channel.own_error() or failed)
                 except (RuntimeError, OSError):
                     pass
             if done:
@@ -115,7 +118,8 @@ def index_worker_main(cfg: ExperimentConfig, info: DistInfo, run_root: str, stor
     if torch.cuda.is_available():
         torch.cuda.set_device(torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1)))
     store = open_store(info, store_port, timedelta(seconds=timeout_s), client=True)
-    serve_index(cfg, store, Path(run_root), announce_pid=False)
+    serve_index(cfg, store, Path(run_root), announce_pid=False, member=max(info.index_member, 0),
+                members=max(info.n_index, 1))
 
 
 def run_supervised_index_rank(cfg: ExperimentConfig, info: DistInfo, store: Any, run_root: Path,
@@ -124,4 +128,5 @@ def run_supervised_index_rank(cfg: ExperimentConfig, info: DistInfo, store: Any,
     worker = multiprocessing.get_context("spawn").Process(
         target=index_worker_main, args=(cfg, info, str(run_root), store_port, timeout_s),
         name="distrag-index-worker")
-    return supervise(store, worker, run_root, on_failure=cfg.distributed.on_index_failure)
+    return supervise(store, worker, run_root, on_failure=cfg.distributed.on_index_failure,
+                     member=max(info.index_member, 0), members=max(info.n_index, 1))

@@ -101,6 +101,9 @@ class RefreshStats:
         """Steps whose staleness was recorded, the sum of the index's lag over them, the largest lag."""
         self._depth, self._t0 = 0, 0.0  # protocol calls open (nested ones count once), when the outermost began
         self._last_step: int | None = None  # the step noted last (a second poll at that step is not a step)
+        self.probes: list[tuple[float, float, float]] = []
+        """Trainer 0's staleness probes, one per adoption: (recall gap of the adopted index, of the one it replaced,
+        seconds the probe took) (:mod:`distrag.retrieval.staleness_probe`)."""
 
     @contextmanager
     def blocking(self) -> Iterator[None]:
@@ -129,22 +132,33 @@ class RefreshStats:
     def staleness_mean(self) -> float:
         return self.staleness_sum / self.steps if self.steps else 0.0
 
+    def note_probe(self, gap: float, retiring_gap: float, seconds: float) -> None:
+        """Trainer 0 scored the staleness probe at an adoption (gaps: fresh minus stale recall)."""
+        self.probes.append((float(gap), float(retiring_gap), float(seconds)))
+
     def summary(self, train_s: float) -> dict[str, float]:
-        """Totals for the run, with the blocked share of ``train_s`` (this trainer's training wall-clock)."""
-        return {"blocked_s": self.blocked_s, "blocked_share": self.blocked_s / train_s if train_s > 0 else 0.0,
-                "staleness_mean": self.staleness_mean, "staleness_max": float(self.staleness_max),
-                "n_adopted": float(self.n_adopted)}
+        """Totals for the run, with the blocked share of ``train_s`` (this trainer's training wall-clock); the
+        staleness probes' mean and largest gaps and their seconds when there were any."""
+        out = {"blocked_s": self.blocked_s, "blocked_share": self.blocked_s / train_s if train_s > 0 else 0.0,
+               "staleness_mean": self.staleness_mean, "staleness_max": float(self.staleness_max),
+               "n_adopted": float(self.n_adopted)}
+        if self.probes:
+            gaps, retiring, secs = zip(*self.probes)
+            out.update(gap_mean=sum(gaps) / len(gaps), gap_max=max(gaps), retiring_gap_mean=sum(retiring) / len(gaps),
+                       retiring_gap_max=max(retiring), probe_s=sum(secs))
+        return out
 
     def state_dict(self) -> dict:
-        """What a checkpoint carries: staleness and adoptions (agreed on every trainer)."""
+        """What a checkpoint carries: staleness, adoptions (agreed on every trainer) and trainer 0's probes."""
         return {"steps": self.steps, "staleness_sum": self.staleness_sum, "staleness_max": self.staleness_max,
-                "n_adopted": self.n_adopted}
+                "n_adopted": self.n_adopted, "probes": [list(p) for p in self.probes]}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state.get("steps", 0))
         self.staleness_sum = float(state.get("staleness_sum", 0.0))
         self.staleness_max = int(state.get("staleness_max", 0))
         self.n_adopted = int(state.get("n_adopted", 0))
+        self.probes = [(float(a), float(b), float(c)) for a, b, c in state.get("probes") or []]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +173,7 @@ class IndexClient:
 
     def __init__(self, ctx, weights_dir: str | Path, *, index_timeout_s: float = 600.0,
                  on_index_failure: str = "continue", log_fn: Callable[[dict, int], None] | None = None,
-                 current: AdoptDecision | None = None, run_root: str | Path | None = None):
+                 current: AdoptDecision | None = None, run_root: str | Path | None = None, index_ranks: int = 1):
         if on_index_failure not in ("continue", "stop"):
             raise ValueError(f"on_index_failure must be 'continue' or 'stop', not {on_index_failure!r}")
         if ctx.info.is_index:
@@ -179,8 +193,10 @@ class IndexClient:
         self.stats = RefreshStats()
         """Time blocked on the protocol, staleness of the index in use, versions adopted."""
         self._rank0 = ctx.info.is_rank0
-        self._hb = 0
-        self._hb_t = time.monotonic()
+        self.index_ranks = int(index_ranks)
+        """Index ranks in the pool: trainer 0 watches each one's health (any one failing is the index's failure)."""
+        self._hb = [0] * self.index_ranks
+        self._hb_t = [time.monotonic()] * self.index_ranks
         self._n_submitted = 0
         self._submitted: dict[int, int] = {}  # hand-offs announced in this job: number -> training step
         self._writer: threading.Thread | None = None
@@ -190,7 +206,7 @@ class IndexClient:
         """Trainer 0's end of the protocol (None on the other trainers: they never touch the store). Creating it
         starts a new job: only records of this job are read (:mod:`~distrag.distributed.refresh_protocol`)."""
         if self._rank0 and self.store is not None:
-            self.channel = RefreshChannel.for_trainer(self.store, self.run_root)
+            self.channel = RefreshChannel.for_trainer(self.store, self.run_root, members=self.index_ranks)
 
     # -- weights ---------------------------------------------------------------------------------
     def submit_weights(self, step: int, state_dict: dict[str, torch.Tensor]) -> int | None:
@@ -254,17 +270,25 @@ class IndexClient:
 
     # -- adoption --------------------------------------------------------------------------------
     def _health(self) -> str | None:
+        """Why the index rank (any member of the pool) has failed, or None."""
+        for m in range(self.index_ranks):
+            why = self._member_health(m)
+            if why is not None:
+                return why if self.index_ranks == 1 else f"index rank {m} of {self.index_ranks}: {why}"
+        return None
+
+    def _member_health(self, m: int) -> str | None:
         ch = self.channel
-        if (err := ch.index_error()) is not None:
+        if (err := ch.index_error(m)) is not None:
             return f"the index rank raised: {err}"
-        if (who := ch.index_process()) is not None and who.host == hostname() and not pid_alive(who.pid, who.start):
+        if (who := ch.index_process(m)) is not None and who.host == hostname() and not pid_alive(who.pid, who.start):
             return f"the index rank process (pid {who.pid}) is gone"
-        hb = ch.heartbeat_seq()  # the largest seen: an older heartbeat replayed does not count
+        hb = ch.heartbeat_seq(m)  # the largest seen: an older heartbeat replayed does not count
         now = time.monotonic()
-        if hb > self._hb:
-            self._hb, self._hb_t = hb, now
-        elif now - self._hb_t > self.timeout_s:
-            return f"no heartbeat from the index rank for {now - self._hb_t:.0f}s (index_timeout_s)"
+        if hb > self._hb[m]:
+            self._hb[m], self._hb_t[m] = hb, now
+        elif now - self._hb_t[m] > self.timeout_s:
+            return f"no heartbeat from the index rank for {now - self._hb_t[m]:.0f}s (index_timeout_s)"
         return None
 
     def _decide(self, step: int) -> tuple[str, Any] | None:
@@ -397,15 +421,17 @@ class IndexClient:
             return False
 
     def _end_supervisor(self, wait_s: float) -> None:
-        """Wait up to ``wait_s`` for the index rank's launcher-started process (its supervisor) to leave;
-        on this host, kill one that does not (stopped, hung), so the launcher can end the job."""
-        who = self.channel.index_process()
-        pid = who.supervisor if who is not None else None
-        if pid is None or who.host != hostname() or who.supervisor_start is None:
-            return  # no supervisor, on another node (its launcher ends it), or nothing to tell that pid's process by
-        if end_lingering(pid, wait_s, start=who.supervisor_start):
-            warnings.warn(f"the index rank (pid {pid}) did not leave within {wait_s:.0f}s of the end of "
-                          "training (stopped or hung): killed it", RuntimeWarning, stacklevel=3)
+        """Wait up to ``wait_s`` for each index rank's launcher-started process (its supervisor) to leave; on this
+        host, kill one that does not (stopped, hung), so the launcher can end the job."""
+        deadline = time.monotonic() + wait_s
+        for m in range(self.index_ranks):
+            who = self.channel.index_process(m)
+            pid = who.supervisor if who is not None else None
+            if pid is None or who.host != hostname() or who.supervisor_start is None:
+                continue  # no supervisor, on another node (its launcher ends it), or no start time to tell it by
+            if end_lingering(pid, max(deadline - time.monotonic(), 0.0), start=who.supervisor_start):
+                warnings.warn(f"the index rank (pid {pid}) did not leave within {wait_s:.0f}s of the end of "
+                              "training (stopped or hung): killed it", RuntimeWarning, stacklevel=3)
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to know about the index in use."""

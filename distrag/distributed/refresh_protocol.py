@@ -17,6 +17,20 @@ index rank's :mod:`distrag.distributed.refresh_server` (supervised by
     done()                   -- done = {} ------------------------------------------>  leaves its loop,
                              <-- bye = {} -------------------------------------------   bye
 
+A pool of index ranks (``distributed.index_ranks`` = N > 1) shares each version. Member 0 is the one trainer 0
+talks to above; it also leads the pool::
+
+    member 0                                store                                     member p (1..N-1)
+    takes hand-off n (as above) -- pool/task = {n, step, sha256, version} ---------->  loads w_<n>.pt (checks
+    encodes rows of part 0, saves its shards                                           its sha256), encodes
+                                <-- pool/part/<p> = {n, version, path, rows} ------   its rows, saves its
+    every part of (n, version) in: one version folder of every part's shards,          shards, reports them
+    published atomically, then publication = {version, ...} as above
+
+Each member has its own ``heartbeat``, ``pid``, ``error`` and ``bye`` (member 0's under the keys below, member
+p's under ``<key>/<p>``); trainer 0 checks every member's, so the failure of any member is the index rank's
+failure (``on_index_failure``). A task or part record is signed and bound to the job like every other record.
+
 Health: the index rank sets ``heartbeat`` (a sequence number that only grows) while idle and between
 shards, ``pid`` (host, pid and start time of the worker, and of its supervisor under a launcher) and
 ``error`` when its loop raises or its worker dies. Pruning: the index rank never deletes the version in
@@ -93,6 +107,24 @@ K_HEARTBEAT = PREFIX + "heartbeat"  # {"seq"}: grows while it works
 K_PID = PREFIX + "pid"  # IndexProcess: where it runs
 K_ERROR = PREFIX + "error"  # {"error"}: why it failed
 K_BYE = PREFIX + "bye"  # {}: it left its loop (trainer 0 hosts the store: it waits for this)
+# a pool of index ranks: set by member 0 / by member p
+K_TASK = PREFIX + "pool/task"  # PoolTask: the hand-off the pool encodes now, and the version it makes
+K_PART = PREFIX + "pool/part"  # K_PART/<p>: PartDone, member p's part of the task (part_key)
+MEMBER_KEYS = (K_HEARTBEAT, K_PID, K_ERROR, K_BYE)
+"""Keys each member of a pool sets for itself (:func:`member_key`)."""
+
+
+
+def member_key(key: str, member: int) -> str:
+    """Member ``member``'s own ``key`` (one of :data:`MEMBER_KEYS`): member 0 (a single index rank) uses the key
+    itself, member p ``key/<p>``."""
+    return key if member == 0 else f"{key}/{member}"
+
+
+def part_key(member: int) -> str:
+    """Where member ``member`` (1..N-1) reports its part of the pool's task."""
+    return f"{K_PART}/{member}"
+
 
 JOB_FILE = ".distrag_job"
 _JOB_HEX = 32
@@ -236,6 +268,41 @@ class WeightsHandoff:
 
 
 @dataclass(frozen=True)
+class PoolTask:
+    """Member 0's announcement to the pool: encode the weights of hand-off ``n`` for index version ``version``."""
+    n: int
+    step: int
+    sha256: str
+    """Of the hand-off's file, as trainer 0 signed it: every member reads only that file."""
+    version: int
+
+    @classmethod
+    def from_record(cls, record: dict) -> PoolTask | None:
+        return _typed(cls, record, {"n": (int,), "step": (int,), "sha256": (str,), "version": (int,)})
+
+    @property
+    def handoff(self) -> WeightsHandoff:
+        return WeightsHandoff(self.n, self.step, self.sha256)
+
+
+@dataclass(frozen=True)
+class PartDone:
+    """Member p's report: its part of task ``n`` (for ``version``) is saved in ``path``, rows ``[start, stop)``."""
+    n: int
+    version: int
+    path: str
+    start: int
+    stop: int
+    encode_s: float
+    """Seconds from loading the weights to the saved part."""
+
+    @classmethod
+    def from_record(cls, record: dict) -> PartDone | None:
+        return _typed(cls, record, {"n": (int,), "version": (int,), "path": (str,), "start": (int,), "stop": (int,),
+                                    "encode_s": (int, float)})
+
+
+@dataclass(frozen=True)
 class IndexProcess:
     """Where the index rank runs: trainer 0 watches ``pid`` and, after training, ends a lingering ``supervisor``.
     A pid counts only with its start time (clock ticks since boot; None where there is no ``/proc``)."""
@@ -271,7 +338,12 @@ class RefreshChannel:
     Trainer 0 makes the job (:meth:`for_trainer`); without ``job`` (the index rank's processes) the channel
     follows the job file (:meth:`sync_job`). Methods are grouped by the side that calls them."""
 
-    def __init__(self, store: Any, run_root: str | Path, job: str | None = None):
+    def __init__(self, store: Any, run_root: str | Path, job: str | None = None, *, member: int = 0,
+                 members: int = 1):
+        if not 0 <= member < members:
+            raise ValueError(f"member {member} is outside a pool of {members}")
+        self.member, self.members = member, members
+        """This end's place in the pool of index ranks (index side), and the pool's size (both sides)."""
         self.store = store
         self.run_root = Path(run_root)
         self._key = run_secret.run_secret(self.run_root)
@@ -288,9 +360,9 @@ class RefreshChannel:
         self.sync_job()
 
     @classmethod
-    def for_trainer(cls, store: Any, run_root: str | Path) -> RefreshChannel:
-        """Trainer 0's end: starts a new job (:func:`start_job`)."""
-        return cls(store, run_root, start_job(run_root))
+    def for_trainer(cls, store: Any, run_root: str | Path, *, members: int = 1) -> RefreshChannel:
+        """Trainer 0's end (``members``: index ranks in the pool): starts a new job (:func:`start_job`)."""
+        return cls(store, run_root, start_job(run_root), members=members)
 
     def sync_job(self) -> bool:
         """Index side: take the job from the run folder's job file if it changed; True when the job changed.
@@ -403,41 +475,44 @@ class RefreshChannel:
         """Tell the index rank which version trainers adopt (before any of them loads it: it is never pruned)."""
         self._set(K_ADOPTED, {"version": int(version)})
 
-    def index_error(self) -> str | None:
-        """What the index rank recorded when it failed, or None."""
-        record = self._read(K_ERROR)
+    def index_error(self, member: int = 0) -> str | None:
+        """What index rank ``member`` of the pool recorded when it failed, or None."""
+        record = self._read(member_key(K_ERROR, member))
         return None if record is None else str(record.get("error"))
 
-    def index_process(self) -> IndexProcess | None:
-        """Where the index rank runs, as it announced it (None before it did)."""
-        return self._typed_read(K_PID, IndexProcess)
+    def index_process(self, member: int = 0) -> IndexProcess | None:
+        """Where index rank ``member`` runs, as it announced it (None before it did)."""
+        return self._typed_read(member_key(K_PID, member), IndexProcess)
 
-    def heartbeat_seq(self) -> int:
-        """The index rank's newest heartbeat (0 before any); it grows while the index rank works."""
-        return self._growing(K_HEARTBEAT, self._int_field(K_HEARTBEAT, "seq"))
+    def heartbeat_seq(self, member: int = 0) -> int:
+        """Index rank ``member``'s newest heartbeat (0 before any); it grows while that rank works."""
+        key = member_key(K_HEARTBEAT, member)
+        return self._growing(key, self._int_field(key, "seq"))
 
     def send_done(self) -> None:
         """Training has ended: the index rank leaves its loop."""
         self._set(K_DONE, {})
 
     def bye_received(self) -> bool:
-        """The index rank has left its loop."""
-        return self._read(K_BYE) is not None
+        """Every index rank of the pool has left its loop."""
+        return all(self._read(member_key(K_BYE, m)) is not None for m in range(self.members))
 
     # -- the index rank ----------------------------------------------------------------------------
     def announce_process(self, pid: int, supervisor: int | None = None) -> None:
         """Record this host, the index rank's pid(s) and their start times (trainer 0 watches them)."""
-        self._standing[K_PID] = asdict(IndexProcess.of(pid, supervisor))
-        self._set(K_PID, self._standing[K_PID])
+        key = member_key(K_PID, self.member)
+        self._standing[key] = asdict(IndexProcess.of(pid, supervisor))
+        self._set(key, self._standing[key])
 
     def record_error(self, message: str) -> None:
         """Record why the index rank failed (trainers follow ``on_index_failure``)."""
-        self._standing[K_ERROR] = {"error": message}
-        self._set(K_ERROR, self._standing[K_ERROR])
+        key = member_key(K_ERROR, self.member)
+        self._standing[key] = {"error": message}
+        self._set(key, self._standing[key])
 
     def heartbeat(self) -> None:
         self._hb_seq += 1
-        self._set(K_HEARTBEAT, {"seq": self._hb_seq})
+        self._set(member_key(K_HEARTBEAT, self.member), {"seq": self._hb_seq})
 
     def trainers_done(self) -> bool:
         """Whether trainer 0 said training has ended. Raises when the store is gone."""
@@ -461,7 +536,37 @@ class RefreshChannel:
 
     def say_bye(self) -> None:
         """This index rank has left its loop (trainer 0, the store's host, waits for it)."""
-        self._set(K_BYE, {})
+        self._set(member_key(K_BYE, self.member), {})
+
+    def own_error(self) -> str | None:
+        """What this index rank recorded when it failed in this job, or None."""
+        return self.index_error(self.member)
+
+    # -- a pool of index ranks ---------------------------------------------------------------------
+    def announce_task(self, task: PoolTask) -> None:
+        """Member 0: the pool encodes ``task`` now."""
+        self._set(K_TASK, asdict(task))
+
+    def pool_task(self) -> PoolTask | None:
+        """Member p: the task member 0 announced last in this job (its hand-off number only grows: an older task
+        replayed is None)."""
+        task = self._typed_read(K_TASK, PoolTask)
+        if task is None or task.n < self._growing(K_TASK, task.n):
+            return None
+        return task
+
+    def report_part(self, part: PartDone) -> None:
+        """Member p: its part of the task is saved."""
+        self._set(part_key(self.member), asdict(part))
+
+    def part_done(self, member: int) -> PartDone | None:
+        """Member 0: what member ``member`` reported last in this job, if its folder lies inside the run folder."""
+        key = part_key(member)
+        part = self._typed_read(key, PartDone)
+        if part is not None and not inside(part.path, self.run_root):
+            self._report(key, f"part path {part.path} is outside the run folder {self.run_root}")
+            return None
+        return part
 
 
 def inside(path: str, folder: Path) -> bool:

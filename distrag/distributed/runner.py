@@ -19,6 +19,7 @@ joins a trainer collective; DeepSpeed only ever sees the trainers (its default g
   3. ``build_trainer``    the MLflow run (a resumed run continues the same run id), the cost ledger,
                           this trainer's copies of the models, the index-refresh client and the
                           :class:`~distrag.distributed.deepspeed_trainer.DistributedTrainer`.
+     Trainer 0 also scores a staleness probe at each index adoption (``train.staleness_probe``).
   4. ``resume``           the checkpoint's state into them: position, embedder, LoRA adapter, index
                           client, index version in use.
   5. ``train_loop``       the preemption handler, then the strategy's phases (index adoption and
@@ -58,6 +59,7 @@ from distrag.distributed.refresh_client import IndexClient
 from distrag.errors import CheckpointError, DSConfigError, IndexRankFailed, user_error_exit
 from distrag.logging_setup import progress_enabled
 from distrag.retrieval import index_store
+from distrag.retrieval.staleness_probe import StalenessProbe
 from distrag.run_lock import lock_output_dir
 from distrag.strategies import needs_index_rank, strategy_of
 from distrag.training import preflight as preflight_checks
@@ -80,7 +82,8 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
-    """``distributed.index_rank`` inside the world, an explicit ``distributed.resume`` that exists, a usable
+    """``distributed.index_rank`` inside the world, a pool of ``distributed.index_ranks`` (the ranks ending at
+    ``index_rank``) inside it that leaves a trainer, an explicit ``distributed.resume`` that exists, a usable
     DeepSpeed configuration, one that can hold the generator's quantised weights (``launch/train.py`` runs)."""
     from distrag.distributed.deepspeed_setup import build_ds_config
 
@@ -91,6 +94,15 @@ def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
         problems.append(("distributed.index_rank",
                          f"{d.index_rank} is outside the world of {world_size} process(es) "
                          f"(ranks 0..{world_size - 1}); use -1 (the last rank) or a rank in 0..{world_size - 1}"))
+    if refresh and d.index_ranks > 1 and d.index_ranks >= world_size:
+        problems.append(("distributed.index_ranks",
+                         f"{d.index_ranks} index ranks leave no trainer in a world of {world_size} process(es); use "
+                         f"at most {world_size - 1}, or start more processes"))
+    elif refresh and -world_size <= d.index_rank < world_size and d.index_rank % world_size < d.index_ranks - 1:
+        problems.append(("distributed.index_rank",
+                         f"a pool of distributed.index_ranks={d.index_ranks} is the ranks ending at index_rank, and "
+                         f"{d.index_rank} leaves no room for it: use -1 (the last {d.index_ranks} ranks) or a rank >= "
+                         f"{d.index_ranks - 1}"))
     if d.resume not in (None, "", "none", "auto") and not Path(d.resume).exists():
         problems.append(("distributed.resume",
                          f"checkpoint {d.resume} does not exist; give a checkpoint folder (<output_dir>/distributed/"
@@ -101,7 +113,7 @@ def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
                          "distributed.zero_stage=2 (offload off), or generator.quantization=nf4 with ZeRO-3"))
     if strategy_of(cfg).trains_generator:  # DeepSpeed wraps the generator only
         try:
-            build_ds_config(cfg.train, d, max(world_size - 1 if refresh else world_size, 1), bf16=False)
+            build_ds_config(cfg.train, d, max(world_size - d.index_ranks if refresh else world_size, 1), bf16=False)
         except DSConfigError as e:
             if "offload" in str(e):
                 problems.append(("distributed.offload", "CPU offload needs ZeRO-3; set distributed.zero_stage=3 or "
@@ -231,13 +243,25 @@ class TrainerRun:
         if needs_index_rank(cfg):
             self.client = IndexClient(self.ctx, self.root / "weights", index_timeout_s=cfg.distributed.index_timeout_s,
                                       on_index_failure=cfg.distributed.on_index_failure,
-                                      log_fn=self.tracker.log_metrics)
+                                      log_fn=self.tracker.log_metrics, index_ranks=max(self.ctx.info.n_index, 1))
         self.t0 = time.perf_counter()
         self.trainer = DistributedTrainer(
             cfg, exp.splits.corpus, exp.splits.train, embedder, generator, exp.index, self.acc,
             on_metrics=self.tracker.log_metrics, show_progress=self.exp.show_progress, ctx=self.ctx, ckpt=self.ckpt,
-            client=self.client, tracker=self.tracker,
+            client=self.client, tracker=self.tracker, probe=self._staleness_probe(),
             restored=(restored.path, restored.payload) if restored is not None else None)
+
+    def _staleness_probe(self) -> StalenessProbe | None:
+        """Trainer 0's probe of what staleness costs (``train.staleness_probe`` dev questions), with an index rank
+        only; None elsewhere, when it is off, or when the dev split is empty (said once)."""
+        n = self.cfg.train.staleness_probe
+        if self.client is None or not self.rank0 or n == 0:
+            return None
+        dev = self.exp.splits.dev[:n]
+        if not dev:
+            log.warning("train.staleness_probe=%d: the dev split is empty, so what staleness costs is not measured", n)
+            return None
+        return StalenessProbe(dev, self.exp.splits.corpus, self.cfg.retrieval.top_k)
 
     def _start_ledger(self, restored: Restored | None) -> CostLedger:
         """This trainer's ledger as saved in the checkpoint, else a fresh one; trainer 0's holds the
@@ -364,13 +388,14 @@ class TrainerRun:
         return latest[0] if latest else 0
 
     def _index_rank_ledger(self, seconds: float) -> CostLedger:
-        """The index rank's costs, phase ``index_rank``: one device for ``seconds`` (the run's wall-clock),
-        and one corpus pass per version it published (by now) that trainer 0 never adopted (trainer 0 is
-        charged a pass per adopted version when it adopts it; a version abandoned half-way is not charged)."""
+        """The index ranks' costs, phase ``index_rank``: their devices (``distributed.index_ranks`` of them) for
+        ``seconds`` (the run's wall-clock), and one corpus pass per version they published (by now) that trainer 0
+        never adopted (trainer 0 is charged a pass per adopted version when it adopts it; a version abandoned
+        half-way is not charged). A pool shares each pass: its FLOPs are one pass in total, whatever N."""
         latest = index_store.latest_version(self.root / "index")
         unadopted = max(0, (latest[0] if latest else 0) - self.client.stats.n_adopted)
         now = [0.0]
-        ledger = CostLedger(clock=lambda: now[0])
+        ledger = CostLedger(n_devices=max(self.ctx.info.n_index, 1), clock=lambda: now[0])
         with ledger.phase(mn.PHASE_INDEX_RANK):
             if unadopted:
                 ledger.add("encode_passages", unadopted * self.trainer.corpus_pass_flops(),
@@ -406,8 +431,8 @@ def _merged_ledger(states: list[dict]) -> CostLedger:
 def refresh_metrics(stats: list[dict], *, published: int = 0) -> dict[str, float]:
     """The index-refresh metrics of a run from every trainer's :meth:`RefreshStats.summary` (trainer
     order): per trainer ``index/trainer<i>/blocked_s`` and ``.../blocked_share``; overall the mean blocked
-    time and share over the trainers, the staleness and versions adopted (agreed: trainer 0's), and the
-    ``published`` versions."""
+    time and share over the trainers, the staleness and versions adopted (agreed: trainer 0's), the
+    ``published`` versions, and trainer 0's staleness probes (mean and largest recall gaps, their seconds)."""
     if not stats:
         return {}
     out = {}
@@ -420,6 +445,12 @@ def refresh_metrics(stats: list[dict], *, published: int = 0) -> dict[str, float
     out[mn.INDEX_STALENESS_MAX] = stats[0]["staleness_max"]
     out[mn.INDEX_VERSIONS_ADOPTED] = stats[0]["n_adopted"]
     out[mn.INDEX_VERSIONS_PUBLISHED] = float(published)
+    if "gap_mean" in stats[0]:  # trainer 0 probed what staleness costs at its adoptions
+        out.update({mn.INDEX_STALENESS_RECALL_GAP_MEAN: stats[0]["gap_mean"],
+                    mn.INDEX_STALENESS_RECALL_GAP_MAX: stats[0]["gap_max"],
+                    mn.INDEX_RETIRING_RECALL_GAP_MEAN: stats[0]["retiring_gap_mean"],
+                    mn.INDEX_RETIRING_RECALL_GAP_MAX: stats[0]["retiring_gap_max"],
+                    mn.INDEX_STALENESS_PROBE_TOTAL_S: stats[0]["probe_s"]})
     return out
 
 

@@ -9,9 +9,11 @@ DeepSpeed will read (:func:`export_trainer_world`, :func:`export_single_process_
 
 :func:`get_dist_info` turns the environment into a :class:`DistInfo`: global rank, world size, local
 rank, and the role of this process (trainer, index rank, or a single process that does both), given
-the configuration's ``distributed.index_rank``. The launcher's own values survive the rewrite under
-``DISTRAG_GLOBAL_*``, so a trainer asked again after :func:`~distrag.distributed.roles.init_roles` still
-gets its global rank.
+the configuration's ``distributed.index_rank`` (where a single index rank sits) and ``distributed.index_ranks``
+(a pool of N index ranks: the N ranks ending at ``index_rank``, by default the last N, each re-embedding its part
+of the corpus). The
+launcher's own values survive the rewrite under ``DISTRAG_GLOBAL_*``, so a trainer asked again after
+:func:`~distrag.distributed.roles.init_roles` still gets its global rank.
 """
 
 from __future__ import annotations
@@ -45,11 +47,16 @@ class DistInfo:
     n_trainers: int
     """Trainers in the job (DeepSpeed's world size)."""
     index_rank: int
-    """Global rank of the index process; -1 when there is none."""
+    """Global rank of the index process (of a pool's member 0, the one that publishes); -1 when there is none."""
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_MASTER_PORT
     one_node: bool = False
     """The launcher says every process of the job is on one node (loopback is enough for the stores)."""
+    n_index: int = 0
+    """Index ranks in the job (``distributed.index_ranks`` when there is an index rank, else 0)."""
+    index_member: int = -1
+    """This process's place in the pool of index ranks (0 = the member that assembles and publishes each
+    version); -1 on a trainer."""
 
     @property
     def is_trainer(self) -> bool:
@@ -125,15 +132,22 @@ def get_dist_info(cfg: DistributedConfig | None = None, *, with_index_rank: bool
         return DistInfo(rank, 1, local, "single", 0, 1, -1, *where)
     if not with_index_rank:
         return DistInfo(rank, world, local, "trainer", rank, world, -1, *where)
-    if world < 2:
-        raise DistError("an index rank needs a world of at least 2 processes")
+    n_index = cfg.index_ranks
+    if world < n_index + 1:
+        raise DistError(f"{n_index} index rank(s) need a world of at least {n_index + 1} processes (one trainer or "
+                        f"more), not {world}")
     idx = cfg.index_rank if cfg.index_rank >= 0 else world + cfg.index_rank
     if not 0 <= idx < world:
         raise DistError(f"distributed.index_rank={cfg.index_rank} is outside the world of {world} processes")
-    if rank == idx:
-        return DistInfo(rank, world, local, "index", -1, world - 1, idx, *where)
-    trank = rank if rank < idx else rank - 1
-    return DistInfo(rank, world, local, "trainer", trank, world - 1, idx, *where)
+    first = idx - n_index + 1  # the pool: the n_index ranks ending at index_rank (a single one: index_rank itself)
+    if first < 0:
+        raise DistError(f"a pool of distributed.index_ranks={n_index} ending at distributed.index_rank={idx} would "
+                        "start below rank 0")
+    if first <= rank <= idx:
+        return DistInfo(rank, world, local, "index", -1, world - n_index, first, *where, n_index=n_index,
+                        index_member=rank - first)
+    trank = rank if rank < first else rank - n_index
+    return DistInfo(rank, world, local, "trainer", trank, world - n_index, first, *where, n_index=n_index)
 
 
 def slurm_job_id() -> str | None:

@@ -144,6 +144,12 @@ def _blocked_percent(r: StrategyResult) -> float | None:
     return None if share is None else 100 * share
 
 
+def _staleness_gap(r: StrategyResult) -> float | None:
+    """Mean recall gap of the adopted index versions (fresh minus stale recall at each adoption), in points."""
+    gap = r.extra.get(mn.INDEX_STALENESS_RECALL_GAP_MEAN)
+    return None if gap is None else 100 * gap
+
+
 def _paired(against: str, metric: str, part: str | None = None) -> Callable[[StrategyResult], Any]:
     """A paired comparison of the row (``vs_baseline`` or ``vs_best``): the interval of ``metric``'s difference, in
     points (x100), or one ``part`` of it (``mean``, ``low``, ``high``) for table.csv."""
@@ -224,6 +230,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("peak_device_gb", "Peak device (GB)", _cost(mn.COST_PEAK_DEVICE_GB), _two_decimals),
     Column("staleness", "Index staleness (steps)", _extra(mn.INDEX_STALENESS_MEAN), _one_decimal),
     Column("blocked_share", "Blocked on index (%)", _blocked_percent, _one_decimal),
+    Column("staleness_gap", "Staleness recall gap (pts)", _staleness_gap, _one_decimal),
     Column("search_flops", "LR-search FLOPs", lambda r: r.search_flops, _flops, fmt_flops, show="nonzero"),
     Column("n", "Questions", _n),
     Column("n_retrieval", "Retrieval questions", lambda r: _int_or_none(r.metrics.get(mn.N_RETRIEVAL_QUESTIONS))),

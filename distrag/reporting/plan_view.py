@@ -46,10 +46,14 @@ def index_line(p: Plan) -> str:
     if not staleness:
         return (f"Index: {t.corpus:,} passages, {p.index_memory_gb:.1f} GB of flat float32 vectors; passage vectors "
                 f"frozen (no refresh). One GPU encodes {p.passages_per_s_per_gpu:,.0f} passages/s.")
-    return (f"Index rank: a joint step takes {p.step_s:.2f} s; a staleness of {staleness} steps needs the corpus "
+    fits = p.index_gpus < t.n_gpus
+    pool = (f"recommended distributed.index_ranks: {p.index_gpus} (the other {t.n_gpus - p.index_gpus} GPU(s) "
+            "train)" if fits else f"{p.index_gpus} index GPU(s) needed, more than this job's {t.n_gpus} leave for "
+            "training: relax the staleness target or add GPUs")
+    return (f"Index ranks: a joint step takes {p.step_s:.2f} s; a staleness of {staleness} steps needs the corpus "
             f"re-embedded in {staleness * p.step_s:,.0f} s = {p.passages_per_s_needed:,.0f} passages/s; one "
-            f"{p.gpu.name} encodes {p.passages_per_s_per_gpu:,.0f}/s -> {p.index_gpus} index GPU(s); "
-            f"{p.index_memory_gb:.1f} GB of flat float32 vectors.")
+            f"{p.gpu.name} encodes {p.passages_per_s_per_gpu:,.0f}/s -> {pool}; {p.index_memory_gb:.1f} GB of flat "
+            "float32 vectors. What staleness costs in recall: index/staleness_recall_gap of a run (README).")
 
 
 def print_plan(p: Plan, console=None) -> None:

@@ -40,6 +40,19 @@ Published versions
 an atomically replaced ``root/LATEST`` pointer: the index rank publishes, trainers pick the newest, and a
 single-process run keeps its frozen index in the same format (``output_dir/index/<signature hash>``).
 :func:`prune_versions` deletes old versions (keeping the newest few and any the caller protects).
+
+Versions built in parts
+-----------------------
+A pool of index ranks builds one version in parts: each part is a saved index over a contiguous row range of the
+corpus (:func:`~distrag.retrieval.sharded_index.pool_parts`), with its own shard files and manifest.
+:func:`publish_parts` makes them one version: it checks that the parts agree on their settings and that every
+part's file still matches the sha256 its writer sealed (the stat check of :func:`load`, hashing only a file changed
+since), moves the files into the version's private temporary folder (a rename: no bytes are copied on one
+filesystem) under the version's shard numbering, writes one manifest whose shard entries are the parts' entries
+with their rows offset by the part's first row (sizes and sha256 carried over; the stat record taken again after
+the move, which changes a file's ctime), and publishes the folder atomically as :func:`publish` does. :func:`load`
+reads it like any other version: a manifest's shards are row ranges with their own files, so parts built apart
+describe one index.
 """
 
 from __future__ import annotations
@@ -63,8 +76,8 @@ from distrag.errors import IndexLoadError
 from distrag.retrieval.faiss_backend import resolve_device
 from distrag.retrieval.sharded_index import ShardedIndex
 
-__all__ = ["LATEST", "MANIFEST", "latest_version", "load", "manifest", "prune_versions", "publish", "read_manifest",
-           "save"]
+__all__ = ["LATEST", "MANIFEST", "latest_version", "load", "manifest", "prune_versions", "publish", "publish_parts",
+           "read_manifest", "save"]
 
 FORMAT = "distrag.sharded_index"
 FORMAT_VERSION = 2
@@ -323,16 +336,97 @@ def publish(index: ShardedIndex, root: str | Path, version: int, *, extra: dict 
     Returns the version directory.
     """
     root = Path(root)
+    target = _next_version_dir(root, version)
+    out = save(index, target, version=int(version), extra=extra)
+    atomic_write_text(root / LATEST, target.name + "\n")
+    return out
+
+
+_PART_SETTINGS = ("dim", "metric", "kind", "nlist", "nprobe", "pq_m", "pq_nbits", "refine")
+"""What the parts of one version must agree on (each shard keeps its own capped ``nlist`` / ``pq_nbits``)."""
+
+
+def _next_version_dir(root: Path, version: int) -> Path:
+    """``root/v{version:06d}``, refused unless ``version`` is newer than every version published under ``root``."""
     if not isinstance(version, (int, np.integer)) or version < 0:
         raise ValueError(f"version must be a non-negative integer, got {version!r}")
     found = _version_dirs(root)
     if found and found[-1][0] >= version:
         raise ValueError(f"cannot publish version {version} under {root}: version {found[-1][0]} "
                          "already exists (versions must increase)")
-    name = f"v{int(version):06d}"
-    out = save(index, root / name, version=int(version), extra=extra)
-    atomic_write_text(root / LATEST, name + "\n")
-    return out
+    return root / f"v{int(version):06d}"
+
+
+def publish_parts(parts: list[str | Path], root: str | Path, version: int, *, extra: dict | None = None) -> Path:
+    """Publish the saved indices ``parts`` (contiguous row ranges of one corpus, in row order) as the one version
+    ``root/v{version:06d}`` (module docstring: *Versions built in parts*): their files are moved into it, so the
+    part folders are left without them. Raises :class:`IndexLoadError` naming the part whose manifest is bad or
+    disagrees with the first part's settings; versions must increase as for :func:`publish`."""
+    root = Path(root)
+    if not parts:
+        raise ValueError("publish_parts needs at least one part")
+    target = _next_version_dir(root, version)
+    manifests = [read_manifest(p) for p in parts]
+    first = manifests[0]
+    for part, m in zip(parts[1:], manifests[1:]):
+        differ = [k for k in _PART_SETTINGS if m.get(k) != first.get(k)]
+        if differ:
+            raise IndexLoadError(f"{Path(part) / MANIFEST}: {differ} differ from the first part's "
+                                 f"({[first.get(k) for k in differ]} vs {[m.get(k) for k in differ]})")
+    combined = {**first, "version": int(version), "extra": dict(extra or {}), "shards": []}
+    created = time.time()
+    combined["created"] = datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds")
+    combined["created_unix"] = created
+    moves: list[tuple[Path, dict, str]] = []  # (a part's file, its entry in the version, "" or "vectors_")
+    offset = 0
+    for part, m in zip(parts, manifests):
+        for entry in m["shards"]:
+            i = len(combined["shards"])
+            moved = {**entry, "start": entry["start"] + offset, "stop": entry["stop"] + offset,
+                     "file": f"shard_{i:05d}.faiss"}
+            moves.append((Path(part) / entry["file"], moved, ""))
+            if entry.get("vectors") is not None:
+                moved["vectors"] = f"vectors_{i:05d}.npy"
+                moves.append((Path(part) / entry["vectors"], moved, "vectors_"))
+            combined["shards"].append(moved)
+        offset += int(m["count"])
+    combined["count"], combined["n_shards"] = offset, len(combined["shards"])
+    missing = [str(src) for src, *_ in moves if not src.is_file()]
+    if missing:  # checked before anything moves: the parts stay whole
+        raise IndexLoadError(f"{missing[0]}: shard file missing" + (f" (and {len(missing) - 1} more)"
+                                                                      if len(missing) > 1 else ""))
+    _verify_parts(parts, moves)
+    with atomic_directory(target) as tmp:
+        for src, entry, kind in moves:
+            dst = tmp / entry["vectors" if kind else "file"]
+            _move(src, dst)
+            st = os.stat(dst)  # the rename moved its ctime: what load's stat check compares from now on
+            entry[f"{kind}stat"] = [st.st_ino, st.st_ctime_ns]
+        atomic_write_json(tmp / MANIFEST, combined)
+    atomic_write_text(root / LATEST, target.name + "\n")
+    return target
+
+
+def _verify_parts(parts: list[str | Path], moves: list[tuple[Path, dict, str]]) -> None:
+    """Every part's files against the sha256 their writer sealed, as :func:`load` checks them (trusted on a stat
+    unchanged since, else hashed): a file rewritten or damaged in a part's folder is refused before it moves into
+    a version, whose manifest then vouches for it."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="distrag-index-sha256") as pool:
+        for part in parts:
+            checks = _Checks(Path(part), pool)
+            for src, entry, kind in moves:
+                if src.parent == Path(part):
+                    checks.start(src, entry.get(f"{kind}sha256"), entry.get(f"{kind}stat"))
+            checks.finish()
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` (a copy, then the source removed, across filesystems)."""
+    try:
+        os.replace(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        src.unlink()
 
 
 def prune_versions(root: str | Path, keep: int, protect: set[int] | frozenset[int] = frozenset()) -> list[int]:

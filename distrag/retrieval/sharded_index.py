@@ -68,7 +68,7 @@ from distrag.retrieval.topk_merge import merge_topk, widen_boundary_ties
 if TYPE_CHECKING:
     from distrag.config import IndexConfig
 
-__all__ = ["SearchResult", "ShardedIndex"]
+__all__ = ["SearchResult", "ShardedIndex", "pool_parts"]
 
 
 @dataclass
@@ -88,6 +88,22 @@ class SearchResult:
 def _shard_bounds(n: int, n_shards: int) -> list[int]:
     """Contiguous row ranges whose sizes differ by at most one: shard i holds rows [b[i], b[i+1])."""
     return [(i * n) // n_shards for i in range(n_shards + 1)]
+
+
+def pool_parts(n: int, n_shards: int, n_parts: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, shards)`` of each of ``n_parts`` parts of an index of ``n`` rows built by a pool of index
+    ranks: the ``max(n_shards, n_parts)`` contiguous shard ranges :meth:`ShardedIndex.build` would cut, dealt out
+    in contiguous runs (part p builds its run of shards over rows ``[start, stop)``). Each part is a contiguous
+    row range, so the parts' shards, offset by ``start``, are the shards of one index over every row (flat: the
+    same search results whatever the split; ``index_store.publish_parts`` joins them)."""
+    if n_parts < 1:
+        raise ValueError(f"n_parts must be >= 1, got {n_parts}")
+    total = max(n_shards, n_parts)
+    if n < total:
+        raise ValueError(f"cannot split {n} vectors into {total} non-empty shards for {n_parts} part(s)")
+    bounds = _shard_bounds(n, total)
+    cuts = [(p * total) // n_parts for p in range(n_parts + 1)]
+    return [(bounds[cuts[p]], bounds[cuts[p + 1]], cuts[p + 1] - cuts[p]) for p in range(n_parts)]
 
 
 # ----------------------------------------------------------------------------------------------

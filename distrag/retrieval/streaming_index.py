@@ -17,7 +17,8 @@ Three steps, each bounded in memory by a chunk, a block or a sample, not by the 
 ``data.corpus_on_disk``): the corpus is tokenized once (each chunk's ids kept on disk under ``tokens/``), one store
 per weights hand-off under a work folder (the previous one deleted when the next starts), built into a
 ShardedIndex of ``index.n_shards`` shards. The trainers' own encodings of an on-disk corpus (the frozen index,
-refreshes, re-embedding) take the same steps: :func:`distrag.retrieval.corpus_encoding.build_index`.
+refreshes, re-embedding) take the same steps: :func:`distrag.retrieval.corpus_encoding.build_index`. In a pool of
+index ranks each member streams, encodes and builds only its rows (its run of the shards).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from distrag.data.corpus_stream import JsonlPassageStream
 from distrag.errors import ConfigError
 from distrag.retrieval.corpus_encoding import encode_chunks
-from distrag.retrieval.sharded_index import ShardedIndex
+from distrag.retrieval.sharded_index import ShardedIndex, pool_parts
 from distrag.retrieval.vector_store import VectorStore, VectorStoreWriter, build_from_store
 
 if TYPE_CHECKING:
@@ -69,14 +70,22 @@ class OnDiskCorpusIndexer:
     the corpus file (its path and SHA-256) for the published manifests."""
 
     def __init__(self, embedder: Embedder, corpus_path: str | Path, cfg: IndexConfig, work_dir: str | Path, *,
-                 accountant: Accountant | None = None):
+                 accountant: Accountant | None = None, part: tuple[int, int] = (0, 1)):
+        """``part``: ``(member, members)`` of a pool of index ranks; this indexer encodes and builds that member's
+        rows and shards (:func:`~distrag.retrieval.sharded_index.pool_parts`; ``part_ranges`` holds every
+        member's rows), in a ``work_dir`` of its own."""
         self.embedder, self.cfg, self.accountant = embedder, cfg, accountant
         self.stream = JsonlPassageStream(corpus_path, chunk_passages=cfg.chunk_passages)
         self.work_dir = Path(work_dir)
         shutil.rmtree(self.work_dir, ignore_errors=True)  # stores of an earlier process are never reused
         self.work_dir.mkdir(parents=True)
         n_rows = len(self.stream.offsets())
-        self.shard_rows = -(-n_rows // cfg.n_shards)
+        parts = pool_parts(n_rows, cfg.n_shards, part[1])
+        self.part_ranges = [(lo, hi) for lo, hi, _ in parts]
+        """Rows ``[start, stop)`` of each member's part (one part, every row, without a pool)."""
+        lo, hi, n_shards = parts[part[0]]
+        self.rows = (lo, hi)
+        self.shard_rows = -(-(hi - lo) // n_shards)
         digest = hashlib.sha256()
         with open(self.stream.path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
@@ -87,13 +96,14 @@ class OnDiskCorpusIndexer:
         self._store: VectorStore | None = None
 
     @classmethod
-    def from_config(cls, embedder: Embedder, cfg: ExperimentConfig, work_dir: str | Path) -> OnDiskCorpusIndexer:
+    def from_config(cls, embedder: Embedder, cfg: ExperimentConfig, work_dir: str | Path, *,
+                    part: tuple[int, int] = (0, 1)) -> OnDiskCorpusIndexer:
         """The indexer of ``cfg.data.corpus_path`` (required: the corpus file is what is streamed) under
-        ``cfg.index``."""
+        ``cfg.index``; ``part``: ``(member, members)`` of a pool of index ranks."""
         if not cfg.data.corpus_path:
             raise ConfigError([("index.on_disk", "streams the corpus JSONL: set data.corpus_path (data.format "
                                 f"{cfg.data.format!r} builds its corpus in memory)")])
-        return cls(embedder, cfg.data.corpus_path, cfg.index, work_dir)
+        return cls(embedder, cfg.data.corpus_path, cfg.index, work_dir, part=part)
 
     def shards(self, state_dict: dict | None = None) -> Iterator[np.ndarray]:
         """Encode the corpus (after loading ``state_dict`` into the embedder) into a new store, chunk by chunk."""
@@ -107,7 +117,7 @@ class OnDiskCorpusIndexer:
                                    shard_rows=self.shard_rows)
         done = 0
         try:
-            for count in encode_chunks(self.embedder, self.stream.chunks(), writer, accountant=self.accountant,
+            for count in encode_chunks(self.embedder, self.stream.chunks(self.rows), writer, accountant=self.accountant,
                                        token_cache=self.work_dir / "tokens"):
                 yield np.zeros((count - done, 0), dtype=np.float32)
                 done = count

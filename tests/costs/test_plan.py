@@ -136,6 +136,27 @@ def test_index_rank_sizing():
     assert tighter.passages_per_s_needed > p.passages_per_s_needed
 
 
+def test_the_recommended_pool_of_index_ranks_is_the_fewest_that_keeps_up():
+    """Each index rank takes a GPU from the trainers (slower steps, more time per version): the recommendation is the
+    fewest index GPUs whose passages/s cover the corpus within the target at the trainers they leave, fewer than
+    the rate at one index rank alone would ask for."""
+    big = {"generator": "8b", "embedder": "110m", "corpus": 21_000_000, "questions": 64, "batch_size": 64,
+           "gpu": "H100", "n_gpus": 16, "refresh_every": 1}
+    pools = {}
+    for staleness in (400, 1000, 3000):
+        p = plan(PlanTarget(**big, staleness=staleness))
+        n = pools[staleness] = p.index_gpus
+        at = {m: plan(PlanTarget(**big, staleness=staleness, index_ranks=m)) for m in {n, max(n - 1, 1)}}
+        assert n * p.passages_per_s_per_gpu >= at[n].passages_per_s_needed
+        if n > 1:
+            assert (n - 1) * p.passages_per_s_per_gpu < at[n - 1].passages_per_s_needed
+    assert pools[400] > pools[1000] > pools[3000] == 1
+    p = plan(PlanTarget(**big, staleness=400))
+    assert p.index_gpus < p.passages_per_s_needed / p.passages_per_s_per_gpu  # fewer trainers, slower steps
+    # a pool of 4 leaves 12 trainers: a joint step takes 15/12 as long as with one index rank
+    assert plan(PlanTarget(**big, staleness=400, index_ranks=4)).step_s == pytest.approx(p.step_s * 15 / 12)
+
+
 def test_parameter_counts_from_sizes_and_configs(tiny_lm_dir):
     assert model_shape("8b").params == pytest.approx(8.03e9, rel=0.01)  # Llama-3.1-8B
     assert model_shape("135m").params == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M

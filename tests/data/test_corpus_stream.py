@@ -38,6 +38,19 @@ def test_chunks_cover_every_record_in_order(corpus_file):
     assert chunks[0].texts()[0] == streamed[0].as_text()
 
 
+def test_chunks_of_a_row_range_are_those_rows_with_their_global_positions(corpus_file, tmp_path):
+    """A pool's index rank streams its part only; a bad line outside the range is never parsed."""
+    stream = JsonlPassageStream(corpus_file, chunk_passages=300)
+    every = [p for c in stream.chunks() for p in c.passages]
+    chunks = list(stream.chunks((700, 1_350)))
+    assert [c.start for c in chunks] == [700, 1_000, 1_300] and [len(c.passages) for c in chunks] == [300, 300, 50]
+    assert [p for c in chunks for p in c.passages] == every[700:1_350]
+    assert np.array_equal(np.concatenate([c.offsets for c in chunks]), stream.offsets()[700:1_350])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("not json\n" + corpus_file.read_text())
+    assert [p.id for c in JsonlPassageStream(broken).chunks((1, 3)) for p in c.passages] == [every[0].id, every[1].id]
+
+
 def test_passages_fetched_by_offset_equal_the_file_records(corpus_file, tmp_path):
     offsets = write_offsets(JsonlPassageStream(corpus_file), tmp_path / "offsets.npy")
     lines = corpus_file.read_text().splitlines()

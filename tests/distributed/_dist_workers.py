@@ -44,6 +44,29 @@ def toy_index(vectors: np.ndarray):
     return ShardedIndex(vectors.shape[1], n_shards=2, device="cpu").build(vectors)
 
 
+def toy_pool_server(store, out: Path, member: int, members: int, *, shard_sleep: float = 0.05, **kw):
+    """Member ``member`` of a pool of ``members`` toy index ranks (``members == 1``: a single index rank building
+    the whole toy corpus): it encodes and indexes its rows only (``pool_parts`` of the toy corpus, one shard
+    each), as ``serve_index`` does with the real corpus."""
+    from distrag.distributed.refresh_server import IndexServer, PoolPart
+    from distrag.retrieval.sharded_index import ShardedIndex, pool_parts
+
+    parts = pool_parts(TOY_CORPUS, 1, members)
+    lo, hi, n_shards = parts[member]
+
+    def encode(sd):
+        rows = toy_corpus()[lo:hi]
+        for i in range(0, hi - lo, TOY_SHARD):
+            time.sleep(shard_sleep)
+            yield toy_embed(sd, rows[i:i + TOY_SHARD])
+
+    def build(vectors):
+        return ShardedIndex(vectors.shape[1], n_shards=n_shards, device="cpu").build(vectors)
+
+    pool = PoolPart(member, [(a, b) for a, b, _ in parts], out / "index_parts") if members > 1 else None
+    return IndexServer(store, encode, build, out / "index", out / "weights", pool=pool, **kw)
+
+
 def _result(out: Path, obj: dict) -> None:
     atomic_write_json(out / f"result_{roles.current().info.rank}.json", obj)
 
@@ -92,8 +115,12 @@ def toy_index_worker(args: dict, info) -> None:
 
         index_store._real_faiss = index_store.faiss
         index_store.faiss = SlowFaiss()
-    server = IndexServer(store, toy_encoder(args), toy_index, out / "index", out / "weights", poll_interval_s=0.05,
-                         announce_pid=False, keep_versions=args.get("keep_versions"))
+    if info.n_index > 1:  # a member of a pool of index ranks
+        server = toy_pool_server(store, out, info.index_member, info.n_index, shard_sleep=args.get("shard_sleep", 0.05),
+                                 poll_interval_s=0.05, announce_pid=False, keep_versions=args.get("keep_versions"))
+    else:
+        server = IndexServer(store, toy_encoder(args), toy_index, out / "index", out / "weights", poll_interval_s=0.05,
+                             announce_pid=False, keep_versions=args.get("keep_versions"))
     server.run()
 
 
@@ -103,7 +130,8 @@ def refresh(args: dict) -> int:
     from distrag.errors import IndexRankFailed
 
     out = Path(args["out"])
-    cfg = DistributedConfig(index_timeout_s=args["timeout"], on_index_failure=args["on_failure"])
+    cfg = DistributedConfig(index_timeout_s=args["timeout"], on_index_failure=args["on_failure"],
+                            index_ranks=args.get("index_ranks", 1))
     t0 = time.time()
     ctx = roles.init_roles(cfg)
     print(f"init_roles took {time.time() - t0:.2f}s", file=sys.stderr, flush=True)
@@ -114,9 +142,15 @@ def refresh(args: dict) -> int:
         from distrag.distributed.index_supervisor import supervise
 
         worker = multiprocessing.get_context("spawn").Process(target=toy_index_worker, args=(args, ctx.info))
-        code = supervise(ctx.store, worker, out, on_failure=cfg.on_index_failure, grace_s=1.0, poll_s=0.05)
+        code = supervise(ctx.store, worker, out, on_failure=cfg.on_index_failure, grace_s=1.0, poll_s=0.05,
+                         member=ctx.info.index_member, members=ctx.info.n_index)
         _result(out, {"role": "index", "worker_exitcode": worker.exitcode, "code": code})
         return code
+    if ctx.info.is_index and ctx.info.n_index > 1:
+        n = toy_pool_server(ctx.store, out, ctx.info.index_member, ctx.info.n_index,
+                            shard_sleep=args.get("shard_sleep", 0.05), poll_interval_s=0.05).run()
+        _result(out, {"role": "index", "published": n})
+        return 0
     if ctx.info.is_index:
         server = IndexServer(ctx.store, toy_encoder(args), toy_index, publish_root, weights_dir, poll_interval_s=0.05)
         n = server.run()
@@ -129,7 +163,7 @@ def refresh(args: dict) -> int:
     gen = torch.Generator().manual_seed(100 + ctx.info.trainer_rank)
     loaded: list[str] = []
     client = IndexClient(ctx, weights_dir, index_timeout_s=cfg.index_timeout_s,
-                         on_index_failure=cfg.on_index_failure)
+                         on_index_failure=cfg.on_index_failure, index_ranks=ctx.info.n_index)
     submitted = {}
     adoptions = []
     stop_step = None

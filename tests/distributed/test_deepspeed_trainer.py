@@ -162,3 +162,69 @@ def test_mnrl_with_gathered_negatives_on_two_trainers_equals_one_process(tmp_pat
     assert [r["gathers"] for r in res_off] == [False, False]
     assert (res_off[0]["loss"] + res_off[1]["loss"]) / 2 < loss - 1e-3
     assert max((grads_off[0][n] - ref_grads[n]).abs().max() for n in ref_grads) > 1e-4
+
+
+class _OneVersion:
+    """An index client that adopts the version at ``path`` (built from the weights of step 0) at the first poll."""
+
+    def __init__(self, path: str):
+        from distrag.distributed.refresh_client import RefreshStats
+
+        self.path, self.current, self.stats = path, None, RefreshStats()
+
+    def poll(self, step, load_fn=None):
+        from distrag.distributed.refresh_client import AdoptDecision
+
+        if self.current is not None:
+            return None
+        load_fn(self.path)
+        self.current = AdoptDecision(1, self.path, weights_step=0, step=step, staleness=step)
+        return self.current
+
+
+def test_trainer_0_logs_what_staleness_costs_at_an_adoption(tmp_path, clean_env, tiny_encoder_dir, tiny_lm_dir):
+    """At the adoption of a version built from the base encoder while the trainer's encoder has moved, trainer 0
+    scores the probe against the adopted version and the one it replaces and logs the gaps at that step, with
+    the probe's seconds; its encodings are charged in the staleness_probe phase."""
+    from distrag import metric_names as mn
+    from distrag.retrieval.staleness_probe import StalenessProbe
+    from distrag.strategies import strategy_of
+
+    cfg = build_config({
+        "data": {"synthetic": {"n_entities": 30, "n_single_hop": 40, "n_two_hop": 10}},
+        "embedder": {"model": str(tiny_encoder_dir), "max_length": 48}, "generator": {"model": str(tiny_lm_dir)},
+        "index": {"device": "cpu"}, "retrieval": {"top_k": 3},
+        "train": {"strategy": "embed_ft", "max_steps": 2, "batch_size": 2, "micro_batch_size": 2},
+        "tracking": {"enabled": False}, "output_dir": str(tmp_path)})
+    data = make_synthetic(cfg.data.synthetic)
+    embedder, generator = Embedder.from_config(cfg.embedder), Generator.from_config(cfg.generator)
+    vectors = encode_corpus(embedder, data.corpus)
+    base_index = ShardedIndex.from_config(vectors.shape[1], cfg.index).build(vectors)
+    path = index_store.publish(base_index, tmp_path / "versions", 1)
+    with torch.no_grad():  # the trainer's encoder has moved away from the weights the versions were built from
+        for p in embedder.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ctx = roles.init_roles(cfg.distributed)
+    ledger, logged = CostLedger(), []
+    probe = StalenessProbe(data.questions[:16], data.corpus, 3)
+    trainer = DistributedTrainer(cfg, data.corpus, data.questions, embedder, generator, base_index,
+                                 Accountant(ledger), show_progress=False, ctx=ctx,
+                                 ckpt=CheckpointManager(tmp_path / "ckpt", ctx=ctx), client=_OneVersion(str(path)),
+                                 probe=probe, on_metrics=lambda m, s: logged.append((s, m)))
+    trainer.state.global_step = 5
+    with ledger.phase("train"):
+        trainer.on_step_start(strategy_of(cfg).phases()[0])
+        trainer.on_step_start(strategy_of(cfg).phases()[0])  # no adoption: no probe
+    probes = [(s, m) for s, m in logged if mn.INDEX_STALENESS_RECALL_GAP in m]
+    assert len(probes) == 1 and probes[0][0] == 5
+    m = probes[0][1]
+    assert m[mn.INDEX_STALENESS_RECALL_GAP] == pytest.approx(m[mn.INDEX_STALENESS_RECALL_FRESH]
+                                                             - m[mn.INDEX_STALENESS_RECALL_STALE])
+    assert m[mn.INDEX_STALENESS_RECALL_GAP] != 0.0  # the encoder moved: fresh and stale recall differ
+    assert m[mn.INDEX_RETIRING_STALENESS] == 5 and m[mn.INDEX_STALENESS_PROBE_S] > 0
+    (gap, retiring, seconds), = trainer.client.stats.probes
+    assert gap == m[mn.INDEX_STALENESS_RECALL_GAP] and seconds == m[mn.INDEX_STALENESS_PROBE_S]
+    assert retiring == gap  # both versions are the base encoder's index
+    assert ledger.phase_totals(mn.PHASE_STALENESS_PROBE)["flops"] > 0
+    summary = trainer.client.stats.summary(10.0)
+    assert summary["gap_mean"] == gap and summary["probe_s"] == seconds

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _dist_workers import TOY_IN, Job, preempt_reference_weights, toy_corpus, toy_embed, toy_index
@@ -129,6 +130,46 @@ def test_a_stopped_index_rank_does_not_keep_the_job_alive(tmp_path, victim):
     assert codes[:2] == [0, 0], job.output()
     assert codes[2] == (-signal.SIGKILL if victim == "supervisor" else 0), job.output()
     assert job.result(0)["last_step"] == 29
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_pool_of_two_supervised_index_ranks_serves_the_trainers(tmp_path):
+    """2 trainers + 2 index ranks (each a supervisor and its worker), the toy world: both trainers adopt the same
+    versions at the same steps, each version holds every row under the weights it was built from, one shard from
+    each index rank, and every process leaves with 0."""
+    job = Job("refresh", _refresh_args(tmp_path, steps=24, index_ranks=2), 4, tmp_path)
+    assert job.wait(240) == [0, 0, 0, 0], job.output()
+    t0, t1 = job.result(0), job.result(1)
+    assert t0["failed"] is None and t0["adoptions"]
+    assert [(a["version"], a["step"]) for a in t0["adoptions"]] == [(a["version"], a["step"]) for a in t1["adoptions"]]
+    last = t0["adoptions"][-1]
+    weights = next(w for w in t0["submitted"].values() if w["step"] == last["weights_step"])
+    lin = torch.nn.Linear(TOY_IN, 4)
+    lin.load_state_dict({"weight": torch.tensor(weights["weight"]), "bias": torch.tensor(weights["bias"])})
+    index = index_store.load(last["path"])
+    assert index.n_shards == 2 and index_store.read_manifest(last["path"])["extra"]["index_ranks"] == 2
+    rows = np.arange(len(toy_corpus()))
+    np.testing.assert_allclose(index.reconstruct(rows), toy_embed(lin.state_dict(), toy_corpus()), rtol=1e-5)
+    assert [job.result(r)["code"] for r in (2, 3)] == [0, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_9_of_one_pool_members_worker_is_the_index_ranks_failure(tmp_path):
+    """The worker of index rank 1 of 2 is killed after the first version: the trainers name it, train every step on
+    the last version (on_index_failure=continue) and every process leaves; every version on disk is whole."""
+    job = Job("refresh", _refresh_args(tmp_path, steps=40, index_ranks=2), 4, tmp_path)
+    _wait_for(tmp_path / "index" / "LATEST", job)
+    os.kill(_child_of(job.procs[3].pid, "spawn_main"), signal.SIGKILL)
+    assert job.wait(240) == [0, 0, 0, 0], job.output()
+    t0 = job.result(0)
+    assert t0["last_step"] == 39 and t0["stop_step"] is None
+    assert "index rank 1 of 2" in t0["failed"], t0["failed"]
+    assert ("killed by SIGKILL" in t0["failed"] or "is gone" in t0["failed"])
+    assert t0["final_version"] >= 1
+    for _, folder in index_store._version_dirs(tmp_path / "index"):  # member 0 never publishes a part alone
+        assert len(index_store.load(folder)) == len(toy_corpus())
 
 
 def _child_of(pid: int, needle: str) -> int:

@@ -107,6 +107,18 @@ def test_staleness_per_step_and_the_summary():
     assert RefreshStats().summary(0.0)["blocked_share"] == 0.0
 
 
+def test_trainer_0s_staleness_probes_are_summarised_and_survive_a_resume():
+    stats = RefreshStats()
+    stats.note_probe(0.05, 0.20, 1.5)
+    stats.note_probe(-0.01, 0.10, 0.5)  # fresh recall can come out lower: a gap is not clipped
+    s = stats.summary(10.0)
+    assert s["gap_mean"] == pytest.approx(0.02) and s["gap_max"] == 0.05
+    assert s["retiring_gap_mean"] == pytest.approx(0.15) and s["retiring_gap_max"] == 0.20 and s["probe_s"] == 2.0
+    resumed = RefreshStats()
+    resumed.load_state_dict(stats.state_dict())
+    assert resumed.probes == stats.probes and resumed.summary(10.0) == s
+
+
 def test_staleness_and_adoptions_survive_a_resume_blocked_time_does_not():
     stats = RefreshStats(blocked_s=9.0)
     stats.note_step(5, 1)

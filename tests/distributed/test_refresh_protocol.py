@@ -6,6 +6,7 @@ _dist_workers and trainer 0's IndexClient."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -408,3 +409,139 @@ def test_an_outsider_on_the_store_of_a_launched_job_neither_stops_it_nor_changes
     assert versions == sorted(set(versions)) and versions[-1] >= at_attack + 2, (at_attack, versions)
     own_steps = {w["step"] for w in r0["submitted"].values()}
     assert all(a["staleness"] >= 0 and a["weights_step"] in own_steps for a in r0["adoptions"])
+
+
+# ----------------------------------------------------------------------------------------------
+# a pool of index ranks
+
+
+def test_each_member_of_a_pool_has_its_own_health_records_and_trainer_0_reads_every_one(tmp_path, clean_env):
+    """Member p's heartbeat, pid, error and bye go under ``<key>/<p>`` (member 0's under the key itself, as a single
+    index rank's); trainer 0 hears bye only when every member said it, and any member's error is a failure."""
+    run, store = tmp_path / "run", _store()
+    client = IndexClient(roles.DistContext(get_dist_info(DistributedConfig()), store=store), run / "weights",
+                         index_timeout_s=60, index_ranks=2)
+    members = [RefreshChannel(store, run, member=m, members=2) for m in range(2)]
+    members[1].heartbeat()
+    assert refresh_protocol.member_key(K_HEARTBEAT, 1) == K_HEARTBEAT + "/1" and store.check([K_HEARTBEAT + "/1"])
+    assert not store.check([K_HEARTBEAT]) and client.channel.heartbeat_seq(1) == 1
+    members[0].say_bye()
+    assert not client.channel.bye_received()
+    members[1].say_bye()
+    assert client.channel.bye_received()
+    assert client._health() is None
+    members[1].record_error("RuntimeError: boom")
+    assert client.channel.index_error(0) is None and members[1].own_error() == "RuntimeError: boom"
+    assert client._health() == "index rank 1 of 2: the index rank raised: RuntimeError: boom"
+    with pytest.raises(ValueError, match="outside a pool of 2"):
+        RefreshChannel(store, run, member=2, members=2)
+
+
+def test_pool_task_and_part_records_are_signed_job_bound_and_checked(tmp_path, clean_env):
+    """Member 0's task and member p's part: read back only in this job, an older task replayed is not a task, and a
+    part whose folder lies outside the run folder is refused."""
+    run, store = tmp_path / "run", _store()
+    _trainer0(store, run)  # starts the job the members follow
+    leader, follower = (RefreshChannel(store, run, member=m, members=2) for m in range(2))
+    eavesdropped = Recorder(store)
+    RefreshChannel(eavesdropped, run, member=0, members=2).announce_task(refresh_protocol.PoolTask(1, 4, "ab", 1))
+    leader.announce_task(refresh_protocol.PoolTask(2, 8, "cd", 2))
+    assert follower.pool_task() == refresh_protocol.PoolTask(2, 8, "cd", 2)
+    _replay(eavesdropped.log, store)  # task 1 again, signed for this job: older than the one already seen
+    assert follower.pool_task() is None
+    part = refresh_protocol.PartDone(2, 2, str(run / "index_parts" / "x" / "part001"), 32, 64, 0.5)
+    follower.report_part(part)
+    assert leader.part_done(1) == part
+    follower.report_part(refresh_protocol.PartDone(2, 2, str(tmp_path / "elsewhere"), 32, 64, 0.5))
+    with pytest.warns(RuntimeWarning, match="outside the run folder"):
+        assert leader.part_done(1) is None
+    next_job = _trainer0(_store(), run)  # a new job of the run: the old part record is not of it
+    raw = store.get(refresh_protocol.part_key(1))
+    assert read_record(next_job.channel._key, next_job.channel.job, refresh_protocol.part_key(1), raw)[1] == (
+        "it was signed for another job of this run")
+
+
+def _pool(store, run: Path, members: int = 2, **kw) -> list[IndexServer]:
+    from _dist_workers import toy_pool_server
+
+    return [toy_pool_server(store, run, m, members, shard_sleep=0.0, poll_interval_s=0.01, log=lambda msg: None, **kw)
+            for m in range(members)]
+
+
+def test_a_pool_of_toy_index_ranks_publishes_versions_of_every_row(tmp_path, clean_env):
+    """Two toy index ranks share each hand-off: trainer 0 adopts versions whose vectors are every row's under the
+    handed-off weights, with one shard from each member; versions continue after the ones on disk (a resumed run);
+    the parts' folders do not outlive their version."""
+    run, store = tmp_path / "run", _store()
+    index_store.publish(toy_index(toy_embed(torch.nn.Linear(TOY_IN, 4).state_dict(), toy_corpus())), run / "index", 3)
+    client = IndexClient(roles.DistContext(get_dist_info(DistributedConfig()), store=store), run / "weights",
+                         index_timeout_s=60, index_ranks=2)
+    servers = _pool(store, run)
+    started = [_start(s) for s in servers]
+    weights = {}
+    try:
+        for step in (0, 2):
+            lin = torch.nn.Linear(TOY_IN, 4)
+            weights[step] = lin.state_dict()
+            client.submit_weights(step, lin.state_dict())
+            client.flush()
+            d = client.wait_for_version(3 + len(weights), step=step + 1, load_fn=index_store.load, timeout_s=60,
+                                        interval_s=0.01)
+            index = index_store.load(d.path)
+            assert (d.version, d.weights_step) == (3 + len(weights), step)
+            assert index.n_shards == 2 and len(index) == len(toy_corpus())
+            np.testing.assert_allclose(index.reconstruct(np.arange(len(toy_corpus()))),
+                                       toy_embed(weights[step], toy_corpus()), rtol=1e-6)
+    finally:
+        client.done(wait_s=10)
+        for th, _ in started:
+            th.join(10)
+    assert all(raised == [] for _, raised in started) and client.failed is None
+    assert [s.published for s in servers] == [2, 2]  # member 0: versions; member 1: parts
+    assert not list((run / "index_parts").glob("*/part*"))
+
+
+def test_a_member_that_built_other_rows_is_the_pools_failure(tmp_path, clean_env):
+    """Member 1 reports rows member 0 does not expect (another corpus): member 0 raises, its error reaches trainer 0,
+    and nothing is published."""
+    run, store = tmp_path / "run", _store()
+    client = IndexClient(roles.DistContext(get_dist_info(DistributedConfig()), store=store), run / "weights",
+                         index_timeout_s=60, index_ranks=2)
+    leader, follower = _pool(store, run)
+    follower.pool = dataclasses.replace(follower.pool, ranges=[(0, 10), (10, 64)])  # as if another corpus
+    started = [_start(s) for s in (leader, follower)]
+    client.submit_weights(0, torch.nn.Linear(TOY_IN, 4).state_dict())
+    client.flush()
+    try:
+        with pytest.raises(Exception, match="index rank 1 built rows"):
+            client.wait_for_version(1, step=1, timeout_s=30, interval_s=0.01)
+    finally:
+        client.channel.send_done()
+        for th, _ in started:
+            th.join(10)
+    assert "do not read the same corpus" in str(started[0][1][0])
+    assert index_store.latest_version(run / "index") is None
+
+
+def test_a_member_that_cannot_read_the_hand_off_is_the_pools_failure(tmp_path, clean_env):
+    """Member 1 sees another run folder (no shared filesystem): it cannot read the hand-off member 0 read, so it
+    raises, its error is recorded under its key, and trainer 0 declares the index rank failed."""
+    run, store = tmp_path / "run", _store()
+    client = IndexClient(roles.DistContext(get_dist_info(DistributedConfig()), store=store), run / "weights",
+                         index_timeout_s=60, index_ranks=2)
+    leader, follower = _pool(store, run)
+    follower.weights_dir = tmp_path / "another_node"
+    started = [_start(s) for s in (leader, follower)]
+    client.submit_weights(0, torch.nn.Linear(TOY_IN, 4).state_dict())
+    client.flush()
+    try:
+        deadline = time.monotonic() + 30
+        while client.failed is None and time.monotonic() < deadline:
+            client.poll(1)
+            time.sleep(0.01)
+    finally:
+        client.channel.send_done()
+        for th, _ in started:
+            th.join(10)
+    assert "index rank 1 of 2" in client.failed and "shared filesystem" in client.failed
+    assert started[0][1] == [] and "shared filesystem" in str(started[1][1][0])

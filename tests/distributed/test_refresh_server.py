@@ -270,3 +270,60 @@ def test_a_hand_off_whose_file_is_not_the_announced_one_is_skipped(tmp_path, sto
     assert d.weights_step == 2
     want = toy_embed(fresh.state_dict(), corpus)
     np.testing.assert_allclose(index_store.load(d.path).reconstruct(np.arange(len(want))), want, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# a pool of index ranks
+
+
+def _serve_version(run_root, cfg, state_dict, members: int):
+    """Version 1 of ``cfg``'s corpus under ``state_dict``, served by ``members`` index ranks (serve_index on threads,
+    one store, trainer 0 handing the weights over as in a run); returns its folder."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ctx = roles.DistContext(get_dist_info(DistributedConfig()), store=store)
+    client = IndexClient(ctx, run_root / "weights", index_timeout_s=120, index_ranks=members)
+    client.submit_weights(7, state_dict)
+    client.flush()
+    threads = [threading.Thread(target=serve_index, args=(cfg, store, run_root),
+                                kwargs={"member": m, "members": members}) for m in range(members)]
+    for th in threads:
+        th.start()
+    try:
+        d = client.wait_for_version(1, step=8, timeout_s=300, interval_s=0.05)
+    finally:
+        client.channel.send_done()
+        for th in threads:
+            th.join(60)
+    assert not any(th.is_alive() for th in threads) and client.failed is None
+    assert client.channel.bye_received()  # every member left its loop
+    return d
+
+
+@pytest.mark.timeout(600)
+def test_two_index_ranks_publish_the_same_top_k_as_one(tmp_path, clean_env, tiny_encoder_dir):
+    """The same weights, served by a pool of 2 index ranks and by 1: the pool's version (2 parts, one folder, one
+    manifest) returns the same top-k as the single rank's on a flat index, with the same vectors, and its parts'
+    folders are gone."""
+    cfg = build_config({"embedder": {"model": str(tiny_encoder_dir), "max_length": 48},
+                        "data": {"synthetic": {"n_entities": 160, "n_single_hop": 60, "n_two_hop": 20}},
+                        "index": {"device": "cpu", "kind": "flat"}, "tracking": {"enabled": False}})
+    embedder = Embedder.from_config(cfg.embedder, device="cpu")
+    with torch.no_grad():  # the trainers' embedder has moved away from the base weights
+        for p in embedder.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    data = load_data(cfg.data)
+    one = _serve_version(tmp_path / "one", cfg, embedder.state_dict(), 1)
+    two = _serve_version(tmp_path / "two", cfg, embedder.state_dict(), 2)
+    single, pooled = index_store.load(one.path), index_store.load(two.path)
+    n = len(data.corpus)
+    assert n >= 200 and len(single) == len(pooled) == n
+    assert single.n_shards == 1 and pooled.n_shards == 2  # one shard from each index rank
+    m = index_store.read_manifest(two.path)
+    assert m["extra"]["index_ranks"] == 2
+    assert [(e["start"], e["stop"]) for e in m["shards"]] == [(0, n // 2), (n // 2, n)]
+    np.testing.assert_allclose(pooled.reconstruct(np.arange(n)), single.reconstruct(np.arange(n)), atol=1e-5)
+    queries = embedder.encode([q.text for q in data.questions])
+    a, b = single.search(queries, 10), pooled.search(queries, 10)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    assert not list((tmp_path / "two" / "index_parts").glob("*/part*"))  # moved into the version, then removed

@@ -294,6 +294,37 @@ def test_joint_with_async_index_refresh(job_root, stage, tiny_encoder_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_joint_with_a_pool_of_two_index_ranks(job_root):
+    """2 trainers + 2 index ranks through the launcher: every version is one folder of both ranks' shards, both
+    trainers adopt the same versions at the same steps, trainer 0 logs what staleness costs at each adoption, and
+    the index ranks' two devices are charged."""
+    out = "pool"
+    rc, log = launch(job_root, 4, out, "distributed.index_ranks=2", "train.refresh_every=2", "train.max_steps=12")
+    assert rc == 0, log[-4000:]
+    rd = run_dir(job_root, out)
+    versions = sorted((rd / "index").glob("v*"))
+    assert versions and not list((rd / "index_parts").glob("*/part*"))
+    m = json.loads((versions[-1] / "manifest.json").read_text())
+    assert m["n_shards"] == 2 and m["extra"]["index_ranks"] == 2 and m["shards"][1]["start"] == m["shards"][0]["stop"]
+    a0 = json.loads((rd / "adoptions_trainer0.json").read_text())
+    a1 = json.loads((rd / "adoptions_trainer1.json").read_text())
+    assert a0 and [(d["version"], d["step"]) for d in a0] == [(d["version"], d["step"]) for d in a1]
+    (run,) = _finished_runs(job_root / out / "mlflow.db")
+    metrics = run.data.metrics
+    assert metrics["dist/n_trainers"] == 2 and metrics[mn.INDEX_VERSIONS_ADOPTED] == len(a0)
+    assert mn.INDEX_STALENESS_RECALL_GAP in metrics and mn.INDEX_STALENESS_RECALL_GAP_MEAN in metrics
+    assert metrics[mn.INDEX_STALENESS_PROBE_TOTAL_S] > 0
+    from mlflow.tracking import MlflowClient
+
+    gaps = MlflowClient(tracking_uri=f"sqlite:///{job_root / out / 'mlflow.db'}").get_metric_history(
+        run.info.run_id, mn.INDEX_STALENESS_RECALL_GAP)
+    assert [g.step for g in gaps] == [d["step"] for d in a0]  # one probe per adoption, at its step
+    wall_h = metrics["cost/phase.index_rank.wall_s"] / 3600
+    assert metrics["cost/phase.index_rank.device_hours"] == pytest.approx(2 * wall_h, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", ["gen_ft", "independent", "two_phase"])
 def test_other_strategies_through_the_launcher(job_root, strategy):
     out = f"s_{strategy}"
@@ -372,6 +403,17 @@ def test_explicit_resume_from_missing_checkpoint_is_an_error(job_root):
                      "tracking.enabled=false")
     assert rc != 0
     assert "/nonexistent/step_00000009" in log
+
+
+def test_refresh_metrics_carry_trainer_0s_staleness_probes():
+    probed = RefreshStats(n_adopted=2)
+    probed.note_probe(0.1, 0.3, 2.0)
+    probed.note_probe(0.0, 0.2, 1.0)
+    m = refresh_metrics([probed.summary(10.0), RefreshStats(n_adopted=2).summary(10.0)])
+    assert m[mn.INDEX_STALENESS_RECALL_GAP_MEAN] == pytest.approx(0.05) and m[mn.INDEX_STALENESS_RECALL_GAP_MAX] == 0.1
+    assert m[mn.INDEX_RETIRING_RECALL_GAP_MEAN] == pytest.approx(0.25) and m[mn.INDEX_RETIRING_RECALL_GAP_MAX] == 0.3
+    assert m[mn.INDEX_STALENESS_PROBE_TOTAL_S] == 3.0
+    assert mn.INDEX_STALENESS_RECALL_GAP_MEAN not in refresh_metrics([RefreshStats().summary(10.0)])  # no probes
 
 
 @pytest.mark.slow
@@ -505,3 +547,33 @@ def test_a_run_is_finished_only_when_it_finished(single_trainer, tmp_path, monke
     else:
         assert run.run() == 0
     assert tracker.status == [status] and tracker.tags.get(mn.TAG_STOPPED) == tag
+
+
+@pytest.mark.parametrize("overrides, world, problems", [
+    ({"index_ranks": 2}, 4, []),
+    ({"index_ranks": 2}, 2, [("distributed.index_ranks", "2 index ranks leave no trainer in a world of 2")]),
+    ({"index_ranks": 3, "index_rank": 1}, 5, [("distributed.index_rank", "leaves no room for it: use -1 (the last "
+                                                                         "3 ranks) or a rank >= 2")]),
+    ({"index_ranks": 3, "index_rank": 2}, 5, []),  # ranks 0..2 index, 3..4 train
+    ({"index_ranks": 2, "index_rank": 4}, 5, []),  # the last rank, as SLURM's script names it
+    ({"index_ranks": 1, "index_rank": 1}, 3, []),
+])
+def test_a_pool_of_index_ranks_is_checked_against_the_world(overrides, world, problems):
+    cfg = ExperimentConfig(train=TrainConfig(strategy="embed_ft", refresh_every=2),
+                           distributed=DistributedConfig(**overrides))
+    found = runner.world_problems(cfg, world)
+    assert [k for k, _ in found] == [k for k, _ in problems]
+    assert all(m in msg for (_, m), (_, msg) in zip(problems, found))
+
+
+def test_a_pool_of_index_ranks_counts_each_device_and_one_corpus_pass_per_version(tmp_path):
+    run = TrainerRun(_cfg(tmp_path), _trainer_ctx(0))
+    run.ctx.info = DistInfo(0, 5, 0, "trainer", 0, 3, 3, n_index=2)
+    (run.root / "index" / "v000001").mkdir(parents=True)
+    (run.root / "index" / "v000001" / "manifest.json").write_text("{}")
+    run.client = SimpleNamespace(stats=RefreshStats(n_adopted=0))
+    run.exp = SimpleNamespace(splits=SimpleNamespace(corpus=_Passages(["a", "b"])))
+    run.trainer = SimpleNamespace(corpus_pass_flops=lambda: 10.0)
+    led = run._index_rank_ledger(3600.0)
+    assert led.device_hours() == pytest.approx(2.0) and led.wall_s == 3600.0  # two devices for the hour
+    assert led.flops("encode_passages") == 10.0  # the pool shares each pass: one pass of FLOPs per version

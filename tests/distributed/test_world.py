@@ -85,3 +85,40 @@ def test_the_trainers_world_is_exported_for_deepspeed_and_the_launchers_values_k
     assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")} == {
         "RANK": "1", "WORLD_SIZE": "3", "MASTER_PORT": "29601"}
     assert get_dist_info(DistributedConfig(index_rank=1)) == info
+
+
+@pytest.mark.parametrize("rank,expect", [(0, ("trainer", 0, -1)), (2, ("trainer", 2, -1)), (3, ("index", -1, 0)),
+                                         (4, ("index", -1, 1))])
+def test_a_pool_of_index_ranks_is_the_last_n_ranks_by_default(clean_env, rank, expect):
+    _env(clean_env, rank, 5)
+    info = get_dist_info(DistributedConfig(index_ranks=2))
+    assert (info.role, info.trainer_rank, info.index_member) == expect
+    assert (info.n_trainers, info.n_index, info.index_rank) == (3, 2, 3)  # member 0 (rank 3) publishes
+
+
+@pytest.mark.parametrize("rank,expect", [(0, ("trainer", 0, -1)), (1, ("index", -1, 0)), (2, ("index", -1, 1)),
+                                         (3, ("trainer", 1, -1)), (5, ("trainer", 3, -1))])
+def test_a_pool_ends_at_index_rank(clean_env, rank, expect):
+    """``index_rank`` places the pool's last rank (SLURM's INDEX_NODE: the last GPUs of a chosen node)."""
+    _env(clean_env, rank, 6)
+    info = get_dist_info(DistributedConfig(index_ranks=2, index_rank=2))
+    assert (info.role, info.trainer_rank, info.index_member) == expect
+    assert (info.n_trainers, info.index_rank) == (4, 1)
+
+
+def test_a_single_index_rank_is_member_0_of_a_pool_of_one(clean_env):
+    _env(clean_env, 1, 3)
+    info = get_dist_info(DistributedConfig(index_rank=1))
+    assert (info.role, info.index_member, info.n_index) == ("index", 0, 1)
+    _env(clean_env, 0, 3)
+    assert get_dist_info(DistributedConfig(index_rank=1)).index_member == -1
+
+
+def test_a_pool_needs_a_trainer_and_room_below_index_rank(clean_env):
+    _env(clean_env, 0, 2)
+    with pytest.raises(DistError, match="2 index rank.s. need a world of at least 3"):
+        get_dist_info(DistributedConfig(index_ranks=2))
+    _env(clean_env, 0, 4)
+    with pytest.raises(DistError, match="would start below rank 0"):
+        get_dist_info(DistributedConfig(index_ranks=3, index_rank=1))
+    assert get_dist_info(DistributedConfig(index_ranks=2), with_index_rank=False).n_index == 0  # no refresh

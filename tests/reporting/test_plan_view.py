@@ -21,7 +21,7 @@ def test_the_cli_prints_a_table_and_writes_the_plot(tmp_path, capsys):
         assert header in text
     for s in STRATEGIES:
         assert s.label in text
-    assert "8 x A10" in text and "QLoRA r=16" in text and "index GPU(s)" in text
+    assert "8 x A10" in text and "QLoRA r=16" in text and "recommended distributed.index_ranks: " in text
     assert out.read_bytes().startswith(PNG)
 
 

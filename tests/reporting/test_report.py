@@ -94,13 +94,16 @@ def test_the_report_shows_every_ledger_metric_it_names():
 def test_k_free_recall_is_read_first_and_the_index_refresh_columns_appear_when_recorded():
     r = _result("joint_token", "RAG-Tok", {}, k=5)
     r.metrics.update({"recall": 0.25, "recall_at_5": 0.5})  # the k-free name wins (the same value in practice)
-    r.extra = {mn.INDEX_STALENESS_MEAN: 1.5, mn.INDEX_BLOCKED_SHARE: 0.04}
+    r.extra = {mn.INDEX_STALENESS_MEAN: 1.5, mn.INDEX_BLOCKED_SHARE: 0.04, mn.INDEX_STALENESS_RECALL_GAP_MEAN: 0.025}
     row = result_rows([r])[0]
     assert row["recall"] == 25.0 and row["answer_recall"] == 75.0 and row["k"] == 5
     assert row["staleness"] == 1.5 and row["blocked_share"] == pytest.approx(4.0)
+    assert row["staleness_gap"] == pytest.approx(2.5)  # points of recall
     head = markdown_table([row]).splitlines()[0]
     assert "Recall@5" in head and "Index staleness (steps)" in head and "Blocked on index (%)" in head
-    assert "Index staleness" not in markdown_table(result_rows([_result("gen_ft", "Ft-Gen", {})]))
+    assert "Staleness recall gap (pts)" in head
+    plain = markdown_table(result_rows([_result("gen_ft", "Ft-Gen", {})]))
+    assert "Index staleness" not in plain and "Staleness recall gap" not in plain
 
 
 class _Page(HTMLParser):

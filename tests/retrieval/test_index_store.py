@@ -13,7 +13,7 @@ from distrag.errors import IndexLoadError
 from distrag.retrieval import index_store
 from distrag.retrieval.faiss_backend import num_gpus
 from distrag.retrieval.index_store import latest_version
-from distrag.retrieval.sharded_index import ShardedIndex
+from distrag.retrieval.sharded_index import ShardedIndex, pool_parts
 
 # ----------------------------------------------------------------------------------------------
 # one saved index
@@ -182,6 +182,82 @@ def test_publish_and_latest_version(tmp_path):
     # LATEST lags (crash between the version rename and the pointer update): the scan still finds v5
     index_store.save(a, root / "v000005", version=5)
     assert latest_version(root) == (5, root / "v000005")
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+def test_parts_built_apart_publish_one_version_that_searches_as_one_index(tmp_path, kind):
+    """A pool's parts (contiguous row ranges, each saved with its own shards) become one version: one folder, one
+    manifest with every part's shards at their global rows; its searches are those of one index over every row
+    with the same shards (flat: of any index over them), and the parts' folders are emptied."""
+    x, q = clustered(3000, 16, nq=40)
+    settings = {"kind": kind, "nlist": 16, "nprobe": 16, "pq_m": 4}
+    parts = pool_parts(len(x), 1, 3)
+    folders = []
+    for p, (lo, hi, n_shards) in enumerate(parts):
+        part = ShardedIndex(16, n_shards=n_shards, **settings).build(x[lo:hi])
+        folders.append(index_store.save(part, tmp_path / "parts" / f"part{p}"))
+    path = index_store.publish_parts(folders, tmp_path / "index", 4, extra={"weights_step": 9})
+    assert path == tmp_path / "index" / "v000004" and latest_version(tmp_path / "index") == (4, path)
+    assert (tmp_path / "index" / "LATEST").read_text().strip() == "v000004"
+    m = index_store.read_manifest(path)
+    assert (m["version"], m["count"], m["n_shards"], m["extra"]) == (4, 3000, 3, {"weights_step": 9})
+    assert [(e["start"], e["stop"]) for e in m["shards"]] == [(lo, hi) for lo, hi, _ in parts]
+    assert all(not list(f.glob("shard_*")) and not list(f.glob("vectors_*")) for f in folders)
+    pooled = index_store.load(path)
+    whole = ShardedIndex(16, n_shards=3, **settings)
+    whole = ShardedIndex.from_parts(whole.settings(), [pooled.cpu_shard(s) for s in range(3)],
+                                    [None if kind == "flat" else pooled.shard_vectors(s) for s in range(3)],
+                                    pooled.shard_layout(), device="cpu")
+    a, b = pooled.search(q, 10, return_vectors=True), whole.search(q, 10, return_vectors=True)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    np.testing.assert_array_equal(pooled.reconstruct(np.arange(3000)), x)
+    if kind == "flat":  # exact: the same top-k as a single build over every row
+        single = ShardedIndex(16).build(x).search(q, 10)
+        np.testing.assert_array_equal(a.ids, single.ids)
+        np.testing.assert_allclose(a.scores, single.scores, rtol=1e-6)
+
+
+def test_parts_that_disagree_or_are_incomplete_publish_nothing(tmp_path):
+    x, _ = clustered(400, 16, nq=1)
+    a = index_store.save(ShardedIndex(16).build(x[:200]), tmp_path / "a")
+    b = index_store.save(ShardedIndex(16, kind="ivf", nlist=4).build(x[200:]), tmp_path / "b")
+    with pytest.raises(IndexLoadError, match=r"\['kind'.*differ from the first part's"):
+        index_store.publish_parts([a, b], tmp_path / "index", 1)
+    c = index_store.save(ShardedIndex(16).build(x[200:]), tmp_path / "c")
+    (c / "shard_00000.faiss").unlink()
+    with pytest.raises(IndexLoadError, match="shard file missing"):
+        index_store.publish_parts([a, c], tmp_path / "index", 1)
+    assert latest_version(tmp_path / "index") is None and not list((tmp_path / "index").glob(".v*"))
+    assert (a / "shard_00000.faiss").is_file()  # checked before anything moved: the good part is whole
+    d = index_store.save(ShardedIndex(16).build(x[200:]), tmp_path / "d")
+    index_store.publish(ShardedIndex(16).build(x), tmp_path / "index", 2)
+    with pytest.raises(ValueError, match="versions must increase"):
+        index_store.publish_parts([a, d], tmp_path / "index", 2)
+
+
+def test_a_part_rewritten_after_it_was_saved_is_refused_and_a_published_one_verifies_on_its_stat(tmp_path, monkeypatch):
+    """publish_parts checks every part's file against its sealed sha256 before moving it (a shard rewritten at the
+    same size is refused), and records each file's stat after the move, so load trusts the untouched version on
+    its stat without hashing it again."""
+    x, _ = clustered(400, 16, nq=1)
+    a = index_store.save(ShardedIndex(16).build(x[:200]), tmp_path / "a")
+    b = index_store.save(ShardedIndex(16).build(x[200:]), tmp_path / "b")
+    shard = b / "shard_00000.faiss"
+    data = bytearray(shard.read_bytes())
+    data[-8:] = bytes(8)  # the last vector's bytes, the same size
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IndexLoadError, match="does not match its sha256"):
+        index_store.publish_parts([a, b], tmp_path / "index", 1)
+    assert (a / "shard_00000.faiss").is_file() and latest_version(tmp_path / "index") is None
+    b = index_store.save(ShardedIndex(16).build(x[200:]), tmp_path / "b2")
+    path = index_store.publish_parts([a, b], tmp_path / "index", 1)
+    for entry in index_store.read_manifest(path)["shards"]:
+        st = (path / entry["file"]).stat()
+        assert entry["stat"] == [st.st_ino, st.st_ctime_ns]
+    hashed = []
+    monkeypatch.setattr(index_store, "_sha256", lambda p: hashed.append(p) or "")
+    assert len(index_store.load(path)) == 400 and hashed == []  # verified on the stat alone
 
 
 def test_prune_versions_keeps_the_newest_and_the_protected(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from _index_test_data import brute_force, clustered, int_data, recall_at
 
 from distrag.config import IndexConfig
-from distrag.retrieval.sharded_index import ShardedIndex
+from distrag.retrieval.sharded_index import ShardedIndex, pool_parts
 
 # ----------------------------------------------------------------------------------------------
 # exact search
@@ -225,3 +225,25 @@ def test_from_parts_serves_the_same_searches_as_the_index_it_came_from(kind):
     np.testing.assert_array_equal(before.vectors, after.vectors)
     with pytest.raises(ValueError, match="n_shards=2 but 1 shards"):
         ShardedIndex.from_parts(index.settings(), shards[:1], vectors[:1], index.shard_layout()[:1])
+
+
+@pytest.mark.parametrize("n,n_shards,n_parts", [(10, 1, 1), (10, 1, 2), (11, 4, 2), (100, 3, 3), (101, 8, 3),
+                                                 (7, 1, 7)])
+def test_pool_parts_deal_out_whole_shards_in_contiguous_row_ranges(n, n_shards, n_parts):
+    parts = pool_parts(n, n_shards, n_parts)
+    assert len(parts) == n_parts and parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # contiguous, in order, nothing twice
+    assert sum(s for *_, s in parts) == max(n_shards, n_parts) and all(s >= 1 for *_, s in parts)
+    # the shard boundaries are those one build over every row cuts (at least one shard per part)
+    cuts = {0, *(hi for _, hi, _ in parts)}
+    bounds = set(ShardedIndex(2, n_shards=max(n_shards, n_parts)).build(np.ones((n, 2), np.float32))._bounds)
+    assert cuts <= bounds
+    if n_parts == 1:
+        assert parts == [(0, n, n_shards)]  # a single index rank: the configured shards over every row
+
+
+def test_pool_parts_errors():
+    with pytest.raises(ValueError, match="n_parts"):
+        pool_parts(10, 1, 0)
+    with pytest.raises(ValueError, match="cannot split 3 vectors into 4"):
+        pool_parts(3, 1, 4)

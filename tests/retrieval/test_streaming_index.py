@@ -170,3 +170,20 @@ def test_the_index_rank_indexer_streams_and_replaces_its_store(tiny_embedder, sm
         indexer.build()
     with pytest.raises(ConfigError, match="index.on_disk"):
         OnDiskCorpusIndexer.from_config(tiny_embedder, build_config({"tracking": {"enabled": False}}), tmp_path)
+
+
+def test_a_pool_member_streams_encodes_and_indexes_its_rows_only(tiny_embedder, small_corpus, tmp_path):
+    """Member 1 of 2 (index.on_disk): its rows are the second run of the index's shards, encoded as the whole
+    corpus' rows are, in a work folder of its own; member 0's and 1's parts together cover every row."""
+    cfg = build_config({"data": {"format": "jsonl", "path": str(small_corpus), "corpus_path": str(small_corpus)},
+                        "index": {"device": "cpu", "n_shards": 3, "chunk_passages": 50},
+                        "tracking": {"enabled": False}})
+    whole = OnDiskCorpusIndexer.from_config(tiny_embedder, cfg, tmp_path / "all")
+    list(whole.shards())
+    one = OnDiskCorpusIndexer.from_config(tiny_embedder, cfg, tmp_path / "p1", part=(1, 2))
+    assert one.part_ranges == [(0, 76), (76, 230)] and one.rows == (76, 230)  # shards 0 | 1, 2 of 3
+    assert sum(len(a) for a in one.shards()) == 154
+    part = one.build()
+    assert part.n_shards == 2 and len(part) == 154
+    np.testing.assert_allclose(part.reconstruct(np.arange(154)), whole.build().reconstruct(np.arange(76, 230)),
+                               atol=1e-5)
