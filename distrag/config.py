@@ -283,6 +283,23 @@ class TrackingConfig(Section):
     """Name of the MLflow run (default: strategy and dataset)."""
     enabled: bool = True
     """Turn MLflow off (metrics still print)."""
+    log_model: bool = True
+    """Log each run's pipeline bundle as the run's MLflow model `pipeline` (a pyfunc: `mlflow models serve -m
+    runs:/<run>/pipeline`). It copies the bundle into the artifact store: about the adapter's size for generator
+    strategies, plus the encoder (90 MB for MiniLM) for strategies that train it (README, "Using a trained
+    pipeline")."""
+    register_model: str | None = None
+    """Register each run's MLflow model under this name in the model registry, with the run's quality and cost
+    as the version's tags (needs `log_model`)."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.register_model is not None and not self.register_model.strip():
+            raise ValueError("tracking.register_model must be a model name (or unset)")
+        if self.register_model and not self.log_model:
+            raise ValueError("tracking.register_model needs tracking.log_model: true (only a logged model can be "
+                             "registered)")
+        return self
 
 
 class ExperimentConfig(Section):
