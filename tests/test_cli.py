@@ -59,7 +59,11 @@ def test_eval_prints_a_table_and_records_one_eval_run(tmp_path, monkeypatch, cap
     assert r.data.metrics["cost/train_flops"] == 0 and r.data.metrics["cost/total_flops"] > 0
     assert {"test/em", "test/f1", "test/recall_at_3"} <= set(r.data.metrics)
     assert "predictions_test.jsonl" in artifact_paths(c, r.info.run_id)
-    assert not (tmp_path / "runs" / "models").exists()  # nothing trained, nothing saved
+    # the No-FT pipeline is saved as a bundle too, and logged as the run's MLflow model
+    bundle = next((tmp_path / "runs" / "models").glob("none-*"))
+    assert (bundle / "bundle.json").is_file() and not (bundle / "adapter").exists()
+    assert r.data.tags["distrag.bundle"] == str(bundle.resolve())
+    assert r.data.tags["distrag.model_uri"] == f"runs:/{r.info.run_id}/pipeline"
 
 
 @pytest.mark.timeout(60)

@@ -75,9 +75,10 @@ def file_table(root: str | Path, *, skip: Iterable[str] = (), progress=None) -> 
 def safe_relative(root: Path, rel: str) -> Path:
     """``root / rel`` for a manifest's relative path, refused when it could leave ``root`` (absolute, ``..``) or
     names code (:data:`CODE_SUFFIXES`)."""
-    p = PurePosixPath(rel) if isinstance(rel, str) else None
-    if p is None or not rel or p.is_absolute() or "\\" in rel or any(part in ("", ".", "..") for part in p.parts):
+    if not isinstance(rel, str) or rel.startswith("/") or "\\" in rel or \
+            any(part in ("", ".", "..") for part in rel.split("/")):
         raise BundleError(f"{root}: bundle.json lists {rel!r}, which is not a plain path inside the bundle")
+    p = PurePosixPath(rel)
     if p.suffix.lower() in CODE_SUFFIXES:
         raise BundleError(f"{root / rel}: a {p.suffix} file; bundles never hold pickles or code (they would run "
                           "when loaded)")
