@@ -1,4 +1,4 @@
-"""The ``distrag`` command line: eval, train, demo, sweep, report, advise.
+"""The ``distrag`` command line: eval, train, demo, sweep, report, advise, plan.
 
 Every command takes ``--config FILE`` (YAML) plus dotted overrides, e.g.::
 
@@ -6,6 +6,8 @@ Every command takes ``--config FILE`` (YAML) plus dotted overrides, e.g.::
 
 ``distrag COMMAND --help`` says what a command does, what it writes, the strategies it runs (read from
 the strategy table, distrag/strategies.py) and an example; ``distrag --version`` the version.
+
+Every argument is parsed here: the library below takes plain values (a ``GroupSelection``, a ``PlanTarget``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -25,8 +28,12 @@ from distrag import __version__  # noqa: E402
 from distrag.errors import ConfigError, user_error_exit  # noqa: E402
 from distrag.logging_setup import progress_enabled, setup_logging  # noqa: E402
 from distrag.metric_names import KIND_EVAL  # noqa: E402
-from distrag.reporting.groups import add_selection_args, selection_from_args  # noqa: E402
+from distrag.reporting.groups import GroupSelection  # noqa: E402
 from distrag.strategies import BASELINE, STRATEGIES, Strategy  # noqa: E402
+
+if TYPE_CHECKING:
+    from distrag.config import ExperimentConfig
+    from distrag.costs.plan import PlanTarget
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -135,13 +142,75 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def cmd_plan(args) -> int:
     from distrag.reporting.plan_view import run_plan
 
-    return run_plan(args, _load(args))
+    cfg = _load(args)
+    run_plan(target_from(args, cfg), Path(args.plot) if args.plot else Path(cfg.output_dir) / "plan.png")
+    return 0
 
 
-def _plan_args(p: argparse.ArgumentParser) -> None:
-    from distrag.reporting.plan_view import add_plan_args
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    """``distrag plan``'s own flags (unset ones come from ``--config`` and its overrides)."""
+    p.add_argument("--generator", help="model id / folder / .gguf, or a size: 135m, 1b, 3b, 8b, 70b "
+                                       "(default: generator.model)")
+    p.add_argument("--embedder", help="model id / folder, or a size: 22m, 110m, 335m (default: embedder.model)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default: generator.lora.r)")
+    p.add_argument("--qlora", action="store_true", help="4-bit base weights (QLoRA)")
+    p.add_argument("--corpus", type=int, default=100_000, help="passages in the corpus")
+    p.add_argument("--questions", type=int, default=10_000, help="training questions")
+    p.add_argument("--epochs", type=float, help="passes over the questions per phase (default: train.epochs)")
+    p.add_argument("--k", type=int, help="passages per question (default: train.train_k or retrieval.top_k)")
+    p.add_argument("--batch-size", type=int, help="questions per optimizer step (default: train.batch_size)")
+    p.add_argument("--grid", help="learning rates searched, MxN (default: len(sweep.lr_embedder) x "
+                                  "len(sweep.lr_generator))")
+    p.add_argument("--gpu", default="A100", help="A10, L4, A100, H100 or H200")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the job")
+    p.add_argument("--mfu", type=float, help="model-FLOPs utilisation (default: calibrated, see README)")
+    p.add_argument("--refresh-every", type=int, help="steps between index refreshes (default: train.refresh_every)")
+    p.add_argument("--staleness", type=int, help="index staleness target in steps (default: the refresh interval)")
+    p.add_argument("--passage-tokens", type=int, default=160, help="tokens per passage")
+    p.add_argument("--plot", help="write the plot here (default: <output_dir>/plan.png)")
 
-    add_plan_args(p)
+
+def target_from(args: argparse.Namespace, cfg: ExperimentConfig) -> PlanTarget:
+    """The :class:`~distrag.costs.plan.PlanTarget` of ``distrag plan``'s flags, unset ones read from the
+    experiment config."""
+    from distrag.costs.plan import DEFAULT_MFU, PlanTarget
+
+    grid = (len(cfg.sweep.lr_embedder), len(cfg.sweep.lr_generator))
+    if args.grid:
+        try:
+            m, n = (int(x) for x in args.grid.lower().split("x"))
+        except ValueError:
+            raise ConfigError([("--grid", f"expected MxN, e.g. 3x3; got {args.grid!r}")]) from None
+        grid = (m, n)
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return PlanTarget(
+        generator=args.generator or cfg.generator.model, embedder=args.embedder or cfg.embedder.model,
+        lora_r=pick(args.lora_r, cfg.generator.lora.r), lora_targets=tuple(cfg.generator.lora.target_modules),
+        qlora=args.qlora, corpus=args.corpus, questions=args.questions, epochs=pick(args.epochs, cfg.train.epochs),
+        k=pick(args.k, cfg.train.train_k or cfg.retrieval.top_k),
+        batch_size=pick(args.batch_size, cfg.train.batch_size),
+        grid=grid, gpu=args.gpu, n_gpus=args.gpus, mfu=pick(args.mfu, DEFAULT_MFU),
+        refresh_every=pick(args.refresh_every, cfg.train.refresh_every), staleness=args.staleness,
+        passage_tokens=args.passage_tokens, gradient_checkpointing=cfg.generator.gradient_checkpointing,
+        pair_micro_batch=cfg.train.pair_micro_batch)
+
+
+def add_selection_args(p: argparse.ArgumentParser) -> None:
+    """``--group``, ``--dataset`` and ``--list-groups`` (``distrag report`` and ``distrag advise``)."""
+    p.add_argument("--group", help="comparison group to show: its id or a prefix (see --list-groups); default: "
+                                   "the newest complete group")
+    p.add_argument("--dataset", help="only groups of this dataset (e.g. synthetic, hotpotqa:dev.json)")
+    p.add_argument("--list-groups", action="store_true",
+                   help="list the comparison groups recorded (dataset, models, split, k, settings) and exit")
+
+
+def selection_from_args(args: argparse.Namespace) -> GroupSelection:
+    """The group ``--group`` / ``--dataset`` / ``--list-groups`` select (the default group without them)."""
+    return GroupSelection(getattr(args, "group", None), getattr(args, "dataset", None),
+                          bool(getattr(args, "list_groups", False)))
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -281,7 +350,7 @@ COMMANDS = [
             "come from --config and its overrides. Trains nothing.",
             "distrag plan --generator 8b --embedder 110m --qlora --lora-r 16 --gpu A10 --gpus 8 --corpus 5233329 "
             "--questions 90447 --k 5 --grid 3x3",
-            strategy_list, _plan_args),
+            strategy_list, add_plan_args),
 ]
 
 

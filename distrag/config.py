@@ -284,21 +284,15 @@ class TrackingConfig(Section):
     enabled: bool = True
     """Turn MLflow off (metrics still print)."""
     log_model: bool = True
-    """Log each run's pipeline bundle as the run's MLflow model `pipeline` (a pyfunc: `mlflow models serve -m
-    runs:/<run>/pipeline`). It copies the bundle into the artifact store: about the adapter's size for generator
-    strategies, plus the encoder (90 MB for MiniLM) for strategies that train it (README, "Using a trained
-    pipeline")."""
+    """Log each run's pipeline bundle as its MLflow model `pipeline` (`mlflow models serve -m runs:/<run>/pipeline`):
+    a copy of the bundle in the artifact store (sizes and times: README, "Using a trained pipeline")."""
     register_model: str | None = None
-    """Register each run's MLflow model under this name in the model registry, with the run's quality and cost
-    as the version's tags (needs `log_model`)."""
+    """Register each run's MLflow model under this name, its quality and cost as the version's tags."""
 
     @model_validator(mode="after")
     def _check(self):
-        if self.register_model is not None and not self.register_model.strip():
-            raise ValueError("tracking.register_model must be a model name (or unset)")
-        if self.register_model and not self.log_model:
-            raise ValueError("tracking.register_model needs tracking.log_model: true (only a logged model can be "
-                             "registered)")
+        if self.register_model is not None and (not self.register_model.strip() or not self.log_model):
+            raise ValueError("tracking.register_model needs a model name and tracking.log_model: true")
         return self
 
 
@@ -326,7 +320,9 @@ class ExperimentConfig(Section):
     eval_split: Literal["train", "dev", "test"] = "test"
     """Split scored by `distrag eval` and by each strategy's final evaluation."""
     max_eval_questions: int | None = Field(None, ge=1)
-    """Score at most this many questions of the eval split."""
+    """Generate answers for at most this many questions of the eval split (EM / F1 are scored on them). Retrieval
+    (Recall@k, Recall-all@k, answer recall@k, MRR@k, nDCG@k) is always scored on every question of the split, in a
+    pass of its own that needs no generator."""
 
     def config_hash(self) -> str:
         """Stable hash of the settings that shape the results (tags runs so identical configs can be

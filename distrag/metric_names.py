@@ -22,10 +22,10 @@ TAG_CONFIG_HASH = "distrag.config_hash"
 """Hash of the whole configuration (distrag.config.ExperimentConfig.config_hash)."""
 TAG_COMPARISON = "distrag.comparison"
 """Hash of the settings rows must share to be compared: the configuration without the strategy's own
-fields (distrag.reporting.groups.comparison_hash)."""
+fields (distrag.reporting.comparison.comparison_hash)."""
 TAG_GROUP = "distrag.group"
 """The comparison group of a strategy or report run: (dataset, models, eval split, k, comparison hash)
-hashed (distrag.reporting.groups.GroupKey.id); the report and ``advise`` never mix groups."""
+hashed (distrag.reporting.comparison.GroupKey.id); the report and ``advise`` never mix groups."""
 TAG_EVAL_SPLIT = "distrag.eval_split"
 """Split the run's quality metrics were measured on (their name prefix)."""
 TAG_DECODING = "distrag.decoding"
@@ -102,7 +102,11 @@ def split_metric(split: str, name: str) -> str:
     return f"{split}/{name}"
 
 
-AT_K_METRICS = ("recall", "recall_all", "answer_recall")
+N_RETRIEVAL_QUESTIONS = "n_retrieval_questions"
+"""Questions the retrieval metrics were computed on: every question of the split (the generation, and so EM / F1
+and ``n_questions``, may be capped by ``max_eval_questions``)."""
+
+AT_K_METRICS = ("recall", "recall_all", "answer_recall", "mrr", "ndcg")
 """Quality metrics measured at the eval k: logged as ``<name>_at_<k>`` (e.g. ``test/recall_at_5``) and
 under the k-free name ``<name>`` (``test/recall``), which MLflow's compare view lines up across runs
 evaluated at different k (k itself is the param ``retrieval.top_k`` and the tag ``distrag.eval_k``)."""

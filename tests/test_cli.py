@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import re
 import shlex
@@ -16,6 +17,9 @@ from sample_data import write_popqa_selfrag
 
 import distrag
 from distrag import cli
+from distrag.cli import add_plan_args, add_selection_args, selection_from_args, target_from
+from distrag.config import build_config
+from distrag.reporting.groups import GroupSelection
 from distrag.strategies import GEN, STRATEGIES, Strategy
 
 # ----------------------------------------------------------------------------------------------
@@ -269,3 +273,38 @@ def test_sweep_logs_progress_over_its_grid_points_as_plain_lines(tmp_path, monke
         "sweep: 1/2 grid points (50%), gen_ft lr_generator=0.0001 done",
         "sweep: 2/2 grid points (100%), gen_ft lr_generator=0.001 done"]
     assert "\r" not in err and "it/s" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments the command line turns into plain values for the library
+
+
+def test_command_line_selection():
+    p = argparse.ArgumentParser()
+    add_selection_args(p)
+    sel = selection_from_args(p.parse_args(["--group", "ab12", "--dataset", "popqa", "--list-groups"]))
+    assert sel == GroupSelection("ab12", "popqa", True)
+    assert selection_from_args(p.parse_args([])) == GroupSelection()
+    assert selection_from_args(argparse.Namespace()) == GroupSelection()  # a parser without the options
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_plan_args(p)
+    return p.parse_args(list(argv))
+
+
+def test_unset_flags_come_from_the_config():
+    cfg = build_config({"retrieval": {"top_k": 4}, "train": {"batch_size": 16, "micro_batch_size": 8},
+                        "sweep": {"lr_embedder": [1e-5, 2e-5, 3e-5]}, "generator": {"lora": {"r": 32}}})
+    t = target_from(_args(), cfg)
+    assert (t.k, t.batch_size, t.grid, t.lora_r) == (4, 16, (3, 2), 32)
+    t = target_from(_args("--k", "2", "--grid", "1x5", "--lora-r", "4"), cfg)
+    assert (t.k, t.grid, t.lora_r) == (2, (1, 5), 4)
+
+
+def test_a_malformed_grid_is_a_config_error():
+    from distrag.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="MxN"):
+        target_from(_args("--grid", "3by3"), build_config({}))

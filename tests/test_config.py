@@ -113,3 +113,14 @@ def test_bad_files_are_config_errors(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty) == ExperimentConfig()
+
+
+def test_registering_a_model_needs_a_name_and_a_logged_model():
+    from distrag.config import build_config
+    from distrag.errors import ConfigError
+
+    assert build_config({"tracking": {"register_model": "rag"}}).tracking.log_model is True  # logged by default
+    for bad in ({"register_model": " "}, {"register_model": "rag", "log_model": False}):
+        with pytest.raises(ConfigError, match="tracking: tracking.register_model needs a model name and "
+                                              "tracking.log_model: true"):
+            build_config({"tracking": bad})

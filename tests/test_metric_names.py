@@ -27,6 +27,6 @@ def test_k_free_names_and_per_trainer_names():
     m = {"test/recall_at_5": 0.4, "test/recall_all_at_5": 0.2, "answer_recall_at_3": 0.9, "test/em": 0.3,
          "test/other_at_5": 1.0, "test/recall_at_x": 0.1}
     assert mn.k_free(m) == {"test/recall": 0.4, "test/recall_all": 0.2, "answer_recall": 0.9}
-    assert set(mn.AT_K_METRICS) == {"recall", "recall_all", "answer_recall"}
+    assert set(mn.AT_K_METRICS) == {"recall", "recall_all", "answer_recall", "mrr", "ndcg"}
     assert mn.trainer_metric(1, mn.INDEX_BLOCKED_S) == "index/trainer1/blocked_s"
     assert validate_metric_name(mn.trainer_metric(12, mn.INDEX_BLOCKED_SHARE)) == "index/trainer12/blocked_share"

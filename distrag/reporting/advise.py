@@ -9,7 +9,7 @@ different compute. Their rule:
 - no context labels, learning rates to search -> two-phase: its search is m + n runs, joint's m x n.
 
 ``advise`` applies the rule to what one comparison group of this MLflow experiment measured
-(:func:`distrag.reporting.results.load_group`: same dataset, models, eval split, k and settings; by
+(:func:`distrag.reporting.tracking.load_group`: same dataset, models, eval split, k and settings; by
 default the newest complete group, see :mod:`distrag.reporting.groups`):
 EM/F1 of each recorded strategy, training FLOPs, wall-clock, the search cost projected from the
 measured per-run (or per-phase) cost and the grid sizes (m = len(sweep.lr_embedder),
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from distrag import metric_names as mn
 from distrag.errors import ConfigError
-from distrag.reporting.groups import GroupSelection, other_groups_note
-from distrag.reporting.report import fmt_flops
-from distrag.reporting.results import Loaded, StrategyResult
+from distrag.reporting.columns import fmt_flops
+from distrag.reporting.groups import GroupSelection, Loaded, other_groups_note
+from distrag.reporting.results import StrategyResult
 from distrag.strategies import BY_KEY, STRATEGIES, Strategy, advised
 
 __all__ = ["advise", "em_noise", "training_compute"]
@@ -293,7 +293,7 @@ def advise(tracking_cfg, *, labels_available: bool | None, lrs_known: bool, grid
     runs (else the default grid).
     """
     from distrag.reporting.report import groups_text
-    from distrag.reporting.results import load_group
+    from distrag.reporting.tracking import load_group
 
     if selection is not None and selection.list_groups:
         return groups_text(tracking_cfg) + "\n"

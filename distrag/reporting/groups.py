@@ -1,14 +1,7 @@
 """Comparison groups: which recorded runs may share one table, one set of plots, one recommendation.
 
-Rows of a table must differ only in training. A :class:`GroupKey` says what they share:
-
-* the dataset (``distrag.dataset``), the embedder and the generator (``distrag.embedder`` / ``.generator``),
-* the split they are scored on (``distrag.eval_split``) and the k they are evaluated at (``distrag.eval_k``),
-* the **comparison hash** (``distrag.comparison``, :func:`comparison_hash`): the configuration without the
-  strategy's own fields (``train.strategy``, ``train.rag_loss``, ``train.two_phase_order``, the learning
-  rates) and without the ``sweep`` section, so the seven rows of a demo, and a sweep's selected runs, land
-  in one group, while a change of steps, batch size, decoder, index or data settings starts another.
-  ``distrag.config_hash`` still hashes the whole configuration.
+Rows are grouped by their :class:`~distrag.reporting.comparison.GroupKey` (dataset, models, eval split, k
+and comparison hash: :mod:`distrag.reporting.comparison`), so rows of one group differ only in training.
 
 The report and ``advise`` show one group at a time (:func:`choose`): the one named with ``--group`` (an
 id or its prefix) or narrowed with ``--dataset``, else the **newest complete group**. A group is
@@ -17,151 +10,23 @@ context labels exist (a strategy that needs them was recorded, or retrieval reca
 the five that need none. When no group is complete, the one with the most strategies is shown (ties: the
 newest) and the output says so. ``--list-groups`` lists them all.
 
-Runs recorded before these tags existed are grouped from what they carry: missing eval split and k are
-read from the run's params (``eval_split``, ``retrieval.top_k``) or its metric names, and the comparison
-hash is computed from the configuration rebuilt from its params (:func:`comparison_from_params`).
+Nothing here reads MLflow: :func:`distrag.reporting.tracking.load_groups` reads the runs and groups them
+with :func:`group_rows`.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from distrag import metric_names as mn
-from distrag.errors import ConfigError, UserError
+from distrag.errors import ConfigError
+from distrag.reporting.comparison import GroupKey, key_of
 from distrag.strategies import BY_KEY, STRATEGIES
 
 if TYPE_CHECKING:
-    from distrag.config import ExperimentConfig
     from distrag.reporting.results import StrategyResult
-
-STRATEGY_FIELDS = ("strategy", "rag_loss", "two_phase_order", "lr_embedder", "lr_generator")
-"""The ``train`` fields that pick a strategy or are searched per strategy: left out of the comparison
-hash (with the whole ``sweep`` section)."""
-
-
-def comparison_hash(cfg: ExperimentConfig) -> str:
-    """Hash of the settings every row of a comparison must share: :meth:`ExperimentConfig.config_hash` of
-    ``cfg`` with the ``STRATEGY_FIELDS`` and the ``sweep`` section set to their defaults."""
-    from distrag.config import SweepConfig, TrainConfig
-
-    c = cfg.model_copy(deep=True)
-    defaults = TrainConfig()
-    for name in STRATEGY_FIELDS:
-        setattr(c.train, name, getattr(defaults, name))
-    c.sweep = SweepConfig()
-    return c.config_hash()
-
-
-def _param_value(raw: str):
-    """A param as logged (``str(value)``) back to a value the configuration accepts."""
-    import yaml
-
-    if raw == "None":
-        return None
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    if raw[:1] in "[{" or isinstance(value, (bool, int, float)):
-        return value
-    return raw  # text stays text (a prompt with a colon is not a mapping)
-
-
-def comparison_from_params(params: dict[str, str]) -> str | None:
-    """The comparison hash of a run recorded without the ``distrag.comparison`` tag, from its params (the
-    flattened configuration): the configuration rebuilt and hashed as :func:`comparison_hash` does; when
-    the params do not form a valid configuration, a hash of them without the strategy's fields, sweep
-    and tracking settings (``params:...``); None without params."""
-    if not params:
-        return None
-    if {k.split(".", 1)[0] for k in params} >= _SECTIONS:  # a whole configuration was logged
-        return _rebuilt_hash(params) or _params_hash(params)
-    return _params_hash(params)
-
-
-_SECTIONS = {"data", "embedder", "generator", "retrieval", "train"}
-
-
-def _rebuilt_hash(params: dict[str, str]) -> str | None:
-    from distrag.config import build_config
-
-    tree: dict = {}
-    for key, raw in params.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[leaf] = _param_value(raw)
-    try:
-        return comparison_hash(build_config(tree))
-    except (UserError, ValueError, TypeError):
-        return None
-
-
-def _params_hash(params: dict[str, str]) -> str:
-    skip = {f"train.{f}" for f in STRATEGY_FIELDS}
-    kept = {k: v for k, v in params.items()
-            if k not in skip and k.split(".", 1)[0] not in ("sweep", "tracking", "output_dir")}
-    return "params:" + hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class GroupKey:
-    """What every row of one comparison shares (None: not recorded with the run)."""
-
-    dataset: str | None
-    embedder: str | None
-    generator: str | None
-    eval_split: str | None
-    k: int | None
-    comparison: str | None
-
-    @property
-    def id(self) -> str:
-        """Short stable id (``distrag.group`` tag, ``--group``)."""
-        return hashlib.sha256("\x1f".join(map(str, astuple(self))).encode()).hexdigest()[:8]
-
-    def covers(self, other: GroupKey) -> bool:
-        """Whether ``other`` may belong to this group: equal wherever ``other`` is known (a sweep run
-        that did not record its k matches the groups of every k)."""
-        return all(b is None or a == b for a, b in zip(astuple(self), astuple(other)))
-
-    def describe(self) -> str:
-        """One line: dataset, models, split, k and settings hash."""
-        return (f"{self.dataset or '?'}, {self.eval_split or '?'} split, k={self.k if self.k is not None else '?'}, "
-                f"embedder {self.embedder or '?'}, generator {self.generator or '?'}, "
-                f"settings {self.comparison or '?'}")
-
-    def tags(self) -> dict[str, str]:
-        """The tags that name this group on a report run."""
-        tags = {mn.TAG_GROUP: self.id, mn.TAG_DATASET: self.dataset, mn.TAG_EMBEDDER: self.embedder,
-                mn.TAG_GENERATOR: self.generator, mn.TAG_EVAL_SPLIT: self.eval_split,
-                mn.TAG_EVAL_K: None if self.k is None else str(self.k), mn.TAG_COMPARISON: self.comparison}
-        return {k: v for k, v in tags.items() if v is not None}
-
-
-class _Keyed(Protocol):
-    dataset: str
-    embedder: str
-    generator: str
-    eval_split: str
-    k: int | None
-    comparison: str
-
-
-def key_of(row: _Keyed) -> GroupKey:
-    """The group of a row (a :class:`StrategyResult`) or of a sweep's search record (empty fields: unknown)."""
-    return GroupKey(row.dataset or None, row.embedder or None, row.generator or None, row.eval_split or None,
-                    row.k, row.comparison or None)
 
 
 @dataclass
@@ -284,15 +149,11 @@ def other_groups_note(groups: Sequence[Group], chosen: Group) -> str:
             f"models, split, k or settings): list them with --list-groups, pick one with --group ID")
 
 
-def add_selection_args(p: argparse.ArgumentParser) -> None:
-    """``--group``, ``--dataset`` and ``--list-groups`` (``distrag report`` and ``distrag advise``)."""
-    p.add_argument("--group", help="comparison group to show: its id or a prefix (see --list-groups); default: "
-                                   "the newest complete group")
-    p.add_argument("--dataset", help="only groups of this dataset (e.g. synthetic, hotpotqa:dev.json)")
-    p.add_argument("--list-groups", action="store_true",
-                   help="list the comparison groups recorded (dataset, models, split, k, settings) and exit")
+@dataclass
+class Loaded:
+    """The group chosen for a report or a recommendation, and every group recorded."""
 
-
-def selection_from_args(args: argparse.Namespace) -> GroupSelection:
-    return GroupSelection(getattr(args, "group", None), getattr(args, "dataset", None),
-                          bool(getattr(args, "list_groups", False)))
+    group: Group
+    why: str
+    """Why this group ("the newest complete group", "selected with --group", ...)."""
+    groups: list[Group]

@@ -1,5 +1,6 @@
 """``distrag plan`` on the terminal and on disk: the projection table (rich) and the plot (search device-hours
-and memory per device of every strategy), from a :class:`~distrag.costs.plan.Plan`."""
+and memory per device of every strategy), from a :class:`~distrag.costs.plan.Plan`. The command's flags,
+and the :class:`~distrag.costs.plan.PlanTarget` they make, are :mod:`distrag.cli`'s."""
 
 from __future__ import annotations
 
@@ -96,67 +97,12 @@ def write_plan_plot(p: Plan, path: Path) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-# the `distrag plan` command: its arguments, defaults from the experiment config
-
-
-def add_plan_args(p) -> None:
-    """``distrag plan``'s own flags (unset ones come from ``--config`` and its overrides)."""
-    p.add_argument("--generator", help="model id / folder / .gguf, or a size: 135m, 1b, 3b, 8b, 70b "
-                                       "(default: generator.model)")
-    p.add_argument("--embedder", help="model id / folder, or a size: 22m, 110m, 335m (default: embedder.model)")
-    p.add_argument("--lora-r", type=int, help="LoRA rank (default: generator.lora.r)")
-    p.add_argument("--qlora", action="store_true", help="4-bit base weights (QLoRA)")
-    p.add_argument("--corpus", type=int, default=100_000, help="passages in the corpus")
-    p.add_argument("--questions", type=int, default=10_000, help="training questions")
-    p.add_argument("--epochs", type=float, help="passes over the questions per phase (default: train.epochs)")
-    p.add_argument("--k", type=int, help="passages per question (default: train.train_k or retrieval.top_k)")
-    p.add_argument("--batch-size", type=int, help="questions per optimizer step (default: train.batch_size)")
-    p.add_argument("--grid", help="learning rates searched, MxN (default: len(sweep.lr_embedder) x "
-                                  "len(sweep.lr_generator))")
-    p.add_argument("--gpu", default="A100", help="A10, L4, A100, H100 or H200")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs of the job")
-    p.add_argument("--mfu", type=float, help="model-FLOPs utilisation (default: calibrated, see README)")
-    p.add_argument("--refresh-every", type=int, help="steps between index refreshes (default: train.refresh_every)")
-    p.add_argument("--staleness", type=int, help="index staleness target in steps (default: the refresh interval)")
-    p.add_argument("--passage-tokens", type=int, default=160, help="tokens per passage")
-    p.add_argument("--plot", help="write the plot here (default: <output_dir>/plan.png)")
-
-
-def target_from(args, cfg) -> PlanTarget:
-    """The :class:`PlanTarget` of the command line, unset flags read from the experiment config."""
-    from distrag.costs.plan import DEFAULT_MFU, PlanTarget
-    from distrag.errors import ConfigError
-
-    grid = (len(cfg.sweep.lr_embedder), len(cfg.sweep.lr_generator))
-    if args.grid:
-        try:
-            m, n = (int(x) for x in args.grid.lower().split("x"))
-        except ValueError:
-            raise ConfigError([("--grid", f"expected MxN, e.g. 3x3; got {args.grid!r}")]) from None
-        grid = (m, n)
-
-    def pick(value, default):
-        return default if value is None else value
-
-    return PlanTarget(
-        generator=args.generator or cfg.generator.model, embedder=args.embedder or cfg.embedder.model,
-        lora_r=pick(args.lora_r, cfg.generator.lora.r), lora_targets=tuple(cfg.generator.lora.target_modules),
-        qlora=args.qlora, corpus=args.corpus, questions=args.questions, epochs=pick(args.epochs, cfg.train.epochs),
-        k=pick(args.k, cfg.train.train_k or cfg.retrieval.top_k),
-        batch_size=pick(args.batch_size, cfg.train.batch_size),
-        grid=grid, gpu=args.gpu, n_gpus=args.gpus, mfu=pick(args.mfu, DEFAULT_MFU),
-        refresh_every=pick(args.refresh_every, cfg.train.refresh_every), staleness=args.staleness,
-        passage_tokens=args.passage_tokens, gradient_checkpointing=cfg.generator.gradient_checkpointing,
-        pair_micro_batch=cfg.train.pair_micro_batch)
-
-
-def run_plan(args, cfg) -> int:
-    """``distrag plan``: print the projection and write its plot."""
+def run_plan(target: PlanTarget, plot: Path) -> Path:
+    """``distrag plan``: project ``target``, print the projection and write its plot to ``plot``."""
     from distrag.costs.plan import plan
 
-    p = plan(target_from(args, cfg))
+    p = plan(target)
     print_plan(p)
-    out = write_plan_plot(p, Path(args.plot) if args.plot else Path(cfg.output_dir) / "plan.png")
+    out = write_plan_plot(p, plot)
     print(f"plot: {out}")
-    return 0
+    return out

@@ -4,7 +4,7 @@ Costs of a comparison span orders of magnitude (a No-FT evaluation next to a joi
 so every cost axis is logarithmic. Strategies often land on the same spot, so point labels are placed by
 :func:`place_labels`: each label takes the first of a ring of offsets around its point whose text box
 stays inside the axes and overlaps no other label, point or legend (a thin leader line joins a label
-placed away from its point). Rows come from :func:`distrag.reporting.report.result_rows`.
+placed away from its point). Rows come from :func:`distrag.reporting.columns.result_rows`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distrag import metric_names as mn
-from distrag.reporting.report import fmt_flops
+from distrag.reporting.columns import fmt_flops
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

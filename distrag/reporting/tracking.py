@@ -1,6 +1,7 @@
-"""MLflow records: one run per experiment step (strategy, phase or sweep point), logged by rank 0 only.
+"""MLflow, written and read in this one module: one run per experiment step (strategy, phase or sweep
+point), logged by rank 0 only, and read back as the report's rows.
 
-Other ranks get a ``NullTracker`` with the same methods, so calling code never branches on the rank.
+Writing: other ranks get a ``NullTracker`` with the same methods, so calling code never branches on the rank.
 Everything goes through ``MlflowClient`` with explicit run ids (no global active-run state), which
 lets a sweep hold a parent run open while its grid points log as children, and lets a resumed job
 continue the same run id.
@@ -16,6 +17,10 @@ Tags every distrag run carries (used by ``distrag report``; the names live in di
 ``distrag.embedder``, ``distrag.generator``, ``distrag.config_hash``, ``distrag.comparison``; strategy runs add
 ``distrag.label``, ``distrag.eval_split``, ``distrag.decoding``, ``distrag.eval_k``, ``distrag.passage_vectors``
 and ``distrag.group``, sweep runs ``distrag.selected_run`` and ``distrag.notes``, report runs ``distrag.group``.
+
+Reading (:func:`load_group`) creates nothing. Each finished strategy run becomes a ``StrategyResult`` that
+keeps every metric the run logged, so a new report column (:mod:`distrag.reporting.columns`) can read a
+new metric; the rows are then grouped (:mod:`distrag.reporting.groups`).
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ from typing import Any
 
 from distrag import metric_names as mn
 from distrag.config import ExperimentConfig, TrackingConfig
+from distrag.errors import ConfigError
 from distrag.redaction import mask_credentials, masked_exception
-from distrag.reporting.groups import comparison_hash
+from distrag.reporting.comparison import GroupKey, comparison_from_params, comparison_hash, key_of
+from distrag.reporting.groups import Group, GroupSelection, Loaded, choose, group_rows
+from distrag.reporting.results import SearchRecord, StrategyResult
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +210,7 @@ class Tracker(NullTracker):
 
     @_masks_errors
     def child(self, *, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
-        from mlflow.tracking import MlflowClient  # noqa: F401  (same client, new run)
-
+        """A new run, a child of this one, through the same client."""
         all_tags = {"mlflow.runName": run_name, "mlflow.parentRunId": self.run_id, **(tags or {})}
         rid = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
         return Tracker(self.client, self.experiment_id, rid, self.uri)
@@ -289,3 +296,122 @@ def where_runs_are(tracking_cfg: TrackingConfig) -> str:
     uri = mask_credentials(tracking_cfg.uri or default_tracking_uri())
     return (f"MLflow runs in {uri} (experiment '{tracking_cfg.experiment}'); "
             f"browse with: mlflow ui --backend-store-uri {uri}")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading runs back
+
+
+def open_experiment(tracking_cfg: TrackingConfig) -> tuple[Any, Any]:
+    """``(MlflowClient, experiment)`` of ``tracking_cfg``, without creating anything: a missing SQLite
+    store or experiment is a :class:`ConfigError` (so ``distrag report`` in the wrong folder says so and
+    leaves no empty store behind)."""
+    uri = tracking_cfg.uri or default_tracking_uri()
+    db = sqlite_file(uri)
+    if db is not None and not db.is_file():
+        where = "in this folder" if db.parent == Path.cwd().resolve() else f"at {db.parent}"
+        raise ConfigError([("tracking.uri", f"no MLflow store {where} ({db} does not exist): nothing was recorded "
+                                            "there. Run this in the folder where distrag demo/train/eval/sweep ran, or "
+                                            "point tracking.uri at the store, e.g. "
+                                            "tracking.uri=sqlite:////path/to/mlflow.db or http://host:5000")])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(tracking_cfg.experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        there = f"; experiments there: {', '.join(names)} (set tracking.experiment=NAME)" if names else ""
+        raise ConfigError([("tracking.experiment", f"no MLflow experiment named {tracking_cfg.experiment!r} at "
+                                                   f"{mask_credentials(uri)}{there}")])
+    return client, exp
+
+
+def read_recorded(tracking_cfg: TrackingConfig, *, kinds: tuple[str, ...] = (mn.KIND_STRATEGY, mn.KIND_EVAL)
+                  ) -> tuple[list[StrategyResult], list[SearchRecord]]:
+    """Every finished run of ``kinds`` as a row (newest first, split prefix stripped from its metrics) and
+    every finished sweep run's search cost."""
+    client, exp = open_experiment(tracking_cfg)
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=5000)
+    rows, searches = [], []
+    for run in runs:
+        tags, m = run.data.tags, run.data.metrics
+        kind, key = tags.get(mn.TAG_KIND), tags.get(mn.TAG_STRATEGY)
+        if key is None:
+            continue
+        if kind == mn.KIND_SWEEP and mn.SWEEP_SEARCH_FLOPS in m:
+            r = _from_run(run, key, default_split="")
+            searches.append(SearchRecord(key, m[mn.SWEEP_SEARCH_FLOPS], r.dataset, r.embedder, r.generator,
+                                         r.eval_split, r.k, r.comparison))
+        elif kind in kinds:
+            rows.append(_from_run(run, key))
+    return rows, searches
+
+
+def _eval_k(tags: dict, params: dict, metrics: dict) -> int | None:
+    """The k a run was evaluated at: its tag, else its ``retrieval.top_k`` param, else its metric names."""
+    for raw in (tags.get(mn.TAG_EVAL_K), params.get("retrieval.top_k")):
+        if raw is not None and str(raw).isdigit():
+            return int(raw)
+    tails = [name.rpartition("_at_")[2] for name in metrics if "_at_" in name]
+    return next((int(tail) for tail in tails if tail.isdigit()), None)
+
+
+def _from_run(run: Any, key: str, *, default_split: str = "test") -> StrategyResult:
+    """A run as a row. Every metric is kept, in exactly one place: the eval split's quality without its
+    prefix (``metrics``), the ledger's ``cost/*`` (``costs``), every other under its full name (``extra``)."""
+    tags, m, params = run.data.tags, run.data.metrics, dict(run.data.params)
+    split = tags.get(mn.TAG_EVAL_SPLIT) or params.get("eval_split") or default_split
+    quality, cost = f"{split}/", f"{mn.COST_PREFIX}/"
+    metrics = {k[len(quality):]: v for k, v in m.items() if k.startswith(quality)}
+    costs = {k: v for k, v in m.items() if k.startswith(cost)}
+    extra = {k: v for k, v in m.items() if not k.startswith((quality, cost))}
+    return StrategyResult(key, tags.get(mn.TAG_LABEL, key), metrics, costs, costs.get(mn.COST_WALL_S, 0.0),
+                          run.info.run_id, own_flops=costs.get(mn.COST_OWN_FLOPS, 0.0),
+                          dataset=tags.get(mn.TAG_DATASET, ""), params=params,
+                          decoding=tags.get(mn.TAG_DECODING, ""), k=_eval_k(tags, params, m),
+                          passage_vectors=tags.get(mn.TAG_PASSAGE_VECTORS, ""),
+                          embedder=tags.get(mn.TAG_EMBEDDER, ""), generator=tags.get(mn.TAG_GENERATOR, ""),
+                          eval_split=split,
+                          comparison=tags.get(mn.TAG_COMPARISON) or comparison_from_params(params) or "",
+                          started_ms=int(run.info.start_time or 0), extra=extra)
+
+
+def load_groups(tracking_cfg: TrackingConfig) -> list[Group]:
+    """Every comparison group recorded in the experiment, newest first, each with the newest finished run
+    of each strategy (table order) and, where a sweep of the same group searched it, its search cost."""
+    from distrag.strategies import BY_KEY
+
+    rows, searches = read_recorded(tracking_cfg)
+    groups = group_rows(rows)
+    for g in groups:
+        for r in g.rows:
+            # sweeps are tagged with the swept train.strategy ("joint" for both joint rows); newest first
+            swept = (r.key, BY_KEY[r.key].train_strategy if r.key in BY_KEY else r.key)
+            r.search_flops = next((s.search_flops for s in searches
+                                   if s.key in swept and g.key.covers(key_of(s))), None)
+    return groups
+
+
+def load_group(tracking_cfg: TrackingConfig, selection: GroupSelection | None = None) -> Loaded:
+    """The group ``selection`` picks (by default the newest complete one; see
+    :func:`distrag.reporting.groups.choose`)."""
+    groups = load_groups(tracking_cfg)
+    group, why = choose(groups, selection)
+    return Loaded(group, why, groups)
+
+
+def load_runs(tracking_cfg: TrackingConfig, selection: GroupSelection | None = None) -> list[StrategyResult]:
+    """The rows of the group ``selection`` picks: the newest finished run of each strategy, table order."""
+    return load_group(tracking_cfg, selection).group.rows
+
+
+def open_report_run(tracking_cfg: TrackingConfig, key: GroupKey) -> Tracker:
+    """The one report run of group ``key``: reopened when it exists (its ``distrag.group`` tag), else created."""
+    client, exp = open_experiment(tracking_cfg)
+    found = client.search_runs([exp.experiment_id], f"tags.`{mn.TAG_KIND}` = '{mn.KIND_REPORT}' and "
+                               f"tags.`{mn.TAG_GROUP}` = '{key.id}'", order_by=["attributes.start_time DESC"],
+                               max_results=1)
+    return Tracker.open(tracking_cfg, run_name=f"report {key.id} {key.dataset or ''}".strip(),
+                        tags={mn.TAG_KIND: mn.KIND_REPORT, **key.tags()},
+                        run_id=found[0].info.run_id if found else None)

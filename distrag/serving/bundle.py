@@ -90,8 +90,8 @@ class Evaluation:
         """From an evaluation's metrics and per-question outcomes; ``run``: the run's id, experiment, URI, group."""
         import numpy as np
 
+        from distrag.reporting.columns import em_interval
         from distrag.reporting.paired import paired_bootstrap
-        from distrag.reporting.report import em_interval
 
         n = int(metrics.get("n_questions", len(per_question)))
         f1s = np.array([float(o["f1"]) for o in per_question if o.get("f1") is not None])

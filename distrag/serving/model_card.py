@@ -11,7 +11,7 @@ table links back to each row's bundle.
 from __future__ import annotations
 
 from distrag import metric_names as mn
-from distrag.reporting.report import fmt_flops
+from distrag.reporting.columns import fmt_flops
 
 REPORT_FROM_BUNDLE = "../../report/report.html"
 """The default report's place seen from a bundle in ``<output_dir>/models/<name>/``."""
@@ -34,6 +34,10 @@ def _quality_rows(ev: dict, k: int) -> list[str]:
         value = q.get(f"{name}_at_{k}")
         if value is not None:
             rows.append(f"| {label.format(k=k)} | {_pct(value)} | |")
+    n_retrieval = q.get(mn.N_RETRIEVAL_QUESTIONS)
+    if n_retrieval is not None and int(n_retrieval) != ev["n_questions"]:
+        rows += ["", f"Retrieval is scored on all {int(n_retrieval)} questions of the split; EM and F1 on the first "
+                     f"{ev['n_questions']} (`max_eval_questions`)."]
     return rows
 
 

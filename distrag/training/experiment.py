@@ -29,11 +29,12 @@ from distrag.distributed.preemption import sigterm_as_interrupt
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.redaction import mask_credentials, mask_tree
-from distrag.reporting.groups import comparison_hash, key_of
+from distrag.reporting.comparison import comparison_hash, key_of
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import experiment_tags, flatten, open_tracker
 from distrag.retrieval.corpus_encoding import build_index, index_cache_dir, load_or_build_index
-from distrag.retrieval.pipeline import EvalResult, RAGPipeline
+from distrag.retrieval.pipeline import EvalResult, RAGPipeline, RetrievalEval
+from distrag.retrieval.qa_metrics import RETRIEVAL_METRICS
 from distrag.retrieval.sharded_index import ShardedIndex
 from distrag.run_lock import lock_output_dir
 from distrag.strategies import Phase, check_strategy_data, strategy_of
@@ -161,19 +162,22 @@ class Experiment:
         ledger = copy.deepcopy(models.ledger)
         ledger.set_params(trainable=_trainable_count(cfg, models), total=models.embedder.num_parameters()
                           + models.generator.num_parameters())
-        questions = self.splits.get(split)
-        if cfg.max_eval_questions:
-            questions = questions[:cfg.max_eval_questions]
+        every = self.splits.get(split)
+        questions = every[:cfg.max_eval_questions] if cfg.max_eval_questions else every  # generation is capped
         models.generator.tokens.reset()
         pipe = RAGPipeline(cfg, self.splits.corpus, models.embedder, models.generator, models.index,
                            accountant=Accountant(ledger))
         decoding = cfg.generator.decoding  # the same for every row: rows differ only in training
         with ledger.phase(f"eval_{split}"):
             res: EvalResult = pipe.evaluate(questions, show_progress=self.show_progress, decoding=decoding)
+            # retrieval is scored on every question of the split, in a pass of its own when generation was capped
+            retrieval = (pipe.evaluate_retrieval(every, show_progress=self.show_progress) if len(questions) < len(every)
+                         else retrieval_of(res))
         costs = ledger.to_metrics()
         if own_flops is not None:
             costs[mn.COST_OWN_FLOPS] = own_flops + ledger.phase_totals(f"eval_{split}")["flops"]
-        quality = {**res.metrics, **mn.k_free(res.metrics)}  # recall_at_5 and recall: MLflow lines k up
+        quality = with_retrieval(res.metrics, retrieval.metrics)
+        quality.update(mn.k_free(quality))  # recall_at_5 and recall: MLflow lines k up
         tracker.log_metrics({**{mn.split_metric(split, k): v for k, v in quality.items()}, **costs})
         row = StrategyResult(strategy.key, strategy.label, quality, costs, 0.0, getattr(tracker, "run_id", None),
                              own_flops=costs.get(mn.COST_OWN_FLOPS, 0.0), history=list(models.history), cfg=cfg,
@@ -185,6 +189,7 @@ class Experiment:
         if models.history:
             tracker.log_dict(models.history, "train_history.json")
         tracker.log_text("\n".join(json.dumps(r) for r in res.rows(questions)) + "\n", f"predictions_{split}.jsonl")
+        tracker.log_text("\n".join(json.dumps(r) for r in retrieval.rows(every)) + "\n", f"retrieval_{split}.jsonl")
         if self.is_rank0:
             self.save_bundle(cfg, models, res, row, tracker, kind=kind)
         row.seconds = time.perf_counter() - t0
@@ -266,7 +271,9 @@ class Experiment:
         from distrag.serving.bundle import BundleSource, Evaluation, bundle_dir, write_bundle
 
         strategy = strategy_of(cfg)
-        evaluation = Evaluation.of(row.eval_split, res.metrics, res.per_question, row.costs, run_id=row.run_id,
+        k_free = mn.k_free(row.metrics)  # the same values under a second name: kept once, at k
+        quality = {k: v for k, v in row.metrics.items() if k not in k_free}
+        evaluation = Evaluation.of(row.eval_split, quality, res.per_question, row.costs, run_id=row.run_id,
                                    experiment=cfg.tracking.experiment if row.run_id else None,
                                    tracking_uri=mask_credentials(getattr(tracker, "uri", None) or "") or None,
                                    group=key_of(row).id)
@@ -288,6 +295,23 @@ class Experiment:
                                                       read_bundle_manifest(d))
         tracker.set_tags(tags)
         return d
+
+def retrieval_of(res: EvalResult) -> RetrievalEval:
+    """The retrieval part of an evaluation that scored every question already (no second pass needed)."""
+    keep = {k: v for k, v in res.metrics.items() if k.rpartition("_at_")[0] in RETRIEVAL_METRICS}
+    outcomes = [{k: o[k] for k in RETRIEVAL_METRICS if k in o} for o in res.per_question]
+    return RetrievalEval({**keep, "n_questions": res.metrics["n_questions"]}, outcomes, res.retrieved,
+                         res.seconds.get("retrieve", 0.0))
+
+
+def with_retrieval(generated: dict[str, float], retrieval: dict[str, float]) -> dict[str, float]:
+    """The quality metrics of a row: EM / F1 and ``n_questions`` of the generated questions; every retrieval
+    metric from the pass over the whole split (``n_retrieval_questions`` questions)."""
+    out = {k: v for k, v in generated.items() if k.rpartition("_at_")[0] not in RETRIEVAL_METRICS}
+    out.update({k: v for k, v in retrieval.items() if k != "n_questions"})
+    out[mn.N_RETRIEVAL_QUESTIONS] = retrieval["n_questions"]
+    return out
+
 
 def _trainable_count(cfg: ExperimentConfig, models: Models) -> int:
     strategy = strategy_of(cfg)

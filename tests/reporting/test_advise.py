@@ -8,8 +8,8 @@ from distrag import cli
 from distrag.config import TrackingConfig, build_config
 from distrag.errors import ConfigError
 from distrag.reporting.advise import advise, em_noise, training_compute
+from distrag.reporting.columns import fmt_flops
 from distrag.reporting.groups import GroupSelection
-from distrag.reporting.report import fmt_flops
 from distrag.reporting.tracking import Tracker
 
 pytestmark = pytest.mark.timeout(120)

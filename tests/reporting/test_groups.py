@@ -1,63 +1,24 @@
-"""Comparison groups: what rows must share (the comparison hash), how runs are grouped, which group is shown."""
+"""Comparison groups: how runs are grouped, which group is shown."""
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from distrag.config import ExperimentConfig, build_config
 from distrag.errors import ConfigError
+from distrag.reporting.comparison import key_of
 from distrag.reporting.groups import (
     Group,
-    GroupKey,
     GroupSelection,
-    add_selection_args,
     choose,
-    comparison_from_params,
-    comparison_hash,
     describe_groups,
     group_rows,
-    key_of,
     other_groups_note,
-    selection_from_args,
 )
 from distrag.reporting.results import StrategyResult
-from distrag.reporting.tracking import flatten
 from distrag.strategies import STRATEGIES
 
 ALL = [s.key for s in STRATEGIES]
 NO_LABELS = [s.key for s in STRATEGIES if not s.needs_labels]
-
-
-def _params(cfg: ExperimentConfig) -> dict[str, str]:
-    """A configuration as MLflow params (what open_tracker logs)."""
-    return {k: str(v) for k, v in flatten(cfg.model_dump(mode="json")).items()}
-
-
-def test_the_comparison_hash_ignores_the_strategys_own_fields_only():
-    base = build_config()
-    h = comparison_hash(base)
-    for s in STRATEGIES:
-        assert comparison_hash(s.apply(base)) == h, s.key
-    tuned = build_config(overrides=["train.lr_embedder=1e-3", "train.lr_generator=1e-5", "sweep.lr_embedder=[1e-6]",
-                                    "train.two_phase_order=retriever_first", "tracking.experiment=other"])
-    assert comparison_hash(tuned) == h
-    for change in ("train.max_steps=7", "retrieval.top_k=9", "generator.decoding=rag", "data.split_seed=3",
-                   "index.reembed_after_training=false", "generator.model=other-lm"):
-        assert comparison_hash(build_config(overrides=[change])) != h, change
-    assert base.config_hash() != tuned.config_hash()  # the whole-config hash still tells them apart
-
-
-def test_the_comparison_hash_of_a_run_recorded_without_the_tag_is_rebuilt_from_its_params():
-    cfg = build_config({"generator": {"system_prompt": "Answer: briefly, no sentence."}},
-                       ["train.strategy=joint", "train.lr_generator=1e-3", "retrieval.top_k=3", "train.train_k=2"])
-    assert comparison_from_params(_params(cfg)) == comparison_hash(cfg)
-    assert comparison_from_params(_params(build_config(overrides=["train.max_steps=3"]))) != comparison_hash(cfg)
-    # params that are not a whole configuration are hashed as they are, the strategy's fields left out
-    partial = comparison_from_params({"train.strategy": "joint_token", "x.y": "1"})
-    assert partial.startswith("params:") and partial == comparison_from_params({"train.strategy": "none", "x.y": "1"})
-    assert comparison_from_params({}) is None
 
 
 def _row(key: str, *, dataset: str = "synthetic:seed0", k: int = 3, comparison: str = "c1", started: int = 1,
@@ -137,20 +98,3 @@ def test_group_listing_and_notes():
     assert "popqa:tail, test split, k=3, embedder enc, generator lm, settings c1" in lines[1]
     assert "2 other comparison groups" in other_groups_note(groups, groups[0])
     assert other_groups_note(groups[:1], groups[0]) == ""
-
-
-def test_a_sweep_that_did_not_record_k_matches_the_groups_of_every_k():
-    key = GroupKey("d", "e", "g", "test", 3, "c")
-    assert key.covers(GroupKey("d", "e", "g", "test", None, "c"))
-    assert not key.covers(GroupKey("d", "e", "g", "test", 5, "c"))
-    assert not key.covers(GroupKey("other", "e", "g", None, None, None))
-    assert key.tags()["distrag.group"] == key.id and key.tags()["distrag.eval_k"] == "3"
-
-
-def test_command_line_selection():
-    p = argparse.ArgumentParser()
-    add_selection_args(p)
-    sel = selection_from_args(p.parse_args(["--group", "ab12", "--dataset", "popqa", "--list-groups"]))
-    assert sel == GroupSelection("ab12", "popqa", True)
-    assert selection_from_args(p.parse_args([])) == GroupSelection()
-    assert selection_from_args(argparse.Namespace()) == GroupSelection()  # a parser without the options

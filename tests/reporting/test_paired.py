@@ -48,7 +48,7 @@ def test_bootstrap_interval_matches_the_normal_approximation_on_a_large_sample()
 def test_a_consistent_small_gain_is_resolved_paired_where_unpaired_intervals_overlap():
     """Both rows share which questions are hard; b fixes 12 of a's 200 answers and breaks none. The per-row
     Wilson intervals overlap (the report's old reading: no difference); the paired interval excludes 0."""
-    from distrag.reporting.report import em_interval
+    from distrag.reporting.columns import em_interval
 
     rng = random.Random(0)
     a = np.array([1.0 if rng.random() < 0.5 else 0.0 for _ in range(200)])

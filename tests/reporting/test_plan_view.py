@@ -1,15 +1,10 @@
 """``distrag plan`` end to end: the command prints the projection table and the index line and writes the
-plot; unset flags come from the experiment config; a bad grid is a configuration error."""
+plot; the view takes a plain ``PlanTarget`` (the flags that make one are tests/test_cli.py's)."""
 
 from __future__ import annotations
 
-import argparse
-
-import pytest
-
 from distrag import cli
-from distrag.config import build_config
-from distrag.reporting.plan_view import HEADERS, add_plan_args, target_from
+from distrag.reporting.plan_view import HEADERS
 from distrag.strategies import STRATEGIES
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -30,23 +25,11 @@ def test_the_cli_prints_a_table_and_writes_the_plot(tmp_path, capsys):
     assert out.read_bytes().startswith(PNG)
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_plan_args(p)
-    return p.parse_args(list(argv))
+def test_run_plan_takes_plain_values(tmp_path, capsys):
+    from distrag.costs.plan import PlanTarget
+    from distrag.reporting.plan_view import run_plan
 
-
-def test_unset_flags_come_from_the_config():
-    cfg = build_config({"retrieval": {"top_k": 4}, "train": {"batch_size": 16, "micro_batch_size": 8},
-                        "sweep": {"lr_embedder": [1e-5, 2e-5, 3e-5]}, "generator": {"lora": {"r": 32}}})
-    t = target_from(_args(), cfg)
-    assert (t.k, t.batch_size, t.grid, t.lora_r) == (4, 16, (3, 2), 32)
-    t = target_from(_args("--k", "2", "--grid", "1x5", "--lora-r", "4"), cfg)
-    assert (t.k, t.grid, t.lora_r) == (2, (1, 5), 4)
-
-
-def test_a_malformed_grid_is_a_config_error():
-    from distrag.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="MxN"):
-        target_from(_args("--grid", "3by3"), build_config({}))
+    out = run_plan(PlanTarget(generator="8b", embedder="110m", gpu="H100", n_gpus=4), tmp_path / "new" / "p.png")
+    text = capsys.readouterr().out
+    assert out == tmp_path / "new" / "p.png" and out.read_bytes().startswith(PNG)
+    assert "4 x H100" in text and f"plot: {out}" in text

@@ -8,8 +8,8 @@ import itertools
 import pytest
 
 from distrag import metric_names as mn
+from distrag.reporting.columns import em_interval
 from distrag.reporting.plots import cost_by_phase_figure, em_vs_cost_figure, place_labels, png_bytes, save_png
-from distrag.reporting.report import em_interval
 from distrag.strategies import STRATEGIES
 
 

@@ -15,17 +15,16 @@ from distrag import metric_names as mn
 from distrag.config import TrackingConfig
 from distrag.costs.ledger import CostLedger
 from distrag.costs.memory import PeakMemory, Watch
+from distrag.reporting.columns import markdown_table, result_rows
 from distrag.reporting.groups import GroupSelection
 from distrag.reporting.report import (
     REPORT_FILES,
-    markdown_table,
-    result_rows,
     write_report,
     write_report_files,
     write_report_for_results,
 )
-from distrag.reporting.results import StrategyResult, load_groups
-from distrag.reporting.tracking import Tracker
+from distrag.reporting.results import StrategyResult
+from distrag.reporting.tracking import Tracker, load_groups
 from distrag.strategies import STRATEGIES
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ import torch
 from distrag.config import build_config
 from distrag.data.parsing import load_corpus_jsonl
 from distrag.errors import BundleError
-from distrag.reporting.report import em_interval
+from distrag.reporting.columns import em_interval
 from distrag.serving import bundle as bundle_mod
 from distrag.serving.bundle import BundleSource, Evaluation, write_bundle
 from distrag.serving.checksums import file_table

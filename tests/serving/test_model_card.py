@@ -56,6 +56,9 @@ def test_the_card_says_only_what_the_bundle_has():
     card = model_card(m)
     assert "PeftModel" not in card and "mlflow models serve" not in card and "report](" not in card
     assert "| F1 | 15.0 | - |" in card and "referenced: `/data/wiki.jsonl` (sha256 checked)" in card
+    assert "Retrieval is scored" not in card
+    m["evaluation"]["quality"]["n_retrieval_questions"] = 90.0
+    assert "Retrieval is scored on all 90 questions of the split; EM and F1 on the first 60" in model_card(m)
     m["embedder"].update(trained=True, path="embedder")
     m["generator"]["merged"] = "generator"
     card = model_card(m)

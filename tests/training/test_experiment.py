@@ -136,3 +136,43 @@ def test_every_row_is_evaluated_with_the_configured_decoder_and_k(exp):
     assert (res.decoding, res.k) == ("concat", cfg.retrieval.top_k)  # not chosen by the strategy
     cfg.generator.decoding = "rag"
     assert exp.evaluate(cfg, m, NullTracker(), split="test", t0=time.perf_counter()).decoding == "rag"
+
+
+class _Recorder(NullTracker):
+    """Keeps what an evaluation logs (metrics and text artifacts)."""
+
+    def __init__(self):
+        self.metrics, self.texts = {}, {}
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_text(self, text, name):
+        self.texts[name] = text
+
+
+def test_generation_is_capped_and_retrieval_is_scored_on_every_question(exp):
+    """max_eval_questions caps the generated answers (EM, F1, n_questions); the retrieval metrics come from a pass
+    over the whole split, recorded per question in retrieval_<split>.jsonl."""
+    import json
+
+    from distrag.retrieval.pipeline import RAGPipeline
+
+    every = exp.splits.test
+    assert len(every) > 2
+    cfg = _cfg(exp, "none")
+    cfg.max_eval_questions = 2
+    tr = _Recorder()
+    res = exp.evaluate(cfg, exp.base_models(), tr, split="test", t0=time.perf_counter())
+    assert res.metrics["n_questions"] == 2 and res.metrics[mn.N_RETRIEVAL_QUESTIONS] == len(every)
+    full = RAGPipeline(cfg, exp.splits.corpus, exp.embedder, exp.generator, exp.index).evaluate_retrieval(
+        every, show_progress=False)
+    for name in ("recall_at_3", "answer_recall_at_3", "mrr_at_3", "ndcg_at_3"):
+        assert res.metrics[name] == pytest.approx(full.metrics[name])
+        assert tr.metrics[f"test/{name}"] == pytest.approx(full.metrics[name])
+    assert tr.metrics["test/mrr"] == pytest.approx(full.metrics["mrr_at_3"])  # the k-free name too
+    generated = [json.loads(x) for x in tr.texts["predictions_test.jsonl"].splitlines()]
+    retrieved = [json.loads(x) for x in tr.texts["retrieval_test.jsonl"].splitlines()]
+    assert len(generated) == 2 and {"em", "f1", "recall", "mrr"} <= set(generated[0])
+    assert [r["id"] for r in retrieved] == [q.id for q in every] and "ndcg" in retrieved[0]
+    assert res.metrics["em"] == pytest.approx(sum(r["em"] for r in generated) / 2)

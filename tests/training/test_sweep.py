@@ -13,7 +13,8 @@ import yaml
 from distrag import cli
 from distrag.config import build_config, load_config
 from distrag.reporting.report import REPORT_FILES
-from distrag.reporting.results import StrategyResult, load_runs
+from distrag.reporting.results import StrategyResult
+from distrag.reporting.tracking import load_runs
 from distrag.training.sweep import grid_size, run_sweep, select
 
 LR_E = [1e-4, 1e-3]
