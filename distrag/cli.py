@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from distrag import __version__  # noqa: E402
+from distrag.cli_serving import ask_args, cmd_ask, cmd_predict, merge_arg, predict_args  # noqa: E402
 from distrag.errors import ConfigError, user_error_exit  # noqa: E402
 from distrag.logging_setup import progress_enabled, setup_logging  # noqa: E402
 from distrag.metric_names import KIND_EVAL  # noqa: E402
@@ -58,7 +59,7 @@ def cmd_eval(args) -> int:
     from distrag.training.experiment import Experiment
 
     cfg = BASELINE.apply(_load(args))
-    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress)).setup()
+    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress), merge_generator=args.merge).setup()
     res, _ = exp.run(cfg, kind=KIND_EVAL)
     print_results([res], title=f"No-FT baseline on {exp.splits.name} ({cfg.eval_split} split)")
     _where(cfg)
@@ -70,7 +71,7 @@ def cmd_train(args) -> int:
     from distrag.training.experiment import Experiment
 
     cfg = _load(args)
-    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress)).setup()
+    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress), merge_generator=args.merge).setup()
     res, _ = exp.run(cfg)
     print_results([res], title=f"{res.label} on {exp.splits.name} ({cfg.eval_split} split)")
     _where(cfg)
@@ -81,7 +82,7 @@ def cmd_demo(args) -> int:
     from distrag.training.demo import run_demo
 
     return run_demo(config=args.config, overrides=args.overrides, quick=args.quick,
-                    show_progress=not args.no_progress)
+                    show_progress=not args.no_progress, merge=args.merge)
 
 
 def cmd_sweep(args) -> int:
@@ -137,6 +138,7 @@ def _where(cfg) -> None:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a much smaller setting (tests, smoke runs)")
+    merge_arg(p)
 
 
 def cmd_plan(args) -> int:
@@ -283,6 +285,8 @@ class Command:
     strategies: Callable[[], str] | None = None
     """The strategy list shown in its help, when it runs strategies."""
     extra: Callable[[argparse.ArgumentParser], None] | None = None
+    config: bool = True
+    """Takes --config and overrides (ask and predict read the bundle's own configuration)."""
 
     def epilog(self) -> str:
         parts = [self.strategies()] if self.strategies else []
@@ -298,13 +302,13 @@ COMMANDS = [
             "Evaluate the base retriever and generator without training (the No-FT row): build the\n"
             "index of the corpus (cached under <output_dir>/index/), retrieve the top-k passages for every\n"
             "question of eval_split, generate answers and score EM, F1 and recall@k.\n" + _WRITES_RUN,
-            "distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3"),
+            "distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3", None, merge_arg),
     Command("train", "train one strategy (train.strategy=...) and evaluate it", cmd_train,
             "Train one strategy on the training split, then evaluate it on eval_split as `eval` does.\n"
-            + _WRITES_RUN + "\nThe trained parts (question encoder, LoRA adapter, config.json) go to\n"
-            "<output_dir>/models/<strategy>-<config hash>/.",
+            + _WRITES_RUN + "\nThe pipeline goes to <output_dir>/models/<strategy>-<config hash>/, a bundle for ask\n"
+            "and predict (encoder, adapter, index, corpus, config, model card), and to the run as its MLflow model.",
             "distrag train --config distrag/configs/demo.yaml train.strategy=joint train.rag_loss=sequence",
-            strategy_list),
+            strategy_list, merge_arg),
     Command("demo", "every strategy of the table on the synthetic task (or any data), with costs", cmd_demo,
             "Run every strategy of the table on the same data, base models and index (the paper's rows),\n"
             "one MLflow run each, and print the comparison table with EM, its 95% interval, and costs.\n"
@@ -351,7 +355,33 @@ COMMANDS = [
             "distrag plan --generator 8b --embedder 110m --qlora --lora-r 16 --gpu A10 --gpus 8 --corpus 5233329 "
             "--questions 90447 --k 5 --grid 3x3",
             strategy_list, add_plan_args),
+    Command("ask", "answer a question with a trained pipeline (a bundle), showing the passages", cmd_ask,
+            "Load a pipeline bundle (checked file by file first) and answer one question as evaluation did (same\n"
+            "retrieval, prompt and decoding). Prints the answer and the top-k passages with scores; writes nothing.",
+            'distrag ask runs/demo/models/gen_ft-0123abcd4567 "Who founded Quillon Dynamics?"', None, ask_args, False),
+    Command("predict", "answer a file of questions with a bundle; scored when it has answers", cmd_predict,
+            "Answer a file of questions (JSONL, HotPotQA, PopQA) or the bundle's own split, in batches; writes --out\n"
+            "(JSONL: answer, passages, scores); questions with answers are scored (EM with its 95% CI, F1, Recall@k).",
+            "distrag predict runs/demo/models/gen_ft-0123abcd4567 --questions q.jsonl --out answers.jsonl\n"
+            "distrag predict runs/demo/models/gen_ft-0123abcd4567 --split test --out t.jsonl", None, predict_args,
+            False),
 ]
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command's parser: options and ``key=value`` overrides in any order (``train --config C a=b --no-progress
+    c=d``; plain parsing stops collecting positionals at the first option after them)."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # the intermixed parse runs its two passes through this very method
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,14 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distrag", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="distrag: fine-tune retrieval-augmented generation pipelines (retriever, generator or both,\n"
                     "with the strategies of distrag/strategies.py) and account for what each costs.",
-        epilog="examples:\n  distrag demo --quick\n  distrag train --help\n\n"
-               "Every command takes --config FILE.yaml plus dotted overrides (train.lr_generator=1e-4).")
+        epilog="examples:\n  distrag demo --quick\n  distrag train --help\n  distrag ask BUNDLE \"question\"\n\n"
+               "Every command but ask and predict takes --config FILE.yaml plus dotted overrides\n"
+               "(train.lr_generator=1e-4), in any order with its options.")
     parser.add_argument("--version", action="version", version=f"distrag {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
     for c in COMMANDS:
         p = sub.add_parser(c.name, help=c.help, description=c.description, epilog=c.epilog(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _common(p)
+        if c.config:
+            _common(p)
         if c.extra is not None:
             c.extra(p)
         p.set_defaults(fn=c.handler)

@@ -191,7 +191,7 @@ class Experiment:
         tracker.log_text("\n".join(json.dumps(r) for r in res.rows(questions)) + "\n", f"predictions_{split}.jsonl")
         tracker.log_text("\n".join(json.dumps(r) for r in retrieval.rows(every)) + "\n", f"retrieval_{split}.jsonl")
         if self.is_rank0:
-            self.save_bundle(cfg, models, res, row, tracker, kind=kind)
+            row.bundle = str(self.save_bundle(cfg, models, res, row, tracker, kind=kind).resolve())
         row.seconds = time.perf_counter() - t0
         return row
 
