@@ -165,12 +165,26 @@ def _write_corpus(src: BundleSource, out: Path) -> dict:
     return entry
 
 
+def _as_plain_model(model):
+    """``model`` as the plain float model it is in memory: transformers dequantizes a GGUF checkpoint into float
+    weights at load but keeps its GGUF quantizer as a marker, which refuses ``save_pretrained``. Other quantizers
+    (real low-bit weights) are left alone."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", "")).lower()
+    if quantizer is not None and method.endswith("gguf") and all(p.is_floating_point() for p in model.parameters()):
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
 def _write_merged(generator: Generator, out: Path) -> None:
     """The generator with its adapter merged (a copy: the run's models stay as they are), as a plain folder."""
     model = copy.deepcopy(generator.model)
     if generator.is_peft:
         model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+    _as_plain_model(model).save_pretrained(out, safe_serialization=True)
     generator.tokenizer.save_pretrained(out)
 
 

@@ -120,7 +120,8 @@ def save_pyfunc(bundle_dir: str | Path, out: str | Path) -> Path:
             code.write_text(_CODE)
             mlflow.pyfunc.save_model(str(out), python_model=str(code), artifacts={BUNDLE_KEY: str(bundle_dir)},
                                      signature=ModelSignature(inputs=Schema([ColSpec("string")])),
-                                     pip_requirements=_requirements(), metadata={"distrag_bundle": "artifacts/bundle"})
+                                     pip_requirements=_requirements(),
+                                     metadata={"distrag_bundle": f"artifacts/{Path(bundle_dir).name}"})
     finally:
         if bar is None:
             os.environ.pop(BAR.name, None)
@@ -148,8 +149,9 @@ def registry_tags(manifest: dict) -> dict[str, str]:
     tags = {"distrag.strategy": manifest["strategy"]["key"], "distrag.dataset": manifest["dataset"],
             "distrag.eval_split": ev["split"], "distrag.n_questions": str(ev["n_questions"]),
             "distrag.run_id": str(ev.get("run_id") or "")}
-    for name, value in q.items():
-        tags[f"quality.{name}"] = f"{100 * value:.2f}"
+    for name, value in q.items():  # fractions, in %; counts (n_retrieval_questions) as they are
+        tags[f"distrag.{name}" if name.startswith("n_") else f"quality.{name}"] = (
+            str(int(value)) if name.startswith("n_") else f"{100 * value:.2f}")
     for name, (lo, hi) in ci.items():
         tags[f"quality.{name}_ci95"] = f"{100 * lo:.1f}-{100 * hi:.1f}"
     for key in (mn.COST_TRAIN_FLOPS, mn.COST_TOTAL_FLOPS, mn.COST_WALL_S, mn.COST_DEVICE_HOURS,

@@ -95,16 +95,20 @@ def model_card(m: dict) -> str:
              'distrag ask THIS_FOLDER "your question"                        # the answer and the top-k passages',
              "distrag predict THIS_FOLDER --questions q.jsonl --out answers.jsonl   # scored when q.jsonl has answers"]
     if ev.get("run_id"):
-        lines += [f"mlflow models serve -m runs:/{ev['run_id']}/pipeline --env-manager local -p 5001",
+        lines += [f"mlflow models serve -m runs:/{ev['run_id']}/pipeline --env-manager local -p 5001 -t 300",
                   "curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
                   "-d '{\"inputs\": [\"your question\"]}'"]
     lines += ["```", ""]
-    if m["generator"]["adapter"]:
-        lines += ["The adapter alone, with transformers and peft:", "", "```python",
-                  "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-                  f"base = AutoModelForCausalLM.from_pretrained(BASE)  # {m['generator']['base']}"
-                  + (f", gguf_file={m['generator']['gguf_file']!r}" if m["generator"]["gguf_file"] else ""),
-                  f"model = PeftModel.from_pretrained(base, 'THIS_FOLDER/{m['generator']['adapter']}')", "```", ""]
+    gen = m["generator"]
+    if gen["adapter"]:
+        files = gen.get("base_files") or {}  # where the base resolved when the bundle was written
+        where = repr(files.get("path") or gen["base"])
+        gguf = files.get("gguf_file") or gen.get("gguf_file")
+        lines += [f"The adapter alone, with transformers and peft (the base `{gen['base']}` as it resolved where this "
+                  "bundle was written):", "", "```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM",
+                  f"base = AutoModelForCausalLM.from_pretrained({where}" + (f", gguf_file={gguf!r})" if gguf else ")"),
+                  f"model = PeftModel.from_pretrained(base, 'THIS_FOLDER/{gen['adapter']}')", "```", ""]
     lines += ["## Where it came from", ""]
     if ev.get("run_id"):
         lines.append(f"- MLflow run `{ev['run_id']}` (experiment `{ev.get('experiment')}`, "

@@ -120,6 +120,30 @@ def test_merge_writes_the_generator_as_a_plain_transformers_folder(runs, tmp_pat
     assert "merged copy: `generator/`" in (path / "README.md").read_text()
 
 
+def test_a_generator_dequantized_from_gguf_is_merged_as_the_plain_model_it_is(tiny_lm_dir, tmp_path):
+    """transformers keeps a GGUF checkpoint's quantizer on the float model it dequantized, and then refuses to save
+    it; the merged copy drops that marker (and only for GGUF with float weights)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from distrag.config import GeneratorConfig
+    from distrag.models.generator import Generator
+    from distrag.serving.bundle import _write_merged
+
+    g = Generator.from_config(GeneratorConfig(model=str(tiny_lm_dir)), device="cpu")
+    marker = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"), is_serializable=lambda: False)
+    g.model.hf_quantizer = marker
+    g.model.config.quantization_config = {"quant_method": "gguf"}
+    _write_merged(g, tmp_path / "merged")
+    saved = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in saved and g.model.hf_quantizer is marker  # the run's model untouched
+    ids = torch.tensor([[3, 7, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits,
+                                   g.model(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_a_rewrite_replaces_the_bundle_whole(runs, tmp_path):
     src, ev = _source(runs, "none")
     path = write_bundle(tmp_path / "b", src, ev)

