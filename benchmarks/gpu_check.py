@@ -97,7 +97,7 @@ def check_bf16_lora(tmp: Path) -> str:
 
     from distrag.config import DistributedConfig, GeneratorConfig, LoRAConfig, TrainConfig
     from distrag.data.records import Passage
-    from distrag.distributed.deepspeed_glue import build_ds_config, uses_bf16
+    from distrag.distributed.deepspeed_setup import build_ds_config, uses_bf16
     from distrag.models.generator import Generator
     from distrag.models.tiny import make_tiny_causal_lm
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: gpu_check needs a CUDA GPU, and torch sees none (torch {torch.__version__}, built with "
               f"CUDA {torch.version.cuda}). Run it on a GPU machine; the GPU decisions are unit-tested on CPU "
               "(tests/retrieval/test_faiss_backend.py, tests/distributed/test_roles.py, "
-              "tests/distributed/test_deepspeed_glue.py, tests/models/test_sources.py).", file=sys.stderr)
+              "tests/distributed/test_deepspeed_setup.py, tests/models/test_sources.py).", file=sys.stderr)
         return 2
     from rich.console import Console
     from rich.table import Table

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from distrag import __version__  # noqa: E402
-from distrag.cli_serving import ask_args, cmd_ask, cmd_predict, merge_arg, predict_args  # noqa: E402
 from distrag.errors import ConfigError, user_error_exit  # noqa: E402
 from distrag.logging_setup import progress_enabled, setup_logging  # noqa: E402
 from distrag.metric_names import KIND_EVAL  # noqa: E402
@@ -59,9 +58,15 @@ def cmd_eval(args) -> int:
     from distrag.training.experiment import Experiment
 
     cfg = BASELINE.apply(_load(args))
-    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress), merge_generator=args.merge).setup()
-    res, _ = exp.run(cfg, kind=KIND_EVAL)
-    print_results([res], title=f"No-FT baseline on {exp.splits.name} ({cfg.eval_split} split)")
+    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress),
+                     merge_generator=args.merge).setup(generator=not args.retrieval_only)
+    if args.retrieval_only:
+        res = exp.run_retrieval(cfg)
+        print_results([res], title=f"Base retriever on {exp.splits.name} ({cfg.eval_split} split, every question, "
+                                   "no generator)")
+    else:
+        res, _ = exp.run(cfg, kind=KIND_EVAL)
+        print_results([res], title=f"No-FT baseline on {exp.splits.name} ({cfg.eval_split} split)")
     _where(cfg)
     return 0
 
@@ -134,6 +139,60 @@ def _where(cfg) -> None:
 
     if cfg.tracking.enabled:
         print(where_runs_are(cfg.tracking))
+
+
+def merge_arg(p: argparse.ArgumentParser) -> None:
+    """``--merge``, for the commands that write bundles (train, eval, demo)."""
+    p.add_argument("--merge", action="store_true", help="each bundle also holds the generator with the LoRA "
+                   "adapter merged in: a plain transformers folder, <bundle>/generator/")
+
+
+def cmd_ask(args) -> int:
+    from distrag.serving.commands import ask
+
+    return ask(args.bundle, " ".join(args.question), k=args.top_k, as_json=args.json, device=args.device,
+               trust_remote_code=args.trust_remote_code, show_progress=progress_enabled(not args.no_progress))
+
+
+def cmd_predict(args) -> int:
+    from distrag.serving.commands import predict
+
+    return predict(args.bundle, args.out, questions=args.questions, fmt=args.format, split=args.split,
+                   batch_size=args.batch_size, device=args.device, trust_remote_code=args.trust_remote_code,
+                   show_progress=progress_enabled(not args.no_progress))
+
+
+def _bundle_args(p: argparse.ArgumentParser) -> None:
+    """What ask and predict share: the bundle, where the models run, the flags every command has."""
+    p.add_argument("bundle", help="a pipeline bundle: <output_dir>/models/<strategy>-<hash>/")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when there is one)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let hub models run their own code (off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the answers")
+
+
+def ask_args(p: argparse.ArgumentParser) -> None:
+    _bundle_args(p)
+    p.add_argument("question", nargs="+", help="the question (words after the bundle are joined)")
+    p.add_argument("--top-k", type=int, help="passages in the prompt (default: the k it was evaluated at)")
+    p.add_argument("--json", action="store_true", help="one JSON object: answer, passages with text and scores")
+
+
+def predict_args(p: argparse.ArgumentParser) -> None:
+    from distrag.data.questions_file import QUESTION_FORMATS
+
+    _bundle_args(p)
+    p.add_argument("--questions", help="questions JSONL, HotPotQA JSON/JSONL or PopQA TSV/CSV/JSONL (answers optional)")
+    p.add_argument("--split", choices=("train", "dev", "test"), help="instead: the bundle's own split of its data")
+    p.add_argument("--format", default="auto", choices=QUESTION_FORMATS, help="format of --questions (auto: detected)")
+    p.add_argument("--out", required=True, help="answers JSONL (one line per question: prediction, passages, scores)")
+    p.add_argument("--batch-size", type=int, default=256, help="questions per batch (default 256)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retrieval-only", action="store_true",
+                   help="score retrieval only, on every question, without the generator")
+    merge_arg(p)
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -301,8 +360,13 @@ COMMANDS = [
     Command("eval", "No-FT baseline: index, retrieve top-k, generate, score, record", cmd_eval,
             "Evaluate the base retriever and generator without training (the No-FT row): build the\n"
             "index of the corpus (cached under <output_dir>/index/), retrieve the top-k passages for every\n"
-            "question of eval_split, generate answers and score EM, F1 and recall@k.\n" + _WRITES_RUN,
-            "distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3", None, merge_arg),
+            "question of eval_split, generate answers and score EM, F1 and recall@k.\n" + _WRITES_RUN +
+            "\n--retrieval-only: no generator is loaded; Recall@k, Recall-all@k, answer recall@k, MRR@k and\n"
+            "nDCG@k on every question of eval_split (max_eval_questions caps only generation), recorded in\n"
+            "an MLflow run of kind 'retrieval' with retrieval_<split>.jsonl.",
+            "distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3\n"
+            "distrag eval --retrieval-only data.format=hotpotqa data.path=hotpot_dev.json retrieval.top_k=10",
+            None, _eval_args),
     Command("train", "train one strategy (train.strategy=...) and evaluate it", cmd_train,
             "Train one strategy on the training split, then evaluate it on eval_split as `eval` does.\n"
             + _WRITES_RUN + "\nThe pipeline goes to <output_dir>/models/<strategy>-<config hash>/, a bundle for ask\n"

@@ -340,6 +340,63 @@ class ExperimentConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------------
+# YAML a user gives (configuration files, override values), read without surprises: ``yaml.safe_load``
+# builds no Python objects but keeps aliases as shared references, so a document whose aliases nest
+# ('billion laughs': 9 levels of 9 aliases are 387 million values) is a few hundred bytes until something
+# walks it (issue 19). Every tree is copied by bounded_copy, within MAX_VALUES values with the aliases
+# expanded, and one that contains itself is refused; read_yaml names the file for every way reading fails.
+
+MAX_VALUES = 10_000
+"""Values (mappings, lists and scalars) a configuration may hold once aliases are expanded; a whole one has a
+few hundred."""
+
+
+def read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` of the file at ``path``; a :class:`ConfigError` naming it when it is not YAML, not UTF-8
+    text or nested too deeply for the parser (a RecursionError otherwise)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([("(yaml)", str(e))], str(path)) from None
+    except RecursionError:
+        raise ConfigError([("(yaml)", "nested too deeply to read")], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([("(yaml)", f"not UTF-8 text ({e.reason} at byte {e.start})")], str(path)) from None
+
+
+def parse_value(raw: str) -> Any:
+    """An override's value as YAML (``""``: None); text that does not parse stays text."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else None
+    except (yaml.YAMLError, RecursionError):
+        return raw
+
+
+def bounded_copy(tree: Any, budget: list[int]) -> Any:
+    """A copy of a YAML/JSON tree (dict keys as strings), each value counted against ``budget[0]``: ValueError
+    when the budget runs out or a value contains itself."""
+
+    def copy(node: Any, inside: set[int]) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ValueError(f"it expands to more than {MAX_VALUES} values (nested YAML aliases, e.g. a 'billion "
+                             "laughs' document); write the values out")
+        if not isinstance(node, (dict, list, tuple)):
+            return node
+        if id(node) in inside:
+            raise ValueError("a YAML alias refers to a value that contains it (a recursive structure)")
+        inside.add(id(node))
+        if isinstance(node, dict):
+            out: Any = {k if isinstance(k, str) else str(k): copy(v, inside) for k, v in node.items()}
+        else:
+            out = [copy(v, inside) for v in node]
+        inside.discard(id(node))
+        return out
+
+    return copy(tree, set())
+
+
+# ----------------------------------------------------------------------------------------------
 # loading
 
 
@@ -362,11 +419,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
             problems.append((item, "override must look like key.sub=value"))
             continue
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        pairs.append((key.strip(), value))
+        pairs.append((key.strip(), parse_value(raw)))
     if problems:
         raise ConfigError(problems, "the command line")
     return pairs
@@ -385,9 +438,15 @@ def _format_errors(err: ValidationError) -> list[tuple[str, str]]:
 
 def build_config(tree: dict | None = None, overrides: list[str] | None = None,
                  source: str | None = None) -> ExperimentConfig:
-    """Validate a config tree plus overrides; every problem is reported at once."""
-    tree = json.loads(json.dumps(tree or {}))  # deep copy
-    for key, value in parse_overrides(overrides):
+    """Validate a config tree plus overrides; every problem is reported at once. The tree and the overrides are
+    copied within :data:`MAX_VALUES` values (YAML aliases expanded) before anything reads them."""
+    budget, parsed = [MAX_VALUES], parse_overrides(overrides)
+    try:
+        tree = bounded_copy(tree or {}, budget)
+        pairs = [(key, bounded_copy(value, budget)) for key, value in parsed]
+    except ValueError as e:
+        raise ConfigError([("(top level)", str(e))], source) from None
+    for key, value in pairs:
         _set_dotted(tree, key, value)
     try:
         return ExperimentConfig.model_validate(tree)
@@ -401,10 +460,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError([("--config", f"file not found: {path}")])
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([("(yaml)", str(e))], str(path)) from None
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError([("(top level)", "a config file must be a mapping")], str(path))
     return build_config(tree, overrides, str(path) if path else None)

@@ -57,9 +57,11 @@ KIND_SWEEP = "sweep"
 """A strategy's learning-rate search (parent of its points); records the search cost."""
 KIND_SWEEP_POINT = "sweep_point"
 """One grid point of a search, evaluated on dev."""
+KIND_RETRIEVAL = "retrieval"
+"""`distrag eval --retrieval-only`: the base retriever scored on every question, no generator (not a table row)."""
 KIND_REPORT = "report"
 """The report files of one comparison group as artifacts (one run per group, updated in place)."""
-RUN_KINDS = (KIND_EVAL, KIND_STRATEGY, KIND_SWEEP, KIND_SWEEP_POINT, KIND_REPORT)
+RUN_KINDS = (KIND_EVAL, KIND_STRATEGY, KIND_SWEEP, KIND_SWEEP_POINT, KIND_RETRIEVAL, KIND_REPORT)
 
 # -- costs (written by CostLedger.to_metrics with prefix "cost") -------------------------------------
 COST_PREFIX = "cost"

@@ -15,13 +15,32 @@ import re
 from typing import Any
 
 MASK = "***"
-# scheme://userinfo@ : userinfo runs to the LAST "@" before the path (a raw "@" in a password is masked too)
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s'\"]+)@")
+_SCHEME = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://")
+_AUTHORITY_END = re.compile(r"[/?#\s]")
+"""RFC 3986: the authority (``userinfo@host:port``) ends at "/", "?" or "#"; a URI in a text ends at whitespace."""
 
 
 def mask_credentials(text: str) -> str:
-    """``text`` with the credentials of every URL in it replaced by ``***``."""
-    return _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+    """``text`` with the credentials of every URL in it replaced by ``***``.
+
+    Parsed, not matched: after each ``scheme://`` the authority runs to the first "/", "?", "#" or
+    whitespace, and everything before its LAST "@" is the userinfo. So every character legal in a userinfo
+    (quotes, ``!$&'()*+,;=:``, percent escapes; a raw "@" too) is masked, whatever quotes the URI in the
+    text: a regex that stopped at quotes printed ``http://bob:pa'ss@host`` whole (issue 19). Where the URI
+    is not followed by one of those characters (``('http://h:1','a@b')``), more is masked, never less."""
+    out, pos = [], 0
+    while (scheme := _SCHEME.search(text, pos)) is not None:
+        start = scheme.end()
+        end = _AUTHORITY_END.search(text, start)
+        at = text.rfind("@", start, end.start() if end else len(text))
+        if at < 0:
+            out.append(text[pos:start])
+            pos = start
+        else:
+            out.append(text[pos:start] + MASK)
+            pos = at
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def mask_tree(tree: Any) -> Any:

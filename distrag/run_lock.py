@@ -15,21 +15,30 @@ process that writes (``distrag train|eval|sweep|demo``; trainer 0 of a launched 
 The lock is per process and re-entrant: a sweep or the demo runs many experiments on one folder. On
 network file systems ``flock`` works across hosts where the file system supports locks (NFSv4, Lustre
 with ``flock``); elsewhere only runs on the same host are detected.
+
+The lock file is opened without following a link (``O_NOFOLLOW``) and must be a regular file of this user
+with no other name (one link): anyone who can write ``output_dir`` could otherwise point
+``.distrag.lock`` at a file of the user's (a symlink, or a hard link) and have the run truncate and
+overwrite it (issue 19). Such a lock file is a :class:`~distrag.errors.ConfigError` on ``output_dir``;
+nothing is written through it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
-from distrag.errors import OutputLockedError
+from distrag.errors import ConfigError, OutputLockedError
+from distrag.process_watch import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +66,35 @@ def _describe(record: dict) -> str:
     return f"pid {record.get('pid', '?')} on host {record.get('host', '?')}{when}"
 
 
+def _open_own(path: Path) -> int:
+    """``path`` opened read-write (created when missing) without following a link; ConfigError unless it is a
+    regular file of this user with one link (checked on the descriptor: no window between check and use)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            try:
+                target = f" (to {os.readlink(path)!r})"
+            except OSError:
+                target = ""
+            raise ConfigError([("output_dir", f"{path} is a symbolic link{target}; the lock file is never followed "
+                                              "through a link: remove it")]) from None
+        raise
+    st = os.fstat(fd)
+    problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)
+               else f"belongs to another user (uid {st.st_uid})" if st.st_uid != os.getuid()
+               else f"has {st.st_nlink} links (another name of the same file)" if st.st_nlink != 1 else None)
+    if problem:
+        os.close(fd)
+        raise ConfigError([("output_dir", f"{path} {problem}; the run would overwrite it as its lock file: "
+                                          "remove it")])
+    return fd
+
+
 def _open_locked(path: Path, folder: Path) -> int:
     """A descriptor of ``path`` holding its exclusive lock; OutputLockedError when another process holds it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_own(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -70,7 +104,7 @@ def _open_locked(path: Path, folder: Path) -> int:
                 f"output_dir {folder} is in use by another run ({_describe(holder)}, lock file {path}): wait for "
                 "it to finish, or give this run another output_dir") from None
         try:  # the holder may have removed the file between our open and our lock: lock the new one
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            same = os.lstat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
         if same:
@@ -81,8 +115,6 @@ def _open_locked(path: Path, folder: Path) -> int:
 def lock_output_dir(folder: str | Path) -> Path:
     """Take (or, in this process, keep) the lock of ``folder`` for the rest of the process; returns the
     lock file. Raises :class:`OutputLockedError` when another run holds it."""
-    from distrag.distributed.process_watch import pid_alive
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     folder = folder.resolve()

@@ -31,8 +31,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from distrag.config import load_config
-    from distrag.distributed import roles
     from distrag.distributed.runner import preflight, run
+    from distrag.distributed.world import get_dist_info
     from distrag.errors import DistError, user_error_exit
     from distrag.logging_setup import quiet_rank, setup_logging
 
@@ -42,10 +42,10 @@ def main() -> int:
     def job() -> int:
         nonlocal cfg
         cfg = load_config(args.config, args.overrides)
-        world = roles.get_dist_info(with_index_rank=False)
+        world = get_dist_info(with_index_rank=False)
         # the world, the models' files, output_dir, the tracker, DeepSpeed settings: before any model loads
         preflight(cfg, world_size=world.world_size, tracking=world.rank == 0)
-        if not roles.get_dist_info(cfg.distributed).is_rank0:
+        if not get_dist_info(cfg.distributed).is_rank0:
             quiet_rank()  # one voice: trainer 0
         return run(cfg)
 
@@ -55,9 +55,9 @@ def main() -> int:
             if cfg is None:
                 return True
             try:
-                return roles.get_dist_info(cfg.distributed).is_rank0
+                return get_dist_info(cfg.distributed).is_rank0
             except DistError:  # index_rank outside the world: the launcher's rank 0 speaks
-                return roles.get_dist_info(with_index_rank=False).rank == 0
+                return get_dist_info(with_index_rank=False).rank == 0
         except DistError:
             return True
 

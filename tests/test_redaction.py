@@ -55,3 +55,31 @@ def test_the_log_filter_masks_messages_arguments_and_exceptions(caplog):
         caplog.handler.removeFilter(handler_filter)
     assert "secret" not in caplog.text and "http://***@h:1" in caplog.text
     assert caplog.records[0].getMessage() == "tracking at http://***@h:1"
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 19, item 7: masking parses the URI's authority, so every character legal in userinfo is masked
+
+
+USERINFO_CHARS = ("ABCXYZabcxyz0189" + "-._~" + "!$&'()*+,;=" + ":" + "%27%40%2F")
+"""RFC 3986 userinfo: unreserved, sub-delims, ":" and percent-encoded octets."""
+
+
+@pytest.mark.parametrize("char", sorted(set(USERINFO_CHARS)) + ["%27", USERINFO_CHARS])
+@pytest.mark.parametrize("context", ["{}", "'{}'", '"{}"', "repr", "({!r}, 'x@y')", "see {}/api/2.0/runs?x=1 now",
+                                     "API request to {}/api failed, retrying {}", '{{"uri": "{}"}}'])
+def test_every_character_legal_in_userinfo_is_masked_in_any_quoting(char, context):
+    """Before: the regex stopped at quotes, so ``http://bob:pa'ss@host`` was printed as it was, in logs,
+    MLflow params, ``distrag report`` and the tracker probe's error (issue 19)."""
+    password = f"pa{char}ss"
+    uri = f"http://bob:{password}@mlflow.internal:5000"
+    text = repr(uri) if context == "repr" else context.format(uri, uri)
+    masked = mask_credentials(text)
+    assert password not in masked and "bob" not in masked, masked
+    assert "***@mlflow.internal:5000" in masked
+
+
+def test_masking_keeps_what_follows_the_credentials():
+    assert mask_credentials("to 'http://bob:pa'ss@h:5/api' failed") == "to 'http://***@h:5/api' failed"
+    assert mask_credentials('uri="http://b:p\'q@h:5" ok') == 'uri="http://***@h:5" ok'
+    assert mask_credentials("http://b:p@h,http://c:q@i/") == "http://***@h,http://***@i/"

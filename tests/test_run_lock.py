@@ -75,3 +75,49 @@ def test_a_clean_exit_gives_the_lock_back(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
                    env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert not (tmp_path / run_lock.LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 19, item 6: the lock file is never followed through a link, and must be the user's own regular file
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    """Before: ``.distrag.lock`` pointing at a victim file made the run truncate and overwrite the victim."""
+    from distrag.errors import ConfigError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / run_lock.LOCK_FILE).symlink_to(victim)
+    with pytest.raises(ConfigError, match=rf"output_dir: {out.resolve() / run_lock.LOCK_FILE} is a symbolic link"):
+        run_lock.lock_output_dir(out)
+    assert victim.read_text() == "precious\n" and (out / run_lock.LOCK_FILE).is_symlink()
+    (out / run_lock.LOCK_FILE).unlink()
+    (out / run_lock.LOCK_FILE).symlink_to(tmp_path / "nowhere")  # dangling: nothing is created through it
+    with pytest.raises(ConfigError, match="symbolic link"):
+        run_lock.lock_output_dir(out)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_lock_file_that_is_not_a_private_regular_file_is_refused(tmp_path):
+    from distrag.errors import ConfigError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(victim, out / run_lock.LOCK_FILE)  # a second name of a file of the user's: would be truncated
+    with pytest.raises(ConfigError, match=r"has 2 links"):
+        run_lock.lock_output_dir(out)
+    assert victim.read_text() == "precious\n"
+    (out / run_lock.LOCK_FILE).unlink()
+    os.mkfifo(out / run_lock.LOCK_FILE)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        run_lock.lock_output_dir(out)
+    (out / run_lock.LOCK_FILE).unlink()
+    if os.getuid() == 0:  # only root can give a file away
+        (out / run_lock.LOCK_FILE).write_text("{}")
+        os.chown(out / run_lock.LOCK_FILE, 12345, -1)
+        with pytest.raises(ConfigError, match="belongs to another user"):
+            run_lock.lock_output_dir(out)

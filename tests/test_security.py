@@ -19,10 +19,26 @@ Fixes (tested where their code lives, and end to end below):
     wrongly signed records ignored with a warning, paths outside the run folder refused);
     tests/distributed/test_stores.py (the stores listen on loopback / MASTER_ADDR only);
     tests/distributed/test_run_secret.py (the run's secret).
+  * An outsider on the coordination store cannot replay an earlier job's records, freeze or stop a run with a
+    counter or a malformed value, get stale weights adopted or an unrelated process signalled (issue 19):
+    tests/distributed/test_refresh_protocol.py (in-process and end to end), tests/test_process_watch.py.
   * Credentials in ``tracking.uri`` never reach logs, params or files: tests/test_redaction.py,
     tests/reporting/test_tracking.py, and a whole ``distrag train`` against an MLflow server below.
   * slurm/mlflow_server.sbatch listens on loopback unless told otherwise, and never on the network
     without authentication unless explicitly allowed (below).
+
+Issue 19 (second round), each with a test that failed before its fix:
+  3. checkpoints: signature first for every checkpoint, paths inside the run folder, foreign ones skipped:
+     tests/distributed/test_checkpoint.py, tests/distributed/test_runner.py;
+  4. the run's secret: not re-created over signed checkpoints, the index rank's own error line:
+     tests/distributed/test_run_secret.py, tests/distributed/test_runner.py (torchrun);
+  5. index checksums (format v2) and the cache keyed on the weights: tests/retrieval/test_index_store.py,
+     tests/retrieval/test_corpus_encoding.py;
+  6. the output folder's lock never followed through a link: tests/test_run_lock.py;
+  7. credentials with any userinfo character masked: tests/test_redaction.py and below;
+  8. YAML alias bombs and recursive aliases: tests/test_config.py;
+  9. max_new_tokens against the model's positions: tests/training/test_preflight.py, tests/models/test_generator.py;
+  11. the MLflow server for real on loopback, with and without basic-auth (below).
 """
 
 from __future__ import annotations
@@ -204,6 +220,39 @@ def test_user_errors_and_log_records_are_printed_with_credentials_masked(capsys)
     assert "hunter2" not in text and text.count("http://***@mlflow.internal:5000") == 3  # ...masked
 
 
+def test_a_password_with_a_quote_is_masked_at_every_exit(tmp_path, capsys):
+    """Issue 19 item 7. Before: ``http://bob:pa'ss...@host`` was printed (log, ``error:`` line, the tracker
+    probe's message) and stored in MLflow's params as it was: the masking regex stopped at the quote."""
+    from distrag.config import TrackingConfig
+    from distrag.errors import user_error_exit
+    from distrag.logging_setup import setup_logging
+    from distrag.reporting.tracking import Tracker, flatten, tracking_problem
+
+    password = "pa'ss" + "-w0rd(!)"
+    uri = f"http://bob:{password}@127.0.0.1:{_free_port()}"  # nothing listens there
+    probe = tracking_problem(TrackingConfig(uri=uri))
+    assert probe and "no MLflow server answers" in probe
+
+    def fail() -> int:
+        raise ConfigError([("tracking.uri", probe), ("tracking.uri", f"as given: {uri!r}")])
+
+    assert user_error_exit(fail) == 2
+    setup_logging(verbose=True)
+    try:
+        logging.getLogger("distrag.test_security").warning("tracking at %r", uri)
+    finally:
+        setup_logging(verbose=False)
+    tracker = Tracker.open(TrackingConfig(uri=f"sqlite:///{tmp_path / 'db.sqlite'}", experiment="e"), run_name="r")
+    tracker.log_params(flatten(build_config(overrides=[f"tracking.uri={uri}"]).model_dump(mode="json")))
+    params = tracker.client.get_run(tracker.run_id).data.params
+    tracker.end()
+    out = capsys.readouterr()
+    for where, text in (("probe", probe), ("stderr/stdout", out.out + out.err), ("params", json.dumps(params))):
+        assert password not in text and "pa'ss" not in text, where
+    assert params["tracking.uri"].startswith("http://***@127.0.0.1:")
+    assert (out.out + out.err).count("http://***@127.0.0.1:") == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # end to end: a whole `distrag train` with credentials in tracking.uri and hostile ids
 
@@ -338,3 +387,120 @@ def test_the_mlflow_server_with_basic_auth(tmp_path):
     assert stat.S_IMODE(ini.stat().st_mode) == 0o600 and "admin_username = me" in ini.read_text()
     assert "pw" not in ini.read_text() and env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "pw"
     assert "authentication: basic-auth" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 19, item 11: the server script for real, on loopback
+
+
+def _post_experiment(port: int, name: str, auth: tuple[str, str] | None = None) -> int:
+    """HTTP status of creating an experiment at the server on 127.0.0.1:``port`` (anonymous without ``auth``)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/create",
+                                 data=json.dumps({"name": name}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _serve(tmp_path: Path, port: int, **env) -> subprocess.Popen:
+    """slurm/mlflow_server.sbatch with the real mlflow of this environment, on 127.0.0.1:``port``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SLURM_"))}
+    full.update({"DISTRAG_REPO": str(REPO), "MLFLOW": str(Path(sys.executable).parent / "mlflow"),
+                 "MLFLOW_DIR": str(tmp_path / "store"), "MLFLOW_PORT": str(port), **env})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["bash", str(REPO / "slurm" / "mlflow_server.sbatch")], env=full, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(port: int, proc: subprocess.Popen, seconds: float = 150) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"the MLflow server did not start: {proc.communicate()[0][-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_mlflow_server_on_loopback_for_real(tmp_path):
+    """Without authentication (the default) any local user can write runs: what the README says. With
+    MLFLOW_AUTH=basic-auth an anonymous write is refused (401) and the admin's is accepted. Before: the store
+    was created 0644 in a 0755 folder, readable by every local user."""
+    port = _free_port()
+    proc = _serve(tmp_path / "open", port)
+    try:
+        _wait_for(port, proc)
+        assert _post_experiment(port, "anyone") == 200  # no authentication: documented, not a bug
+    finally:
+        _stop(proc)
+    store = tmp_path / "open" / "store"
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+    assert stat.S_IMODE((store / "mlflow.db").stat().st_mode) == 0o600
+    port = _free_port()
+    proc = _serve(tmp_path / "auth", port, MLFLOW_AUTH="basic-auth", MLFLOW_TRACKING_USERNAME="admin",
+                  MLFLOW_TRACKING_PASSWORD="pw-for-the-test")
+    try:
+        _wait_for(port, proc)
+        assert _post_experiment(port, "anonymous") == 401
+        assert _post_experiment(port, "intruder", ("admin", "wrong")) == 401
+        assert _post_experiment(port, "admins", ("admin", "pw-for-the-test")) == 200
+    finally:
+        out = _stop(proc)
+    store = tmp_path / "auth" / "store"
+    for name in ("mlflow.db", "basic_auth.db", "basic_auth.ini", "flask_secret_key"):
+        assert stat.S_IMODE((store / name).stat().st_mode) == 0o600, name
+    assert "pw-for-the-test" not in out
+
+
+def test_basic_auth_without_mlflows_auth_extra_stops_before_announcing_a_uri(tmp_path):
+    """Before: the server printed its URI (and wrote tracking_uri.txt for the jobs) and then failed to start,
+    Flask-WTF missing. Now the auth app is imported first, and the message says which extra to install."""
+    stub = tmp_path / "mlflow_without_auth"
+    stub.write_text("#!/usr/bin/env -S python3 -I\nraise SystemExit('must not be started')\n")
+    stub.chmod(0o755)
+    probe = subprocess.run(["python3", "-I", "-c", "import mlflow.server.auth"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("the system python3 has MLflow's auth app")
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SLURM_"))}
+    full.update({"DISTRAG_REPO": str(tmp_path), "MLFLOW": str(stub), "MLFLOW_DIR": str(tmp_path / "store"),
+                 "MLFLOW_HOST": "0.0.0.0", "MLFLOW_AUTH": "basic-auth", "MLFLOW_TRACKING_USERNAME": "me",
+                 "MLFLOW_TRACKING_PASSWORD": "pw"})
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "mlflow_server.sbatch")], env=full, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "tracking URI" not in proc.stdout
+    assert "pip install -e '.[auth]'" in proc.stderr and "must not be started" not in proc.stderr
+    assert not (tmp_path / "store" / "tracking_uri.txt").exists()
+
+
+def test_the_project_declares_and_installs_the_auth_extra():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("mlflow[auth]") for req in extras["auth"])
+    assert "auth" in next(line for line in (REPO / "Makefile").read_text().splitlines()
+                          if line.startswith("EXTRAS ?=")).split("=", 1)[1].strip().split(",")

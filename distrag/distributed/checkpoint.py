@@ -20,12 +20,16 @@ the folder into place, replaces ``latest``, prunes; barrier. A crash anywhere be
 only a ``.tmp`` folder and ``latest`` still names the previous complete checkpoint. The folder must be
 on a file system shared by all trainers (multi-node: the cluster's shared storage).
 
-Reading never runs code from the files: ``trainer_state.pt`` and ``rank_*.pt`` hold tensors and plain
-data only (checked when saved) and are read with ``torch.load(weights_only=True)``. DeepSpeed's own
-loader unpickles, so it runs only on a checkpoint whose manifest verifies under this run's secret and
-whose every file matches the manifest. Resume (:meth:`CheckpointManager.resolve`): ``auto`` takes the
-newest checkpoint that is complete and valid, saying on trainer 0 which newer ones it skipped and why;
-an explicit checkpoint that is not valid is a :class:`CheckpointError` naming the bad file.
+Trust: the manifest's signature (under this run's secret) is checked FIRST, for every checkpoint, before any
+file is hashed or read: sizes and checksums alone prove nothing, whoever rewrites a file can recompute them
+(issue 19: a zeroed encoder with a recomputed manifest was resumed). The signed manifest holds every file's
+sha256; ``trainer_state.pt`` and ``rank_*.pt`` (tensors and plain data only, checked when saved) are parsed
+with ``torch.load(weights_only=True)`` from the very bytes checked against it, and DeepSpeed's loader (which
+unpickles) runs only on a verified checkpoint. Every path the payload names (keys ``path`` / ``*_path``) must
+lie inside the run folder. Resume (:meth:`CheckpointManager.resolve`): ``auto`` takes the newest complete and
+valid checkpoint, saying on trainer 0 which newer ones it skipped and why (one copied in from another run:
+its signature does not verify); an explicit one that is not valid is a :class:`CheckpointError` naming the
+bad file.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import shutil
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,16 +68,11 @@ DS_TAG = "ds"
 _CHUNK = 1 << 20
 
 
-@dataclass
-class Restored:
-    step: int
-    payload: dict
-    """What trainer 0 saved (the same on every trainer)."""
-    rank_payload: dict | None
-    """What this trainer saved for itself."""
-    path: Path
-    client_state: dict | None = None
-    """DeepSpeed's client state, when an engine was loaded."""
+
+# ----------------------------------------------------------------------------------------------
+# what a checkpoint's own state files hold: tensors and plain data only (torch.load(weights_only=True)
+# reads them back and refuses anything that would need unpickling), parsed from the very bytes checked
+# against the signed manifest's sha256, so a file swapped after the check is not read
 
 
 def rng_state() -> dict:
@@ -120,26 +120,46 @@ def check_plain(obj: Any, where: str = "payload") -> None:
                         "(tensors, dict, list, tuple, str, int, float, bool and None only)")
 
 
-def _torch_bytes(obj: Any) -> bytes:
+def torch_bytes(obj: Any) -> bytes:
+    """``obj`` as ``torch.save`` writes it (in memory: a payload that cannot be saved fails before any write)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
-def _read_state(path: Path, keys: tuple[str, ...]) -> dict:
-    """A state file as a dict holding ``keys``; tensors and plain data only (no pickled objects)."""
+def read_state(path: Path, keys: tuple[str, ...], sha256: str) -> dict:
+    """A state file as a dict holding ``keys``; tensors and plain data only (no pickled objects), parsed from
+    the bytes checked against ``sha256`` (the signed manifest's: no swap after the check is read)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise CheckpointError(f"{path} does not match its checksum in the manifest (sha256): changed after "
+                                  "it was verified")
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         raise CheckpointError(f"cannot read {path}: it holds objects other than tensors and plain data "
                               f"({found.group(1) if found else 'refused by weights_only'}); they are not "
                               "loaded, because unpickling them could run code") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure to parse (bad zip, EOF, ...) is a bad file
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {str(e).strip()[:300]}") from None
     if not isinstance(obj, dict) or any(k not in obj for k in keys):
         raise CheckpointError(f"{path} does not hold a distrag checkpoint state (expected keys {list(keys)})")
     return obj
+
+
+@dataclass
+class Restored:
+    step: int
+    payload: dict
+    """What trainer 0 saved (the same on every trainer)."""
+    rank_payload: dict | None
+    """What this trainer saved for itself."""
+    path: Path
+    client_state: dict | None = None
+    """DeepSpeed's client state, when an engine was loaded."""
 
 
 def _sha256(path: Path) -> str:
@@ -173,6 +193,24 @@ def _stats(folder: Path) -> tuple:
 
 def _signed_text(manifest: dict) -> str:
     return json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True)
+
+
+def _named_paths(obj: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` of every value under a key ``path`` or ``*_path`` in a payload's dicts and lists."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        at = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
+        if isinstance(k, str) and (k == "path" or k.endswith("_path")):
+            yield at, v
+        else:
+            yield from _named_paths(v, at)
+
+
+def _inside(value: Any, folder: Path) -> bool:
+    try:
+        return value is None or (isinstance(value, str) and Path(value).resolve().is_relative_to(folder))
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 def is_complete(path: str | Path) -> bool:
@@ -241,8 +279,8 @@ class CheckpointManager:
             check_plain(rank_payload, "rank_payload")
             if self.ctx.info.is_rank0:
                 check_plain(payload, "payload")
-            shared = _torch_bytes({"step": step, "payload": payload}) if self.ctx.info.is_rank0 else b""
-            mine, error = _torch_bytes({"rng": rng_state(), "rank_payload": rank_payload}), None
+            shared = torch_bytes({"step": step, "payload": payload}) if self.ctx.info.is_rank0 else b""
+            mine, error = torch_bytes({"rng": rng_state(), "rank_payload": rank_payload}), None
         except TypeError as e:
             error = e
         if self.ctx.all_reduce_flag(error is not None):
@@ -282,11 +320,11 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
     # -- validating ----------------------------------------------------------------------------------
-    def validate(self, path: str | Path, *, signed: bool = False) -> dict:
-        """The manifest of checkpoint ``path`` once every file matches it: present, same size, same
-        sha256, and no file it does not list. ``signed``: the manifest must also verify under this run's
-        secret (required before DeepSpeed's unpickling loader). Raises :class:`CheckpointError` naming
-        the bad file."""
+    def validate(self, path: str | Path) -> dict:
+        """The manifest of checkpoint ``path`` once its signature verifies under this run's secret (checked
+        first: nothing of an unsigned or foreign checkpoint is hashed or read) and every file matches it:
+        present, same size, same sha256, and no file it does not list. Raises :class:`CheckpointError`
+        naming the bad file."""
         path = Path(path)
         mpath = path / MANIFEST
         try:
@@ -298,11 +336,12 @@ class CheckpointManager:
         if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
             raise CheckpointError(f"{mpath} lists no file checksums (written by an older distrag, or edited): "
                                   "it cannot be verified")
-        if signed and not run_secret.verify(self._secret(), manifest.get("signature"), _signed_text(manifest)):
+        if not run_secret.verify(self._secret(), manifest.get("signature"), _signed_text(manifest)):
             raise CheckpointError(
                 f"{mpath}: signature does not verify under this run's secret "
-                f"({run_secret.secret_path(self.root.parent)}): the checkpoint was not written by this run or "
-                "its manifest was edited; DeepSpeed's loader unpickles, so it is not loaded")
+                f"({run_secret.secret_path(self.root.parent)}): written by another run (another configuration, "
+                "or copied in) or edited after it was saved, so nothing in it is read; resume a checkpoint of "
+                f"this configuration's run ({self.root}) or start fresh with distributed.resume=none")
         seen = (text, _stats(path))  # a resume validates, then loads (twice): hash the files once
         if self._valid.get(path.resolve()) == seen:
             return manifest
@@ -335,12 +374,17 @@ class CheckpointManager:
         """Every trainer: validate, read the payload, restore this trainer's RNG, and (collective) load
         the DeepSpeed engine state. An engine checkpoint that DeepSpeed cannot find is an error."""
         path = Path(path)
-        manifest = self.validate(path, signed=engine is not None)
-        shared = _read_state(path / TRAINER_STATE, ("step", "payload"))
+        manifest = self.validate(path)
+        shared = read_state(path / TRAINER_STATE, ("step", "payload"), manifest["files"][TRAINER_STATE]["sha256"])
+        run = self.root.parent.resolve()
+        for where, value in _named_paths(shared["payload"]):
+            if not _inside(value, run):
+                raise CheckpointError(f"checkpoint {path} names {where}={value!r}, outside the run folder {run}: "
+                                      "it is not opened; resume from a checkpoint of this run")
         rank_file = path / f"rank_{self._rank:05d}.pt"
         rank_payload = None
-        if rank_file.is_file():
-            mine = _read_state(rank_file, ("rng", "rank_payload"))
+        if rank_file.name in manifest["files"]:
+            mine = read_state(rank_file, ("rng", "rank_payload"), manifest["files"][rank_file.name]["sha256"])
             try:
                 set_rng_state(mine["rng"])
             except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:

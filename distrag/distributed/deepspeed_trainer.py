@@ -65,7 +65,7 @@ class DistributedTrainer(Trainer):
     def make_optimizers(self, phase: Phase, total_steps: int) -> None:
         from transformers import get_linear_schedule_with_warmup
 
-        from distrag.distributed.deepspeed_glue import build_ds_config, engine_kwargs, uses_bf16
+        from distrag.distributed.deepspeed_setup import build_ds_config, engine_kwargs, uses_bf16
         from distrag.training.trainer import set_embedder_trainable, set_generator_trainable
 
         t = self.cfg.train
@@ -173,7 +173,7 @@ class DistributedTrainer(Trainer):
         """The LoRA adapter weights, gathered (collective under ZeRO-3: every trainer calls it)."""
         if not self.generator.is_peft:
             return None
-        from distrag.distributed.deepspeed_glue import gathered_lora_state_dict
+        from distrag.distributed.deepspeed_setup import gathered_lora_state_dict
 
         return gathered_lora_state_dict(self.engine if self.engine is not None else self.generator.model)
 

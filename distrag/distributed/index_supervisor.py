@@ -8,8 +8,10 @@ process the launcher started for the index rank only supervises:
 * it starts the **index worker**, a spawned child (never a fork: faiss, CUDA) that connects to the
   coordination store as a client and runs :func:`~distrag.distributed.refresh_server.serve_index`; the
   worker leaves by itself if the supervisor disappears;
-* it announces ``host``, the worker's ``pid`` and its own (``supervisor``) in the signed ``pid`` record,
-  so trainer 0 notices a dead worker at its next poll;
+* it announces ``host``, the worker's ``pid`` and its own (``supervisor``), each with its start time, in the
+  signed ``pid`` record, so trainer 0 notices a dead worker at its next poll (records are bound to the job
+  trainer 0 started: the supervisor follows the run folder's job file and signs the record again when
+  trainer 0 starts its job after the supervisor announced itself);
 * when the worker exits with an error or is killed, it records the reason (signed ``error`` record,
   unless the worker recorded its own exception) and keeps the launcher's process alive: the trainers
   follow ``on_index_failure`` (``continue``: train on the last version; ``stop``: checkpoint and stop);
@@ -17,7 +19,8 @@ process the launcher started for the index rank only supervises:
   worker ``grace_s`` to leave and then kills it (SIGKILL also ends a stopped process), and exits:
   0 unless the worker failed under ``on_index_failure=stop``.
 
-Trainer 0 ends a supervisor that does not leave after training (a SIGSTOPped one) on the same host
+Trainer 0 ends a supervisor that does not leave after training (a SIGSTOPped one) on the same host, if its
+pid still names the process that started at the announced time
 (:meth:`~distrag.distributed.refresh_client.IndexClient.done`).
 """
 
@@ -32,18 +35,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distrag.distributed.process_watch import exit_reason, hostname
-from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID
-from distrag.distributed.run_secret import run_secret, signed_record
+from distrag.distributed.refresh_protocol import RefreshChannel
+from distrag.process_watch import exit_reason
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig
-    from distrag.distributed.roles import DistInfo
+    from distrag.distributed.world import DistInfo
 
 
-def _trainers_done(store) -> bool:
+def _trainers_done(channel: RefreshChannel) -> bool:
+    """Whether trainer 0 said training ended (following its job first: when trainer 0 starts one after this
+    process announced itself, the pid and any error are signed again for it)."""
     try:
-        return store.add(K_DONE, 0) > 0
+        channel.sync_job()
+        return channel.trainers_done()
     except (RuntimeError, OSError):  # trainer 0 (the store's host) is gone: nobody is left to serve
         return True
 
@@ -54,22 +59,20 @@ def supervise(store, worker: multiprocessing.process.BaseProcess, run_root: str 
     """Start ``worker`` and watch it until the trainers are done (see the module's docstring). Returns
     the exit code of the index rank's process: 0, or 1 when the worker failed under ``stop``."""
     log = log or (lambda msg: print(f"[index rank] {msg}", flush=True))
-    key = run_secret(run_root)
+    channel = RefreshChannel(store, run_root)
     worker.start()
-    store.set(K_PID, signed_record(key, K_PID, {"host": hostname(), "pid": worker.pid,
-                                                "supervisor": os.getpid()}))
+    channel.announce_process(worker.pid, supervisor=os.getpid())
     failed: str | None = None
     while True:
-        done = _trainers_done(store)
+        done = _trainers_done(channel)
         if worker.exitcode is not None:
             if worker.exitcode == 0:
                 return 0
             if failed is None:
                 failed = f"the index worker (pid {worker.pid}) ended: {exit_reason(worker.exitcode)}"
                 log(f"{failed}; the trainers follow distributed.on_index_failure={on_failure}")
-                try:
-                    if not store.check([K_ERROR]):  # keep the worker's own exception when it recorded one
-                        store.set(K_ERROR, signed_record(key, K_ERROR, {"error": failed}))
+                try:  # keep the worker's own exception when it recorded one in this job
+                    channel.record_error(channel.index_error() or failed)
                 except (RuntimeError, OSError):
                     pass
             if done:

@@ -25,9 +25,9 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+
+from distrag.distributed.world import slurm_job_id
 
 _requested = False
 _signum: int | None = None
@@ -45,24 +45,6 @@ def _handler(signum, frame) -> None:
 def install(signals: Sequence[int] = (signal.SIGUSR1, signal.SIGTERM)) -> dict[int, object]:
     """Install the flag-setting handler (main thread only). Returns the previous handlers."""
     return {s: signal.signal(s, _handler) for s in signals}
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM raises KeyboardInterrupt like Ctrl-C does (single-process runs: ``kill`` or a
-    scheduler's SIGTERM then saves what was trained, as an interrupt does). Main thread only; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def preemption_requested() -> bool:
@@ -92,7 +74,7 @@ def requeue_command(job_id: str | None = None) -> list[str] | None:
     """``scontrol requeue <job>`` or the command in ``DISTRAG_REQUEUE_CMD`` (tests, other schedulers;
     ``{job_id}`` is substituted). None outside SLURM."""
     # an array task has its own SLURM_JOB_ID, so this requeues just that task
-    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    job_id = job_id or slurm_job_id()
     if not job_id:
         return None
     custom = os.environ.get("DISTRAG_REQUEUE_CMD")

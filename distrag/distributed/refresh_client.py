@@ -1,39 +1,21 @@
-"""Asynchronous index refresh, trainer side: the protocol's store keys and :class:`IndexClient`.
+"""Asynchronous index refresh, trainer side: :class:`IndexClient` and what the refresh cost (:class:`RefreshStats`).
 
-The index rank's side is :mod:`distrag.distributed.refresh_server`. Everything goes through the
-coordination store of :mod:`distrag.distributed.roles` and a shared folder; the index rank never joins a
-trainer collective, and the trainers never wait for the index rank::
+Trainer 0 hands the embedder weights to the index rank and adopts the versions it publishes, through the
+protocol of :mod:`distrag.distributed.refresh_protocol` (store keys, signed records, the channel); the
+index rank's side is :mod:`distrag.distributed.refresh_server`. The trainers never wait for the index
+rank: trainer 0 looks at the store without blocking and broadcasts what it decided, so every trainer
+adopts a version at the same step.
 
-    trainer 0                          store (keys under "distrag/index/")      index rank
-    submit_weights(step, sd)  -- writes weights/w_<n>.pt, add(weights, 1) -->  sees n > consumed,
-                                                                               skips to the newest,
-                                                                               re-embeds in shards,
-    poll(step) every step     <-- add(published, 0), meta/<c> -------------   builds, publishes v
-      decision broadcast to all trainers: every trainer adopts v at the same step
-    done()                    -- add(done, 1) --------------------------------> exits its loop
-
-Health: the index rank bumps ``heartbeat`` while idle and between shards, records its host:pid
-(under a launcher, the worker's pid and its supervisor's: :mod:`distrag.distributed.index_supervisor`),
-and records ``error`` if its loop raises or its worker dies. Trainer 0 declares a failure when the heartbeat counter
-has not moved for ``index_timeout_s`` (local clock: no cross-node clock skew), when the process is
-gone (same host), when an error was recorded, or when the store is unreachable. Then every trainer
-follows ``on_index_failure`` at the same step: ``continue`` on the last version (one warning) or
-``stop`` (:class:`IndexRankFailed` raised on every trainer).
-
-Pruning: trainer 0 sets ``adopted`` to the version it adopts *before* any trainer loads it; the index
-rank never deletes that version, the newest ``keep_index_versions`` ones, or one a checkpoint names.
+Health: trainer 0 declares a failure when the index rank's heartbeat has not moved for ``index_timeout_s``
+(local clock: no cross-node clock skew), when its process is gone (same host), when it recorded an
+error, or when the store is unreachable. Then every trainer follows ``on_index_failure`` at the same
+step: ``continue`` on the last version (one warning) or ``stop`` (:class:`IndexRankFailed` raised on
+every trainer).
 
 Versions are :class:`~distrag.retrieval.sharded_index.ShardedIndex` directories published with
-:func:`distrag.retrieval.index_store.publish` (``root/v000001`` ..., atomically, then ``root/LATEST``);
-the store's ``meta/<c>`` names the folder, and ``load_fn(path)`` (e.g. ``index_store.load``) reads it.
-
-Trust: the store has no authentication, so every record the index rank *sets* (``meta/<c>``, ``pid``,
-``error``) is signed (:func:`signed_record`: HMAC-SHA256 under the run's secret, bound to its key; see
-:mod:`distrag.distributed.run_secret`), and trainer 0 acts only on records that verify and, for
-``meta/<c>``, name a folder inside the run folder (symlinks resolved). Anything else is ignored with a
-warning, so a foreign client can never make the trainers open a path. Counters (``add``) cannot be
-signed: a client that reaches the store can still disturb a run (stall adoption, fake a heartbeat,
-signal ``done``); the stores' binding (:mod:`distrag.distributed.stores`) keeps strangers away from them.
+:func:`distrag.retrieval.index_store.publish` (``root/v000001`` ..., atomically, then ``root/LATEST``); the
+adopted :class:`~distrag.distributed.refresh_protocol.Publication` names the folder, and ``load_fn(path)``
+(e.g. ``index_store.load``) reads it.
 
 Training-loop use (every trainer)::
 
@@ -47,17 +29,35 @@ Training-loop use (every trainer)::
         if step % refresh_every == 0: client.submit_weights(step, embedder_trainable_state())
     client.done()
 
-Index rank: :mod:`distrag.distributed.refresh_server` (``IndexServer(...).run()``).
+:class:`RefreshStats` (kept here because only the client fills it in; the runner reads its summary):
+
+* **blocked time**: seconds the training loop spent inside the protocol's calls instead of training:
+  the per-step poll (trainer 0's look at the store and the decision's broadcast, which the other trainers
+  wait for), the swap to an adopted version (``load_fn``), and trainer 0's weights hand-off (the CPU copy,
+  and waiting for the previous background write). Nested calls (``wait_for_version`` polling) count once.
+* **staleness**: at every step, how many optimizer steps the index in use lags behind the encoder that
+  trains (``step - weights_step`` of the adopted version; before the first version the frozen index of
+  the base encoder, weights step 0), as a mean and a maximum over steps, and the number of versions
+  adopted.
+
+The runner (:mod:`distrag.distributed.runner`) gathers every trainer's :meth:`RefreshStats.summary`
+and logs ``index/blocked_s`` and ``index/blocked_share`` (per trainer and their mean),
+``index/staleness_mean``, ``index/staleness_max`` and ``index/versions_adopted``, with
+``index/versions_published`` from the run folder (metric names in :mod:`distrag.metric_names`), in the
+run's one MLflow run. Staleness and adoptions are the same on every trainer (adoption is agreed) and
+survive a resume (:meth:`RefreshStats.state_dict`); blocked time is this process's, from its start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,34 +66,9 @@ import torch
 
 from distrag import metric_names as mn
 from distrag.atomic_io import atomic_write_bytes
-from distrag.distributed import run_secret
-from distrag.distributed.process_watch import end_lingering, hostname, pid_alive
-from distrag.distributed.refresh_stats import RefreshStats
+from distrag.distributed.refresh_protocol import Publication, RefreshChannel, WeightsHandoff
 from distrag.errors import IndexRankFailed
-
-PREFIX = "distrag/index/"
-K_WEIGHTS = PREFIX + "weights"  # submissions by trainer 0 (counter)
-K_CONSUMED = PREFIX + "consumed"  # newest submission the index rank has started on (counter)
-K_PUBLISHED = PREFIX + "published"  # publications (counter); meta/<count> holds the details
-K_HEARTBEAT = PREFIX + "heartbeat"  # bumped by the index rank (counter)
-K_PID = PREFIX + "pid"  # "host:pid" of the index rank
-K_ERROR = PREFIX + "error"  # set when the index loop raised
-K_DONE = PREFIX + "done"  # set by trainer 0 when training ends
-K_BYE = PREFIX + "bye"  # set by the index rank when it leaves (trainer 0 hosts the store: it waits)
-K_ADOPTED = PREFIX + "adopted"  # version trainer 0 adopts, set before any trainer loads it (counter)
-
-
-def meta_key(count: int) -> str:
-    """Store key of the details (version, folder, weights step, ...) of publication number ``count``."""
-    return f"{PREFIX}meta/{count}"
-
-
-def inside(path: str, folder: Path) -> bool:
-    """Whether ``path`` (symlinks resolved) lies inside ``folder``."""
-    try:
-        return Path(path).resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError, ValueError):
-        return False
+from distrag.process_watch import end_lingering, hostname, pid_alive
 
 
 @dataclass
@@ -111,6 +86,65 @@ class AdoptDecision:
     """``step - weights_step``: optimizer steps the index lags behind the embedder."""
     swap_s: float = 0.0
     """Seconds spent in ``load_fn`` on this trainer."""
+
+
+
+class RefreshStats:
+    """One trainer's refresh costs; :meth:`blocking` and :meth:`note_step` fill it in."""
+
+    def __init__(self, *, blocked_s: float = 0.0, n_adopted: int = 0):
+        self.blocked_s = blocked_s
+        """Seconds blocked on the protocol in this process."""
+        self.n_adopted = n_adopted
+        """Index versions adopted (trainer 0 was charged one corpus pass for each)."""
+        self.steps, self.staleness_sum, self.staleness_max = 0, 0.0, 0
+        """Steps whose staleness was recorded, the sum of the index's lag over them, the largest lag."""
+        self._depth, self._t0 = 0, 0.0  # protocol calls open (nested ones count once), when the outermost began
+        self._last_step: int | None = None  # the step noted last (a second poll at that step is not a step)
+
+    @contextmanager
+    def blocking(self) -> Iterator[None]:
+        """Time a protocol call as blocked (an inner call inside an outer one is not counted again)."""
+        if self._depth == 0:
+            self._t0 = time.perf_counter()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.blocked_s += time.perf_counter() - self._t0
+
+    def note_step(self, step: int, weights_step: int | None) -> None:
+        """The index used at ``step`` was built from the weights of ``weights_step`` (None: the base encoder's)."""
+        if step == self._last_step:  # polled again at the same step (waiting for a version)
+            return
+        self._last_step = int(step)
+        lag = max(0, int(step) - int(weights_step or 0))
+        self.steps += 1
+        self.staleness_sum += lag
+        self.staleness_max = max(self.staleness_max, lag)
+
+    @property
+    def staleness_mean(self) -> float:
+        return self.staleness_sum / self.steps if self.steps else 0.0
+
+    def summary(self, train_s: float) -> dict[str, float]:
+        """Totals for the run, with the blocked share of ``train_s`` (this trainer's training wall-clock)."""
+        return {"blocked_s": self.blocked_s, "blocked_share": self.blocked_s / train_s if train_s > 0 else 0.0,
+                "staleness_mean": self.staleness_mean, "staleness_max": float(self.staleness_max),
+                "n_adopted": float(self.n_adopted)}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint carries: staleness and adoptions (agreed on every trainer)."""
+        return {"steps": self.steps, "staleness_sum": self.staleness_sum, "staleness_max": self.staleness_max,
+                "n_adopted": self.n_adopted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state.get("steps", 0))
+        self.staleness_sum = float(state.get("staleness_sum", 0.0))
+        self.staleness_max = int(state.get("staleness_max", 0))
+        self.n_adopted = int(state.get("n_adopted", 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,17 +179,18 @@ class IndexClient:
         self.stats = RefreshStats()
         """Time blocked on the protocol, staleness of the index in use, versions adopted."""
         self._rank0 = ctx.info.is_rank0
-        self._seen_pub = 0
-        self._hb = -1
+        self._hb = 0
         self._hb_t = time.monotonic()
         self._n_submitted = 0
+        self._submitted: dict[int, int] = {}  # hand-offs announced in this job: number -> training step
         self._writer: threading.Thread | None = None
-        self._ignored: set[tuple[str, bytes]] = set()  # foreign records already warned about
-        self._key = b""
+        self._written: WeightsHandoff | None = None  # what the background writer wrote (announced when it ends)
+        self._refused: set[int] = set()  # publications (versions) already reported as not built by this job
+        self.channel: RefreshChannel | None = None
+        """Trainer 0's end of the protocol (None on the other trainers: they never touch the store). Creating it
+        starts a new job: only records of this job are read (:mod:`~distrag.distributed.refresh_protocol`)."""
         if self._rank0 and self.store is not None:
-            self._key = run_secret.run_secret(self.run_root)
-            self._n_submitted = self.store.add(K_WEIGHTS, 0)
-            self._seen_pub = self.store.add(K_PUBLISHED, 0)
+            self.channel = RefreshChannel.for_trainer(self.store, self.run_root)
 
     # -- weights ---------------------------------------------------------------------------------
     def submit_weights(self, step: int, state_dict: dict[str, torch.Tensor]) -> int | None:
@@ -177,8 +212,10 @@ class IndexClient:
             def write() -> None:
                 buf = io.BytesIO()
                 torch.save(blob, buf)
+                data = buf.getvalue()
                 # the rename keeps it all-or-nothing; a hand-off file is useless after a crash, so no fsync
-                atomic_write_bytes(path, buf.getvalue(), fsync=False)
+                atomic_write_bytes(path, data, fsync=False)
+                self._written = WeightsHandoff(n, int(step), hashlib.sha256(data).hexdigest())
 
             self._writer = threading.Thread(target=write, name=f"distrag-weights-{n}", daemon=True)
             self._writer.start()
@@ -200,54 +237,31 @@ class IndexClient:
             return
         w.join()
         self._writer = None
-        self._n_submitted = self.store.add(K_WEIGHTS, 1)
+        handoff, self._written = self._written, None
+        if handoff is None:  # the write failed (its thread printed why): nothing to announce
+            return
+        self._n_submitted = handoff.n
+        self._submitted[handoff.n] = handoff.step
+        self.channel.announce_weights(handoff)
         self._prune_weights()
 
     def _prune_weights(self) -> None:
-        consumed = self.store.add(K_CONSUMED, 0)
+        consumed = self.channel.consumed()
         for p in self.weights_dir.glob("w_*.pt"):
             m = re.fullmatch(r"w_(\d+)\.pt", p.name)
             if m and int(m.group(1)) < consumed:
                 p.unlink(missing_ok=True)
 
     # -- adoption --------------------------------------------------------------------------------
-    def _trusted(self, store_key: str) -> dict | None:
-        """The record under ``store_key`` if the index rank of this run signed it (trainer 0); a foreign
-        record is ignored, with one warning."""
-        raw = self.store.get(store_key)
-        record, why = run_secret.read_record(self._key, store_key, raw)
-        if record is None and (store_key, raw) not in self._ignored:
-            self._ignored.add((store_key, raw))
-            warnings.warn(f"ignoring {store_key!r} in the coordination store: {why} (not written by this "
-                          "run's index rank)", RuntimeWarning, stacklevel=3)
-        return record
-
-    def _trusted_meta(self, store_key: str) -> dict | None:
-        """A publication record that is signed, well formed and names a folder inside the run folder."""
-        meta = self._trusted(store_key)
-        if meta is None:
-            return None
-        if not (isinstance(meta.get("version"), int) and isinstance(meta.get("weights_step"), int)
-                and isinstance(meta.get("path"), str)):
-            warnings.warn(f"ignoring {store_key!r}: malformed publication record", RuntimeWarning, stacklevel=2)
-            return None
-        if not inside(meta["path"], self.run_root):
-            warnings.warn(f"ignoring {store_key!r}: index path {meta['path']} is outside the run folder "
-                          f"{self.run_root}", RuntimeWarning, stacklevel=2)
-            return None
-        return meta
-
     def _health(self) -> str | None:
-        s = self.store
-        if s.check([K_ERROR]) and (err := self._trusted(K_ERROR)) is not None:
-            return f"the index rank raised: {err.get('error')}"
-        if s.check([K_PID]) and (who := self._trusted(K_PID)) is not None:
-            pid = who.get("pid")
-            if who.get("host") == hostname() and isinstance(pid, int) and not pid_alive(pid):
-                return f"the index rank process (pid {pid}) is gone"
-        hb = s.add(K_HEARTBEAT, 0)
+        ch = self.channel
+        if (err := ch.index_error()) is not None:
+            return f"the index rank raised: {err}"
+        if (who := ch.index_process()) is not None and who.host == hostname() and not pid_alive(who.pid, who.start):
+            return f"the index rank process (pid {who.pid}) is gone"
+        hb = ch.heartbeat_seq()  # the largest seen: an older heartbeat replayed does not count
         now = time.monotonic()
-        if hb != self._hb:
+        if hb > self._hb:
             self._hb, self._hb_t = hb, now
         elif now - self._hb_t > self.timeout_s:
             return f"no heartbeat from the index rank for {now - self._hb_t:.0f}s (index_timeout_s)"
@@ -257,14 +271,11 @@ class IndexClient:
         """Trainer 0 only: look at the store without blocking."""
         try:
             out = None
-            pub = self.store.add(K_PUBLISHED, 0)
-            if pub > self._seen_pub and self.store.check([meta_key(pub)]):
-                meta = self._trusted_meta(meta_key(pub))
-                self._seen_pub = pub
-                if meta is not None and (self.current is None or meta["version"] > self.current.version):
-                    out = ("adopt", meta)
-                    # announced before any trainer loads it: the index rank never prunes it from now on
-                    self.store.add(K_ADOPTED, meta["version"] - self.store.add(K_ADOPTED, 0))
+            pub = self.channel.latest_publication()
+            if pub is not None and self._adoptable(pub, step):
+                out = ("adopt", pub)
+                # announced before any trainer loads it: the index rank never prunes it from now on
+                self.channel.mark_adopted(pub.version)
             why = self._health()
         except (RuntimeError, OSError) as e:  # the store itself is gone (it lived in the index process)
             return ("fail", f"coordination store unreachable: {e!r}")
@@ -272,6 +283,21 @@ class IndexClient:
             # a version published before the failure is still adopted first
             return out or ("fail", why)
         return out
+
+    def _adoptable(self, pub: Publication, step: int) -> bool:
+        """Whether trainers adopt ``pub`` (signed by this job's index rank) at ``step``: newer than the version in
+        use, built from a hand-off this trainer 0 made in this job (number and step match: the index rank can
+        only have read what was announced), and not from weights newer than ``step`` (staleness is never
+        negative). A version that breaks the hand-off rule is reported once."""
+        if self.current is not None and pub.version <= self.current.version:
+            return False
+        if self._submitted.get(pub.weights_n) != pub.weights_step:
+            if pub.version not in self._refused:
+                self._refused.add(pub.version)
+                warnings.warn(f"ignoring index version {pub.version}: not built from a weights hand-off of this job "
+                              f"(hand-off {pub.weights_n}, step {pub.weights_step})", RuntimeWarning, stacklevel=3)
+            return False
+        return pub.weights_step <= step
 
     def poll(self, step: int, load_fn: Callable[[str], Any] | None = None) -> AdoptDecision | None:
         """Call on EVERY trainer at EVERY step (a small broadcast). Returns the decision when a newer
@@ -309,19 +335,18 @@ class IndexClient:
             return None
         return self._adopt(step, body, load_fn)
 
-    def _adopt(self, step: int, meta: dict, load_fn: Callable[[str], Any] | None) -> AdoptDecision:
+    def _adopt(self, step: int, pub: Publication, load_fn: Callable[[str], Any] | None) -> AdoptDecision:
         t0 = time.perf_counter()
         if load_fn is not None:
-            load_fn(meta["path"])
-        d = AdoptDecision(version=int(meta["version"]), path=str(meta["path"]),
-                          weights_step=int(meta["weights_step"]), step=int(step),
-                          staleness=int(step) - int(meta["weights_step"]), swap_s=time.perf_counter() - t0)
+            load_fn(pub.path)
+        d = AdoptDecision(version=pub.version, path=pub.path, weights_step=pub.weights_step, step=int(step),
+                          staleness=int(step) - pub.weights_step, swap_s=time.perf_counter() - t0)
         self.current = d
         self.history.append(d)
         self.stats.n_adopted += 1
         if self._rank0:
             self.log_fn({mn.INDEX_VERSION: d.version, mn.INDEX_STALENESS_STEPS: d.staleness,
-                         mn.INDEX_SWAP_S: d.swap_s, mn.INDEX_BUILD_S: float(meta.get("build_s", 0.0))}, step)
+                         mn.INDEX_SWAP_S: d.swap_s, mn.INDEX_BUILD_S: float(pub.build_s)}, step)
         return d
 
     def wait_for_version(self, version: int, step: int, load_fn: Callable[[str], Any] | None = None, *,
@@ -356,15 +381,15 @@ class IndexClient:
             self._writer.join()
             self._writer = None
         try:
-            self.store.add(K_DONE, 1)
+            self.channel.send_done()
             bye = False
             if self.failed is None:
                 deadline = time.monotonic() + wait_s
                 while time.monotonic() < deadline:
-                    if self.store.add(K_BYE, 0) > 0 or self._health() is not None:
+                    if self.channel.bye_received() or self._health() is not None:
                         break
                     time.sleep(0.05)
-                bye = self.store.add(K_BYE, 0) > 0
+                bye = self.channel.bye_received()
             self._end_supervisor(wait_s)
             return bye
         except (RuntimeError, OSError) as e:  # the index rank (and its store) may already be gone
@@ -374,11 +399,11 @@ class IndexClient:
     def _end_supervisor(self, wait_s: float) -> None:
         """Wait up to ``wait_s`` for the index rank's launcher-started process (its supervisor) to leave;
         on this host, kill one that does not (stopped, hung), so the launcher can end the job."""
-        who = self._trusted(K_PID) if self.store.check([K_PID]) else None
-        pid = who.get("supervisor") if who else None
-        if not isinstance(pid, int) or who.get("host") != hostname():
-            return  # no supervisor, or on another node: its launcher ends it
-        if end_lingering(pid, wait_s):
+        who = self.channel.index_process()
+        pid = who.supervisor if who is not None else None
+        if pid is None or who.host != hostname() or who.supervisor_start is None:
+            return  # no supervisor, on another node (its launcher ends it), or nothing to tell that pid's process by
+        if end_lingering(pid, wait_s, start=who.supervisor_start):
             warnings.warn(f"the index rank (pid {pid}) did not leave within {wait_s:.0f}s of the end of "
                           "training (stopped or hung): killed it", RuntimeWarning, stacklevel=3)
 

@@ -4,11 +4,15 @@ The index rank waits for embedder weights that trainer 0 hands off, re-embeds th
 (heartbeating between shards, and abandoning a version when the trainers finish), builds a
 :class:`~distrag.retrieval.sharded_index.ShardedIndex` and publishes it as the next version with
 :func:`distrag.retrieval.index_store.publish`; the trainers adopt it through the store
-(:mod:`distrag.distributed.refresh_client`, which also describes the protocol and its keys).
+(:mod:`distrag.distributed.refresh_client`). Everything it tells the trainers goes through the channel of
+:mod:`distrag.distributed.refresh_protocol`, which signs it; :meth:`IndexServer.publish_version` fills in
+what a published version records (:class:`~distrag.distributed.refresh_protocol.Publication`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -19,20 +23,7 @@ import numpy as np
 import torch
 
 from distrag.data import load_data
-from distrag.distributed.process_watch import hostname
-from distrag.distributed.refresh_client import (
-    K_ADOPTED,
-    K_BYE,
-    K_CONSUMED,
-    K_DONE,
-    K_ERROR,
-    K_HEARTBEAT,
-    K_PID,
-    K_PUBLISHED,
-    K_WEIGHTS,
-    meta_key,
-)
-from distrag.distributed.run_secret import run_secret, signed_record
+from distrag.distributed.refresh_protocol import Publication, RefreshChannel, WeightsHandoff
 from distrag.models.embedder import Embedder
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import CorpusEncoder
@@ -50,7 +41,8 @@ class IndexServer:
     step, build time, ...) and ``extra`` in its manifest's ``extra``. Both functions are injectable, so
     tests run the protocol without models. Runs in the launcher-started index process (never a fork:
     faiss). Every record it sets in the store is signed with the secret of ``run_root`` (default: the
-    parent of ``weights_dir``), the run folder the trainers trust."""
+    parent of ``weights_dir``), the run folder the trainers trust, for the job trainer 0 started there; it
+    builds only from hand-offs of that job whose file matches the signed checksum."""
 
     def __init__(self, store, encode_corpus_fn: Callable[[dict], Iterable[np.ndarray]],
                  build_index_fn: Callable[[np.ndarray], ShardedIndex], publish_root: str | Path,
@@ -63,7 +55,7 @@ class IndexServer:
         self.build_index_fn = build_index_fn
         self.root = Path(publish_root)
         self.weights_dir = Path(weights_dir)
-        self._key = run_secret(Path(run_root) if run_root is not None else self.weights_dir.parent)
+        self.channel = RefreshChannel(store, Path(run_root) if run_root is not None else self.weights_dir.parent)
         self.extra = dict(extra or {})
         self.poll_s = poll_interval_s
         self.log = log or (lambda msg: print(f"[index rank] {msg}", flush=True))
@@ -72,85 +64,120 @@ class IndexServer:
             start_version = latest[0] if latest else 0
         self.version = start_version
         self.consumed = 0
+        """The newest hand-off of the current job started on."""
         self.published = 0
         self.keep_versions = keep_versions
         self.protected_fn = protected_fn or (lambda: set())
         self.announce_pid = announce_pid
 
-    def _set(self, key: str, record: dict) -> None:
-        """Set a record in the store, signed: trainer 0 ignores what does not verify."""
-        self.store.set(key, signed_record(self._key, key, record))
-
     def heartbeat(self) -> None:
-        self.store.add(K_HEARTBEAT, 1)
+        self.channel.heartbeat()
 
     def _done(self) -> bool:
-        return self.store.add(K_DONE, 0) > 0
+        return self.channel.trainers_done()
+
+    def _new_job(self) -> bool:
+        """Whether trainer 0 started a new job (the run folder's job file changed): then that job's hand-offs
+        count from 1 again."""
+        if not self.channel.sync_job():
+            return False
+        self.log(f"serving job {self.channel.job[:8]} of this run")
+        self.consumed = 0
+        return True
 
     def run(self) -> int:
         """Serve until trainer 0 calls ``done()``. Returns the number of versions published."""
         if self.announce_pid:  # a supervisor announces its worker itself (index_supervisor)
-            self._set(K_PID, {"host": hostname(), "pid": os.getpid()})
-        self.consumed = self.store.add(K_CONSUMED, 0)
+            self.channel.announce_process(os.getpid())
         try:
             while True:
+                self._new_job()
                 self.heartbeat()
                 if self._done():
                     self.log(f"trainers are done; {self.published} version(s) published, exiting")
-                    self.store.add(K_BYE, 1)
+                    self.channel.say_bye()
                     return self.published
-                newest = self.store.add(K_WEIGHTS, 0)
-                if newest > self.consumed:
-                    if newest > self.consumed + 1:
-                        self.log(f"skipping weights {self.consumed + 1}..{newest - 1}: newer ones arrived")
-                    self.store.add(K_CONSUMED, newest - self.consumed)
-                    self.consumed = newest
-                    self._refresh(newest)
+                handoff = self.channel.newest_weights()
+                if handoff is not None and handoff.n > self.consumed:
+                    if handoff.n > self.consumed + 1:
+                        self.log(f"skipping weights {self.consumed + 1}..{handoff.n - 1}: newer ones arrived")
+                    self.channel.mark_consumed(handoff.n)
+                    self.consumed = handoff.n
+                    self._refresh(handoff)
                 else:
                     time.sleep(self.poll_s)
         except BaseException as e:
             try:
-                self._set(K_ERROR, {"error": f"{type(e).__name__}: {e}"})
+                self.channel.record_error(f"{type(e).__name__}: {e}")
             except (RuntimeError, OSError) as e2:
                 self.log(f"could not record the error in the store: {e2!r}")
             raise
 
-    def _refresh(self, n: int) -> None:
+    def _load_weights(self, handoff: WeightsHandoff) -> dict | None:
+        """The state dict of ``handoff``, read only from a file whose bytes match its signed checksum (a file of an
+        earlier job under the same name is never read); None, said once in the log, when there is no such file."""
+        path = self.weights_dir / handoff.file_name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            self.log(f"ignoring weights {handoff.n}: cannot read {path}: {e.strerror}")
+            return None
+        if hashlib.sha256(data).hexdigest() != handoff.sha256:
+            self.log(f"ignoring weights {handoff.n}: {path} is not the file trainer 0 announced (checksum differs)")
+            return None
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return blob["state_dict"]
+
+    def _refresh(self, handoff: WeightsHandoff) -> None:
         t0 = time.perf_counter()
-        blob = torch.load(self.weights_dir / f"w_{n:06d}.pt", map_location="cpu", weights_only=True)
+        state_dict = self._load_weights(handoff)
+        if state_dict is None:
+            return
+        n, step = handoff.n, handoff.step
         shards = []
         n_rows = 0
-        for i, emb in enumerate(self.encode_corpus_fn(blob["state_dict"])):
+        for i, emb in enumerate(self.encode_corpus_fn(state_dict)):
             emb = np.asarray(emb, dtype=np.float32)
             shards.append(emb)
             n_rows += len(emb)
+            if self._new_job():  # a version of the job that started it is of no use to another one
+                self.log("a new job of this run started during re-embedding; abandoning this version")
+                return
             self.heartbeat()
-            self.log(f"weights {n} (step {blob['step']}): shard {i + 1} embedded, {n_rows} passages")
+            self.log(f"weights {n} (step {step}): shard {i + 1} embedded, {n_rows} passages")
             if self._done():
                 self.log("trainers finished during re-embedding; abandoning this version")
                 return
         vectors = np.concatenate(shards) if shards else np.zeros((0, 0), np.float32)
         index = self.build_index_fn(vectors)
+        if self._new_job():
+            self.log("a new job of this run started while building the index; abandoning this version")
+            return
         self.heartbeat()
-        version = self.version + 1
-        build_s = time.perf_counter() - t0
-        meta = {"weights_step": int(blob["step"]), "weights_n": n, "n_vectors": len(vectors),
-                "build_s": build_s, "created": time.time()}
-        path = index_store.publish(index, self.root, version, extra={**meta, **self.extra})
-        self.version = version
-        self.published += 1
-        # details first, then the counter: a reader that sees the count finds the details
-        self._set(meta_key(self.published), {**meta, "version": version, "path": str(path)})
-        self.store.add(K_PUBLISHED, 1)
-        self.log(f"published version {version} from step {blob['step']} in {build_s:.2f}s -> {path}")
+        pub = self.publish_version(index, weights_step=step, weights_n=n, n_vectors=len(vectors), t0=t0)
+        self.log(f"published version {pub.version} from step {pub.weights_step} in {pub.build_s:.2f}s -> {pub.path}")
         self.prune()
+
+    def publish_version(self, index: ShardedIndex, *, weights_step: int, weights_n: int, n_vectors: int,
+                        t0: float) -> Publication:
+        """Publish ``index`` as the next version (its facts and ``extra`` in its manifest) and announce it to the
+        trainers; returns what was announced. What a version records is filled in here."""
+        version = self.version + 1
+        facts = {"weights_step": weights_step, "weights_n": weights_n, "n_vectors": n_vectors,
+                 "build_s": time.perf_counter() - t0, "created": time.time()}
+        path = index_store.publish(index, self.root, version, extra={**facts, **self.extra})
+        self.version = version
+        pub = Publication(version=version, path=str(path), **facts)
+        self.channel.publish(pub)
+        self.published += 1
+        return pub
 
     def prune(self) -> list[int]:
         """Delete versions beyond the newest ``keep_versions``, except the one trainer 0 adopts (set in the
         store before any trainer loads it) and those ``protected_fn()`` names (checkpoints' versions)."""
         if not self.keep_versions:
             return []
-        protect = {self.store.add(K_ADOPTED, 0), *self.protected_fn()}
+        protect = {self.channel.adopted_version(), *self.protected_fn()}
         gone = index_store.prune_versions(self.root, self.keep_versions, protect)
         if gone:
             self.log(f"pruned index version(s) {gone} (keeping the newest {self.keep_versions} and {sorted(protect)})")

@@ -1,6 +1,7 @@
-"""Distributed roles: the one module that reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* (and SLURM_*).
+"""Distributed roles: which process trains and which serves the index, their process groups and stores.
 
-A multi-process run has two kinds of processes::
+The launcher's environment is read (and rewritten for DeepSpeed) by :mod:`distrag.distributed.world`
+only; this module decides what the processes share. A multi-process run has two kinds of processes::
 
     trainers    every global rank but one: a DeepSpeed engine over the generator, data-parallel
     index rank  DistributedConfig.index_rank (-1 = last): re-embeds the corpus, rebuilds the index
@@ -11,10 +12,11 @@ an ``mpu``) therefore hangs. So ``init_roles`` builds two separate things:
 
 * the **default process group over the trainers only** (trainer-local ranks 0..N-2, on
   ``MASTER_PORT + 1``). In trainer processes RANK / WORLD_SIZE / MASTER_PORT are rewritten to those
-  trainer-local values, so DeepSpeed (which reads them too) agrees with the group it is handed. The
-  launcher's values stay in :class:`DistInfo` and in ``DISTRAG_GLOBAL_RANK`` / ``DISTRAG_GLOBAL_WORLD_SIZE``.
+  trainer-local values (:func:`~distrag.distributed.world.export_trainer_world`), so DeepSpeed (which reads
+  them too) agrees with the group it is handed. The launcher's values stay in
+  :class:`~distrag.distributed.world.DistInfo` and in ``DISTRAG_GLOBAL_RANK`` / ``DISTRAG_GLOBAL_WORLD_SIZE``.
 * a **coordination TCPStore** (``MASTER_PORT + 2``, long timeouts) shared by the trainers and the
-  index rank. The refresh protocol (``distrag.distributed.refresh_client``) talks only through it, with
+  index rank. The refresh protocol (:mod:`distrag.distributed.refresh_protocol`) talks only through it, with
   non-blocking calls on the trainer side; the index rank never joins a collective.
 
 Both store servers live in global rank 0 (the process on MASTER_ADDR). With the default
@@ -23,11 +25,10 @@ takes the stores down (trainers see that as an index failure).
 
 The stores listen only where the job needs them (loopback on one node, else MASTER_ADDR's address:
 :mod:`distrag.distributed.stores`); what the index rank publishes through them is signed with the run's
-secret and checked by trainer 0 (:mod:`distrag.distributed.refresh_client`).
+secret and checked by trainer 0 (:mod:`distrag.distributed.refresh_protocol`).
 
-Rank helpers: :func:`print0`, :func:`is_rank0` (trainer 0), :func:`get_logger` (a null logger on
-other ranks), :func:`barrier_trainers`, :func:`broadcast_object_trainers`, :func:`all_reduce_flag`,
-and :meth:`DistContext.shutdown` / :func:`finish` for deterministic exits (see ``finish``).
+The trainers' collectives are methods of :class:`DistContext` (no-ops in a single process, refused on
+the index rank); :meth:`DistContext.shutdown` / :func:`finish` give deterministic exits (see ``finish``).
 """
 
 from __future__ import annotations
@@ -35,135 +36,25 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import socket
-import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 
 from distrag.config import DistributedConfig
 from distrag.distributed.stores import open_store
+from distrag.distributed.world import DistInfo, export_single_process_world, export_trainer_world, get_dist_info
 from distrag.errors import DistError
 
-Role = Literal["trainer", "index", "single"]
-
-DEFAULT_MASTER_PORT = 29500
 PG_PORT_OFFSET = 1
 STORE_PORT_OFFSET = 2
 #: Seconds a store client waits for a key or a connection. Trainers never block on the store (they
 #: only ``add(key, 0)`` / ``check``); this bounds the initial rendezvous and the index rank's reads.
 STORE_TIMEOUT_S = 3600.0
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    """Global rank given by the launcher (0 in a single process)."""
-    world_size: int
-    """Processes in the whole job, index rank included."""
-    local_rank: int
-    """Rank on this node (selects the GPU)."""
-    role: Role
-    """`trainer`, `index`, or `single` (world of one: trains and indexes in-process)."""
-    trainer_rank: int
-    """Rank among the trainers (DeepSpeed's rank); -1 on the index rank."""
-    n_trainers: int
-    """Trainers in the job (DeepSpeed's world size)."""
-    index_rank: int
-    """Global rank of the index process; -1 when there is none."""
-    master_addr: str = "127.0.0.1"
-    master_port: int = DEFAULT_MASTER_PORT
-    one_node: bool = False
-    """The launcher says every process of the job is on one node (loopback is enough for the stores)."""
-
-    @property
-    def is_trainer(self) -> bool:
-        return self.role in ("trainer", "single")
-
-    @property
-    def is_index(self) -> bool:
-        return self.role == "index"
-
-    @property
-    def is_rank0(self) -> bool:
-        """Trainer 0: the only writer of shared files and MLflow records."""
-        return self.is_trainer and self.trainer_rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def _env_int(*names: str, default: int | None = None) -> int | None:
-    for name in names:
-        raw = os.environ.get(name)
-        if raw not in (None, ""):
-            try:
-                return int(raw)
-            except ValueError:
-                raise DistError(f"environment variable {name}={raw!r} is not an integer") from None
-    return default
-
-
-def _slurm_master_addr() -> str | None:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodelist:
-        return None
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
-        return out[0] if out else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _one_node(world_size: int) -> bool:
-    """Whether the launcher says every process of the job runs on one node (srun, deepspeed, torchrun)."""
-    nodes = _env_int("SLURM_JOB_NUM_NODES", "SLURM_NNODES", "CROSS_SIZE", default=None)
-    if nodes is not None:
-        return nodes == 1
-    local = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=None)
-    return world_size == 1 or (local is not None and local == world_size)
-
-
-def get_dist_info(cfg: DistributedConfig | None = None, *, with_index_rank: bool = True) -> DistInfo:
-    """Roles from the launcher's environment (torchrun/deepspeed: RANK..., srun: SLURM_PROCID...).
-
-    ``with_index_rank=False`` (e.g. ``train.refresh_every == 0``): every process is a trainer.
-    """
-    cfg = cfg or DistributedConfig()
-    # In a trainer whose env was rewritten by init_roles, the launcher's values are kept here.
-    rank = _env_int("DISTRAG_GLOBAL_RANK", "RANK", "SLURM_PROCID", default=0)
-    world = _env_int("DISTRAG_GLOBAL_WORLD_SIZE", "WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    addr = os.environ.get("DISTRAG_GLOBAL_MASTER_ADDR") or os.environ.get("MASTER_ADDR")
-    if not addr:
-        addr = (_slurm_master_addr() if world > 1 else None) or "127.0.0.1"
-    port = _env_int("DISTRAG_GLOBAL_MASTER_PORT", "MASTER_PORT", default=None)
-    if port is None:
-        job = _env_int("SLURM_JOB_ID", default=None)
-        port = 20000 + job % 20000 if job is not None else DEFAULT_MASTER_PORT
-    if world < 1 or not 0 <= rank < world:
-        raise DistError(f"inconsistent launcher environment: rank {rank}, world size {world}")
-    where = (addr, port, _one_node(world))
-    if world == 1:
-        return DistInfo(rank, 1, local, "single", 0, 1, -1, *where)
-    if not with_index_rank:
-        return DistInfo(rank, world, local, "trainer", rank, world, -1, *where)
-    if world < 2:
-        raise DistError("an index rank needs a world of at least 2 processes")
-    idx = cfg.index_rank if cfg.index_rank >= 0 else world + cfg.index_rank
-    if not 0 <= idx < world:
-        raise DistError(f"distributed.index_rank={cfg.index_rank} is outside the world of {world} processes")
-    if rank == idx:
-        return DistInfo(rank, world, local, "index", -1, world - 1, idx, *where)
-    trank = rank if rank < idx else rank - 1
-    return DistInfo(rank, world, local, "trainer", trank, world - 1, idx, *where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +155,7 @@ def init_roles(cfg: DistributedConfig | None = None, *, with_index_rank: bool = 
         device = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     if info.world_size == 1:
-        _single_process_env()
+        export_single_process_world()
         _CTX = DistContext(info, device=device)
         return _CTX
 
@@ -278,31 +169,12 @@ def init_roles(cfg: DistributedConfig | None = None, *, with_index_rank: bool = 
     ctx._pg_store = pg_store
     if info.is_trainer:
         backend = _choose_backend(cfg)
-        os.environ.update({
-            "DISTRAG_GLOBAL_RANK": str(info.rank), "DISTRAG_GLOBAL_WORLD_SIZE": str(info.world_size),
-            "DISTRAG_GLOBAL_MASTER_ADDR": info.master_addr,
-            "DISTRAG_GLOBAL_MASTER_PORT": str(info.master_port),
-            # what DeepSpeed reads: its world is the trainers
-            "RANK": str(info.trainer_rank), "WORLD_SIZE": str(info.n_trainers),
-            "MASTER_ADDR": info.master_addr, "MASTER_PORT": str(info.master_port + PG_PORT_OFFSET),
-        })
+        export_trainer_world(info, info.master_port + PG_PORT_OFFSET)
         tdist.init_process_group(backend, store=tdist.PrefixStore("trainers", pg_store),
                                  rank=info.trainer_rank, world_size=info.n_trainers, timeout=timeout)
         ctx.backend = backend
     _CTX = ctx
     return ctx
-
-
-def _single_process_env() -> None:
-    """A world of one for DeepSpeed: without a launcher's RANK / WORLD_SIZE / MASTER_* / LOCAL_RANK,
-    ``deepspeed.initialize`` looks for MPI (and fails without mpi4py); with them it starts a one-process
-    group on a free local port. Values a launcher set (torchrun with one process) are kept."""
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(name, value)
 
 
 def current() -> DistContext:
@@ -317,56 +189,6 @@ def reset_context() -> None:
     """Forget the context (tests that run several set-ups in one process)."""
     global _CTX
     _CTX = None
-
-
-# ----------------------------------------------------------------------------------------------
-# rank helpers
-
-
-def is_rank0() -> bool:
-    return current().info.is_rank0
-
-
-def print0(*args: Any, **kwargs: Any) -> None:
-    if is_rank0():
-        print(*args, **kwargs, flush=True)
-
-
-def barrier_trainers() -> None:
-    current().barrier_trainers()
-
-
-def broadcast_object_trainers(obj: Any, src: int = 0) -> Any:
-    return current().broadcast_object_trainers(obj, src)
-
-
-def all_reduce_flag(flag: bool) -> bool:
-    return current().all_reduce_flag(flag)
-
-
-def get_logger(name: str = "distrag") -> logging.Logger:
-    """A logger that writes on trainer 0 and the index rank, and a null logger elsewhere.
-
-    Lets the code log unconditionally instead of ``if rank == 0`` everywhere.
-    """
-    info = current().info
-    role = "index" if info.is_index else f"t{info.trainer_rank}"
-    logger = logging.getLogger(f"{name}.{role}")
-    if not logger.handlers:
-        if info.is_rank0 or info.is_index:
-            h = logging.StreamHandler(sys.stderr)
-            h.setFormatter(logging.Formatter(f"%(asctime)s [{role}] %(levelname)s %(message)s"))
-            logger.addHandler(h)
-            logger.setLevel(logging.INFO)
-        else:
-            logger.addHandler(logging.NullHandler())
-            logger.setLevel(logging.CRITICAL + 1)
-        logger.propagate = False
-    return logger
-
-
-def hostname() -> str:
-    return socket.gethostname()
 
 
 def finish(exit_code: int = 0, *, ctx: DistContext | None = None, join_timeout_s: float = 10.0) -> None:

@@ -2,9 +2,10 @@
 
 Two things cross a boundary an attacker can reach and are then trusted: the records the index rank
 publishes through the coordination TCPStore (a TCP port anyone on the network can connect to; trainers
-open the index folder a record names), and checkpoint manifests (a checkpoint with a DeepSpeed engine is
-read by DeepSpeed's loader, which unpickles). Both are signed with HMAC-SHA256 under this key, and a
-reader accepts only what verifies.
+open the index folder a record names: :mod:`distrag.distributed.refresh_protocol` signs and checks them),
+and checkpoint manifests (a checkpoint with a DeepSpeed engine is read by DeepSpeed's loader, which
+unpickles). Both are signed with HMAC-SHA256 under this key (:func:`sign`), and a reader accepts only
+what verifies (:func:`verify`).
 
 Design: the key is 32 random bytes kept in ``<run folder>/.distrag_secret`` (hex, mode 0600, owned by the
 user running the job). The run folder (``output_dir/distributed/<strategy>-<hash>``) is already the one
@@ -15,13 +16,17 @@ verify. Whoever needs the key first creates it atomically (a complete file is ha
 so concurrent creators agree on one key); a key file that other users can read or that another user
 owns is refused, as ssh refuses a private key with open permissions. Anyone who can read the run folder
 as this user can sign; such a user could rewrite the checkpoints and index versions directly anyway.
+
+A missing key is created only while nothing in the run folder was signed with the old one: once complete
+checkpoints exist (``checkpoints/step_*/COMPLETE``), a new key would silently make every one of them
+unverifiable (each then refused as "not written by this run"), so :func:`run_secret` stops instead and
+says how to get the run's progress back (restore the file) or how to start over (move the checkpoints away).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import stat
@@ -31,6 +36,9 @@ from distrag.errors import DistError
 
 SECRET_FILE = ".distrag_secret"
 _KEY_BYTES = 32
+SIGNED_MANIFESTS = "checkpoints/step_*/COMPLETE"
+"""Files under a run folder signed with its key (:mod:`distrag.distributed.checkpoint`'s manifests): while any
+exists, a missing key is an error, never replaced."""
 
 
 def secret_path(run_folder: str | Path) -> Path:
@@ -56,14 +64,29 @@ def _create(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _refuse_to_replace(path: Path) -> None:
+    """Raise :class:`DistError` when the run folder of the missing key ``path`` holds checkpoints signed with
+    it (see the module's docstring): the message says what happened and both ways on."""
+    signed = sorted(path.parent.glob(SIGNED_MANIFESTS))
+    if not signed:
+        return
+    folder = signed[0].parent.parent
+    raise DistError(
+        f"{path}: the run's secret is missing, but {len(signed)} checkpoint(s) in {folder} were signed with it "
+        "(it was deleted, or the run folder was copied without it). A new secret would make them unverifiable, "
+        f"so none is created. To resume them, put the original file back (mode 0600: chmod 600 {path}); to "
+        f"start this run over instead, move {folder} away (or use another output_dir)")
+
+
 def run_secret(run_folder: str | Path, *, create: bool = True) -> bytes:
     """The key of the run in ``run_folder``, created (mode 0600) when missing and ``create``.
 
     Raises :class:`DistError` when the key file is readable by others, owned by another user, or not a
-    key; with ``create=False`` a missing key is a :class:`DistError` too.
+    key; when it is missing and either ``create=False`` or checkpoints signed with the lost key remain.
     """
     path = secret_path(run_folder)
     if create and not path.exists():
+        _refuse_to_replace(path)
         _create(path)
     try:
         st = path.lstat()
@@ -100,22 +123,3 @@ def sign(key: bytes, *parts: str) -> str:
 def verify(key: bytes, signature: object, *parts: str) -> bool:
     """Whether ``signature`` is :func:`sign` of ``parts`` under ``key`` (constant-time comparison)."""
     return isinstance(signature, str) and hmac.compare_digest(signature, sign(key, *parts))
-
-
-def signed_record(key: bytes, store_key: str, record: dict) -> str:
-    """The store value of ``record`` for ``store_key``: JSON of the record and its HMAC under ``key``."""
-    body = json.dumps(record, sort_keys=True)
-    return json.dumps({"record": record, "hmac": sign(key, store_key, body)})
-
-
-def read_record(key: bytes, store_key: str, raw: bytes) -> tuple[dict | None, str]:
-    """``(record, "")`` when ``raw`` is a :func:`signed_record` for ``store_key`` under ``key``, else
-    ``(None, why not)``."""
-    try:
-        value = json.loads(raw)
-        record, mac = value["record"], value["hmac"]
-    except (ValueError, TypeError, KeyError):
-        return None, "not a signed record"
-    if not isinstance(record, dict) or not verify(key, mac, store_key, json.dumps(record, sort_keys=True)):
-        return None, "its signature does not verify under the run's secret"
-    return record, ""

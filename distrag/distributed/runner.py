@@ -1,8 +1,8 @@
 """Multi-process training: DeepSpeed ZeRO trainers plus a dedicated, asynchronous index rank.
 
 ``run(cfg)`` is what ``launch/train.py`` calls in every process of ``deepspeed launch/train.py`` or
-``torchrun launch/train.py``. Roles come from :mod:`distrag.distributed.roles` (the only module that
-reads RANK / WORLD_SIZE): with ``train.refresh_every > 0`` one rank is the **index rank** and never
+``torchrun launch/train.py``. Roles come from :mod:`distrag.distributed.roles` (the launcher's environment from
+:mod:`distrag.distributed.world`): with ``train.refresh_every > 0`` one rank is the **index rank** and never
 joins a trainer collective; DeepSpeed only ever sees the trainers (its default group is trainers-only).
 
 * The index rank (:func:`run_index_rank`) supervises a child process (the index worker:
@@ -55,7 +55,7 @@ from distrag.distributed.checkpoint import CheckpointManager, Restored
 from distrag.distributed.deepspeed_trainer import DistributedTrainer
 from distrag.distributed.index_supervisor import run_supervised_index_rank
 from distrag.distributed.refresh_client import IndexClient
-from distrag.errors import CheckpointError, DSConfigError, IndexRankFailed
+from distrag.errors import CheckpointError, DSConfigError, IndexRankFailed, user_error_exit
 from distrag.logging_setup import progress_enabled
 from distrag.retrieval import index_store
 from distrag.run_lock import lock_output_dir
@@ -82,7 +82,7 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 def world_problems(cfg: ExperimentConfig, world_size: int) -> Problems:
     """``distributed.index_rank`` inside the world, an explicit ``distributed.resume`` that exists, a usable
     DeepSpeed configuration (``launch/train.py`` runs)."""
-    from distrag.distributed.deepspeed_glue import build_ds_config
+    from distrag.distributed.deepspeed_setup import build_ds_config
 
     problems: Problems = []
     d = cfg.distributed
@@ -184,7 +184,7 @@ class TrainerRun:
     def setup(self) -> None:
         """DeepSpeed's process group; the experiment, built by trainer 0 first (it may build the frozen
         index), then loaded from disk by the others."""
-        from distrag.distributed.deepspeed_glue import attach_deepspeed, outside_zero3_init
+        from distrag.distributed.deepspeed_setup import attach_deepspeed, outside_zero3_init
         from distrag.training.experiment import Experiment
 
         if self.rank0:  # one run per output folder (distrag.run_lock), before anything loads
@@ -206,7 +206,7 @@ class TrainerRun:
         found = self.ckpt.resolve(self.cfg.distributed.resume)
         if found is None:
             return None
-        restored = self.ckpt.load(found)
+        restored = self.ckpt.load(found)  # signature first, every file, paths inside the run folder
         saved_hash, this_hash = restored.payload.get("config_hash"), self.cfg.config_hash()
         if saved_hash != this_hash:
             raise CheckpointError(f"checkpoint {found} was written by another configuration ({saved_hash} vs "
@@ -423,7 +423,7 @@ def run(cfg: ExperimentConfig) -> int:
     """Entry point of every process; returns the exit code (0 on success and after a requeue)."""
     ctx = roles.init_roles(cfg.distributed, with_index_rank=needs_index_rank(cfg))
     if ctx.info.is_index:
-        return run_index_rank(cfg, ctx)
+        return user_error_exit(lambda: run_index_rank(cfg, ctx))  # its own error line: trainer 0 may be ended first
     if ctx.info.role == "single" and needs_index_rank(cfg):
         log.warning("train.refresh_every=%d needs an index rank, and this job has one process: the index stays "
                     "frozen during training (distributed.index_rank is unused). Start 2+ processes (torchrun "

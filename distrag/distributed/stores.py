@@ -4,8 +4,8 @@ torch's ``TCPStore`` has no bind-address argument: its host listens on every int
 reach the node could talk to it. Here global rank 0 binds the listening socket itself, on the address
 the job needs (:func:`store_addresses`), and hands it to the store through ``master_listen_fd``. A store
 still has no authentication (anything on the same host, or on the job's network when it spans nodes, can
-connect): what the index rank publishes through it is signed with the run's secret and verified by
-trainer 0 (:mod:`distrag.distributed.refresh_client`), so a stranger can at most disturb a run, never make
+connect): what the refresh protocol sends through it is signed with the run's secret and verified by the
+reader (:mod:`distrag.distributed.refresh_protocol`), so a stranger can at most disturb a run, never make
 it open a file of their choosing. Launchers run stores of their own (torchrun's rendezvous on
 MASTER_PORT); those are theirs to configure.
 """
@@ -17,14 +17,12 @@ import ipaddress
 import logging
 import socket
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.distributed as tdist
 
+from distrag.distributed.world import DistInfo
 from distrag.errors import DistError
-
-if TYPE_CHECKING:
-    from distrag.distributed.roles import DistInfo
 
 log = logging.getLogger(__name__)
 

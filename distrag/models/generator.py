@@ -40,7 +40,7 @@ from distrag.config import GeneratorConfig, LoRAConfig
 from distrag.data.records import Passage
 from distrag.errors import GeneratorError
 from distrag.models.sources import pick_device, pick_dtype, resolve_model
-from distrag.models.text_limits import tokenize_within
+from distrag.models.text_limits import check_answer_length, tokenize_within
 
 
 class ScoredBatch(NamedTuple):
@@ -50,8 +50,7 @@ class ScoredBatch(NamedTuple):
     width: int
     """Padded positions per row (prompt + answer + eos)."""
     logit_positions: int
-    """Positions per row whose logits (the LM head) were computed: the answer's, or every one when the
-    model cannot restrict them."""
+    """Positions per row whose logits (the LM head) were computed: the answer's, or all if it cannot say."""
 
 
 class GeneratedBatch(NamedTuple):
@@ -124,6 +123,7 @@ class Generator:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        check_answer_length(self.cfg.max_new_tokens, model.config, self.name, "generator.max_new_tokens")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -238,8 +238,8 @@ class Generator:
             return []
         bs = int(batch_size or self.cfg.batch_size)
         eos = self.eos_token_ids
-        gen_cfg = GenerationConfig(max_new_tokens=int(max_new_tokens or self.cfg.max_new_tokens),
-                                   do_sample=False, num_beams=1, eos_token_id=eos,
+        n_new = check_answer_length(int(max_new_tokens or self.cfg.max_new_tokens), self.config, self.name)
+        gen_cfg = GenerationConfig(max_new_tokens=n_new, do_sample=False, num_beams=1, eos_token_id=eos,
                                    pad_token_id=self.tokenizer.pad_token_id)
         was_training = self.model.training
         self.model.eval()

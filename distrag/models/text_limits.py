@@ -1,5 +1,6 @@
-"""How much text a model can take: characters that safely cover a token limit, cutting token ids, and
-tokenizing within a budget (:func:`tokenize_within`, the generator's prompts).
+"""How much text a model can take: characters that safely cover a token limit, cutting token ids,
+tokenizing within a budget (:func:`tokenize_within`, the generator's prompts), and the longest answer that
+leaves room for a prompt (:func:`check_answer_length`).
 
 Tokenizing a text of megabytes costs seconds even when only the first ``max_length`` tokens are kept, so
 texts are cut by characters first: no token is longer than the tokenizer's longest vocabulary entry, so
@@ -13,7 +14,14 @@ import logging
 from collections.abc import Sequence
 from functools import lru_cache
 
+from distrag.errors import GeneratorError
+
 log = logging.getLogger(__name__)
+
+MIN_PROMPT_TOKENS = 64
+"""Positions an answer must leave to the prompt (chat template, passages, question): ``max_new_tokens`` is at
+most the model's ``max_position_embeddings`` minus this. More cannot work (the prompt could not be cut to fit)
+and ran for minutes with no warning (issue 19: 100000 new tokens on a 4096-position model)."""
 
 
 @lru_cache(maxsize=16)
@@ -60,3 +68,20 @@ def tokenize_within(tokenizer, texts: Sequence[str], budget: int | None, *, add_
                     max(map(len, rows)), budget)
         rows = [cut_middle(r, budget) for r in rows]
     return rows
+
+
+def answer_length_problem(max_new_tokens: int, model_config, what: str = "generator.max_new_tokens") -> str | None:
+    """Why ``max_new_tokens`` cannot fit a model of ``model_config``'s positions; None when it fits or the model
+    does not say how many positions it has."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0 or max_new_tokens <= positions - MIN_PROMPT_TOKENS:
+        return None
+    return (f"{what}={max_new_tokens} but the model holds {positions} positions (prompt + answer): use at most "
+            f"{max(positions - MIN_PROMPT_TOKENS, 1)}, leaving {MIN_PROMPT_TOKENS} for the prompt")
+
+
+def check_answer_length(max_new_tokens: int, model_config, name: str, what: str = "max_new_tokens") -> int:
+    """``max_new_tokens``, or a :class:`GeneratorError` naming the model ``name`` (:func:`answer_length_problem`)."""
+    if problem := answer_length_problem(max_new_tokens, model_config, what):
+        raise GeneratorError(f"{name}: {problem}")
+    return max_new_tokens

@@ -27,6 +27,7 @@ from distrag import metric_names as mn
 from distrag.errors import ConfigError
 from distrag.reporting.columns import fmt_flops
 from distrag.reporting.groups import GroupSelection, Loaded, other_groups_note
+from distrag.reporting.paired import annotate
 from distrag.reporting.results import StrategyResult
 from distrag.strategies import BY_KEY, STRATEGIES, Strategy, advised
 
@@ -116,7 +117,46 @@ def _measured(runs: list[StrategyResult], experiment: str, loaded: Loaded) -> li
     return lines + ([f"  ({note})"] if note else [])
 
 
+def _paired_quality(runs: list[StrategyResult]) -> list[str] | None:
+    """The trained rows against the best one by EM, question by question: each row's EM difference with its 95 %
+    paired bootstrap interval and McNemar's p. Rows whose interval covers 0 are equal in quality to the best; of
+    those the cheapest to train is the measured pick (the paper's conclusion). None when the rows carry no
+    per-question outcomes (runs recorded before they were kept): then the unpaired reading below applies."""
+    trained = [r for r in runs if (r.key not in BY_KEY or BY_KEY[r.key].trains) and r.per_question]
+    if len(trained) < 2:
+        return None
+    annotate(trained)
+    best = next(r for r in trained if r.vs_best is None)
+    n = min(len(r.per_question) for r in trained)
+    lines = ["", f"Quality, question by question (every row answered the same questions): each trained strategy "
+                 f"minus the best by EM, {best.label} ({_pct(best.metric('em'))} EM), with the 95 % paired bootstrap "
+                 f"interval of the difference and McNemar's exact p:"]
+    width = max(len(r.label) for r in trained)
+    equal = [best]
+    for r in trained:
+        if r is best:
+            continue
+        iv, test = r.vs_best.intervals.get("em"), r.vs_best.mcnemar.get("em")
+        if iv is None:
+            continue
+        same = iv.covers_zero
+        equal += [r] if same else []
+        lines.append(f"  {r.label:<{width}}  dEM {100 * iv.mean:+.1f} [{100 * iv.low:+.1f}, {100 * iv.high:+.1f}] "
+                     f"points on {iv.n} questions, McNemar p {test.p_value:.3g}: "
+                     f"{'equal in quality (the interval covers 0)' if same else 'below the best'}")
+    cheapest = min(equal, key=lambda r: training_compute(r.costs))
+    lines.append(f"Equal in quality to the best: {', '.join(r.label for r in equal)}; the cheapest of them to train is "
+                 f"{cheapest.label} ({fmt_flops(training_compute(cheapest.costs))} FLOPs)"
+                 + (" - as in the paper, quality does not separate them; cost does." if len(equal) > 1 else "."))
+    if n < 100:
+        lines.append(f"  (on {n} questions an interval is wide: a difference it does not resolve may still exist)")
+    return lines
+
+
 def _noise(runs: list[StrategyResult]) -> list[str]:
+    paired = _paired_quality(runs)
+    if paired is not None:
+        return paired
     trained = [r for r in runs if r.key not in BY_KEY or BY_KEY[r.key].trains]
     if len(trained) < 2:
         return []

@@ -27,6 +27,7 @@ from pathlib import PurePath
 from typing import Any, Literal
 
 from distrag import metric_names as mn
+from distrag.reporting.paired import annotate
 from distrag.reporting.results import StrategyResult
 
 
@@ -102,8 +103,9 @@ def _at_k(metrics: dict[str, float], name: str) -> tuple[float | None, int | Non
     return metrics.get(name), None
 
 
-def _percent(name: str) -> Callable[[StrategyResult], float]:
-    return lambda r: 100 * r.metrics.get(name, 0.0)
+def _percent(name: str) -> Callable[[StrategyResult], float | None]:
+    """An answer metric in %; None for a row that answered nothing (a retrieval-only evaluation has no EM)."""
+    return lambda r: None if "em" not in r.metrics else 100 * r.metrics.get(name, 0.0)
 
 
 def _percent_at_k(name: str) -> Callable[[StrategyResult], float | None]:
@@ -123,8 +125,10 @@ def _n(r: StrategyResult) -> int:
     return int(r.metrics.get("n_questions", 0))
 
 
-def _em_ci(r: StrategyResult) -> tuple[float, float]:
-    lo, hi = em_interval(r.metrics.get("em", 0.0), _n(r))
+def _em_ci(r: StrategyResult) -> tuple[float, float] | None:
+    if "em" not in r.metrics:  # a retrieval-only row answered nothing
+        return None
+    lo, hi = em_interval(r.metrics["em"], _n(r))
     return 100 * lo, 100 * hi
 
 
@@ -139,6 +143,46 @@ def _extra(name: str) -> Callable[[StrategyResult], float | None]:
 def _blocked_percent(r: StrategyResult) -> float | None:
     share = r.extra.get(mn.INDEX_BLOCKED_SHARE)
     return None if share is None else 100 * share
+
+
+def _paired(against: str, metric: str, part: str | None = None) -> Callable[[StrategyResult], Any]:
+    """A paired comparison of the row (``vs_baseline`` or ``vs_best``): the interval of ``metric``'s difference, in
+    points (x100), or one ``part`` of it (``mean``, ``low``, ``high``) for table.csv."""
+    def value(r: StrategyResult) -> Any:
+        comparison = getattr(r, against)
+        iv = comparison.intervals.get(metric) if comparison is not None else None
+        if iv is None:
+            return None
+        scaled = (100 * iv.mean, 100 * iv.low, 100 * iv.high)
+        return scaled if part is None else scaled[("mean", "low", "high").index(part)]
+
+    return value
+
+
+def _mcnemar_p(r: StrategyResult) -> float | None:
+    test = r.vs_baseline.mcnemar.get("em") if r.vs_baseline is not None else None
+    return None if test is None else test.p_value
+
+
+def _difference(v: tuple[float, float, float]) -> str:
+    return f"{v[0]:+.1f} [{v[1]:+.1f}, {v[2]:+.1f}]"
+
+
+def _paired_columns() -> tuple[Column, ...]:
+    """The paired comparisons: in the tables dEM and dRecall@k against No-FT (with McNemar's p for EM) and dEM
+    against the best row; in table.csv the mean and interval ends of dEM, dF1 and dRecall@k against both."""
+    shown = (
+        Column("dem_vs_base", "dEM vs No-FT [95% CI]", _paired("vs_baseline", "em"), _difference, csv=False),
+        Column("mcnemar_p", "McNemar p (EM vs No-FT)", _mcnemar_p, lambda v: f"{v:.3g}"),
+        Column("drecall_vs_base", "dRecall@{k} vs No-FT [95% CI]", _paired("vs_baseline", "recall"), _difference,
+               csv=False),
+        Column("dem_vs_best", "dEM vs best [95% CI]", _paired("vs_best", "em"), _difference, csv=False),
+    )
+    raw = tuple(Column(f"d{metric}_vs_{name}_{part}", f"d{metric} vs {name} {part}", _paired(against, metric, part),
+                       table=False)
+                for against, name in (("vs_baseline", "base"), ("vs_best", "best"))
+                for metric in ("em", "f1", "recall") for part in ("mean", "low", "high"))
+    return shown + raw
 
 
 def _int_or_none(v: float | None) -> int | None:
@@ -163,13 +207,14 @@ def _two_decimals(v: float) -> str:
 COLUMNS: tuple[Column, ...] = (
     Column("strategy", "Strategy", lambda r: r.label, align="left"),
     Column("em", "EM", _percent("em"), _one_decimal),
-    Column("em_ci", "EM 95% CI", _em_ci, lambda v: f"{v[0]:.1f}-{v[1]:.1f}", show="always", csv=False),
+    Column("em_ci", "EM 95% CI", _em_ci, lambda v: f"{v[0]:.1f}-{v[1]:.1f}", csv=False),
     Column("f1", "F1", _percent("f1"), _one_decimal),
     Column("recall", "Recall@{k}", _percent_at_k("recall"), _one_decimal),
     Column("recall_all", "Recall-all@{k}", _percent_at_k("recall_all"), _one_decimal),
     Column("answer_recall", "Answer recall@{k}", _percent_at_k("answer_recall"), _one_decimal),
     Column("mrr", "MRR@{k}", _percent_at_k("mrr"), _one_decimal),
     Column("ndcg", "nDCG@{k}", _percent_at_k("ndcg"), _one_decimal),
+    *_paired_columns(),
     Column("passage_vectors", "Passages", lambda r: r.passage_vectors or None, align="left"),
     Column("train_flops", "Train FLOPs", lambda r: r.costs.get(mn.COST_TRAIN_FLOPS, 0.0), _flops, fmt_flops),
     Column("total_flops", "Total FLOPs", lambda r: r.costs.get(mn.COST_TOTAL_FLOPS, 0.0), _flops, fmt_flops),
@@ -186,8 +231,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("model_card", "Model card", lambda r: f"{r.bundle}/README.md" if r.bundle else None,
            lambda v: f"[{PurePath(v).parent.name}]({v})", lambda v: PurePath(v).parent.name, align="left"),
     # in table.csv only: the interval's ends, what the caption says once, where the row comes from
-    Column("em_ci_low", "EM 95% CI low", lambda r: _em_ci(r)[0], table=False),
-    Column("em_ci_high", "EM 95% CI high", lambda r: _em_ci(r)[1], table=False),
+    Column("em_ci_low", "EM 95% CI low", lambda r: (_em_ci(r) or (None, None))[0], table=False),
+    Column("em_ci_high", "EM 95% CI high", lambda r: (_em_ci(r) or (None, None))[1], table=False),
     Column("k", "k", _eval_k, table=False),
     Column("decoding", "Decoding", lambda r: r.decoding or None, table=False),
     Column("run_id", "MLflow run", lambda r: r.run_id, table=False),
@@ -200,7 +245,9 @@ COLUMNS: tuple[Column, ...] = (
 
 
 def result_rows(results: Sequence[StrategyResult]) -> list[dict]:
-    """One dict per result: every column's raw value under its key (quality in %; the plots read these)."""
+    """One dict per result: every column's raw value under its key (quality in %; the plots read these). The rows
+    are compared question by question first (:func:`distrag.reporting.paired.annotate`)."""
+    annotate(results)
     return [{c.key: c.value(r) for c in COLUMNS} for r in results]
 
 
@@ -223,6 +270,10 @@ def table_caption(rows: Sequence[dict]) -> str:
                  "questions with all of them")
     if any(r.get("passage_vectors") for r in rows):
         text += "; Passages: base = the base encoder's vectors, re-embedded = the corpus re-encoded after training"
+    if any(r.get("dem_vs_base") is not None or r.get("dem_vs_best") is not None for r in rows):
+        text += ("; d<metric> = the row minus No-FT (or minus the best row by EM), in points, over the questions both "
+                 "answered, with its 95 % paired bootstrap interval (10,000 resamples); McNemar p: exact test of the "
+                 "EM differences; an interval that covers 0 does not tell the two rows apart")
     return text + "." if text else ""
 
 

@@ -21,12 +21,19 @@ retrieval outcomes, see :func:`distrag.retrieval.pipeline.EvalResult.rows`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["N_RESAMPLES", "PairedComparison", "PairedInterval", "compare", "mcnemar", "paired_bootstrap"]
+from distrag.strategies import BASELINE
+
+if TYPE_CHECKING:
+    from distrag.reporting.results import StrategyResult
+
+__all__ = ["N_RESAMPLES", "PAIRED_METRICS", "PairedComparison", "PairedInterval", "annotate", "compare", "mcnemar",
+           "outcomes", "paired_bootstrap"]
 
 N_RESAMPLES = 10_000
 """Bootstrap resamples per interval (the issue's standard; the interval's end points move by well under a
@@ -145,3 +152,44 @@ def compare(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapping[str, f
         if name in binary:
             tests[name] = mcnemar(xa >= 0.5, xb >= 0.5)
     return PairedComparison(intervals, tests, len(common))
+
+
+# ----------------------------------------------------------------------------------------------
+# rows of a table
+
+PAIRED_METRICS = ("em", "f1", "recall")
+"""What a row is compared with another on: EM (with McNemar's test), F1 and Recall@k (of every question of the
+split: the retrieval pass is not capped)."""
+OUTCOMES = ("em", "f1", "recall", "recall_all", "answer_recall", "mrr", "ndcg")
+
+
+def outcomes(generated: Iterable[Mapping], retrieved: Iterable[Mapping] = ()) -> dict[str, dict[str, float | None]]:
+    """A run's per-question outcomes by question id, from its records (``predictions_<split>.jsonl`` rows: EM / F1
+    and retrieval of the generated questions; ``retrieval_<split>.jsonl`` rows: retrieval of every question,
+    which wins where both have it)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for rows in (generated, retrieved):
+        for row in rows:
+            qid = str(row["id"])
+            out.setdefault(qid, {}).update({k: row[k] for k in OUTCOMES if k in row})
+    return out
+
+
+def annotate(results: Sequence[StrategyResult], *, n_resamples: int = N_RESAMPLES, seed: int = 0) -> None:
+    """Set each row's :attr:`~distrag.reporting.results.StrategyResult.vs_baseline` (against the No-FT row) and
+    ``vs_best`` (against the row with the highest EM) from the rows' per-question outcomes; rows without them
+    (runs recorded before they were kept) get None."""
+    have = [r for r in results if r.per_question]
+    base = next((r for r in have if r.key == BASELINE.key), None)
+    scored = [r for r in have if any("em" in o for o in r.per_question.values())]
+    best = max(scored, key=lambda r: (r.metric("em"), r.metric("f1")), default=None)
+    for r in results:
+        r.vs_baseline = r.vs_best = None
+        if not r.per_question:
+            continue
+        if base is not None and r is not base:
+            r.vs_baseline = compare(base.per_question, r.per_question, PAIRED_METRICS, n_resamples=n_resamples,
+                                    seed=seed)
+        if best is not None and r is not best:
+            r.vs_best = compare(best.per_question, r.per_question, PAIRED_METRICS, n_resamples=n_resamples,
+                                seed=seed)

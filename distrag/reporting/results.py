@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from distrag.config import ExperimentConfig
+    from distrag.reporting.paired import PairedComparison
 
 
 @dataclass
@@ -66,6 +67,16 @@ class StrategyResult:
     """Every other metric of the run, under its full name: the index refresh's (``index/*``) in distributed
     runs, the last training-curve values (``train/*``), metrics of other splits, and any metric a new
     report column reads (results read back from MLflow keep every metric their run logged)."""
+
+    per_question: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    """Each question's outcomes by question id: ``em`` and ``f1`` of the generated answers, the retrieval outcomes
+    (``recall``, ``recall_all``, ``answer_recall``, ``mrr``, ``ndcg`` at k) of every question of the split; what
+    paired comparisons between rows are made of (:mod:`distrag.reporting.paired`)."""
+    vs_baseline: PairedComparison | None = None
+    """This row against the No-FT row of its table, question by question (set by
+    :func:`distrag.reporting.paired.annotate`; None for the baseline itself or without per-question outcomes)."""
+    vs_best: PairedComparison | None = None
+    """This row against the best row of its table by EM (likewise; None for the best row itself)."""
 
     def metric(self, name: str, default: float = 0.0) -> float:
         return float(self.metrics.get(name, default))

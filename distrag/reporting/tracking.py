@@ -395,10 +395,51 @@ def load_groups(tracking_cfg: TrackingConfig) -> list[Group]:
 
 def load_group(tracking_cfg: TrackingConfig, selection: GroupSelection | None = None) -> Loaded:
     """The group ``selection`` picks (by default the newest complete one; see
-    :func:`distrag.reporting.groups.choose`)."""
+    :func:`distrag.reporting.groups.choose`), its rows with their per-question outcomes (:func:`read_outcomes`)."""
     groups = load_groups(tracking_cfg)
     group, why = choose(groups, selection)
+    client, _ = open_experiment(tracking_cfg)
+    for r in group.rows:
+        r.per_question = read_outcomes(client, r)
     return Loaded(group, why, groups)
+
+
+def _artifact_lines(client: Any, run_id: str, name: str) -> list[dict] | None:
+    """The JSON lines of artifact ``name`` of a run, or None when the run has none."""
+    import tempfile
+
+    if name not in {f.path for f in client.list_artifacts(run_id)}:
+        return None
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no progress bar per file in a report's output
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            text = Path(client.download_artifacts(run_id, name, tmp)).read_text()
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_outcomes(client: Any, row: StrategyResult) -> dict[str, dict[str, float | None]]:
+    """A recorded row's per-question outcomes, from its run's ``predictions_<split>.jsonl`` and
+    ``retrieval_<split>.jsonl``; runs recorded before the outcomes were kept get their EM / F1 scored again from
+    the prediction and the gold answers (with the HotPotQA F1 rule when the run's data was HotPotQA); empty when
+    the run has no predictions."""
+    from distrag.reporting.paired import outcomes
+    from distrag.retrieval.qa_metrics import question_scores
+
+    if not row.run_id:
+        return {}
+    split = row.eval_split or "test"
+    generated = _artifact_lines(client, row.run_id, f"predictions_{split}.jsonl") or []
+    hotpotqa = row.params.get("data.format") == "hotpotqa"
+    for g in generated:
+        if "em" not in g and g.get("answers"):
+            g.update(question_scores(str(g.get("prediction", "")), g["answers"], hotpotqa=hotpotqa))
+    return outcomes(generated, _artifact_lines(client, row.run_id, f"retrieval_{split}.jsonl") or [])
 
 
 def load_runs(tracking_cfg: TrackingConfig, selection: GroupSelection | None = None) -> list[StrategyResult]:

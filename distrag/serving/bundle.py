@@ -12,9 +12,9 @@ Layout (:data:`FORMAT_VERSION` 1)::
     adapter/       the LoRA adapter in peft's format (adapter_config.json + adapter_model.safetensors): loadable by
                    transformers + peft alone. Absent for strategies that do not train the generator
     generator/     only with ``--merge``: the generator with the adapter merged in, a plain transformers folder
-    index/         the index the pipeline was evaluated with (distrag/retrieval/index_store.py's format): the frozen
-                   base index hard-linked from the run's cache (a copy across file systems), or the re-embedded
-                   index of a strategy that trained the encoder, saved from memory
+    index/         the index the pipeline was evaluated with, saved from memory in distrag/retrieval/index_store.py's
+                   format (its manifest holds each file's sha256): the frozen base index, or the re-embedded index
+                   of a strategy that trained the encoder
     corpus.jsonl   the passages ({id, title, text}; row i is index id i), since the prompt shows their text
 
 The corpus is copied because a bundle must answer on its own (on a serving machine, from an MLflow artifact
@@ -22,6 +22,11 @@ store) and the corpora trained in memory are small. A corpus file larger than :d
 (Wikipedia's 21M passages are 13 GB) would make every bundle and every logged MLflow model that large; it is
 referenced instead: bundle.json keeps its absolute path, size and sha256 (and the corpus' fingerprint, which pins
 the order that index ids refer to), and loading checks all three before use.
+
+The index is written, not hard-linked from the run's cache: a link would move the cached files' change time, and
+index_store trusts an unchanged file on its inode and change time (one ``stat`` instead of hashing it at every
+load), so every later load of the cache would hash it again. A copy costs the index's size per bundle (0.17 MB
+for the demo's 112 passages; 1.5 GB for a million 384-d passages, flat).
 
 The folder is written atomically (a temporary sibling renamed into place), so a reader sees a complete bundle or
 none; a later run of the same configuration replaces it whole.
@@ -32,8 +37,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -42,7 +45,6 @@ from typing import TYPE_CHECKING
 
 from distrag import __version__
 from distrag.atomic_io import atomic_directory, atomic_write_json, follow_umask
-from distrag.errors import IndexLoadError
 from distrag.redaction import mask_tree
 from distrag.retrieval import index_store
 from distrag.serving.checksums import file_table, sha256_file, source_fingerprint
@@ -125,29 +127,6 @@ def bundle_dir(output_dir: str | Path, cfg: ExperimentConfig, strategy_key: str)
     return Path(output_dir) / "models" / f"{strategy_key}-{cfg.config_hash()}"
 
 
-def _link_index(source: Path, target: Path, index: ShardedIndex) -> bool:
-    """Hard-link (or copy, across file systems) the saved index at ``source`` into ``target`` when it is
-    ``index``'s (same settings and rows); False when it is not, or unreadable."""
-    try:
-        m = index_store.read_manifest(source)
-    except IndexLoadError as e:
-        log.warning("index cache %s not linked into the bundle (%s); saving the index instead", source, e)
-        return False
-    s = index.settings()
-    if (m["count"], m["dim"], m["kind"], m["n_shards"], m.get("extra")) != (
-            len(index), s["dim"], s["kind"], s["n_shards"], index.extra):
-        return False
-    target.mkdir()
-    for path in sorted(source.iterdir()):
-        if not path.is_file() or path.is_symlink():
-            continue
-        try:
-            os.link(path, target / path.name)
-        except OSError:  # another file system, or links not allowed: a copy
-            shutil.copy2(path, target / path.name)
-    return True
-
-
 def _write_corpus(src: BundleSource, out: Path) -> dict:
     """The corpus: ``corpus.jsonl`` in the bundle, or a reference to a corpus file over the copy limit."""
     corpus, cfg = src.corpus, src.cfg
@@ -188,10 +167,8 @@ def _write_merged(generator: Generator, out: Path) -> None:
     generator.tokenizer.save_pretrained(out)
 
 
-def write_bundle(path: str | Path, src: BundleSource, evaluation: Evaluation, *, merge: bool = False,
-                 index_from: str | Path | None = None) -> Path:
+def write_bundle(path: str | Path, src: BundleSource, evaluation: Evaluation, *, merge: bool = False) -> Path:
     """Write the bundle of ``src`` to ``path`` (replacing one there), atomically; see the module docstring.
-    ``index_from``: a saved copy of ``src.index`` (the frozen-index cache) to hard-link instead of saving again.
     ``merge``: also write ``generator/``, the adapter merged in. Returns ``path``."""
     from distrag.serving.model_card import model_card
 
@@ -205,9 +182,7 @@ def write_bundle(path: str | Path, src: BundleSource, evaluation: Evaluation, *,
             src.generator.save_adapter(tmp / ADAPTER)
         if merge:
             _write_merged(src.generator, tmp / MERGED)
-        linked = index_from is not None and _link_index(Path(index_from), tmp / INDEX, src.index)
-        if not linked:
-            index_store.save(src.index, tmp / INDEX, version=src.index.version)
+        index_store.save(src.index, tmp / INDEX, version=src.index.version)
         settings = src.index.settings()
         lora = cfg.generator.lora.model_dump(mode="json") if src.generator.is_peft else None
         manifest = {
@@ -225,8 +200,7 @@ def write_bundle(path: str | Path, src: BundleSource, evaluation: Evaluation, *,
             "index": {"path": INDEX, "kind": settings["kind"], "n_shards": settings["n_shards"],
                       "count": len(src.index), "dim": settings["dim"], "nprobe": settings["nprobe"],
                       "refine": settings["refine"], "version": src.index.version,
-                      "passage_vectors": src.passage_vectors,
-                      "linked_from": str(Path(index_from).resolve()) if linked else None},
+                      "passage_vectors": src.passage_vectors},
             "corpus": _write_corpus(src, tmp),
             "retrieval": {"top_k": cfg.retrieval.top_k, "decoding": cfg.generator.decoding},
             "config": CONFIG,

@@ -25,19 +25,20 @@ from distrag.costs.accountant import Accountant
 from distrag.costs.ledger import CostLedger
 from distrag.data import load_data
 from distrag.data.records import Splits
-from distrag.distributed.preemption import sigterm_as_interrupt
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
+from distrag.process_watch import sigterm_as_interrupt
 from distrag.redaction import mask_credentials, mask_tree
 from distrag.reporting.comparison import comparison_hash, key_of
+from distrag.reporting.paired import outcomes
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import experiment_tags, flatten, open_tracker
-from distrag.retrieval.corpus_encoding import build_index, index_cache_dir, load_or_build_index
+from distrag.retrieval.corpus_encoding import build_index, load_or_build_index
 from distrag.retrieval.pipeline import EvalResult, RAGPipeline, RetrievalEval
 from distrag.retrieval.qa_metrics import RETRIEVAL_METRICS
 from distrag.retrieval.sharded_index import ShardedIndex
 from distrag.run_lock import lock_output_dir
-from distrag.strategies import Phase, check_strategy_data, strategy_of
+from distrag.strategies import BASELINE, Phase, check_strategy_data, strategy_of
 from distrag.training.preflight import preflight, require_output_dir
 from distrag.training.trainer import Trainer
 
@@ -91,9 +92,10 @@ class Experiment:
         self.index_ledger = CostLedger()
 
     # -- set-up ------------------------------------------------------------------------------------
-    def setup(self) -> Experiment:
+    def setup(self, *, generator: bool = True) -> Experiment:
         """Lock ``output_dir`` (the writing process: :mod:`distrag.run_lock`), load the data and the base
-        models, and load or build the frozen index."""
+        models (``generator=False``: the retriever alone, for a retrieval-only evaluation), and load or build the
+        frozen index."""
         cfg = self.cfg
         if self.is_rank0:  # before anything loads: a second run on this folder stops at once
             require_output_dir(self.out)  # a file, or not writable: one clear error, not an OSError
@@ -104,10 +106,10 @@ class Experiment:
         log.info("data %s: %d passages, %d/%d/%d train/dev/test questions, context labels: %s",
                  data.name, len(data.corpus), len(self.splits.train), len(self.splits.dev),
                  len(self.splits.test), "yes" if data.has_context_labels else "no")
-        preflight(cfg, self.splits, tracking=self.is_rank0)  # every problem at once, before any model loads
+        preflight(cfg, self.splits, tracking=self.is_rank0, generator=generator)  # every problem, before any load
         self.embedder = Embedder.from_config(cfg.embedder)
         self.embedder.eval()
-        self.generator = Generator.from_config(cfg.generator)
+        self.generator = Generator.from_config(cfg.generator) if generator else None
         log.info("models loaded in %.1fs", time.perf_counter() - t0)
         with self.index_ledger.phase(mn.PHASE_INDEX_BUILD):  # cached under output_dir/index/<signature hash>
             self.index = load_or_build_index(self.out / "index", self.splits.corpus, self.embedder, cfg,
@@ -183,7 +185,8 @@ class Experiment:
                              own_flops=costs.get(mn.COST_OWN_FLOPS, 0.0), history=list(models.history), cfg=cfg,
                              dataset=self.splits.name, decoding=decoding, k=cfg.retrieval.top_k,
                              passage_vectors=models.passage_vectors, embedder=cfg.embedder.model,
-                             generator=cfg.generator.model, eval_split=split, comparison=comparison_hash(cfg))
+                             generator=cfg.generator.model, eval_split=split, comparison=comparison_hash(cfg),
+                             per_question=outcomes(res.rows(questions), retrieval.rows(every)))
         tracker.set_tags({mn.TAG_DECODING: decoding, mn.TAG_EVAL_K: str(cfg.retrieval.top_k),
                           mn.TAG_PASSAGE_VECTORS: models.passage_vectors, mn.TAG_GROUP: key_of(row).id})
         if models.history:
@@ -194,6 +197,31 @@ class Experiment:
             row.bundle = str(self.save_bundle(cfg, models, res, row, tracker, kind=kind).resolve())
         row.seconds = time.perf_counter() - t0
         return row
+
+    def run_retrieval(self, cfg: ExperimentConfig | None = None, *, split: str | None = None) -> StrategyResult:
+        """``distrag eval --retrieval-only``: the base retriever scored on every question of ``split`` (Recall@k,
+        Recall-all@k, answer recall@k, MRR@k, nDCG@k) without a generator, in one MLflow run of kind
+        ``retrieval`` (not a row of the comparison tables, which need EM too)."""
+        cfg = BASELINE.apply(cfg or self.cfg)
+        split = split or cfg.eval_split
+        questions = self.splits.get(split)
+        with self.open_run(cfg, kind=mn.KIND_RETRIEVAL, split=split,
+                           run_name=f"retrieval {self.splits.name}") as tracker:
+            t0 = time.perf_counter()
+            ledger = copy.deepcopy(self.index_ledger)
+            pipe = RAGPipeline(cfg, self.splits.corpus, self.embedder, None, self.index, accountant=Accountant(ledger))
+            with ledger.phase(f"eval_{split}"):
+                ret = pipe.evaluate_retrieval(questions, show_progress=self.show_progress)
+            costs = ledger.to_metrics()
+            quality = with_retrieval({}, ret.metrics)
+            quality.update(mn.k_free(quality))
+            tracker.log_metrics({**{mn.split_metric(split, k): v for k, v in quality.items()}, **costs})
+            tracker.set_tags({mn.TAG_EVAL_K: str(cfg.retrieval.top_k)})
+            tracker.log_text("\n".join(json.dumps(r) for r in ret.rows(questions)) + "\n", f"retrieval_{split}.jsonl")
+            return StrategyResult(BASELINE.key, BASELINE.label, quality, costs, time.perf_counter() - t0,
+                                  getattr(tracker, "run_id", None), cfg=cfg, dataset=self.splits.name,
+                                  k=cfg.retrieval.top_k, passage_vectors=PASSAGES_BASE, embedder=cfg.embedder.model,
+                                  eval_split=split, per_question=outcomes((), ret.rows(questions)))
 
     # -- both, in one MLflow run -------------------------------------------------------------------
     def run(self, cfg: ExperimentConfig | None = None, *, start: Models | None = None,
@@ -280,10 +308,7 @@ class Experiment:
         source = BundleSource(cfg, strategy, self.splits.name, models.embedder, models.generator, models.index,
                               self.splits.corpus, strategy.trains_embedder or models.passage_vectors != PASSAGES_BASE,
                               models.passage_vectors)
-        cached = models.index.extra.get("signature")  # the frozen index, saved in the cache: linked, not copied
-        index_from = index_cache_dir(self.out / "index", cached) if cached and models.index is self.index else None
-        d = write_bundle(bundle_dir(self.out, cfg, strategy.key), source, evaluation, merge=self.merge_generator,
-                         index_from=index_from)
+        d = write_bundle(bundle_dir(self.out, cfg, strategy.key), source, evaluation, merge=self.merge_generator)
         tags = {mn.TAG_BUNDLE: str(d.resolve())}
         if tracker.run_id and cfg.tracking.log_model and kind != mn.KIND_SWEEP_POINT:
             from distrag.serving.loader import read_bundle_manifest

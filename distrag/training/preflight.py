@@ -51,8 +51,11 @@ def embedder_dim(cfg: ExperimentConfig) -> int | None:
     return int(dim) if isinstance(dim, int) else None
 
 
-def _model_problems(cfg: ExperimentConfig) -> Problems:
+def _model_problems(cfg: ExperimentConfig, *, generator: bool = True) -> Problems:
+    """The models resolve (and ``index.pq_m`` fits the embedder); ``generator=False``: the embedder alone (a
+    retrieval-only evaluation loads no generator)."""
     from distrag.models.sources import resolve_model
+    from distrag.models.text_limits import answer_length_problem
 
     problems: Problems = []
     try:
@@ -64,8 +67,10 @@ def _model_problems(cfg: ExperimentConfig) -> Problems:
         divisors = [d for d in range(1, dim + 1) if dim % d == 0 and d <= 64]
         problems.append(("index.pq_m", f"{cfg.index.pq_m} does not divide the embedder's dimension {dim} "
                                        f"(index.kind=ivfpq); use one of {divisors}"))
+    if not generator:
+        return problems
     try:
-        resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
+        source = resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
     except ModelNotFoundError as e:
         if cfg.generator.gguf_file and "gguf_file" in str(e):
             there = sorted(p.name for p in Path(cfg.generator.model).expanduser().glob("*.gguf"))
@@ -73,7 +78,26 @@ def _model_problems(cfg: ExperimentConfig) -> Problems:
                                                     "gguf_file unset for a transformers folder)"))
         else:
             problems.append(("generator.model", _with_fix(str(e))))
+    else:
+        problem = answer_length_problem(cfg.generator.max_new_tokens, generator_config(cfg, source))
+        if problem:
+            problems.append(("generator.max_new_tokens", problem.removeprefix("generator.max_new_tokens=")))
     return problems
+
+
+def generator_config(cfg: ExperimentConfig, source):
+    """The generator's config from its config.json (no weights loaded); None when it cannot be read here (loading
+    the model reports that) or the model is a GGUF file: transformers parses a whole GGUF file's metadata for
+    its config (5-15 s for SmolLM2-135M here), so a GGUF generator is checked when it loads, still before
+    anything is generated (:func:`distrag.models.text_limits.check_answer_length`)."""
+    from transformers import AutoConfig
+
+    if source.gguf_file:
+        return None
+    try:
+        return AutoConfig.from_pretrained(source.path_or_id, trust_remote_code=cfg.generator.trust_remote_code)
+    except (OSError, ValueError):
+        return None
 
 
 def _with_fix(message: str) -> str:
@@ -109,12 +133,13 @@ def require_output_dir(output_dir: str | Path) -> None:
         raise ConfigError([("output_dir", problem)])
 
 
-def check_setup(cfg: ExperimentConfig, *, tracking: bool = True) -> Problems:
-    """The problems that need no data: models, output folder, tracker (when ``tracking``). A launched run adds
-    the world's and DeepSpeed's (:func:`distrag.distributed.runner.check_setup`)."""
+def check_setup(cfg: ExperimentConfig, *, tracking: bool = True, generator: bool = True) -> Problems:
+    """The problems that need no data: models (the generator only when it will be loaded), output folder,
+    tracker (when ``tracking``). A launched run adds the world's and DeepSpeed's
+    (:func:`distrag.distributed.runner.check_setup`)."""
     from distrag.reporting.tracking import tracking_problem
 
-    problems = _model_problems(cfg)
+    problems = _model_problems(cfg, generator=generator)
     out = output_dir_problem(cfg.output_dir)
     if out:
         problems.append(("output_dir", out))
@@ -163,10 +188,10 @@ def check_data(cfg: ExperimentConfig, splits: Splits) -> Problems:
 
 
 def preflight(cfg: ExperimentConfig, splits: Splits | None = None, *, tracking: bool = True,
-              problems: Problems | None = None) -> None:
+              problems: Problems | None = None, generator: bool = True) -> None:
     """Raise one :class:`ConfigError` with every problem :func:`check_setup` and (given ``splits``)
     :func:`check_data` find, after ``problems`` found by the caller; return quietly when there is none."""
-    problems = [*(problems or []), *check_setup(cfg, tracking=tracking)]
+    problems = [*(problems or []), *check_setup(cfg, tracking=tracking, generator=generator)]
     if splits is not None:
         problems += check_data(cfg, splits)
     if problems:

@@ -292,7 +292,7 @@ def deepspeed_engine(args: dict) -> int:
     from transformers.integrations import HfDeepSpeedConfig
 
     from distrag.distributed.checkpoint import CheckpointManager
-    from distrag.distributed.deepspeed_glue import (
+    from distrag.distributed.deepspeed_setup import (
         attach_deepspeed,
         build_ds_config,
         check_ds_batch,
@@ -391,6 +391,8 @@ class Job:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         port = free_port_block()
+        self.port = port
+        """MASTER_PORT of the job (its coordination store listens on ``port + roles.STORE_PORT_OFFSET``)."""
         self.procs = []
         self.logs = []
         for rank in range(world):

@@ -4,6 +4,7 @@ checkpoints, and reading a checkpoint never runs code from it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -19,7 +20,11 @@ from distrag.distributed.checkpoint import (
     CheckpointManager,
     check_plain,
     list_complete,
+    read_state,
     referenced_index_versions,
+    rng_state,
+    set_rng_state,
+    torch_bytes,
 )
 from distrag.errors import CheckpointError
 
@@ -45,7 +50,7 @@ def test_save_load_round_trip_with_rng(mgr):
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     payload = {"model": model.state_dict(), "optim": opt.state_dict(), "data_pos": 17,
-               "index": {"version": 3, "path": "/x/v000003"}, "mlflow_run_id": "abc"}
+               "index": {"version": 3, "path": str(mgr.root.parent / "index" / "v000003")}, "mlflow_run_id": "abc"}
     path = mgr.save(5, payload, rank_payload={"sampler": [1, 2, 3]})
     expected = _draws()
     _draws()  # move the generators on
@@ -65,7 +70,7 @@ def test_the_manifest_lists_every_file_with_size_and_checksum_and_is_signed(mgr)
     for rel, entry in m["files"].items():
         assert entry["size"] == (path / rel).stat().st_size and len(entry["sha256"]) == 64
     assert m["step"] == 1 and m["engine"] is True
-    assert mgr.validate(path, signed=True)["signature"] == m["signature"]
+    assert mgr.validate(path)["signature"] == m["signature"]
     secret = mgr.root.parent / run_secret.SECRET_FILE
     assert secret.stat().st_mode & 0o777 == 0o600  # the run's secret, private to the user
 
@@ -130,7 +135,7 @@ def test_manifests_name_the_index_version_the_index_rank_must_keep(mgr):
     mgr.save(2, {"s": 2})  # no index rank: nothing to keep
     mgr.save(3, {"s": 3}, index_version=6)
     assert referenced_index_versions(mgr.root) == {6}  # step 1 was pruned (keep=2), step 2 names none
-    assert mgr.validate(mgr.root / "step_00000003", signed=True)["index_version"] == 6
+    assert mgr.validate(mgr.root / "step_00000003")["index_version"] == 6
 
 
 class _EngineNotFound:
@@ -280,3 +285,91 @@ def test_deepspeeds_unpickling_loader_runs_only_on_a_checkpoint_this_run_signed(
         mgr.load(path, engine=engine)
     assert not marker.exists()
     assert mgr.load(mgr.save(2, {"v": 2}, engine=engine), engine=engine).payload == {"v": 2}  # ours loads
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 19, item 3: the signature is checked first, for every checkpoint (not only before DeepSpeed's loader)
+
+
+def _forge(path: Path, payload: dict, key: bytes | None = None) -> None:
+    """An attacker's trainer_state.pt, with the manifest's sizes and checksums recomputed to match; signed with
+    ``key`` when given (another run's secret), else keeping the old signature (which no longer verifies)."""
+    from distrag.distributed import checkpoint as ck
+
+    torch.save({"step": 1, "payload": payload}, path / "trainer_state.pt")
+    m = json.loads((path / MANIFEST).read_text())
+    m["files"] = {rel: {"size": (path / rel).stat().st_size, "sha256": ck._sha256(path / rel)}
+                  for rel in ck._files(path)}
+    if key is not None:
+        m["signature"] = run_secret.sign(key, ck._signed_text(m))
+    (path / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("signer", ["stale signature", "another run's key"])
+def test_a_forged_state_with_a_recomputed_manifest_is_refused_without_an_engine(mgr, tmp_path, signer):
+    """Before: sizes and sha256 matched the recomputed manifest and the signature was only checked before
+    DeepSpeed's loader, so an Ft-Embed resume (no engine) loaded a zeroed encoder silently."""
+    path = mgr.save(1, {"embedder": {"w": torch.ones(4)}})
+    key = run_secret.run_secret(tmp_path / "attacker") if signer != "stale signature" else None
+    _forge(path, {"embedder": {"w": torch.zeros(4)}}, key)
+    with pytest.raises(CheckpointError, match=rf"{path / MANIFEST}: signature does not verify"):
+        mgr.load(path)
+    with pytest.raises(CheckpointError, match="signature does not verify"):
+        mgr.validate(path)
+
+
+def test_a_checkpoint_copied_in_from_another_run_is_skipped_by_auto(mgr, tmp_path, caplog):
+    """Before: the foreign, self-consistent step_50 was chosen by resume=auto and refused later (exit 2)."""
+    import shutil
+
+    ours = mgr.save(40, {"v": "ours"})
+    other = CheckpointManager(tmp_path / "other_run" / "checkpoints")
+    foreign = other.save(50, {"v": "theirs"})
+    shutil.copytree(foreign, mgr.root / foreign.name)
+    with caplog.at_level(logging.WARNING, logger="distrag.distributed.checkpoint"):
+        assert mgr.resolve("auto") == ours
+    assert f"skipping checkpoint {mgr.root / foreign.name}" in caplog.text and "another run" in caplog.text
+    assert mgr.load(mgr.resolve("auto")).payload == {"v": "ours"}
+    with pytest.raises(CheckpointError, match="signature does not verify"):  # named explicitly: an error
+        mgr.resolve(str(mgr.root / foreign.name))
+
+
+# ----------------------------------------------------------------------------------------------
+# what state files hold: plain data only, read from the bytes that were checked
+
+
+def test_plain_data_passes_and_anything_that_needs_pickle_is_named():
+    check_plain({"t": torch.zeros(1), 3: [1.0, "a", None, True, (torch.float32, torch.Size([2]))]})
+    with pytest.raises(TypeError, match=r"payload\['lr'\].*numpy"):
+        check_plain({"lr": np.float64(0.1)})
+    with pytest.raises(TypeError, match=r"payload\[0\].*Path"):
+        check_plain([Path("x")])
+
+
+def test_the_rng_state_round_trips_as_plain_data():
+    state = rng_state()
+    check_plain(state)
+    draws = random.random(), float(np.random.rand()), torch.rand(2).tolist()
+    set_rng_state(state)
+    assert (random.random(), float(np.random.rand()), torch.rand(2).tolist()) == draws
+
+
+class _Code:
+    def __reduce__(self):
+        return print, ("ran",)
+
+
+def test_a_state_file_is_read_from_the_bytes_that_match_its_checksum(tmp_path):
+    f = tmp_path / "state.pt"
+    data = torch_bytes({"step": 1, "payload": {"w": torch.ones(2)}})
+    f.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert read_state(f, ("step", "payload"), digest)["step"] == 1
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        read_state(f, ("step", "payload"), "0" * 64)
+    with pytest.raises(CheckpointError, match=r"expected keys \['rng'\]"):
+        read_state(f, ("rng",), digest)
+    evil = torch_bytes({"step": 1, "payload": _Code()})
+    f.write_bytes(evil)
+    with pytest.raises(CheckpointError, match="could run code"):
+        read_state(f, ("step", "payload"), hashlib.sha256(evil).hexdigest())

@@ -30,8 +30,10 @@ from _dist_workers import TOY_IN, Job, preempt_reference_weights, toy_corpus, to
 
 from distrag.distributed import roles
 from distrag.distributed.checkpoint import CheckpointManager, list_complete
-from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_WEIGHTS, IndexClient
+from distrag.distributed.refresh_client import IndexClient
+from distrag.distributed.refresh_protocol import K_ERROR, RefreshChannel
 from distrag.distributed.refresh_server import IndexServer
+from distrag.distributed.world import get_dist_info
 from distrag.retrieval import index_store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +83,7 @@ def test_kill_9_of_a_trainer_loses_no_checkpoint_and_the_next_run_resumes_exactl
     assert (root / "latest").read_text().strip() == f"step_{last:08d}"
     assert [p.name for p in list_complete(root)][-1] == f"step_{last:08d}"
     roles.reset_context()
-    CheckpointManager(root).validate(root / f"step_{last:08d}", signed=True)  # every file as saved
+    CheckpointManager(root).validate(root / f"step_{last:08d}")  # every file as saved
     _resume_and_compare(tmp_path, steps, last + 1)
 
 
@@ -185,7 +187,7 @@ def test_a_full_disk_during_an_index_publish_is_reported_and_keeps_the_published
     import distrag.retrieval.index_store as store_mod
 
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    ctx = roles.DistContext(roles.get_dist_info(), store=store)
+    ctx = roles.DistContext(get_dist_info(), store=store)
     client = IndexClient(ctx, tmp_path / "weights", index_timeout_s=30)
     corpus = toy_corpus()
     server = IndexServer(store, lambda sd: [toy_embed(sd, corpus)], toy_index, tmp_path / "index",
@@ -208,10 +210,10 @@ def test_a_full_disk_during_an_index_publish_is_reported_and_keeps_the_published
     client.flush()
     th.join(30)  # the server's loop raised
     assert [e.errno for e in raised] == [errno.ENOSPC]
-    assert store.check([K_ERROR]) and store.add(K_WEIGHTS, 0) == 2
+    assert store.check([K_ERROR]) and RefreshChannel(store, tmp_path).newest_weights().n == 2
     client.poll(3)
     assert "No space left" in client.failed and client.current.version == 1
-    store.add(K_DONE, 1)
+    client.channel.send_done()
     assert index_store.latest_version(tmp_path / "index")[0] == 1
     index_store.load(tmp_path / "index" / "v000001")
 

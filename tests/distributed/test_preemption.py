@@ -33,13 +33,6 @@ def test_handler_only_sets_flag_and_requeue_command(monkeypatch, tmp_path):
     assert preemption.requeue_command() == ["echo", "requeue", "31"]
 
 
-def test_sigterm_interrupts_like_ctrl_c_inside_and_is_restored_after():
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), preemption.sigterm_as_interrupt():
-        signal.raise_signal(signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) == before
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_preemption_checkpoint_requeue_resume(tmp_path):

@@ -4,6 +4,7 @@ restart), and serve_index publishes the index of the real corpus under the hande
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -16,11 +17,21 @@ from _dist_workers import TOY_IN, toy_corpus, toy_embed, toy_index
 from distrag.config import DistributedConfig, build_config
 from distrag.data import load_data
 from distrag.distributed import roles
-from distrag.distributed.process_watch import hostname
-from distrag.distributed.refresh_client import K_DONE, K_ERROR, K_PID, K_PUBLISHED, K_WEIGHTS, IndexClient, meta_key
+from distrag.distributed.refresh_client import IndexClient
+from distrag.distributed.refresh_protocol import (
+    K_ERROR,
+    K_PID,
+    K_PUBLICATION,
+    K_WEIGHTS,
+    RefreshChannel,
+    WeightsHandoff,
+    read_record,
+)
 from distrag.distributed.refresh_server import IndexServer, serve_index
-from distrag.distributed.run_secret import read_record, run_secret
+from distrag.distributed.run_secret import run_secret
+from distrag.distributed.world import get_dist_info
 from distrag.models.embedder import Embedder
+from distrag.process_watch import hostname, start_time
 from distrag.retrieval import index_store
 from distrag.retrieval.corpus_encoding import encode_corpus
 
@@ -29,7 +40,7 @@ from distrag.retrieval.corpus_encoding import encode_corpus
 def store_ctx(clean_env):
     """A single trainer (trainer 0) with a coordination store, as under a launcher."""
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    return store, roles.DistContext(roles.get_dist_info(DistributedConfig()), store=store)
+    return store, roles.DistContext(get_dist_info(DistributedConfig()), store=store)
 
 
 def _serve(server: IndexServer, client: IndexClient, version: int, step: int):
@@ -39,7 +50,7 @@ def _serve(server: IndexServer, client: IndexClient, version: int, step: int):
     try:
         return client.wait_for_version(version, step=step, timeout_s=60, interval_s=0.02)
     finally:
-        server.store.add(K_DONE, 1)
+        client.channel.send_done()
         th.join(30)
         assert not th.is_alive()
 
@@ -94,15 +105,18 @@ def test_versions_continue_after_those_on_disk_and_carry_their_facts(tmp_path, s
     assert m["version"] == 4 and m["count"] == len(corpus)
     assert {k: m["extra"][k] for k in ("weights_step", "weights_n", "n_vectors", "corpus")} == {
         "weights_step": 40, "weights_n": 1, "n_vectors": len(corpus), "corpus": "f00"}
-    raw = store.get(meta_key(1))
-    published, why = read_record(run_secret(tmp_path), meta_key(1), raw)
+    raw = store.get(K_PUBLICATION)
+    key, job = run_secret(tmp_path), client.channel.job
+    published, why = read_record(key, job, K_PUBLICATION, raw)
     assert why == "" and (published["version"], published["path"], published["weights_step"]) == (4, d.path, 40)
-    assert read_record(run_secret(tmp_path), meta_key(2), raw)[0] is None  # bound to its key: no replay elsewhere
+    assert read_record(key, job, K_WEIGHTS, raw)[0] is None  # bound to its key: no replay elsewhere
+    assert read_record(key, "0" * 32, K_PUBLICATION, raw) == (None, "it was signed for another job of this run")
 
 
 def test_every_record_the_server_sets_is_signed_with_the_run_secret(tmp_path, store_ctx):
-    """pid, error and publication records verify under the run folder's secret (and only under it)."""
+    """pid and error records verify under the run folder's secret for the job trainer 0 started (and only so)."""
     store, _ = store_ctx
+    trainer0 = RefreshChannel.for_trainer(store, tmp_path)
 
     def failing_encode(sd):
         raise ValueError("no corpus")
@@ -112,14 +126,17 @@ def test_every_record_the_server_sets_is_signed_with_the_run_secret(tmp_path, st
                          log=lambda m: None)
     (tmp_path / "w").mkdir()
     torch.save({"step": 0, "state_dict": {}}, tmp_path / "w" / "w_000001.pt")
-    store.add(K_WEIGHTS, 1)
+    sha = hashlib.sha256((tmp_path / "w" / "w_000001.pt").read_bytes()).hexdigest()
+    trainer0.announce_weights(WeightsHandoff(1, 0, sha))
     with pytest.raises(ValueError, match="no corpus"):
         server.run()
-    key = run_secret(tmp_path)
-    pid, _ = read_record(key, K_PID, store.get(K_PID))
-    err, _ = read_record(key, K_ERROR, store.get(K_ERROR))
-    assert pid == {"host": hostname(), "pid": os.getpid()} and err == {"error": "ValueError: no corpus"}
-    assert read_record(run_secret(tmp_path / "elsewhere"), K_PID, store.get(K_PID)) == (
+    key, job = run_secret(tmp_path), trainer0.job
+    pid, _ = read_record(key, job, K_PID, store.get(K_PID))
+    err, _ = read_record(key, job, K_ERROR, store.get(K_ERROR))
+    assert pid == {"host": hostname(), "pid": os.getpid(), "start": start_time(os.getpid()), "supervisor": None,
+                   "supervisor_start": None}
+    assert err == {"error": "ValueError: no corpus"}
+    assert read_record(run_secret(tmp_path / "elsewhere"), job, K_PID, store.get(K_PID)) == (
         None, "its signature does not verify under the run's secret")
     assert (tmp_path / ".distrag_secret").stat().st_mode & 0o777 == 0o600
 
@@ -142,7 +159,7 @@ def test_serve_index_publishes_the_corpus_index_of_the_handed_off_embedder(tmp_p
     try:
         d = client.wait_for_version(1, step=8, timeout_s=120, interval_s=0.05)
     finally:
-        store.add(K_DONE, 1)
+        client.channel.send_done()
         th.join(60)
     assert not th.is_alive() and d.weights_step == 7
     corpus = load_data(cfg.data).corpus
@@ -171,15 +188,47 @@ def test_a_30_step_run_keeps_few_index_versions_and_never_the_one_in_use(tmp_pat
                 client.submit_weights(step, lin.state_dict())
                 client.flush()
                 deadline = time.monotonic() + 30  # let each submission become a version
-                while store.add(K_PUBLISHED, 0) < step // 2 + 1 and time.monotonic() < deadline:
+                while server.published < step // 2 + 1 and time.monotonic() < deadline:
                     time.sleep(0.01)
             on_disk = {v for v, _ in index_store._version_dirs(tmp_path / "index")}
             most = max(most, len(on_disk))
             if client.current is not None:
                 assert client.current.version in on_disk
     finally:
-        store.add(K_DONE, 1)
+        client.channel.send_done()
         th.join(30)
     on_disk = {v for v, _ in index_store._version_dirs(tmp_path / "index")}
     assert server.published == 15 and client.current.version >= 13
     assert most <= keep + 1 + len(pinned) and 2 in on_disk and max(on_disk) == 15
+
+
+def test_a_hand_off_whose_file_is_not_the_announced_one_is_skipped(tmp_path, store_ctx):
+    """The index rank reads a weights file only if its bytes match the checksum trainer 0 signed: a file replaced
+    after the announcement is not built from (said in the log), and the next hand-off is."""
+    store, ctx = store_ctx
+    client = IndexClient(ctx, tmp_path / "w", index_timeout_s=30)
+    logs: list[str] = []
+    corpus = toy_corpus()
+    server = IndexServer(store, lambda sd: [toy_embed(sd, corpus)], toy_index, tmp_path / "idx", tmp_path / "w",
+                         poll_interval_s=0.01, log=logs.append)
+    client.submit_weights(0, torch.nn.Linear(TOY_IN, 4).state_dict())
+    client.flush()  # announced; then the file is replaced before the index rank reads it
+    other = {"step": 0, "n": 1, "state_dict": torch.nn.Linear(TOY_IN, 4).state_dict()}
+    torch.save(other, tmp_path / "w" / "w_000001.pt")
+    fresh = torch.nn.Linear(TOY_IN, 4)
+    th = threading.Thread(target=server.run)
+    th.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any("checksum differs" in m for m in logs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.published == 0 and any("ignoring weights 1" in m for m in logs), logs
+        client.submit_weights(2, fresh.state_dict())
+        client.flush()
+        d = client.wait_for_version(1, step=3, timeout_s=30, interval_s=0.01)
+    finally:
+        client.channel.send_done()
+        th.join(30)
+    assert d.weights_step == 2
+    want = toy_embed(fresh.state_dict(), corpus)
+    np.testing.assert_allclose(index_store.load(d.path).reconstruct(np.arange(len(want))), want, rtol=1e-6)

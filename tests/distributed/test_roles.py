@@ -1,4 +1,5 @@
-"""Roles from the launcher environment (torchrun / deepspeed / SLURM), with and without an index rank."""
+"""Roles set up: the single-process world, the trainers' group (nccl on GPUs, gloo on CPUs) that the index rank never
+joins (the launcher's environment itself: test_world.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from distrag.config import DistributedConfig
 from distrag.distributed import roles
+from distrag.distributed.world import get_dist_info
 
 
 def _env(mp, rank, world, local=0):
@@ -15,7 +17,7 @@ def _env(mp, rank, world, local=0):
 
 
 def test_single_process_roles(clean_env):
-    info = roles.get_dist_info(DistributedConfig())
+    info = get_dist_info(DistributedConfig())
     assert (info.role, info.rank, info.world_size, info.trainer_rank, info.n_trainers) == ("single", 0, 1, 0, 1)
     assert info.is_rank0 and info.is_trainer and not info.distributed
     ctx = roles.init_roles(DistributedConfig())
@@ -43,66 +45,6 @@ def test_a_world_of_one_needs_no_mpi_for_deepspeed(clean_env):
                                                             "MASTER_PORT")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("1"), out.stderr[-2000:]
-
-
-@pytest.mark.parametrize("index_rank,rank,expect", [
-    (-1, 3, ("index", -1)), (-1, 0, ("trainer", 0)), (-1, 2, ("trainer", 2)),
-    (0, 0, ("index", -1)), (0, 1, ("trainer", 0)), (1, 3, ("trainer", 2)), (-2, 2, ("index", -1)),
-])
-def test_roles_from_env(clean_env, index_rank, rank, expect):
-    _env(clean_env, rank, 4)
-    info = roles.get_dist_info(DistributedConfig(index_rank=index_rank))
-    assert (info.role, info.trainer_rank) == expect
-    assert info.n_trainers == 3 and info.index_rank == index_rank % 4
-
-
-def test_roles_without_index_rank_and_errors(clean_env):
-    _env(clean_env, 2, 3)
-    info = roles.get_dist_info(DistributedConfig(), with_index_rank=False)
-    assert (info.role, info.trainer_rank, info.n_trainers, info.index_rank) == ("trainer", 2, 3, -1)
-    with pytest.raises(roles.DistError, match="outside the world"):
-        roles.get_dist_info(DistributedConfig(index_rank=5))
-    clean_env.setenv("RANK", "7")
-    with pytest.raises(roles.DistError, match="inconsistent"):
-        roles.get_dist_info()
-
-
-def test_slurm_fallbacks(clean_env):
-    clean_env.setenv("SLURM_PROCID", "5")
-    clean_env.setenv("SLURM_NTASKS", "8")
-    clean_env.setenv("SLURM_LOCALID", "1")
-    clean_env.setenv("SLURM_JOB_ID", "123456")
-    clean_env.setenv("MASTER_ADDR", "node01")
-    info = roles.get_dist_info(DistributedConfig())
-    assert (info.rank, info.world_size, info.local_rank, info.role) == (5, 8, 1, "trainer")
-    assert info.master_addr == "node01" and info.master_port == 20000 + 123456 % 20000
-
-
-def test_null_logger_on_other_ranks(clean_env, capsys):
-    _env(clean_env, 1, 3)
-    roles._CTX = roles.DistContext(roles.get_dist_info(DistributedConfig()))
-    roles.print0("hidden")
-    roles.get_logger("t_other").warning("hidden too")
-    assert "hidden" not in capsys.readouterr().out + capsys.readouterr().err
-    assert not roles.is_rank0()
-
-
-NODE_ENV = ("SLURM_JOB_NUM_NODES", "SLURM_NNODES", "CROSS_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
-
-
-@pytest.mark.parametrize("env,one_node", [
-    ({}, False),  # nothing says so: assume several nodes (the stores listen on MASTER_ADDR's address)
-    ({"LOCAL_WORLD_SIZE": "4"}, True), ({"LOCAL_WORLD_SIZE": "2"}, False),  # torchrun
-    ({"LOCAL_SIZE": "4", "CROSS_SIZE": "1"}, True), ({"LOCAL_SIZE": "2", "CROSS_SIZE": "2"}, False),  # deepspeed
-    ({"SLURM_NNODES": "1"}, True), ({"SLURM_JOB_NUM_NODES": "3", "LOCAL_WORLD_SIZE": "4"}, False),  # srun
-])
-def test_one_node_from_the_launcher(clean_env, env, one_node):
-    for k in NODE_ENV:
-        clean_env.delenv(k, raising=False)
-    _env(clean_env, 1, 4)
-    for k, v in env.items():
-        clean_env.setenv(k, v)
-    assert roles.get_dist_info(DistributedConfig()).one_node is one_node
 
 
 def _fake_gpus(mp, n: int) -> list:

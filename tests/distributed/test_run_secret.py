@@ -62,12 +62,45 @@ def test_signatures_bind_the_key_and_every_part():
     assert not run_secret.verify(k1, None, "meta/1", '{"a": 1}')
 
 
-def test_signed_records_round_trip_and_anything_else_is_refused():
-    key = b"k" * 32
-    raw = run_secret.signed_record(key, "meta/1", {"version": 2, "path": "/run/index/v000002"}).encode()
-    assert run_secret.read_record(key, "meta/1", raw) == ({"version": 2, "path": "/run/index/v000002"}, "")
-    assert run_secret.read_record(b"x" * 32, "meta/1", raw)[0] is None
-    assert run_secret.read_record(key, "meta/1", b'{"version": 2}') == (None, "not a signed record")
-    assert run_secret.read_record(key, "meta/1", b"\xff") == (None, "not a signed record")
-    tampered = raw.replace(b"v000002", b"v000003")
-    assert run_secret.read_record(key, "meta/1", tampered)[1] == "its signature does not verify under the run's secret"
+# ----------------------------------------------------------------------------------------------
+# issue 19, item 4: a deleted secret is never silently replaced; the index rank says what is wrong
+
+
+def test_a_deleted_secret_is_not_recreated_while_checkpoints_signed_with_it_remain(tmp_path, clean_env):
+    """Before: the key was re-created silently, and every checkpoint was then refused with "signature does
+    not verify ... written by another run", which hid what happened and how to get the progress back."""
+    from distrag.distributed.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run / "checkpoints")
+    mgr.save(10, {"v": 1})
+    key = run_secret.run_secret(run)
+    path = run_secret.secret_path(run)
+    path.unlink()
+    for call in (lambda: CheckpointManager(run / "checkpoints").resolve("auto"), lambda: run_secret.run_secret(run)):
+        with pytest.raises(DistError, match=r"secret is missing.*1 checkpoint.*signed with it.*put the original"):
+            call()
+        assert not path.exists()  # nothing created: the checkpoints stay resumable once the key is back
+    path.write_text(key.hex() + "\n")
+    path.chmod(0o600)
+    assert CheckpointManager(run / "checkpoints").load(run / "checkpoints" / "step_00000010").payload == {"v": 1}
+
+
+def test_the_index_rank_prints_its_own_user_error(tmp_path, clean_env, capsys, monkeypatch):
+    """Before: a secret readable by others made the index rank exit 2 under torchrun with no ``error:`` line
+    (only trainer 0 prints user errors, and the launcher had already ended it): the index rank now prints
+    the errors of its own work."""
+    from distrag.config import ExperimentConfig
+    from distrag.distributed import roles, runner
+
+    cfg = ExperimentConfig(output_dir=str(tmp_path), train={"strategy": "joint", "refresh_every": 2})
+    folder = runner.run_dir(cfg)
+    run_secret.run_secret(folder)
+    run_secret.secret_path(folder).chmod(0o644)
+    info = roles.DistInfo(rank=1, world_size=2, local_rank=1, role="index", trainer_rank=-1, n_trainers=1,
+                          index_rank=1)
+    monkeypatch.setattr(runner.roles, "init_roles", lambda *a, **kw: roles.DistContext(info))
+    assert runner.run(cfg) == 2
+    err = capsys.readouterr().err
+    assert f"error: {run_secret.secret_path(folder)}: the run's secret is readable by others" in err
+    assert "chmod 600" in err

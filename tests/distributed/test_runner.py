@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from distrag import metric_names as mn
 from distrag.config import DistributedConfig, ExperimentConfig, TrainConfig
 from distrag.costs.ledger import CostLedger
 from distrag.distributed import roles, runner
-from distrag.distributed.refresh_stats import RefreshStats
+from distrag.distributed.refresh_client import RefreshStats
 from distrag.distributed.runner import TrainerRun, _merged_ledger, needs_index_rank, refresh_metrics
+from distrag.distributed.world import DistInfo
 from distrag.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,8 +69,56 @@ def test_read_checkpoint_explicit_missing_is_an_error(single_trainer, tmp_path):
         run.read_checkpoint()
 
 
+@pytest.mark.parametrize("key", ["index_path", "index_client.current.path", "index_client.history[0].path"])
+def test_read_checkpoint_refuses_a_path_outside_the_run_folder(single_trainer, tmp_path, monkeypatch, key):
+    """Before: a joint run's payload ``index_path`` was opened wherever it pointed (issue 19, item 3); now
+    every path a checkpoint names must lie inside the run folder, and nothing is opened otherwise."""
+    run = TrainerRun(_cfg(tmp_path / "out", resume="auto"), single_trainer)
+    outside = str(tmp_path / "elsewhere" / "v000001")
+    inside = str(run.root / "index" / "v000001")
+    decision = {"version": 1, "path": inside, "weights_step": 0, "step": 2, "staleness": 2, "swap_s": 0.0}
+    client = {"current": dict(decision), "history": [dict(decision)], "stats": {}}
+    payload = {"config_hash": run.cfg.config_hash(), "index_path": inside, "index_client": client}
+    if key == "index_path":
+        payload["index_path"] = outside
+    elif key == "index_client.current.path":
+        client["current"]["path"] = outside
+    else:
+        client["history"][0]["path"] = outside
+    run.ckpt.save(4, payload, rank_payload={"ledger": None})
+    opened = []
+    monkeypatch.setattr(runner.index_store, "load", lambda p, **kw: opened.append(p))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)}.*{re.escape(outside)}.*outside the run folder"):
+        run.read_checkpoint()
+    assert not opened
+
+
+def test_a_forged_checkpoint_naming_an_outside_index_is_refused_before_anything_opens(single_trainer, tmp_path,
+                                                                                      monkeypatch):
+    """Before: the unsigned payload was read and its ``index_path`` opened; the signature was checked later,
+    and only when a DeepSpeed engine was loaded."""
+    from distrag.distributed import checkpoint as ck
+    from distrag.distributed import run_secret
+
+    run = TrainerRun(_cfg(tmp_path / "out", resume="auto"), single_trainer)
+    path = run.ckpt.save(4, {"config_hash": run.cfg.config_hash()}, rank_payload={"ledger": None})
+    torch.save({"step": 4, "payload": {"config_hash": run.cfg.config_hash(),
+                                       "index_path": str(tmp_path / "elsewhere")}}, path / "trainer_state.pt")
+    m = json.loads((path / ck.MANIFEST).read_text())
+    m["files"] = {rel: {"size": (path / rel).stat().st_size, "sha256": ck._sha256(path / rel)}
+                  for rel in ck._files(path)}
+    m["signature"] = run_secret.sign(run_secret.run_secret(tmp_path / "attacker"), ck._signed_text(m))
+    (path / ck.MANIFEST).write_text(json.dumps(m))
+    opened = []
+    monkeypatch.setattr(runner.index_store, "load", lambda p, **kw: opened.append(p))
+    run = TrainerRun(_cfg(tmp_path / "out", resume=str(path)), single_trainer)
+    with pytest.raises(CheckpointError, match="signature does not verify"):
+        run.read_checkpoint()
+    assert not opened
+
+
 def _trainer_ctx(trainer_rank: int, n_trainers: int = 2) -> roles.DistContext:
-    return roles.DistContext(roles.DistInfo(rank=trainer_rank, world_size=n_trainers + 1, local_rank=trainer_rank,
+    return roles.DistContext(DistInfo(rank=trainer_rank, world_size=n_trainers + 1, local_rank=trainer_rank,
                                             role="trainer", trainer_rank=trainer_rank, n_trainers=n_trainers,
                                             index_rank=n_trainers))
 
@@ -291,6 +341,23 @@ def test_explicit_resume_from_missing_checkpoint_is_an_error(job_root):
                      "tracking.enabled=false")
     assert rc != 0
     assert "/nonexistent/step_00000009" in log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_secret_readable_by_others_is_an_error_line_under_torchrun(job_root):
+    """Before: the index rank exited 2 with no ``error:`` line; torchrun's ChildFailedError was all there was."""
+    from distrag.config import load_config
+    from distrag.distributed import run_secret
+
+    out, overrides = "open_secret", ("train.refresh_every=2", "tracking.enabled=false")
+    cfg = load_config(job_root / "cfg.yaml", [f"output_dir={job_root / out}", *overrides])
+    folder = runner.run_dir(cfg)
+    run_secret.run_secret(folder)
+    run_secret.secret_path(folder).chmod(0o644)
+    rc, log = launch(job_root, 2, out, *overrides)
+    assert rc != 0
+    assert f"error: {run_secret.secret_path(folder)}: the run's secret is readable by others" in log, log[-3000:]
 
 
 def test_refresh_metrics_count_versions_adopted_and_published():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distrag.distributed import stores
-from distrag.distributed.roles import DistInfo
+from distrag.distributed.world import DistInfo
 from distrag.errors import DistError
 
 

@@ -334,3 +334,17 @@ def test_bf16_lora_step_is_finite_and_moves_the_adapter_only(sharp_lm_dir):
     opt.step()
     assert lora_b and all((p != 0).any() for p in lora_b.values())
     assert all(torch.equal(p, base[n]) for n, p in g.model.named_parameters() if "lora_" not in n)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 19, item 9: an answer longer than the model's positions is refused before anything runs
+
+
+def test_max_new_tokens_beyond_the_models_positions_is_refused(tiny_lm_dir):
+    """Before: 100000 new tokens on this 4096-position model generated for minutes, with no warning."""
+    with pytest.raises(GeneratorError, match=r"generator.max_new_tokens=100000.*4096 positions.*at most 4032"):
+        make_gen(tiny_lm_dir, max_new_tokens=100000)
+    gen = make_gen(tiny_lm_dir, max_new_tokens=4)
+    with pytest.raises(GeneratorError, match=r"max_new_tokens=4033.*at most 4032"):
+        gen.generate(["a prompt"], max_new_tokens=4033)
+    assert make_gen(tiny_lm_dir, max_new_tokens=4032).cfg.max_new_tokens == 4032

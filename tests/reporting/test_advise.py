@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from distrag import cli
@@ -254,3 +256,36 @@ def test_advise_without_a_store_gives_the_rule_and_creates_nothing(tmp_path, mon
     text = advise(TrackingConfig(), labels_available=None, lrs_known=True, grid=(2, 2))
     assert "No measurements: no MLflow store in this folder" in text and "one run" in text
     assert list(tmp_path.iterdir()) == []
+
+
+def _record_outcomes(tcfg, per_key: dict[str, list[int]], costs: dict[str, float]) -> None:
+    """Strategy runs with per-question EM outcomes (predictions_test.jsonl), as evaluation records them."""
+    import json
+
+    for key, ems in per_key.items():
+        tags = {"distrag.kind": "strategy", "distrag.strategy": key, "distrag.label": LABELS[key],
+                "distrag.eval_split": "test", "distrag.dataset": "synthetic:seed0"}
+        with Tracker.open(tcfg, run_name=LABELS[key], tags=tags) as tr:
+            tr.log_metrics({"test/em": sum(ems) / len(ems), "test/f1": sum(ems) / len(ems),
+                            "test/n_questions": float(len(ems)), "cost/train_flops": costs[key],
+                            "test/recall_at_5": 0.5})
+            tr.log_text("\n".join(json.dumps({"id": f"q{i}", "prediction": "x", "answers": ["x"], "em": float(e),
+                                              "f1": float(e), "recall": 0.5}) for i, e in enumerate(ems)) + "\n",
+                        "predictions_test.jsonl")
+
+
+def test_advise_calls_strategies_equal_when_the_paired_interval_covers_zero_and_picks_the_cheaper(store):
+    """Two-phase answers exactly what RAG-Tok answers (equal, cheaper); RAG-Seq misses 30 questions the best gets
+    (below, beyond noise); No-FT is the baseline and not a candidate."""
+    n = 120
+    best = [1] * 60 + [0] * 60
+    runs = {"none": [0] * n, "joint_token": best, "two_phase": list(best), "joint_sequence": [0] * 30 + best[30:]}
+    _record_outcomes(store, runs, {"none": 0.0, "joint_token": 3e14, "two_phase": 1e14, "joint_sequence": 2e14})
+    text = advise(store, labels_available=False, lrs_known=True, grid=(2, 2))
+    assert "the best by EM, RAG-Tok (50.0 EM)" in text or "the best by EM, Two-phase (50.0 EM)" in text
+    assert re.search(r"RAG-Seq +dEM -25\.0 \[-\d+\.\d, -\d+\.\d\] points on 120 questions, McNemar p [0-9.e-]+: "
+                     r"below the best", text)
+    assert "Equal in quality to the best: " in text
+    line = next(x for x in text.splitlines() if x.startswith("Equal in quality"))
+    assert "Two-phase" in line and "RAG-Tok" in line and "RAG-Seq" not in line
+    assert "the cheapest of them to train is Two-phase" in line

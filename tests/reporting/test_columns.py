@@ -116,3 +116,33 @@ def test_a_new_column_is_one_entry(store_uri, tmp_path, monkeypatch, capsys):
     assert "Tokens/s" in terminal and "123.5" in terminal
     # the tables of runs that never wrote it do not show it
     assert "Tokens/s" not in markdown_table(result_rows([_result("A")]))
+
+
+def test_paired_columns_compare_rows_question_by_question():
+    """Known per-question outcomes: a row that fixes 10 of No-FT's 20 wrong answers is +50 EM points with a
+    paired interval above 0 and McNemar p = 2 / 2**10; the best row against itself has no vs-best value."""
+    from distrag.reporting.columns import csv_text, markdown_table, result_rows
+    from distrag.reporting.results import StrategyResult
+
+    def row(key, label, ems, recall):
+        per_q = {f"q{i}": {"em": float(e), "f1": float(e), "recall": recall} for i, e in enumerate(ems)}
+        return StrategyResult(key, label, {"em": sum(ems) / len(ems), "f1": sum(ems) / len(ems),
+                                           "n_questions": float(len(ems)), "recall_at_3": recall}, {}, 1.0, k=3,
+                              per_question=per_q)
+
+    base = row("none", "No-FT", [0] * 20, 0.5)
+    better = row("gen_ft", "Ft-Gen", [1] * 10 + [0] * 10, 0.5)
+    rows = result_rows([base, better])
+    assert rows[0]["dem_vs_base"] is None and rows[0]["dem_vs_best"] is not None
+    mean, lo, hi = rows[1]["dem_vs_base"]
+    assert mean == pytest.approx(50.0) and lo > 0 and hi <= 100
+    assert rows[1]["mcnemar_p"] == pytest.approx(2 / 2 ** 10)
+    assert rows[1]["dem_vs_best"] is None  # it is the best row
+    assert rows[1]["drecall_vs_base"] == (0.0, 0.0, 0.0)
+    md = markdown_table(rows)
+    assert "dEM vs No-FT [95% CI]" in md and "| +50.0 [+" in md and "dRecall@3 vs No-FT [95% CI]" in md
+    csv = csv_text(rows)
+    assert "dem_vs_base_mean" in csv.splitlines()[0] and ",50.0," in csv
+    # rows without per-question outcomes (older runs) show no paired column at all
+    old = [StrategyResult("none", "No-FT", {"em": 0.1, "n_questions": 10.0}, {}, 1.0)]
+    assert "dEM" not in markdown_table(result_rows(old))

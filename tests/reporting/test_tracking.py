@@ -326,3 +326,30 @@ def test_every_metric_of_a_run_is_read_back_in_exactly_one_place(tcfg):
     assert row.costs == {mn.COST_TRAIN_FLOPS: 1e12, mn.COST_WALL_S: 5.0}
     assert row.extra == {"dev/em": 0.1, mn.INDEX_STALENESS_MEAN: 2.0, "train/gen_ft/loss": 1.5,
                          "custom/new_metric": 7.0, "plain": 3.0}
+
+
+def test_a_group_read_back_carries_each_rows_per_question_outcomes(tmp_path):
+    """load_group fills per_question from predictions_<split>.jsonl and retrieval_<split>.jsonl (retrieval of
+    every question wins); a run recorded before the outcomes were kept is scored again from its predictions."""
+    import json
+
+    from distrag.config import TrackingConfig
+    from distrag.reporting.tracking import Tracker, load_group
+
+    tcfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", experiment="outcomes")
+    for key, rows, retrieval in (
+            ("none", [{"id": "q1", "prediction": "Paris", "answers": ["paris"]},
+                      {"id": "q2", "prediction": "no", "answers": ["Rome"]}], None),
+            ("gen_ft", [{"id": "q1", "prediction": "x", "answers": ["Paris"], "em": 0.0, "f1": 0.0, "recall": 0.0}],
+             [{"id": "q1", "recall": 1.0, "mrr": 1.0}, {"id": "q2", "recall": 0.5, "mrr": 0.5}])):
+        tags = {"distrag.kind": "strategy", "distrag.strategy": key, "distrag.eval_split": "test",
+                "distrag.dataset": "d"}
+        with Tracker.open(tcfg, run_name=key, tags=tags) as tr:
+            tr.log_metrics({"test/em": 0.5, "test/n_questions": 2.0})
+            tr.log_text("\n".join(json.dumps(r) for r in rows) + "\n", "predictions_test.jsonl")
+            if retrieval:
+                tr.log_text("\n".join(json.dumps(r) for r in retrieval) + "\n", "retrieval_test.jsonl")
+    by_key = {r.key: r for r in load_group(tcfg).group.rows}
+    assert by_key["none"].per_question == {"q1": {"em": 1.0, "f1": 1.0}, "q2": {"em": 0.0, "f1": 0.0}}
+    assert by_key["gen_ft"].per_question == {"q1": {"em": 0.0, "f1": 0.0, "recall": 1.0, "mrr": 1.0},
+                                             "q2": {"recall": 0.5, "mrr": 0.5}}

@@ -24,6 +24,7 @@ from distrag.retrieval.corpus_encoding import (
     index_cache_dir,
     index_signature,
     load_or_build_index,
+    weights_digest,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -122,15 +123,15 @@ def test_charged_cost_equals_the_accountants_for_the_same_texts(world):
 
 def test_signature_changes_with_the_corpus_the_embedder_and_the_index_settings_only(world):
     cfg, corpus = world["cfg"], world["corpus"]
-    base = index_signature(corpus, cfg.embedder, cfg.index)
+    base = index_signature(corpus, cfg.embedder, cfg.index, "w" * 64)
 
-    def sig(corpus=corpus, **over):
+    def sig(corpus=corpus, weights="w" * 64, **over):
         c = build_config({**cfg.model_dump(mode="json"), **over})
-        return index_signature(corpus, c.embedder, c.index)
+        return index_signature(corpus, c.embedder, c.index, weights)
 
     assert sig() == base
     other_corpus = Corpus([*corpus.passages[:-1], Passage(corpus[-1].id, corpus[-1].title, "changed")])
-    changed = [sig(corpus=other_corpus),
+    changed = [sig(corpus=other_corpus), sig(weights="v" * 64),
                sig(embedder={**cfg.embedder.model_dump(), "model": "other-encoder"}),
                sig(embedder={**cfg.embedder.model_dump(), "max_length": 16}),
                sig(embedder={**cfg.embedder.model_dump(), "pooling": "cls"}),
@@ -158,10 +159,10 @@ def test_a_cached_index_is_reused_with_the_same_vectors_and_charged_the_same(wor
     root = tmp_path / "index"
     built_ledger, reused_ledger = CostLedger(), CostLedger()
     built = load_or_build_index(root, corpus, embedder, cfg, Accountant(built_ledger), show_progress=False)
-    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index))
+    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index, weights_digest(embedder)))
     assert [p.name for p in root.iterdir()] == [folder.name]
-    assert index_store.read_manifest(folder)["extra"] == {"signature": index_signature(corpus, cfg.embedder,
-                                                                                       cfg.index)}
+    assert index_store.read_manifest(folder)["extra"] == {"signature": index_signature(
+        corpus, cfg.embedder, cfg.index, weights_digest(embedder))}
     np.testing.assert_allclose(built.reconstruct(np.arange(len(corpus))), embedder.encode(corpus.texts()), atol=1e-5)
     marker = (folder / "manifest.json").stat().st_mtime_ns
     reused = load_or_build_index(root, corpus, embedder, cfg, Accountant(reused_ledger), show_progress=False)
@@ -174,7 +175,8 @@ def test_a_cached_index_is_reused_with_the_same_vectors_and_charged_the_same(wor
     ivf_cfg = build_config({**cfg.model_dump(mode="json"), "index": {**cfg.index.model_dump(), "kind": "ivf",
                                                                       "nlist": 2, "nprobe": 1}})
     first = load_or_build_index(root, corpus, embedder, ivf_cfg, show_progress=False)
-    ivf_folder = index_cache_dir(root, index_signature(corpus, ivf_cfg.embedder, ivf_cfg.index))
+    ivf_folder = index_cache_dir(root, index_signature(corpus, ivf_cfg.embedder, ivf_cfg.index,
+                                                       weights_digest(embedder)))
     marker = (ivf_folder / "manifest.json").stat().st_mtime_ns
     wider = build_config({**ivf_cfg.model_dump(mode="json"), "index": {**ivf_cfg.index.model_dump(), "nprobe": 2}})
     again = load_or_build_index(root, corpus, embedder, wider, show_progress=False)
@@ -184,7 +186,7 @@ def test_a_cached_index_is_reused_with_the_same_vectors_and_charged_the_same(wor
 def test_an_index_saved_for_another_signature_is_rebuilt_and_no_cache_means_no_files(world, tmp_path):
     cfg, corpus, embedder = world["cfg"], world["corpus"], world["embedder"]
     root = tmp_path / "index"
-    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index))
+    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index, weights_digest(embedder)))
     stale = load_or_build_index(None, corpus, embedder, cfg, show_progress=False)
     index_store.save(stale, folder, extra={"signature": {"corpus": "something else"}})
     ledger = CostLedger()
@@ -200,7 +202,7 @@ def test_a_corrupted_cached_index_is_rebuilt_with_a_warning(world, tmp_path, cap
     cfg, corpus, embedder = world["cfg"], world["corpus"], world["embedder"]
     root = tmp_path / "index"
     built = load_or_build_index(root, corpus, embedder, cfg, show_progress=False)
-    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index))
+    folder = index_cache_dir(root, index_signature(corpus, cfg.embedder, cfg.index, weights_digest(embedder)))
     if damage == "random_bytes":
         shard = next(p for p in folder.iterdir() if p.suffix == ".faiss")
         shard.write_bytes(np.random.default_rng(0).bytes(7))
@@ -212,3 +214,40 @@ def test_a_corrupted_cached_index_is_rebuilt_with_a_warning(world, tmp_path, cap
     ids = np.arange(len(corpus))
     np.testing.assert_allclose(rebuilt.reconstruct(ids), built.reconstruct(ids), atol=1e-6)
     index_store.load(folder)  # the cache is whole again
+
+
+def test_new_weights_under_the_same_model_path_rebuild_the_cache(world, tmp_path):
+    """Before: the cache was keyed on ``embedder.model`` (a path), so new weights in the same folder reused the
+    old vectors (Recall 25 vs 50 rebuilt, issue 19 item 5); now it is keyed on the weights' content hash."""
+    cfg, corpus, embedder = world["cfg"], world["corpus"], world["embedder"]
+    root = tmp_path / "index"
+    load_or_build_index(root, corpus, embedder, cfg, show_progress=False)
+    retrained = copy.deepcopy(embedder)
+    with torch.no_grad():
+        for p in retrained.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05, alpha=1.0)
+    assert weights_digest(retrained) != weights_digest(embedder)
+    index = load_or_build_index(root, corpus, retrained, cfg, show_progress=False)
+    ids = np.arange(len(corpus))
+    np.testing.assert_allclose(index.reconstruct(ids), retrained.encode(corpus.texts()), atol=1e-5)
+    assert len(list(root.iterdir())) == 2  # one cached index per set of weights
+    assert weights_digest(copy.deepcopy(embedder)) == weights_digest(embedder)  # content, not identity
+
+
+def test_a_cached_index_rewritten_at_the_same_size_is_rebuilt(world, tmp_path, caplog):
+    cfg, corpus, embedder = world["cfg"], world["corpus"], world["embedder"]
+    root = tmp_path / "index"
+    built = load_or_build_index(root, corpus, embedder, cfg, show_progress=False)
+    (folder,) = root.iterdir()
+    shard = folder / "shard_00000.faiss"
+    import faiss
+
+    index = faiss.read_index(str(shard))
+    flipped = faiss.IndexFlatIP(index.d)
+    flipped.add(index.reconstruct_n(0, index.ntotal)[::-1].copy())
+    faiss.write_index(flipped, str(shard))
+    with caplog.at_level("WARNING", logger="distrag.retrieval.corpus_encoding"):
+        again = load_or_build_index(root, corpus, embedder, cfg, show_progress=False)
+    assert "cached index unusable, rebuilding it" in caplog.text and "sha256" in caplog.text
+    ids = np.arange(len(corpus))
+    np.testing.assert_allclose(again.reconstruct(ids), built.reconstruct(ids), atol=1e-6)

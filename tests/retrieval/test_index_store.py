@@ -204,3 +204,72 @@ def test_loading_onto_a_missing_gpu_is_a_clear_error(tmp_path):
     index_store.save(ShardedIndex(8).build(x), tmp_path / "i")
     with pytest.raises(RuntimeError, match="no GPU"):
         index_store.load(tmp_path / "i", device="gpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 19, item 5: checksums in the manifest (format v2) catch a file rewritten at the same size
+
+
+def _reversed_rows_same_size(path, entry_file):
+    """Rewrite one flat shard with its rows reversed: a valid faiss file of exactly the same size."""
+    target = path / entry_file
+    shard = faiss.read_index(str(target))
+    rows = shard.reconstruct_n(0, shard.ntotal)[::-1].copy()
+    flipped = faiss.IndexFlatIP(shard.d)
+    flipped.add(rows)
+    size = target.stat().st_size
+    faiss.write_index(flipped, str(target))
+    assert target.stat().st_size == size
+
+
+def test_a_shard_rewritten_at_the_same_size_is_refused(tmp_path):
+    """Before: rows reversed in place passed every size and shape check and were searched (Recall@3 75 -> 0)."""
+    path = _saved(tmp_path, kind="flat")
+    _reversed_rows_same_size(path, "shard_00001.faiss")
+    with pytest.raises(IndexLoadError, match=r"shard_00001\.faiss: does not match its sha256 in the manifest"):
+        index_store.load(path)
+
+
+def test_a_vectors_file_rewritten_at_the_same_size_is_refused(tmp_path):
+    path = _saved(tmp_path, kind="ivf")
+    target = path / "vectors_00000.npy"
+    np.save(target, np.load(target)[::-1].copy())
+    with pytest.raises(IndexLoadError, match=r"vectors_00000\.npy: does not match its sha256 in the manifest"):
+        index_store.load(path)
+
+
+def test_an_index_without_checksums_is_refused_even_when_its_manifest_says_version_1(tmp_path):
+    """A v1 manifest (no checksums) is refused with what to do: accepting it would let anyone who rewrites a
+    shard also downgrade the manifest and skip the check."""
+    path = _saved(tmp_path, kind="flat")
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["format_version"] == 2 and all(len(s["sha256"]) == 64 for s in m["shards"])
+    _reversed_rows_same_size(path, "shard_00000.faiss")
+    m["format_version"] = 1
+    for s in m["shards"]:
+        s.pop("sha256")
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexLoadError, match=r"manifest\.json: format v1 has no checksums.*rebuild"):
+        index_store.load(path)
+    m["format_version"] = 2  # a v2 manifest that lost a checksum
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IndexLoadError, match=r"shard_00000\.faiss: no sha256 in the manifest"):
+        index_store.load(path)
+
+
+def test_an_untouched_index_is_verified_by_stat_and_a_touched_one_is_hashed(tmp_path, monkeypatch):
+    """The writer's hash stands while a file's inode and ctime are the ones it recorded (no hashing on the
+    trainers' adoption path); a file whose stat moved (copied, chmod, rewritten) is hashed again."""
+    import os
+    import shutil
+
+    path = _saved(tmp_path, kind="ivf")
+    hashed = []
+    real = index_store._sha256
+    monkeypatch.setattr(index_store, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    assert len(index_store.load(path)) == 400 and hashed == []
+    os.chmod(path / "vectors_00001.npy", 0o644)  # metadata only: same bytes, so it verifies
+    assert len(index_store.load(path)) == 400 and hashed == ["vectors_00001.npy"]
+    copy = shutil.copytree(path, tmp_path / "copy")
+    hashed.clear()
+    assert len(index_store.load(copy)) == 400 and len(hashed) == 4

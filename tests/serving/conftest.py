@@ -10,7 +10,7 @@ from distrag.strategies import BY_KEY
 from distrag.training.experiment import Experiment
 
 STRATEGIES = ("none", "gen_ft", "joint_token")
-"""No-FT (nothing trained: base encoder, frozen index linked from the cache), Ft-Gen (an adapter), RAG-Tok (a
+"""No-FT (nothing trained: base encoder, the frozen index), Ft-Gen (an adapter), RAG-Tok (a
 trained encoder, an adapter and the re-embedded index)."""
 
 

@@ -1,6 +1,7 @@
 """Bundles: every evaluated run (No-FT included) leaves one folder holding what answers questions, the exact index it
-was evaluated with (the frozen one hard-linked, a re-embedded one saved), parts loadable by transformers, peft and
-sentence-transformers alone, its evaluation, and checksums of every file; large corpora are referenced, verified."""
+was evaluated with (the frozen one or the re-embedded one; the run's cache left untouched), parts loadable by
+transformers, peft and sentence-transformers alone, its evaluation, and checksums of every file; large corpora are
+referenced, verified."""
 
 from __future__ import annotations
 
@@ -55,20 +56,25 @@ def test_every_run_leaves_a_bundle_with_its_parts_and_evaluation(runs, bundles):
     assert _manifest(bundles["gen_ft"])["embedder"]["base_files"]["sha256"]  # base encoder: named and hashed
 
 
-def test_the_frozen_index_is_hard_linked_and_a_re_embedded_one_saved(runs, bundles):
+def test_the_index_is_the_evaluated_one_and_the_cache_is_left_untouched(runs, bundles):
+    """The bundle's index is the one evaluation searched (frozen or re-embedded), saved in index_store's checksummed
+    format; the run's index cache is not linked into it (that would move its files' change time, and index_store
+    would hash them again at every later load)."""
     cache = next((runs["tmp"] / "runs" / "index").iterdir())
-    for key in ("none", "gen_ft"):
-        linked = bundles[key] / "index"
-        assert _manifest(bundles[key])["index"]["linked_from"] == str(cache.resolve())
-        for f in cache.iterdir():
-            assert os.stat(f).st_ino == os.stat(linked / f.name).st_ino
-    joint = bundles["joint_token"]
-    assert _manifest(joint)["index"]["linked_from"] is None
-    b = load_bundle(joint)
-    _, models = runs["joint_token"]
-    n = len(b.corpus)
-    np.testing.assert_array_equal(b.index.reconstruct(np.arange(n)), models.index.reconstruct(np.arange(n)))
-    assert not np.array_equal(b.index.reconstruct(np.arange(n)), runs["exp"].index.reconstruct(np.arange(n)))
+    cached = {f.name: (f.stat().st_ino, f.stat().st_ctime_ns) for f in cache.iterdir()}
+    exp = runs["exp"]
+    n = len(exp.splits.corpus)
+    for key in ("none", "gen_ft", "joint_token"):
+        _, models = runs[key]
+        b = load_bundle(bundles[key], device="cpu")
+        np.testing.assert_array_equal(b.index.reconstruct(np.arange(n)), models.index.reconstruct(np.arange(n)))
+        m = json.loads((bundles[key] / "index" / "manifest.json").read_text())
+        assert all(s.get("sha256") for s in m["shards"])
+        assert all(os.stat(bundles[key] / "index" / name).st_ino != ino for name, (ino, _) in cached.items()
+                   if (bundles[key] / "index" / name).exists())
+    assert {f.name: (f.stat().st_ino, f.stat().st_ctime_ns) for f in cache.iterdir()} == cached
+    joint = load_bundle(bundles["joint_token"], device="cpu").index.reconstruct(np.arange(n))
+    assert not np.array_equal(joint, exp.index.reconstruct(np.arange(n)))  # the re-embedded corpus, not the base
 
 
 def test_adapter_and_encoder_load_with_peft_transformers_and_sentence_transformers_alone(runs, bundles,

@@ -54,6 +54,14 @@ def test_models_and_tracker_problems_name_their_key(tmp_path, tiny_encoder_dir, 
     assert re.search(match, problems[0][1]), problems
 
 
+def test_max_new_tokens_must_leave_room_for_a_prompt_in_the_models_positions(tmp_path, tiny_encoder_dir, tiny_lm_dir):
+    """Issue 19 item 9. Before: nothing checked it, and 100000 on a 4096-position model ran for minutes."""
+    problems = check_setup(_cfg(tmp_path, tiny_encoder_dir, tiny_lm_dir, "generator.max_new_tokens=100000"))
+    assert _keys(problems) == ["generator.max_new_tokens"]
+    assert "4096 positions" in problems[0][1] and "at most 4032" in problems[0][1]
+    assert check_setup(_cfg(tmp_path, tiny_encoder_dir, tiny_lm_dir, "generator.max_new_tokens=4032")) == []
+
+
 def test_pq_m_must_divide_the_dimension_read_from_the_config_file(tmp_path, tiny_encoder_dir, tiny_lm_dir):
     cfg = _cfg(tmp_path, tiny_encoder_dir, tiny_lm_dir, "index.kind=ivfpq", "index.pq_m=5")
     assert embedder_dim(cfg) == 32

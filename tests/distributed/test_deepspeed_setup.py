@@ -10,7 +10,7 @@ import torch
 from _dist_workers import Job
 
 from distrag.config import DistributedConfig, TrainConfig
-from distrag.distributed.deepspeed_glue import DS_CONFIG_DIR, build_ds_config, check_ds_batch
+from distrag.distributed.deepspeed_setup import DS_CONFIG_DIR, build_ds_config, check_ds_batch
 from distrag.errors import DSConfigError
 
 
@@ -119,7 +119,7 @@ def test_engine_precision_follows_the_generator_weights(tiny_lm_dir, dtype, expe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distrag.config import LoRAConfig
-    from distrag.distributed.deepspeed_glue import uses_bf16
+    from distrag.distributed.deepspeed_setup import uses_bf16
     from distrag.models.generator import Generator
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=dtype)

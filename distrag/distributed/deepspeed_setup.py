@@ -1,4 +1,7 @@
-"""DeepSpeed configuration and ZeRO-3 helpers for the generator (trainers only).
+"""Setting DeepSpeed up for the generator (trainers only): its configuration built from ours
+(:func:`build_ds_config`), DeepSpeed attached to the trainers' process group (:func:`attach_deepspeed`),
+the engine's arguments (:func:`engine_kwargs`), and the ZeRO-3 helpers (gathered LoRA adapters, synced
+generation, an embedder kept out of ZeRO-3's partitioning).
 
 Batch arithmetic (per trainer, per optimizer step)::
 
@@ -13,7 +16,7 @@ The JSON in ``ds_configs/`` holds ZeRO settings only. Batch fields, clipping and
 always derived from our config, and there is no ``optimizer`` block: the training code passes a
 torch ``AdamW`` to ``deepspeed.initialize`` (a config optimizer would JIT-compile ``fused_adam``).
 
-ZeRO-3 rules we follow (each is tested in ``tests/distributed/test_deepspeed_glue.py``):
+ZeRO-3 rules we follow (each is tested in ``tests/distributed/test_deepspeed_setup.py``):
 
 * LoRA adapters must be saved gathered (:func:`gathered_lora_state_dict`, a collective) or they
   are saved as empty shards.
