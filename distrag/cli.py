@@ -162,6 +162,17 @@ def cmd_predict(args) -> int:
                    show_progress=progress_enabled(not args.no_progress))
 
 
+def _positive(text: str) -> int:
+    """A count given on the command line: a whole number of at least 1 (argparse's usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _bundle_args(p: argparse.ArgumentParser) -> None:
     """What ask and predict share: the bundle, where the models run, the flags every command has."""
     p.add_argument("bundle", help="a pipeline bundle: <output_dir>/models/<strategy>-<hash>/")
@@ -174,7 +185,7 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
 def ask_args(p: argparse.ArgumentParser) -> None:
     _bundle_args(p)
     p.add_argument("question", nargs="+", help="the question (words after the bundle are joined)")
-    p.add_argument("--top-k", type=int, help="passages in the prompt (default: the k it was evaluated at)")
+    p.add_argument("--top-k", type=_positive, help="passages in the prompt (default: the k it was evaluated at)")
     p.add_argument("--json", action="store_true", help="one JSON object: answer, passages with text and scores")
 
 
@@ -186,7 +197,7 @@ def predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("train", "dev", "test"), help="instead: the bundle's own split of its data")
     p.add_argument("--format", default="auto", choices=QUESTION_FORMATS, help="format of --questions (auto: detected)")
     p.add_argument("--out", required=True, help="answers JSONL (one line per question: prediction, passages, scores)")
-    p.add_argument("--batch-size", type=int, default=256, help="questions per batch (default 256)")
+    p.add_argument("--batch-size", type=_positive, default=256, help="questions per batch (default 256)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

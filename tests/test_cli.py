@@ -376,6 +376,10 @@ def test_train_takes_options_and_overrides_in_any_order(trained):
     assert (trained["bundle"] / "generator" / "config.json").is_file()
     args = cli.build_parser().parse_args(["train", "a=b", "--config", "C", "c=d", "--no-progress", "e=f"])
     assert (args.config, args.overrides, args.no_progress) == ("C", ["a=b", "c=d", "e=f"], True)
+    for bad in (["ask", "B", "q?", "--top-k", "0"], ["predict", "B", "--out", "o", "--batch-size", "x"]):
+        with pytest.raises(SystemExit) as exit_:  # argparse's usage error, exit 2, before anything loads
+            cli.build_parser().parse_args(bad)
+        assert exit_.value.code == 2
 
 
 @pytest.mark.timeout(600)
