@@ -58,7 +58,8 @@ def cmd_eval(args) -> int:
     from distrag.training.experiment import Experiment
 
     cfg = BASELINE.apply(_load(args))
-    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress)).setup(generator=not args.retrieval_only)
+    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress),
+                     merge_generator=args.merge).setup(generator=not args.retrieval_only)
     if args.retrieval_only:
         res = exp.run_retrieval(cfg)
         print_results([res], title=f"Base retriever on {exp.splits.name} ({cfg.eval_split} split, every question, "
@@ -75,7 +76,7 @@ def cmd_train(args) -> int:
     from distrag.training.experiment import Experiment
 
     cfg = _load(args)
-    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress)).setup()
+    exp = Experiment(cfg, show_progress=progress_enabled(not args.no_progress), merge_generator=args.merge).setup()
     res, _ = exp.run(cfg)
     print_results([res], title=f"{res.label} on {exp.splits.name} ({cfg.eval_split} split)")
     _where(cfg)
@@ -86,7 +87,7 @@ def cmd_demo(args) -> int:
     from distrag.training.demo import run_demo
 
     return run_demo(config=args.config, overrides=args.overrides, quick=args.quick,
-                    show_progress=not args.no_progress)
+                    show_progress=not args.no_progress, merge=args.merge)
 
 
 def cmd_sweep(args) -> int:
@@ -140,8 +141,74 @@ def _where(cfg) -> None:
         print(where_runs_are(cfg.tracking))
 
 
+def merge_arg(p: argparse.ArgumentParser) -> None:
+    """``--merge``, for the commands that write bundles (train, eval, demo)."""
+    p.add_argument("--merge", action="store_true", help="each bundle also holds the generator with the LoRA "
+                   "adapter merged in: a plain transformers folder, <bundle>/generator/")
+
+
+def cmd_ask(args) -> int:
+    from distrag.serving.commands import ask
+
+    return ask(args.bundle, " ".join(args.question), k=args.top_k, as_json=args.json, device=args.device,
+               trust_remote_code=args.trust_remote_code, show_progress=progress_enabled(not args.no_progress))
+
+
+def cmd_predict(args) -> int:
+    from distrag.serving.commands import predict
+
+    return predict(args.bundle, args.out, questions=args.questions, fmt=args.format, split=args.split,
+                   batch_size=args.batch_size, device=args.device, trust_remote_code=args.trust_remote_code,
+                   show_progress=progress_enabled(not args.no_progress))
+
+
+def _positive(text: str) -> int:
+    """A count given on the command line: a whole number of at least 1 (argparse's usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _bundle_args(p: argparse.ArgumentParser) -> None:
+    """What ask and predict share: the bundle, where the models run, the flags every command has."""
+    p.add_argument("bundle", help="a pipeline bundle: <output_dir>/models/<strategy>-<hash>/")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when there is one)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let hub models run their own code (off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the answers")
+
+
+def ask_args(p: argparse.ArgumentParser) -> None:
+    _bundle_args(p)
+    p.add_argument("question", nargs="+", help="the question (words after the bundle are joined)")
+    p.add_argument("--top-k", type=_positive, help="passages in the prompt (default: the k it was evaluated at)")
+    p.add_argument("--json", action="store_true", help="one JSON object: answer, passages with text and scores")
+
+
+def predict_args(p: argparse.ArgumentParser) -> None:
+    from distrag.data.questions_file import QUESTION_FORMATS
+
+    _bundle_args(p)
+    p.add_argument("--questions", help="questions JSONL, HotPotQA JSON/JSONL or PopQA TSV/CSV/JSONL (answers optional)")
+    p.add_argument("--split", choices=("train", "dev", "test"), help="instead: the bundle's own split of its data")
+    p.add_argument("--format", default="auto", choices=QUESTION_FORMATS, help="format of --questions (auto: detected)")
+    p.add_argument("--out", required=True, help="answers JSONL (one line per question: prediction, passages, scores)")
+    p.add_argument("--batch-size", type=_positive, default=256, help="questions per batch (default 256)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retrieval-only", action="store_true",
+                   help="score retrieval only, on every question, without the generator")
+    merge_arg(p)
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a much smaller setting (tests, smoke runs)")
+    merge_arg(p)
 
 
 def cmd_plan(args) -> int:
@@ -292,6 +359,8 @@ class Command:
     strategies: Callable[[], str] | None = None
     """The strategy list shown in its help, when it runs strategies."""
     extra: Callable[[argparse.ArgumentParser], None] | None = None
+    config: bool = True
+    """Takes --config and overrides (ask and predict read the bundle's own configuration)."""
 
     def epilog(self) -> str:
         parts = [self.strategies()] if self.strategies else []
@@ -312,14 +381,13 @@ COMMANDS = [
             "an MLflow run of kind 'retrieval' with retrieval_<split>.jsonl.",
             "distrag eval --config distrag/configs/synthetic_eval.yaml retrieval.top_k=3\n"
             "distrag eval --retrieval-only data.format=hotpotqa data.path=hotpot_dev.json retrieval.top_k=10",
-            None, lambda p: p.add_argument("--retrieval-only", action="store_true",
-                                           help="score retrieval only, on every question, without the generator")),
+            None, _eval_args),
     Command("train", "train one strategy (train.strategy=...) and evaluate it", cmd_train,
             "Train one strategy on the training split, then evaluate it on eval_split as `eval` does.\n"
-            + _WRITES_RUN + "\nThe trained parts (question encoder, LoRA adapter, config.json) go to\n"
-            "<output_dir>/models/<strategy>-<config hash>/.",
+            + _WRITES_RUN + "\nThe pipeline goes to <output_dir>/models/<strategy>-<config hash>/, a bundle for ask\n"
+            "and predict (encoder, adapter, index, corpus, config, model card), and to the run as its MLflow model.",
             "distrag train --config distrag/configs/demo.yaml train.strategy=joint train.rag_loss=sequence",
-            strategy_list),
+            strategy_list, merge_arg),
     Command("demo", "every strategy of the table on the synthetic task (or any data), with costs", cmd_demo,
             "Run every strategy of the table on the same data, base models and index (the paper's rows),\n"
             "one MLflow run each, and print the comparison table with EM, its 95% interval, and costs.\n"
@@ -366,7 +434,33 @@ COMMANDS = [
             "distrag plan --generator 8b --embedder 110m --qlora --lora-r 16 --gpu A10 --gpus 8 --corpus 5233329 "
             "--questions 90447 --k 5 --grid 3x3",
             strategy_list, add_plan_args),
+    Command("ask", "answer a question with a trained pipeline (a bundle), showing the passages", cmd_ask,
+            "Load a pipeline bundle (checked file by file first) and answer one question as evaluation did (same\n"
+            "retrieval, prompt and decoding). Prints the answer and the top-k passages with scores; writes nothing.",
+            'distrag ask runs/demo/models/gen_ft-0123abcd4567 "Who founded Quillon Dynamics?"', None, ask_args, False),
+    Command("predict", "answer a file of questions with a bundle; scored when it has answers", cmd_predict,
+            "Answer a file of questions (JSONL, HotPotQA, PopQA) or the bundle's own split, in batches; writes --out\n"
+            "(JSONL: answer, passages, scores); questions with answers are scored (EM with its 95% CI, F1, Recall@k).",
+            "distrag predict runs/demo/models/gen_ft-0123abcd4567 --questions q.jsonl --out answers.jsonl\n"
+            "distrag predict runs/demo/models/gen_ft-0123abcd4567 --split test --out t.jsonl", None, predict_args,
+            False),
 ]
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command's parser: options and ``key=value`` overrides in any order (``train --config C a=b --no-progress
+    c=d``; plain parsing stops collecting positionals at the first option after them)."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # the intermixed parse runs its two passes through this very method
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,14 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distrag", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="distrag: fine-tune retrieval-augmented generation pipelines (retriever, generator or both,\n"
                     "with the strategies of distrag/strategies.py) and account for what each costs.",
-        epilog="examples:\n  distrag demo --quick\n  distrag train --help\n\n"
-               "Every command takes --config FILE.yaml plus dotted overrides (train.lr_generator=1e-4).")
+        epilog="examples:\n  distrag demo --quick\n  distrag train --help\n  distrag ask BUNDLE \"question\"\n\n"
+               "Every command but ask and predict takes --config FILE.yaml plus dotted overrides\n"
+               "(train.lr_generator=1e-4), in any order with its options.")
     parser.add_argument("--version", action="version", version=f"distrag {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
     for c in COMMANDS:
         p = sub.add_parser(c.name, help=c.help, description=c.description, epilog=c.epilog(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _common(p)
+        if c.config:
+            _common(p)
         if c.extra is not None:
             c.extra(p)
         p.set_defaults(fn=c.handler)

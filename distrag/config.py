@@ -328,6 +328,17 @@ class TrackingConfig(Section):
     """Name of the MLflow run (default: strategy and dataset)."""
     enabled: bool = True
     """Turn MLflow off (metrics still print)."""
+    log_model: bool = True
+    """Log each run's pipeline bundle as its MLflow model `pipeline` (`mlflow models serve -m runs:/<run>/pipeline`):
+    a copy of the bundle in the artifact store (sizes and times: README, "Using a trained pipeline")."""
+    register_model: str | None = None
+    """Register each run's MLflow model under this name, its quality and cost as the version's tags."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.register_model is not None and (not self.register_model.strip() or not self.log_model):
+            raise ValueError("tracking.register_model needs a model name and tracking.log_model: true")
+        return self
 
 
 class ExperimentConfig(Section):

@@ -92,6 +92,11 @@ class OutputLockedError(UserError, RuntimeError):
     """Another run (its pid and host named) is writing the same ``output_dir``."""
 
 
+class BundleError(UserError, ValueError):
+    """A folder that is not a pipeline bundle, or one whose files are missing, altered or unsafe (a symlink out
+    of it, a pickle); the message names the file."""
+
+
 class IndexRankFailed(RuntimeError):
     """The index rank died or stalled and ``distributed.on_index_failure=stop``: raised on every trainer,
     which checkpoint and stop (one message, exit code 1: a failure of the job, not of the user's input)."""

@@ -197,3 +197,14 @@ def test_bounded_copy_counts_every_value_and_override_values_parse_as_yaml():
         bounded_copy({"a": shared, "b": shared}, [8])
     assert MAX_VALUES == 10_000
     assert parse_value("[1, 2]") == [1, 2] and parse_value("a: [") == "a: [" and parse_value("") is None
+
+
+def test_registering_a_model_needs_a_name_and_a_logged_model():
+    from distrag.config import build_config
+    from distrag.errors import ConfigError
+
+    assert build_config({"tracking": {"register_model": "rag"}}).tracking.log_model is True  # logged by default
+    for bad in ({"register_model": " "}, {"register_model": "rag", "log_model": False}):
+        with pytest.raises(ConfigError, match="tracking: tracking.register_model needs a model name and "
+                                              "tracking.log_model: true"):
+            build_config({"tracking": bad})

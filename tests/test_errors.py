@@ -32,7 +32,7 @@ def test_user_errors_are_the_input_errors():
     user = {name for name, obj in vars(errors).items() if inspect.isclass(obj) and issubclass(obj, UserError)}
     assert user == {"UserError", "ConfigError", "DataError", "StrategyError", "ModelNotFoundError", "EmbedderError",
                     "GeneratorError", "IndexLoadError", "CheckpointError", "DSConfigError", "DistError",
-                    "OutputLockedError"}
+                    "OutputLockedError", "BundleError"}
     assert not issubclass(errors.IndexRankFailed, UserError)  # a job failure: exit 1 with its traceback
     assert issubclass(ConfigError, ValueError) and issubclass(errors.CheckpointError, RuntimeError)
 

@@ -9,6 +9,7 @@ The layers, bottom to top (docs/architecture.md says what each holds)::
     costs        FLOP formulas, the ledger, memory, the plan
     retrieval    encoding the corpus, the sharded index, the RAG pipeline, metrics
     reporting    results, comparison groups, MLflow, tables, plots, paired statistics, advise
+    serving      a trained pipeline as one folder (bundle), loaded again, asked, served as an MLflow model
     training     the strategies' loop, losses, the experiment, sweeps, the demo, checks before a run
     distributed  roles, DeepSpeed trainers, the index rank and its protocol, checkpoints
     cli          the `distrag` command
@@ -26,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "distrag"
 
-LAYERS = ("base", "data", "models", "costs", "retrieval", "reporting", "training", "distributed", "cli")
+LAYERS = ("base", "data", "models", "costs", "retrieval", "reporting", "serving", "training", "distributed", "cli")
 TOP = {"cli": "cli"}
 """Top-level modules that are not base (the rest of distrag/*.py is)."""
 
@@ -140,6 +141,8 @@ def test_the_checks_catch_what_they_are_for():
     graph = import_graph()
     assert "distrag.config" in graph["distrag.training.trainer"]  # module-level imports are seen
     assert "distrag.retrieval.corpus_encoding" in graph["distrag.training.trainer"]
+    assert "distrag.serving.bundle" in graph["distrag.training.experiment"]  # every evaluation writes a bundle
+    assert layer_of("distrag.serving.loader") == "serving"
 
 
 def _is_trivial(path: Path) -> bool:

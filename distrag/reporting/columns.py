@@ -23,6 +23,7 @@ import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Literal
 
 from distrag import metric_names as mn
@@ -234,6 +235,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("search_flops", "LR-search FLOPs", lambda r: r.search_flops, _flops, fmt_flops, show="nonzero"),
     Column("n", "Questions", _n),
     Column("n_retrieval", "Retrieval questions", lambda r: _int_or_none(r.metrics.get(mn.N_RETRIEVAL_QUESTIONS))),
+    Column("model_card", "Model card", lambda r: f"{r.bundle}/README.md" if r.bundle else None,
+           lambda v: f"[{PurePath(v).parent.name}]({v})", lambda v: PurePath(v).parent.name, align="left"),
     # in table.csv only: the interval's ends, what the caption says once, where the row comes from
     Column("em_ci_low", "EM 95% CI low", lambda r: (_em_ci(r) or (None, None))[0], table=False),
     Column("em_ci_high", "EM 95% CI high", lambda r: (_em_ci(r) or (None, None))[1], table=False),

@@ -12,6 +12,7 @@ by every later report of that group.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +76,9 @@ def write_report_files(results: Sequence[StrategyResult], out_dir: Path, *, titl
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / name for name in REPORT_FILES]
     rows = result_rows(results)
+    for r in rows:  # each row's model card, from the report's folder (the card links back: serving/model_card.py)
+        if r.get("model_card"):
+            r["model_card"] = os.path.relpath(r["model_card"], out_dir)
     caption = table_caption(rows)
     atomic_write_text(files[0], markdown_table(rows) + (f"\n{caption}\n" if caption else "")
                       + "".join(f"\n{line}\n" for line in meta))

@@ -61,6 +61,8 @@ class StrategyResult:
     """Its comparison hash (:func:`distrag.reporting.comparison.comparison_hash`)."""
     started_ms: int = 0
     """When its run started (ms since the epoch; results read back from MLflow)."""
+    bundle: str = ""
+    """The folder of its pipeline bundle (tag ``distrag.bundle``), whose README.md is its model card."""
     extra: dict[str, float] = field(default_factory=dict)
     """Every other metric of the run, under its full name: the index refresh's (``index/*``) in distributed
     runs, the last training-curve values (``train/*``), metrics of other splits, and any metric a new

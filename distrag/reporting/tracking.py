@@ -374,7 +374,7 @@ def _from_run(run: Any, key: str, *, default_split: str = "test") -> StrategyRes
                           embedder=tags.get(mn.TAG_EMBEDDER, ""), generator=tags.get(mn.TAG_GENERATOR, ""),
                           eval_split=split,
                           comparison=tags.get(mn.TAG_COMPARISON) or comparison_from_params(params) or "",
-                          started_ms=int(run.info.start_time or 0), extra=extra)
+                          started_ms=int(run.info.start_time or 0), bundle=tags.get(mn.TAG_BUNDLE, ""), extra=extra)
 
 
 def load_groups(tracking_cfg: TrackingConfig) -> list[Group]:

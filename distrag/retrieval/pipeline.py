@@ -165,6 +165,16 @@ class RAGPipeline:
             preds.append(first[max(totals, key=totals.get)] if totals else "")
         return preds
 
+    def decode(self, questions: list[Question], result: SearchResult, *, decoding: str = "concat",
+               show_progress: bool = True) -> list[str]:
+        """The answers of ``decoding`` (``concat``: :meth:`answer`, ``rag``: :meth:`answer_rag`): one place that
+        chooses, so a saved pipeline answers (distrag ask / predict) exactly as it was evaluated."""
+        if decoding == "rag":
+            return self.answer_rag(questions, result, show_progress=show_progress)
+        if decoding == "concat":
+            return self.answer(questions, result, show_progress=show_progress)
+        raise ValueError(f"unknown decoding {decoding!r}; expected 'concat' or 'rag'")
+
     def evaluate(self, questions: list[Question], *, k: int | None = None, show_progress: bool = True,
                  decoding: str = "concat") -> EvalResult:
         """Retrieve, generate and score; metrics are fractions in [0, 1]."""
@@ -172,12 +182,7 @@ class RAGPipeline:
         t0 = time.perf_counter()
         res = self.retrieve(questions, k)
         t1 = time.perf_counter()
-        if decoding == "rag":
-            preds = self.answer_rag(questions, res, show_progress=show_progress)
-        elif decoding == "concat":
-            preds = self.answer(questions, res, show_progress=show_progress)
-        else:
-            raise ValueError(f"unknown decoding {decoding!r}; expected 'concat' or 'rag'")
+        preds = self.decode(questions, res, decoding=decoding, show_progress=show_progress)
         t2 = time.perf_counter()
         hotpotqa = self.cfg.data.format == "hotpotqa"
         retrieved, outcomes = self.retrieval_outcomes(questions, res.ids, k)

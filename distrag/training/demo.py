@@ -49,7 +49,8 @@ def quick_models(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def run_demo(config: str | None = None, overrides: list[str] | None = None, *, quick: bool = False,
-             show_progress: bool = True) -> int:
+             show_progress: bool = True, merge: bool = False) -> int:
+    """Every strategy's row, table and report; ``merge``: each row's bundle also holds its merged generator."""
     from distrag.reporting.report import print_results, write_report_for_results
     from distrag.training.experiment import Experiment, combine
 
@@ -58,7 +59,7 @@ def run_demo(config: str | None = None, overrides: list[str] | None = None, *, q
     if quick:
         cfg = quick_models(cfg)
     t0 = time.perf_counter()
-    exp = Experiment(cfg, show_progress=progress_enabled(show_progress)).setup()
+    exp = Experiment(cfg, show_progress=progress_enabled(show_progress), merge_generator=merge).setup()
     labelled = all(q.has_labels for q in exp.splits.train)
     results, kept, skipped = [], {}, []
     combined = {key for s in STRATEGIES if s.combine_from for key in s.combine_from}  # rows other rows reuse

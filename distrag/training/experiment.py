@@ -29,7 +29,7 @@ from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
 from distrag.models.quantization import base_weight_bytes
 from distrag.process_watch import sigterm_as_interrupt
-from distrag.redaction import mask_tree
+from distrag.redaction import mask_credentials, mask_tree
 from distrag.reporting.comparison import comparison_hash, key_of
 from distrag.reporting.paired import outcomes
 from distrag.reporting.results import StrategyResult
@@ -78,10 +78,13 @@ def combine(encoder_from: Models, generator_from: Models) -> Models:
 
 
 class Experiment:
-    def __init__(self, cfg: ExperimentConfig, *, show_progress: bool = True, is_rank0: bool = True):
+    def __init__(self, cfg: ExperimentConfig, *, show_progress: bool = True, is_rank0: bool = True,
+                 merge_generator: bool = False):
+        """``merge_generator``: each bundle also holds the generator with its adapter merged (``--merge``)."""
         self.cfg = cfg
         self.show_progress = show_progress
         self.is_rank0 = is_rank0
+        self.merge_generator = merge_generator
         self.out = Path(cfg.output_dir)
         self.splits: Splits | None = None
         self.embedder: Embedder | None = None
@@ -156,9 +159,10 @@ class Experiment:
 
     # -- evaluate ----------------------------------------------------------------------------------
     def evaluate(self, cfg: ExperimentConfig, models: Models, tracker, *, split: str, t0: float,
-                 own_flops: float | None = None) -> StrategyResult:
-        """Score ``models`` on ``split`` and record quality, cost and artifacts in ``tracker``.
-        ``own_flops``: this run's own training FLOPs (``cost/own_flops`` adds the evaluation to it)."""
+                 own_flops: float | None = None, kind: str = mn.KIND_STRATEGY) -> StrategyResult:
+        """Score ``models`` on ``split``, record quality, cost and artifacts in ``tracker`` and save the pipeline
+        as a bundle (:meth:`save_bundle`). ``own_flops``: this run's own training FLOPs (``cost/own_flops`` adds the
+        evaluation to it); ``kind``: the run's kind (a sweep point's bundle is not logged as an MLflow model)."""
         strategy = strategy_of(cfg)
         ledger = copy.deepcopy(models.ledger)
         ledger.set_params(trainable=_trainable_count(cfg, models), total=models.embedder.num_parameters()
@@ -194,8 +198,8 @@ class Experiment:
             tracker.log_dict(models.history, "train_history.json")
         tracker.log_text("\n".join(json.dumps(r) for r in res.rows(questions)) + "\n", f"predictions_{split}.jsonl")
         tracker.log_text("\n".join(json.dumps(r) for r in retrieval.rows(every)) + "\n", f"retrieval_{split}.jsonl")
-        if self.is_rank0 and strategy.trains:
-            self._save_models(cfg, models)
+        if self.is_rank0:
+            row.bundle = str(self.save_bundle(cfg, models, res, row, tracker, kind=kind).resolve())
         row.seconds = time.perf_counter() - t0
         return row
 
@@ -242,7 +246,7 @@ class Experiment:
             except KeyboardInterrupt:  # the run ends KILLED (the tracker's exit), tagged why
                 tracker.set_tags({mn.TAG_STOPPED: mn.STOP_INTERRUPTED})
                 raise
-            res = self.evaluate(cfg, models, tracker, split=split, t0=t0, own_flops=models.own.total_flops)
+            res = self.evaluate(cfg, models, tracker, split=split, t0=t0, own_flops=models.own.total_flops, kind=kind)
         return res, models
 
     def run_trained(self, cfg: ExperimentConfig, models: Models, *, split: str | None = None,
@@ -255,7 +259,7 @@ class Experiment:
             for i, h in enumerate(models.history, 1):
                 tracker.log_metrics({mn.train_metric(h["phase"], k): v for k, v in h.items()
                                      if isinstance(v, float)}, step=i)
-            return self.evaluate(cfg, models, tracker, split=split, t0=t0, own_flops=0.0)
+            return self.evaluate(cfg, models, tracker, split=split, t0=t0, own_flops=0.0, kind=kind)
 
     def open_run(self, cfg: ExperimentConfig, *, kind: str = mn.KIND_STRATEGY, run_name: str | None = None,
                  split: str | None = None, parent=None, run_id: str | None = None, is_rank0: bool | None = None):
@@ -291,16 +295,36 @@ class Experiment:
                     "(PARTIAL.json says where training stopped)", state.global_step, d)
         return d
 
-    def _save_models(self, cfg: ExperimentConfig, models: Models) -> None:
-        """Fine-tuned parts go under output_dir/models/<strategy>-<config hash>/ (small: encoder + adapter)."""
-        strategy = strategy_of(cfg)
-        d = self.out / "models" / f"{strategy.key}-{cfg.config_hash()}"
-        if strategy.trains_embedder:
-            models.embedder.save(d / "embedder")
-        if strategy.trains_generator:
-            models.generator.save_adapter(d / "adapter")
-        atomic_write_text(d / "config.json", json.dumps(mask_tree(cfg.model_dump(mode="json")), indent=2))
+    def save_bundle(self, cfg: ExperimentConfig, models: Models, res: EvalResult, row: StrategyResult, tracker, *,
+                    kind: str = mn.KIND_STRATEGY) -> Path:
+        """The evaluated pipeline as one folder, ``output_dir/models/<strategy>-<config hash>/``
+        (:mod:`distrag.serving.bundle`: encoder, adapter, the index it was evaluated with, corpus, config, model
+        card), tagged on the run (``distrag.bundle``); for runs of the report (not sweep points) also logged as the
+        run's MLflow model ``pipeline`` (``tracking.log_model``) and registered (``tracking.register_model``)."""
+        from distrag.serving.bundle import BundleSource, Evaluation, bundle_dir, write_bundle
 
+        strategy = strategy_of(cfg)
+        k_free = mn.k_free(row.metrics)  # the same values under a second name: kept once, at k
+        quality = {k: v for k, v in row.metrics.items() if k not in k_free}
+        evaluation = Evaluation.of(row.eval_split, quality, res.per_question, row.costs, run_id=row.run_id,
+                                   experiment=cfg.tracking.experiment if row.run_id else None,
+                                   tracking_uri=mask_credentials(getattr(tracker, "uri", None) or "") or None,
+                                   group=key_of(row).id)
+        source = BundleSource(cfg, strategy, self.splits.name, models.embedder, models.generator, models.index,
+                              self.splits.corpus, strategy.trains_embedder or models.passage_vectors != PASSAGES_BASE,
+                              models.passage_vectors)
+        d = write_bundle(bundle_dir(self.out, cfg, strategy.key), source, evaluation, merge=self.merge_generator)
+        tags = {mn.TAG_BUNDLE: str(d.resolve())}
+        if tracker.run_id and cfg.tracking.log_model and kind != mn.KIND_SWEEP_POINT:
+            from distrag.serving.loader import read_bundle_manifest
+            from distrag.serving.mlflow_model import log_bundle_model, register
+
+            tags[mn.TAG_MODEL_URI] = uri = log_bundle_model(tracker, d)
+            if cfg.tracking.register_model:
+                tags[mn.TAG_MODEL_VERSION] = register(tracker, uri, cfg.tracking.register_model,
+                                                      read_bundle_manifest(d))
+        tracker.set_tags(tags)
+        return d
 
 def retrieval_of(res: EvalResult) -> RetrievalEval:
     """The retrieval part of an evaluation that scored every question already (no second pass needed)."""

@@ -264,3 +264,22 @@ def test_cli_report_filters(store, tmp_path, capsys):
     assert [r["strategy"] for r in rows] == ["No-FT"] and rows[0]["k"] == "5"
     assert cli.main([*base, "--group", "zzzz"]) == 2
     assert "no recorded group matches --group 'zzzz'" in capsys.readouterr().err
+
+
+def test_each_row_links_its_model_card_from_the_report(store, tmp_path):
+    """Issue 20: the report and the model cards link each other; a row read back from MLflow keeps its bundle."""
+    bundle = tmp_path / "runs" / "models" / "gen_ft-0123abcd4567"
+    results = [_result("none", "No-FT", CostLedger().to_metrics(), em=0.0),
+               _result("gen_ft", "Ft-Gen", _ledger().to_metrics(), em=0.3, bundle=str(bundle))]
+    files = write_report_files(results, tmp_path / "runs" / "report")
+    md = files[0].read_text()
+    assert "| Model card |" in md and "[gen_ft-0123abcd4567](../models/gen_ft-0123abcd4567/README.md)" in md
+    assert "| - |" in md.splitlines()[2]  # the row without a bundle
+    assert "<td>gen_ft-0123abcd4567</td>" in files[5].read_text()
+    row = next(r for r in csv.DictReader(io.StringIO(files[1].read_text())) if r["strategy"] == "Ft-Gen")
+    assert row["model_card"] == "../models/gen_ft-0123abcd4567/README.md"
+    with Tracker.open(store, run_name="x", tags={mn.TAG_KIND: mn.KIND_STRATEGY, mn.TAG_STRATEGY: "gen_ft",
+                                                   mn.TAG_EVAL_SPLIT: "test", mn.TAG_BUNDLE: str(bundle)}) as tr:
+        tr.log_metrics({"test/em": 0.3, "test/n_questions": 4.0})
+    read = [r for g in load_groups(store) for r in g.rows]
+    assert [r.bundle for r in read] == [str(bundle)]

@@ -104,6 +104,21 @@ def test_concat_and_rag_decoding_both_run_and_are_charged(world):
 def test_unknown_decoding_is_refused(world):
     with pytest.raises(ValueError, match="unknown decoding 'beam'"):
         _pipeline(world).evaluate(world["data"].questions[:1], show_progress=False, decoding="beam")
+    with pytest.raises(ValueError, match="unknown decoding 'beam'"):
+        pipe = _pipeline(world)
+        pipe.decode(world["data"].questions[:1], pipe.retrieve(world["data"].questions[:1]), decoding="beam")
+
+
+def test_decode_is_what_evaluate_answers_with(world, monkeypatch):
+    """A saved pipeline answers through decode(): it must be evaluate()'s choice, call for call."""
+    questions = world["data"].questions[:2]
+    pipe = _pipeline(world)
+    res = pipe.retrieve(questions)
+    monkeypatch.setattr(pipe, "answer", lambda qs, r, **kw: ["concat"] * len(qs))
+    monkeypatch.setattr(pipe, "answer_rag", lambda qs, r, **kw: ["rag"] * len(qs))
+    for decoding in ("concat", "rag"):
+        assert pipe.decode(questions, res, decoding=decoding) == [decoding] * 2
+        assert pipe.evaluate(questions, show_progress=False, decoding=decoding).predictions == [decoding] * 2
 
 
 def test_f1_follows_the_hotpotqa_script_on_hotpotqa_only(world, monkeypatch):

@@ -188,9 +188,9 @@ def test_demo_artifacts_and_report_files(demo):
     for label, _, _ in STRATEGIES.values():
         assert f"| {label} |" in table
     assert len((out / "table.csv").read_text().strip().splitlines()) == 1 + 7
-    # fine-tuned parts are saved (encoder and/or adapter) under output_dir/models
-    saved = {p.name.rsplit("-", 1)[0] for p in (tmp / "runs" / "models").iterdir()}
-    assert saved == set(STRATEGIES) - {"none"}
+    # every row's pipeline is saved as a bundle (the trained encoder and/or adapter in it) under output_dir/models
+    saved = {p.name.rsplit("-", 1)[0] for p in (tmp / "runs" / "models").glob("*/bundle.json") for p in [p.parent]}
+    assert saved == set(STRATEGIES)
     assert any((tmp / "runs" / "models").glob("gen_ft-*/adapter/adapter_config.json"))
     assert any((tmp / "runs" / "models").glob("embed_ft-*/embedder/config.json"))
 
