@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from distrag.config import ExperimentConfig, build_config
-from distrag.data.parsing import Fields, iter_jsonl, load_corpus_jsonl
-from distrag.data.records import Corpus, Passage
+from distrag.data.disk_corpus import CorpusOpener
+from distrag.data.parsing import Fields, iter_jsonl
+from distrag.data.records import BaseCorpus, Corpus, Passage
 from distrag.errors import BundleError, ModelNotFoundError
 from distrag.models.embedder import Embedder
 from distrag.models.generator import Generator
@@ -95,8 +97,19 @@ def _check_reference(root: Path, ref: dict, bar) -> None:
         raise BundleError(f"{p}: sha256 differs from the bundle's reference (a different or altered corpus file)")
 
 
-def _read_corpus(root: Path, entry: dict) -> Corpus:
-    """The bundle's passages exactly as written (or the referenced corpus file, read as training read it)."""
+def corpus_cache_root() -> Path:
+    """Where a referenced corpus read from disk keeps its side files on this machine (the bundle holds only the
+    files it lists): ``$DISTRAG_CACHE`` or ``$XDG_CACHE_HOME/distrag`` (``~/.cache/distrag``), under ``corpus/``."""
+    base = os.environ.get("DISTRAG_CACHE")
+    if not base:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distrag"
+    return Path(base) / "corpus"
+
+
+def _read_corpus(root: Path, entry: dict, on_disk: bool | str = "auto") -> BaseCorpus:
+    """The bundle's passages exactly as written, or the referenced corpus file, opened as training opened it:
+    read by row from disk under ``data.corpus_on_disk`` (``auto``: files of 100 MiB or more), with its side files
+    under :func:`corpus_cache_root`, so that serving a 21M-passage corpus holds none of its text."""
     if entry.get("path"):
         path = safe_relative(root, entry["path"])
         passages = []
@@ -106,7 +119,7 @@ def _read_corpus(root: Path, entry: dict) -> Corpus:
                                     f.string("text", allow_empty=True) or ""))
         corpus = Corpus(passages, source=str(path))
     else:
-        corpus = load_corpus_jsonl(entry["reference"]["path"])
+        corpus = CorpusOpener(on_disk, cache_root=corpus_cache_root())(entry["reference"]["path"])
     if len(corpus) != entry.get("passages") or corpus.fingerprint() != entry.get("fingerprint"):
         raise BundleError(f"{corpus.source}: {len(corpus)} passages with fingerprint {corpus.fingerprint()}, the "
                           f"bundle's index was built for {entry.get('passages')} with {entry.get('fingerprint')}")
@@ -145,7 +158,7 @@ class LoadedBundle:
     path: Path
     manifest: dict
     cfg: ExperimentConfig
-    corpus: Corpus
+    corpus: BaseCorpus
     embedder: Embedder
     generator: Generator
     index: ShardedIndex
@@ -191,7 +204,7 @@ def load_bundle(path: str | Path, *, device: str | None = None, verify: bool = T
         raise BundleError(f"{config_path}: unreadable ({e})") from None
     cfg = build_config(tree, source=str(config_path))
     cfg.embedder.trust_remote_code = cfg.generator.trust_remote_code = trust_remote_code
-    corpus = _read_corpus(root, m["corpus"])
+    corpus = _read_corpus(root, m["corpus"], cfg.data.corpus_on_disk)
     idx = m["index"]
     index = index_store.load(safe_relative(root, idx["path"]), device=cfg.index.device)
     index.nprobe, index.refine = int(idx["nprobe"]), int(idx["refine"])  # the search settings it was evaluated at

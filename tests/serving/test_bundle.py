@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distrag.config import build_config
+from distrag.data.disk_corpus import DiskCorpus
 from distrag.data.parsing import load_corpus_jsonl
 from distrag.errors import BundleError
 from distrag.reporting.columns import em_interval
@@ -20,6 +21,7 @@ from distrag.serving import bundle as bundle_mod
 from distrag.serving.bundle import BundleSource, Evaluation, write_bundle
 from distrag.serving.checksums import file_table
 from distrag.serving.loader import load_bundle, verify_bundle
+from distrag.serving.predict import answer
 from distrag.strategies import BY_KEY
 
 pytestmark = pytest.mark.timeout(600)
@@ -177,6 +179,17 @@ def test_a_corpus_over_the_copy_limit_is_referenced_and_checked(runs, tmp_path, 
     assert not (path / "corpus.jsonl").exists()
     assert ref["path"] == str(corpus_file.resolve()) and ref["bytes"] == corpus_file.stat().st_size
     assert [p.id for p in load_bundle(path).corpus] == [p.id for p in corpus]
+    # a corpus trained from disk is served from disk: side files in this machine's cache, none in the bundle
+    monkeypatch.setenv("DISTRAG_CACHE", str(tmp_path / "cache"))
+    tree["data"]["corpus_on_disk"] = True
+    src, ev = _source(runs, "none", cfg=build_config(tree), corpus=corpus)
+    loaded = load_bundle(write_bundle(tmp_path / "b_disk", src, ev))
+    assert isinstance(loaded.corpus, DiskCorpus) and loaded.corpus.folder.parent == tmp_path / "cache" / "corpus"
+    assert [loaded.corpus[i] for i in range(len(corpus))] == list(corpus)
+    questions = runs["exp"].splits.test[:2]
+    in_memory = list(answer(load_bundle(path), questions))
+    assert [(p.answer, p.passages) for p in answer(loaded, questions)] == [(p.answer, p.passages) for p in in_memory]
+    verify_bundle(tmp_path / "b_disk")  # nothing written into the bundle
     text = corpus_file.read_text()
     corpus_file.write_text(text.replace("a", "b", 1))  # same size, other bytes
     with pytest.raises(BundleError, match="sha256 differs from the bundle's reference"):
