@@ -221,6 +221,16 @@ def test_every_strategy_runs_on_a_4bit_generator_and_records_its_weight_bytes(nf
     assert res.costs[mn.COST_GENERATOR_WEIGHTS_GB] * 1e9 == pytest.approx(measured)
     assert rec.metrics[mn.COST_GENERATOR_WEIGHTS_GB] == res.costs[mn.COST_GENERATOR_WEIGHTS_GB]
     assert res.metrics["n_questions"] == 4
+    if key in ("gen_ft", "joint_token"):  # its bundle answers as evaluated: the 4-bit base loaded again + adapter
+        import json
+
+        from distrag.serving.loader import load_bundle
+        from distrag.serving.predict import answer
+
+        bundle = load_bundle(res.bundle, device="cpu")
+        assert is_quantized(bundle.generator.model) and bundle.cfg.generator.quantization == "nf4"
+        recorded = [json.loads(x)["prediction"] for x in rec.texts["predictions_test.jsonl"].splitlines()]
+        assert [p.answer for p in answer(bundle, nf4_exp.splits.test[:4])] == recorded
 
 
 def test_a_full_precision_run_records_its_weight_bytes_too(exp):
