@@ -231,7 +231,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", type=int, help="training questions (default: plan.questions, else 10,000)")
     p.add_argument("--epochs", type=float, help="passes over the questions per phase (default: train.epochs)")
     p.add_argument("--k", type=int, help="passages per question (default: train.train_k or retrieval.top_k)")
-    p.add_argument("--batch-size", type=int, help="questions per optimizer step (default: train.batch_size)")
+    p.add_argument("--batch-size", type=int, help="questions per optimizer step, all trainers together (default: "
+                                                  "train.batch_size x the job's trainers)")
     p.add_argument("--grid", help="learning rates searched, MxN (default: len(sweep.lr_embedder) x "
                                   "len(sweep.lr_generator))")
     p.add_argument("--gpu", help="A10, L4, A100, H100 or H200 (default: plan.gpu, else A100)")
@@ -263,18 +264,22 @@ def target_from(args: argparse.Namespace, cfg: ExperimentConfig) -> PlanTarget:
         return next((v for v in (value, *defaults) if v is not None), None)
 
     scale = cfg.plan
+    gpus = pick(args.gpus, scale.gpus, 1)
+    refresh_every = pick(args.refresh_every, cfg.train.refresh_every)
+    index_ranks = pick(args.index_ranks, cfg.distributed.index_ranks)
+    # train.batch_size is one trainer's questions per step in a launched job (distributed/deepspeed_setup.py); the
+    # plan's is the step's, all trainers together: the job's GPUs less the index ranks when the index refreshes
+    trainers = gpus - index_ranks if refresh_every and gpus > index_ranks else gpus
     return PlanTarget(
         generator=args.generator or cfg.generator.model, embedder=args.embedder or cfg.embedder.model,
         lora_r=pick(args.lora_r, cfg.generator.lora.r), lora_targets=tuple(cfg.generator.lora.target_modules),
         qlora=args.qlora or cfg.generator.quantization == "nf4", corpus=pick(args.corpus, scale.corpus, 100_000),
         questions=pick(args.questions, scale.questions, 10_000), epochs=pick(args.epochs, cfg.train.epochs),
         k=pick(args.k, cfg.train.train_k or cfg.retrieval.top_k),
-        batch_size=pick(args.batch_size, cfg.train.batch_size),
-        grid=grid, gpu=pick(args.gpu, scale.gpu, "A100"), n_gpus=pick(args.gpus, scale.gpus, 1),
+        batch_size=pick(args.batch_size, cfg.train.batch_size * trainers),
+        grid=grid, gpu=pick(args.gpu, scale.gpu, "A100"), n_gpus=gpus,
         mfu=pick(args.mfu, scale.mfu, DEFAULT_MFU),
-        refresh_every=pick(args.refresh_every, cfg.train.refresh_every),
-        staleness=pick(args.staleness, scale.staleness),
-        index_ranks=pick(args.index_ranks, cfg.distributed.index_ranks),
+        refresh_every=refresh_every, staleness=pick(args.staleness, scale.staleness), index_ranks=index_ranks,
         passage_tokens=args.passage_tokens, gradient_checkpointing=cfg.generator.gradient_checkpointing,
         pair_micro_batch=cfg.train.pair_micro_batch, embed_sides=cfg.train.embed_sides,
         hard_negatives=cfg.train.hard_negatives, rag_passage_grad=cfg.train.rag_passage_grad)
