@@ -225,20 +225,22 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                                        "(default: generator.model)")
     p.add_argument("--embedder", help="model id / folder, or a size: 22m, 110m, 335m (default: embedder.model)")
     p.add_argument("--lora-r", type=int, help="LoRA rank (default: generator.lora.r)")
-    p.add_argument("--qlora", action="store_true", help="4-bit base weights (QLoRA)")
-    p.add_argument("--corpus", type=int, default=100_000, help="passages in the corpus")
-    p.add_argument("--questions", type=int, default=10_000, help="training questions")
+    p.add_argument("--qlora", action="store_true", help="4-bit base weights (QLoRA; default: generator.quantization "
+                                                          "is nf4)")
+    p.add_argument("--corpus", type=int, help="passages in the corpus (default: plan.corpus, else 100,000)")
+    p.add_argument("--questions", type=int, help="training questions (default: plan.questions, else 10,000)")
     p.add_argument("--epochs", type=float, help="passes over the questions per phase (default: train.epochs)")
     p.add_argument("--k", type=int, help="passages per question (default: train.train_k or retrieval.top_k)")
-    p.add_argument("--batch-size", type=int, help="questions per optimizer step (default: train.batch_size)")
+    p.add_argument("--batch-size", type=int, help="questions per optimizer step, all trainers together (default: "
+                                                  "train.batch_size x the job's trainers)")
     p.add_argument("--grid", help="learning rates searched, MxN (default: len(sweep.lr_embedder) x "
                                   "len(sweep.lr_generator))")
-    p.add_argument("--gpu", default="A100", help="A10, L4, A100, H100 or H200")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs of the job")
-    p.add_argument("--mfu", type=float, help="model-FLOPs utilisation (default: calibrated, see README)")
+    p.add_argument("--gpu", help="A10, L4, A100, H100 or H200 (default: plan.gpu, else A100)")
+    p.add_argument("--gpus", type=int, help="GPUs of the job (default: plan.gpus, else 1)")
+    p.add_argument("--mfu", type=float, help="model-FLOPs utilisation (default: plan.mfu, else calibrated, see README)")
     p.add_argument("--refresh-every", type=int, help="steps between index refreshes (default: train.refresh_every)")
-    p.add_argument("--staleness", type=int, help="index staleness target in steps (default: the refresh interval); "
-                                                 "sizes the pool of index ranks")
+    p.add_argument("--staleness", type=int, help="index staleness target in steps (default: plan.staleness, else the "
+                                                 "refresh interval); sizes the pool of index ranks")
     p.add_argument("--index-ranks", type=int, help="index GPUs the projection assumes (default: "
                                                    "distributed.index_ranks)")
     p.add_argument("--passage-tokens", type=int, default=160, help="tokens per passage")
@@ -258,20 +260,29 @@ def target_from(args: argparse.Namespace, cfg: ExperimentConfig) -> PlanTarget:
             raise ConfigError([("--grid", f"expected MxN, e.g. 3x3; got {args.grid!r}")]) from None
         grid = (m, n)
 
-    def pick(value, default):
-        return default if value is None else value
+    def pick(value, *defaults):
+        return next((v for v in (value, *defaults) if v is not None), None)
 
+    scale = cfg.plan
+    gpus = pick(args.gpus, scale.gpus, 1)
+    refresh_every = pick(args.refresh_every, cfg.train.refresh_every)
+    index_ranks = pick(args.index_ranks, cfg.distributed.index_ranks)
+    # train.batch_size is one trainer's questions per step in a launched job (distributed/deepspeed_setup.py); the
+    # plan's is the step's, all trainers together: the job's GPUs less the index ranks when the index refreshes
+    trainers = gpus - index_ranks if refresh_every and gpus > index_ranks else gpus
     return PlanTarget(
         generator=args.generator or cfg.generator.model, embedder=args.embedder or cfg.embedder.model,
         lora_r=pick(args.lora_r, cfg.generator.lora.r), lora_targets=tuple(cfg.generator.lora.target_modules),
-        qlora=args.qlora, corpus=args.corpus, questions=args.questions, epochs=pick(args.epochs, cfg.train.epochs),
+        qlora=args.qlora or cfg.generator.quantization == "nf4", corpus=pick(args.corpus, scale.corpus, 100_000),
+        questions=pick(args.questions, scale.questions, 10_000), epochs=pick(args.epochs, cfg.train.epochs),
         k=pick(args.k, cfg.train.train_k or cfg.retrieval.top_k),
-        batch_size=pick(args.batch_size, cfg.train.batch_size),
-        grid=grid, gpu=args.gpu, n_gpus=args.gpus, mfu=pick(args.mfu, DEFAULT_MFU),
-        refresh_every=pick(args.refresh_every, cfg.train.refresh_every), staleness=args.staleness,
-        index_ranks=pick(args.index_ranks, cfg.distributed.index_ranks),
+        batch_size=pick(args.batch_size, cfg.train.batch_size * trainers),
+        grid=grid, gpu=pick(args.gpu, scale.gpu, "A100"), n_gpus=gpus,
+        mfu=pick(args.mfu, scale.mfu, DEFAULT_MFU),
+        refresh_every=refresh_every, staleness=pick(args.staleness, scale.staleness), index_ranks=index_ranks,
         passage_tokens=args.passage_tokens, gradient_checkpointing=cfg.generator.gradient_checkpointing,
-        pair_micro_batch=cfg.train.pair_micro_batch)
+        pair_micro_batch=cfg.train.pair_micro_batch, embed_sides=cfg.train.embed_sides,
+        hard_negatives=cfg.train.hard_negatives, rag_passage_grad=cfg.train.rag_passage_grad)
 
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:

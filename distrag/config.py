@@ -341,6 +341,24 @@ class TrackingConfig(Section):
         return self
 
 
+class PlanConfig(Section):
+    """What `distrag plan` projects for where its flags are unset (nothing else reads this section, and the config
+    hash leaves it out): the scale of the run a config is written for, which the config itself does not hold."""
+
+    corpus: int | None = Field(None, ge=1)
+    """Passages in the corpus (`--corpus`; default 100,000)."""
+    questions: int | None = Field(None, ge=1)
+    """Training questions (`--questions`; default 10,000)."""
+    gpu: str | None = None
+    """GPU kind (`--gpu`: A10, L4, A100, H100, H200; default A100)."""
+    gpus: int | None = Field(None, ge=1)
+    """GPUs of the job (`--gpus`; default 1)."""
+    mfu: float | None = Field(None, gt=0, le=1)
+    """Model-FLOPs utilisation (`--mfu`; default the calibrated one)."""
+    staleness: int | None = Field(None, ge=1)
+    """Index staleness target in trainer steps (`--staleness`; default `train.refresh_every`)."""
+
+
 class ExperimentConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     """Where questions and passages come from."""
@@ -360,6 +378,8 @@ class ExperimentConfig(Section):
     """Multi-process training: roles, DeepSpeed, index refresh, checkpoints."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """MLflow."""
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    """The scale `distrag plan` projects for (corpus, questions, GPUs) where its flags are unset."""
     output_dir: str = "runs"
     """Where indices, adapters, checkpoints and reports are written."""
     eval_split: Literal["train", "dev", "test"] = "test"
@@ -371,12 +391,13 @@ class ExperimentConfig(Section):
 
     def config_hash(self) -> str:
         """Stable hash of the settings that shape the results (tags runs so identical configs can be
-        grouped; names a distributed run's folder). Where results go and how a job is sliced into
-        resumable pieces (tracking, output_dir, resume, stop_after, checkpoint cadence) are left out,
-        so a resumed job finds its own checkpoints."""
+        grouped; names a distributed run's folder). Where results go, how a job is sliced into
+        resumable pieces (tracking, output_dir, resume, stop_after, checkpoint cadence) and the scale `distrag plan`
+        projects for (plan) are left out, so a resumed job finds its own checkpoints."""
         tree = self.model_dump(mode="json")
         tree.pop("tracking", None)
         tree.pop("output_dir", None)
+        tree.pop("plan", None)  # what `distrag plan` projects for, not a setting of the run
         tree["train"].pop("staleness_probe", None)  # a measurement, not a setting of the training
         for k in ("resume", "stop_after", "checkpoint_every", "keep_checkpoints", "keep_index_versions",
                   "index_timeout_s", "on_index_failure", "index_ranks"):

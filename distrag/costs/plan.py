@@ -46,8 +46,8 @@ from distrag.costs.flops import (
 from distrag.errors import ConfigError
 from distrag.strategies import STRATEGIES, Phase, Strategy
 
-__all__ = ["DEFAULT_MFU", "GPUS", "SIZES", "GPU", "Plan", "PlanRow", "PlanTarget", "encoder_flops",
-           "generator_flops", "model_shape", "plan"]
+__all__ = ["DEFAULT_MFU", "GPUS", "KNOWN_MODELS", "SIZES", "GPU", "Plan", "PlanRow", "PlanTarget", "encoder_flops",
+           "generator_flops", "known_shape", "model_shape", "plan"]
 
 DEFAULT_MFU = 0.48
 """Model-FLOPs utilisation assumed when none is given, calibrated on this project's measured runs
@@ -107,6 +107,40 @@ SIZES: dict[str, dict[str, Any]] = {
 """Model shapes ``--generator`` / ``--embedder`` accept by size."""
 
 
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    # generators: the Llama-3.1-8B shape is the 8b size exactly; Qwen2.5-7B and Mistral-7B-v0.3 differ from it
+    # (their config.json files' shapes, written out; Qwen2's q/k/v biases are left out, as the FLOP formulas do)
+    "meta-llama/llama-3.1-8b": SIZES["8b"],
+    "meta-llama/llama-3.1-8b-instruct": SIZES["8b"],
+    "meta-llama/meta-llama-3.1-8b": SIZES["8b"],
+    "meta-llama/meta-llama-3.1-8b-instruct": SIZES["8b"],
+    "qwen/qwen2.5-7b-instruct": {"model_type": "qwen2", "hidden_act": "silu", "hidden_size": 3584,
+                                 "num_hidden_layers": 28, "intermediate_size": 18944, "num_attention_heads": 28,
+                                 "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
+    "mistralai/mistral-7b-instruct-v0.3": {"model_type": "mistral", "hidden_act": "silu", "hidden_size": 4096,
+                                           "num_hidden_layers": 32, "intermediate_size": 14336,
+                                           "num_attention_heads": 32, "num_key_value_heads": 8,
+                                           "vocab_size": 32768, "tie_word_embeddings": False},
+    # embedders: BERT-base shapes (bge-base and e5-base are BERT-base; all-mpnet-base-v2 is MPNet-base, the same
+    # dimensions with 30,527 tokens) and MiniLM-L6 (the 22m size)
+    "baai/bge-base-en-v1.5": SIZES["110m"],
+    "intfloat/e5-base-v2": SIZES["110m"],
+    "sentence-transformers/all-mpnet-base-v2": {**SIZES["110m"], "model_type": "mpnet", "vocab_size": 30527},
+    "sentence-transformers/all-minilm-l6-v2": SIZES["22m"],
+}
+"""Hub ids whose shapes the plan knows without their config file (keys lower case; an id is also known without
+its organisation, e.g. ``bge-base-en-v1.5``): ``distrag plan --config`` projects these offline, nothing
+downloaded."""
+
+_KNOWN_BY_NAME = {key.split("/", 1)[1]: cfg for key, cfg in KNOWN_MODELS.items()}
+
+
+def known_shape(spec: str) -> dict[str, Any] | None:
+    """The config-like shape of a size (``8b``) or of a hub id in :data:`KNOWN_MODELS`; None for anything else."""
+    key = spec.strip().lower()
+    return SIZES.get(key) or KNOWN_MODELS.get(key) or _KNOWN_BY_NAME.get(key)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """A model's dimensions and parameter count (embeddings and an untied LM head included)."""
@@ -115,10 +149,16 @@ class ModelShape:
     params: int
 
 
-def model_shape(spec: str) -> ModelShape:
-    """The shape of a size in :data:`SIZES` (``8b``), or of a model id / folder / ``.gguf`` file (its config
-    read, no weights loaded)."""
-    cfg: Any = SIZES.get(spec.strip().lower())
+_ROLE_FLAGS = {"generator": ("--generator", "135m, 1b, 3b, 8b, 70b", "8b"),
+               "embedder": ("--embedder", "22m, 110m, 335m", "110m")}
+
+
+def model_shape(spec: str, role: str | None = None) -> ModelShape:
+    """The shape of a size in :data:`SIZES` (``8b``), of a hub id in :data:`KNOWN_MODELS` (no file read), or of a
+    model folder / ``.gguf`` file / cached or reachable hub id (its config read, no weights loaded). ``role``
+    (``generator`` / ``embedder``) names the config field and the size flag in the error for a model that is none
+    of these."""
+    cfg: Any = known_shape(spec)
     if cfg is None:
         from transformers import AutoConfig
 
@@ -126,10 +166,20 @@ def model_shape(spec: str) -> ModelShape:
 
         try:
             source = resolve_model(spec)
+            kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+            cfg = AutoConfig.from_pretrained(source.path_or_id, **kw)
         except Exception as e:  # noqa: BLE001 - any failure to find the model is the user's to fix
-            raise ConfigError([("plan", f"{spec!r}: not a known size ({', '.join(SIZES)}) nor a model: {e}")]) from None
-        kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        cfg = AutoConfig.from_pretrained(source.path_or_id, **kw)
+            why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            if role in _ROLE_FLAGS:
+                flag, sizes, example = _ROLE_FLAGS[role]
+                raise ConfigError([(f"{role}.model", f"{spec!r}: the plan needs its shape, and it is not a size "
+                                                     f"({', '.join(SIZES)}), not a hub id the plan knows "
+                                                     f"(distrag.costs.plan.KNOWN_MODELS) and has no readable "
+                                                     f"config here ({why}); give its size instead, e.g. "
+                                                     f"`distrag plan --config ... {flag} {example}` "
+                                                     f"({flag} takes {sizes}), or a local model folder")]) from None
+            raise ConfigError([("plan", f"{spec!r}: not a known size ({', '.join(SIZES)}) nor a model: {why}")]) \
+                from None
     dims = ModelDims.from_config(cfg)
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
     embed = dims.vocab * dims.hidden
@@ -252,7 +302,7 @@ class _Projector:
         if gpu is None:
             raise ConfigError([("plan", f"unknown GPU {t.gpu!r}; known: {', '.join(g.name for g in GPUS.values())}")])
         self.t, self.gpu = t, gpu
-        self.g, self.e = model_shape(t.generator), model_shape(t.embedder)
+        self.g, self.e = model_shape(t.generator, "generator"), model_shape(t.embedder, "embedder")
         self.lora = lora_param_count(self.g.dims, t.lora_r, list(t.lora_targets))
         self.steps = max(1, math.ceil(t.epochs * t.questions / t.batch_size))
 

@@ -100,7 +100,9 @@ def _resolve_alias(spec: str) -> ModelSource:
     return ModelSource(str(folder), alias.gguf_file, True)
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
+    """Whether ``spec`` reads as a hub id (``org/name`` or ``name``), not a path or a ``.gguf`` file."""
+    spec = spec.strip()
     if spec.startswith(("/", "./", "../", "~")) or "\\" in spec:
         return False
     parts = spec.split("/")
@@ -141,7 +143,7 @@ def resolve_model(spec: str, *, gguf_file: str | None = None) -> ModelSource:
     if path.exists():
         raise ModelNotFoundError(f"model path {path} is a file; give a model folder or a .gguf file")
     known = ", ".join(OFFLINE_ALIASES)
-    if not _looks_like_hub_id(spec):
+    if not looks_like_hub_id(spec):
         raise ModelNotFoundError(f"unknown model {spec!r}: not a local path and not a valid hub id "
                                  f"(known offline aliases: {known})")
     if hub_offline() and not _in_hub_cache(spec):

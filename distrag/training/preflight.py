@@ -10,6 +10,10 @@ Config validation (:mod:`distrag.config`) checks each value alone. What it canno
   supported scheme and its server answers (:func:`distrag.reporting.tracking.tracking_problem`, a few
   seconds at most). A launched run (``launch/train.py``) adds the checks of the world and of DeepSpeed's
   settings (:func:`distrag.distributed.runner.check_setup`).
+* :func:`check_offline` (a machine without the models, e.g. a login node or CI, before a job is submitted): what
+  :func:`check_setup` checks, except that a hub id this machine cannot resolve while the hub is offline is a
+  logged WARNING, not a problem (the job's machine downloads it); ``index.pq_m`` is then checked against the
+  embedder's known shape (:data:`distrag.costs.plan.KNOWN_MODELS`).
 * :func:`check_data` (after the data is split): the eval split (and the training split, when the
   strategy trains) holds questions, ``index.n_shards`` <= passages, ``train.hard_negatives`` <= the
   non-gold passages every training question has, and the strategy's data needs (context labels).
@@ -21,6 +25,7 @@ split, before the models load); ``launch/train.py`` calls :func:`distrag.distrib
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +35,7 @@ from distrag.data.records import Splits
 from distrag.errors import ConfigError, ModelNotFoundError, StrategyError
 
 Problems = list[tuple[str, str]]
+log = logging.getLogger("distrag")
 
 
 def embedder_dim(cfg: ExperimentConfig) -> int | None:
@@ -52,9 +58,22 @@ def embedder_dim(cfg: ExperimentConfig) -> int | None:
     return int(dim) if isinstance(dim, int) else None
 
 
-def _model_problems(cfg: ExperimentConfig, *, generator: bool = True) -> Problems:
+def _offline_hub_id(spec: str) -> bool:
+    """Whether ``spec`` is a hub id this machine cannot resolve only because the hub is offline."""
+    from distrag.models.sources import OFFLINE_ALIASES, hub_offline, looks_like_hub_id
+
+    return spec.strip() not in OFFLINE_ALIASES and looks_like_hub_id(spec) and hub_offline()
+
+
+def _warn_unresolved(field: str, spec: str) -> None:
+    log.warning("%s %r: a hub id with no cached copy here and the hub offline (HF_HUB_OFFLINE); not checked: the "
+                "machine that runs the job must download it or have it cached", field, spec)
+
+
+def _model_problems(cfg: ExperimentConfig, *, generator: bool = True, offline: bool = False) -> Problems:
     """The models resolve (and ``index.pq_m`` fits the embedder); ``generator=False``: the embedder alone (a
-    retrieval-only evaluation loads no generator)."""
+    retrieval-only evaluation loads no generator). ``offline``: an unresolvable hub id while the hub is offline is
+    a warning (:func:`check_offline`)."""
     from distrag.models.sources import resolve_model
     from distrag.models.text_limits import answer_length_problem
 
@@ -62,8 +81,14 @@ def _model_problems(cfg: ExperimentConfig, *, generator: bool = True) -> Problem
     try:
         dim = embedder_dim(cfg)
     except ModelNotFoundError as e:
-        problems.append(("embedder.model", _with_fix(str(e))))
         dim = None
+        if offline and _offline_hub_id(cfg.embedder.model):
+            from distrag.costs.plan import known_shape
+
+            _warn_unresolved("embedder.model", cfg.embedder.model)
+            dim = (known_shape(cfg.embedder.model) or {}).get("hidden_size")
+        else:
+            problems.append(("embedder.model", _with_fix(str(e))))
     if dim is not None and cfg.index.kind == "ivfpq" and dim % cfg.index.pq_m:
         divisors = [d for d in range(1, dim + 1) if dim % d == 0 and d <= 64]
         problems.append(("index.pq_m", f"{cfg.index.pq_m} does not divide the embedder's dimension {dim} "
@@ -73,7 +98,9 @@ def _model_problems(cfg: ExperimentConfig, *, generator: bool = True) -> Problem
     try:
         source = resolve_model(cfg.generator.model, gguf_file=cfg.generator.gguf_file)
     except ModelNotFoundError as e:
-        if cfg.generator.gguf_file and "gguf_file" in str(e):
+        if offline and _offline_hub_id(cfg.generator.model):
+            _warn_unresolved("generator.model", cfg.generator.model)
+        elif cfg.generator.gguf_file and "gguf_file" in str(e):
             there = sorted(p.name for p in Path(cfg.generator.model).expanduser().glob("*.gguf"))
             problems.append(("generator.gguf_file", f"{e}; the .gguf files there: {there or 'none'} (or leave "
                                                     "gguf_file unset for a transformers folder)"))
@@ -140,13 +167,14 @@ def require_output_dir(output_dir: str | Path) -> None:
         raise ConfigError([("output_dir", problem)])
 
 
-def check_setup(cfg: ExperimentConfig, *, tracking: bool = True, generator: bool = True) -> Problems:
+def check_setup(cfg: ExperimentConfig, *, tracking: bool = True, generator: bool = True,
+                offline: bool = False) -> Problems:
     """The problems that need no data: models (the generator only when it will be loaded), output folder,
     tracker (when ``tracking``). A launched run adds the world's and DeepSpeed's
-    (:func:`distrag.distributed.runner.check_setup`)."""
+    (:func:`distrag.distributed.runner.check_setup`). ``offline``: as :func:`check_offline`."""
     from distrag.reporting.tracking import tracking_problem
 
-    problems = _model_problems(cfg, generator=generator)
+    problems = _model_problems(cfg, generator=generator, offline=offline)
     out = output_dir_problem(cfg.output_dir)
     if out:
         problems.append(("output_dir", out))
@@ -155,6 +183,13 @@ def check_setup(cfg: ExperimentConfig, *, tracking: bool = True, generator: bool
         if trk:
             problems.append(("tracking.uri", trk))
     return problems
+
+
+def check_offline(cfg: ExperimentConfig, *, tracking: bool = False) -> Problems:
+    """:func:`check_setup` on a machine without the models (module docstring): the checks that download nothing,
+    with a hub id that cannot be resolved offline logged as a WARNING instead of a problem. The tracker is not
+    asked unless ``tracking`` (the job's tracker is often not reachable from where configs are written)."""
+    return check_setup(cfg, tracking=tracking, offline=True)
 
 
 def check_data(cfg: ExperimentConfig, splits: Splits) -> Problems:
