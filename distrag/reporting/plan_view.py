@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distrag.reporting.escaping import rich_text
 from distrag.reporting.plots import _colors, _pyplot, save_png
 
 if TYPE_CHECKING:
@@ -62,11 +63,12 @@ def print_plan(p: Plan, console=None) -> None:
     from rich.table import Table
 
     console = console or Console(width=150)
-    t = Table(title="distrag plan", title_justify="left", caption=plan_heading(p), caption_justify="left")
+    t = Table(title="distrag plan", title_justify="left", caption=rich_text(plan_heading(p), "table.caption"),
+              caption_justify="left")
     for h in HEADERS:
         t.add_column(h, justify="left" if h == "Strategy" else "right")
     for cells in plan_rows(p):
-        t.add_row(*cells)
+        t.add_row(*map(rich_text, cells))
     console.print(t)
     console.print(index_line(p))
 
