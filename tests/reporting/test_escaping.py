@@ -11,7 +11,9 @@ import io
 import pytest
 
 from distrag import metric_names as mn
-from distrag.reporting.report import print_results
+from distrag.reporting.columns import result_rows
+from distrag.reporting.plots import cost_by_phase_figure, em_vs_cost_figure, png_bytes
+from distrag.reporting.report import print_results, write_report_files
 from distrag.reporting.results import StrategyResult
 
 RICH = ["[/bold]", "[red]x[/red]", "a [link=http://x]y[/link]", ":smile:", "[bold]open"]
@@ -44,3 +46,43 @@ def test_terminal_table_shows_markup_like_text_as_written(text):
     assert f"title {text}" in out  # the title
     assert f"│ {text} " in out  # the strategy cell
     assert f"dec {text}" in out  # the caption
+
+
+# ----------------------------------------------------------------------------------------------
+# the plots (matplotlib)
+
+
+def _shown(fig) -> list[tuple[str, bool]]:
+    """Every text of the figure as matplotlib draws it: (text, drawn as mathtext)."""
+    from matplotlib.text import Text
+
+    return [t._preprocess_math(t.get_text()) for t in fig.findobj(Text) if t.get_text()]
+
+
+def _rows(labels: list[str]) -> list[dict]:
+    rows = result_rows([_result(label, em=0.1 + 0.1 * i) for i, label in enumerate(labels)])
+    rows[0]["train_flops"] = 0.0  # the dashed band, named in the legend
+    return rows
+
+
+@pytest.mark.parametrize("text", MATH)
+def test_plots_draw_dollars_and_tex_characters_as_written(text):
+    labels = [f"_{text}", f"{text} B"]  # a leading underscore would hide a legend entry
+    fig = em_vs_cost_figure(_rows(labels), "train_flops", xlabel="training FLOPs", title="t")
+    shown = _shown(fig)
+    assert (f"{text} B", False) in shown  # the point's label, as written, not mathtext
+    assert (f"_{text} (no training FLOPs): EM 10.0, band: 95% interval", False) in shown
+    assert png_bytes(fig)[:4] == b"\x89PNG"  # drawn without an error
+    fig = cost_by_phase_figure([(text, {mn.COST_TOTAL_FLOPS: 1e12, mn.phase_metric(text): 1e12})])
+    assert (f"{text}: {text}", False) in _shown(fig)
+    assert png_bytes(fig)[:4] == b"\x89PNG"
+
+
+def test_plots_are_drawn_without_tex_even_when_matplotlibrc_asks_for_it(tmp_path):
+    """A user's matplotlibrc with ``text.usetex: True`` (TeX absent, or choking on ``%``, ``_``, ``$``) does not
+    stop the report: its plots never go through TeX."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.usetex": True}):
+        files = write_report_files([_result("No-FT 50%_#", em=0.0), _result("Ft-Gen $x$", em=0.3)], tmp_path)
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files[2:5])
