@@ -45,19 +45,24 @@ def mpl_text(text: Any) -> str:
 # table.md (GitHub-flavoured Markdown)
 
 _LINE_BREAK = re.compile(r"\r\n|[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]")
-_MD_PUNCTUATION = re.compile(r"[\\`*~|\[\]]|(?<![^\W_])_|_(?![^\W_])")
+_MD_PUNCTUATION = re.compile(r"[\\`*~|]|\](?=\()|(?<![^\W_])_|_(?![^\W_])")
 """Backslash-escaped: the escape character itself, code spans, emphasis and strikethrough, the table's cell
-separator, links and images; an underscore only where it could start or end emphasis (``gen_ft`` keeps its own)."""
-_MD_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+separator, the ``](`` of an inline link or image (the file defines no link references, and ``<`` cannot make an
+autolink: brackets elsewhere stay as they are, ``[95% CI]``), an underscore only where it could start or end
+emphasis (``gen_ft`` keeps its own)."""
+_MD_HTML = re.compile(r"[<>]|&(?=#[0-9]+;|#[xX][0-9a-fA-F]+;|[A-Za-z][A-Za-z0-9]*;)")
+"""As entities: ``<`` and ``>`` (no HTML tag, no autolink), and an ``&`` that would start an entity (``&lt;``
+stays those four characters; ``x & y`` needs nothing)."""
+_ENTITY = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
 def md_text(text: Any) -> str:
     """``text`` as a ``table.md`` cell or line, shown as written: line breaks become spaces (a row stays one
-    line), ``|`` cannot end the cell, ``<``, ``>`` and ``&`` are entities (no HTML, no entity), and links,
-    code spans and emphasis are escaped."""
+    line), ``|`` cannot end the cell, ``<`` and ``>`` are entities (no HTML) and so is an ``&`` that would
+    start one, and links, code spans and emphasis are escaped."""
     one_line = _LINE_BREAK.sub(" ", str(text))
     escaped = _MD_PUNCTUATION.sub(lambda m: "\\" + m.group(0), one_line)
-    return re.sub(r"[&<>]", lambda m: _MD_HTML[m.group(0)], escaped)
+    return _MD_HTML.sub(lambda m: _ENTITY[m.group(0)], escaped)
 
 
 def md_url(path: Any) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from distrag.reporting.columns import csv_text, markdown_table, result_rows, table_caption, table_columns
 from distrag.reporting.comparison import GroupKey, key_of
-from distrag.reporting.escaping import rich_text
+from distrag.reporting.escaping import md_text, rich_text
 from distrag.reporting.groups import GroupSelection, describe_groups, other_groups_note
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import load_group, load_groups, open_report_run
@@ -84,8 +84,8 @@ def write_report_files(results: Sequence[StrategyResult], out_dir: Path, *, titl
         if r.get("model_card"):
             r["model_card"] = os.path.relpath(r["model_card"], out_dir)
     caption = table_caption(rows)
-    atomic_write_text(files[0], markdown_table(rows) + (f"\n{caption}\n" if caption else "")
-                      + "".join(f"\n{line}\n" for line in meta))
+    atomic_write_text(files[0], markdown_table(rows) + (f"\n{md_text(caption)}\n" if caption else "")
+                      + "".join(f"\n{md_text(line)}\n" for line in meta))
     atomic_write_text(files[1], csv_text(rows))
     plots = [
         Plot("EM vs training FLOPs", save_png(em_vs_cost_figure(

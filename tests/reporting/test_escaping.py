@@ -6,12 +6,14 @@ labels), ``table.md`` (cell separators, HTML, line breaks, links), ``table.csv``
 
 from __future__ import annotations
 
+import html
 import io
+import re
 
 import pytest
 
 from distrag import metric_names as mn
-from distrag.reporting.columns import result_rows
+from distrag.reporting.columns import markdown_table, result_rows
 from distrag.reporting.plots import cost_by_phase_figure, em_vs_cost_figure, png_bytes
 from distrag.reporting.report import print_results, write_report_files
 from distrag.reporting.results import StrategyResult
@@ -86,3 +88,50 @@ def test_plots_are_drawn_without_tex_even_when_matplotlibrc_asks_for_it(tmp_path
     with matplotlib.rc_context({"text.usetex": True}):
         files = write_report_files([_result("No-FT 50%_#", em=0.0), _result("Ft-Gen $x$", em=0.3)], tmp_path)
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files[2:5])
+
+
+# ----------------------------------------------------------------------------------------------
+# table.md
+
+
+def _md_cells(line: str) -> list[str]:
+    """The cells of a GFM table row: split at the pipes no backslash escapes."""
+    cells, cell, escaped = [], "", False
+    for ch in line.strip()[1:-1]:
+        if ch == "|" and not escaped:
+            cells.append(cell)
+            cell = ""
+        else:
+            cell += ch
+        escaped = ch == "\\" and not escaped
+    return [*cells, cell]
+
+
+def _md_plain(cell: str) -> str:
+    """A cell's text as Markdown shows it: backslash escapes and HTML entities resolved."""
+    return html.unescape(re.sub(r"\\(.)", r"\1", cell.strip()))
+
+
+@pytest.mark.parametrize("text", MARKDOWN)
+def test_markdown_cells_keep_the_columns_and_carry_no_html_or_line_break(text, tmp_path):
+    bundle = tmp_path / f"models {text}" / "gen_ft-1"
+    rows = result_rows([_result(text, passage_vectors=text, bundle=str(bundle)), _result("Ft-Gen", em=0.3)])
+    md = markdown_table(rows)
+    lines = md.splitlines()
+    assert len(lines) == 4  # header, rule, two rows: no cell broke its row
+    widths = {len(_md_cells(line)) for line in lines}
+    assert widths == {len(_md_cells(lines[0]))}, md  # every row has the header's columns
+    assert "<" not in md and ">" not in md and not re.search(r"(?<!\\)\]\(http", md)  # no HTML, no link made
+    cells = _md_cells(lines[2])
+    assert _md_plain(cells[0]) == re.sub(r"\r\n|\r|\n", " ", text)  # what a reader sees: the text as written
+    link = next(c for c in cells if "gen_ft-1" in c).strip()
+    assert link.startswith("[gen_ft-1](") and link.endswith("/gen_ft-1/README.md)")
+    assert " " not in link.split("](", 1)[1]  # the destination is one URL (spaces and the rest %-encoded)
+
+
+def test_markdown_lines_under_the_table_are_escaped_too(tmp_path):
+    files = write_report_files([_result("No-FT", em=0.0, decoding="a|b <i>x</i>\nz")], tmp_path,
+                               meta=["group <script>alert(1)</script>\n# heading | x"])
+    md = files[0].read_text()
+    assert "<script>" not in md and "<i>" not in md and "\n# heading" not in md and "\nz" not in md
+    assert "&lt;script&gt;" in md and "\\| x" in md
