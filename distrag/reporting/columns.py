@@ -28,7 +28,7 @@ from pathlib import PurePath
 from typing import Any, Literal
 
 from distrag import metric_names as mn
-from distrag.reporting.escaping import md_text, md_url
+from distrag.reporting.escaping import csv_cell, md_text, md_url
 from distrag.reporting.paired import annotate
 from distrag.reporting.results import StrategyResult
 
@@ -317,11 +317,13 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 
 def csv_text(rows: Sequence[dict]) -> str:
-    """``table.csv``: every CSV column, shown in the tables or not, with its raw value."""
+    """``table.csv``: every CSV column, shown in the tables or not, with its raw value; a text that a spreadsheet
+    would run as a formula (``=``, ``+``, ``-``, ``@``, tab, carriage return first) starts with ``'``
+    (:func:`csv_cell`), numbers stay numbers."""
     keys = [c.key for c in COLUMNS if c.csv]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: r.get(k) for k in keys})
+        w.writerow({k: csv_cell(r.get(k)) for k in keys})
     return buf.getvalue()

@@ -6,6 +6,7 @@ labels), ``table.md`` (cell separators, HTML, line breaks, links), ``table.csv``
 
 from __future__ import annotations
 
+import csv
 import html
 import io
 import re
@@ -13,7 +14,7 @@ import re
 import pytest
 
 from distrag import metric_names as mn
-from distrag.reporting.columns import markdown_table, result_rows
+from distrag.reporting.columns import csv_text, markdown_table, result_rows
 from distrag.reporting.plots import cost_by_phase_figure, em_vs_cost_figure, png_bytes
 from distrag.reporting.report import print_results, write_report_files
 from distrag.reporting.results import StrategyResult
@@ -135,3 +136,24 @@ def test_markdown_lines_under_the_table_are_escaped_too(tmp_path):
     md = files[0].read_text()
     assert "<script>" not in md and "<i>" not in md and "\n# heading" not in md and "\nz" not in md
     assert "&lt;script&gt;" in md and "\\| x" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# table.csv
+
+
+@pytest.mark.parametrize("text", FORMULA)
+def test_csv_text_cells_never_start_a_formula_but_numbers_stay_numbers(text):
+    rows = result_rows([_result(text, decoding=text, passage_vectors=text)])
+    rows[0]["run_id"] = text
+    rows[0]["dem_vs_base_mean"] = -0.5  # a negative number in a numeric column
+    (row,) = csv.DictReader(io.StringIO(csv_text(rows)))
+    for key in ("strategy", "decoding", "passage_vectors", "run_id"):
+        assert row[key] == "'" + text, key  # OWASP: a quote before the formula character, the rest unchanged
+    assert row["dem_vs_base_mean"] == "-0.5" and float(row["em"]) == 25.0
+
+
+def test_csv_plain_text_is_left_alone():
+    rows = result_rows([_result("Ft-Gen (lr=1e-4)", decoding="concat")])
+    (row,) = csv.DictReader(io.StringIO(csv_text(rows)))
+    assert row["strategy"] == "Ft-Gen (lr=1e-4)" and row["decoding"] == "concat"
