@@ -13,11 +13,14 @@ import re
 
 import pytest
 
+from distrag import cli
 from distrag import metric_names as mn
+from distrag.config import TrackingConfig
 from distrag.reporting.columns import csv_text, markdown_table, result_rows
 from distrag.reporting.plots import cost_by_phase_figure, em_vs_cost_figure, png_bytes
-from distrag.reporting.report import print_results, write_report_files
+from distrag.reporting.report import REPORT_FILES, print_results, write_report_files
 from distrag.reporting.results import StrategyResult
+from distrag.reporting.tracking import Tracker
 
 RICH = ["[/bold]", "[red]x[/red]", "a [link=http://x]y[/link]", ":smile:", "[bold]open"]
 MATH = ["$x$", "$x_$", "cost $5 and $6", "$$", r"$\bad$", r"a\$b", "50%_#&{}"]
@@ -157,3 +160,38 @@ def test_csv_plain_text_is_left_alone():
     rows = result_rows([_result("Ft-Gen (lr=1e-4)", decoding="concat")])
     (row,) = csv.DictReader(io.StringIO(csv_text(rows)))
     assert row["strategy"] == "Ft-Gen (lr=1e-4)" and row["decoding"] == "concat"
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: `distrag report` of a run whose every name is hostile
+
+
+def test_cli_report_writes_every_file_for_a_run_with_hostile_names(store_uri, tmp_path, capsys):
+    tcfg = TrackingConfig(uri=store_uri, experiment="hostile")
+    tags = {mn.TAG_KIND: mn.KIND_STRATEGY, mn.TAG_STRATEGY: "gen_ft", mn.TAG_LABEL: HOSTILE,
+            mn.TAG_EVAL_SPLIT: "test", mn.TAG_DATASET: f"ds {HOSTILE}", mn.TAG_EMBEDDER: f"@emb {HOSTILE}",
+            mn.TAG_GENERATOR: f"+gen {HOSTILE}", mn.TAG_EVAL_K: "3", mn.TAG_COMPARISON: "aaa",
+            mn.TAG_DECODING: f"-dec {HOSTILE}", mn.TAG_BUNDLE: str(tmp_path / f"models {HOSTILE}" / "gen_ft-1")}
+    with Tracker.open(tcfg, run_name="hostile", tags=tags) as tr:
+        tr.log_metrics({"test/em": 0.3, "test/f1": 0.4, "test/n_questions": 20.0, "test/recall": 0.5,
+                        mn.COST_TRAIN_FLOPS: 1e12, mn.COST_TOTAL_FLOPS: 2e12, mn.COST_DEVICE_HOURS: 0.1})
+    out = tmp_path / "report"
+    rc = cli.main(["report", f"tracking.uri={store_uri}", "tracking.experiment=hostile", "--out", str(out),
+                   "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "Traceback" not in captured.err and "[/bold]" in captured.out and "[red]x[/red]" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    assert f"generator +gen {HOSTILE.splitlines()[0]}" in captured.out  # the title: the group's models as recorded
+    md = (out / "table.md").read_text()
+    lines = md.splitlines()
+    assert len({len(_md_cells(line)) for line in lines[:3]}) == 1 and "<script>" not in md
+    assert _md_plain(_md_cells(lines[2])[0]) == HOSTILE.replace("\n", " ")
+    assert "[gen\\_ft-1](" not in md and "[gen_ft-1](" in md and "%7C" in md  # the model card's link, encoded
+    (row,) = csv.DictReader(io.StringIO((out / "table.csv").read_text()))
+    assert row["strategy"] == "'" + HOSTILE and row["decoding"] == "'-dec " + HOSTILE
+    assert float(row["em"]) == pytest.approx(30.0)
+    html = (out / "report.html").read_text()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    for png in REPORT_FILES[2:5]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
