@@ -3,7 +3,8 @@
 
 A :class:`Column` says where its value comes from (``value`` reads a
 :class:`~distrag.reporting.results.StrategyResult`) and how it is written (``format`` for ``table.md``,
-``terminal`` for the terminal and the HTML page; ``table.csv`` holds the raw value). A table shows a
+``terminal`` for the terminal and the HTML page; ``table.csv`` holds the raw value). Each format escapes the
+cells it writes (:mod:`distrag.reporting.escaping`: any string can arrive from a recorded run). A table shows a
 column only when some row has a value for it, so a metric that only some runs record (device memory, the
 index refresh's) costs nothing elsewhere.
 
@@ -27,6 +28,7 @@ from pathlib import PurePath
 from typing import Any, Literal
 
 from distrag import metric_names as mn
+from distrag.reporting.escaping import csv_cell, md_text, md_url
 from distrag.reporting.paired import annotate
 from distrag.reporting.results import StrategyResult
 
@@ -63,9 +65,12 @@ class Column:
     value: Callable[[StrategyResult], Any]
     """Its raw value in one result; None when the run did not measure it (``-`` in the tables)."""
     format: Callable[[Any], str] = str
-    """A value as a cell of ``table.md``."""
+    """A value as a cell of ``table.md``, in plain text (``table.md`` escapes it: :func:`md_text`)."""
     terminal: Callable[[Any], str] | None = None
     """A value as a cell on the terminal and in ``report.html``, where it differs from ``format``."""
+    markdown: Callable[[Any], str] | None = None
+    """A value as a cell of ``table.md`` already written in Markdown (a link), where it differs from ``format``:
+    it escapes the texts it writes itself (:func:`md_text`, :func:`md_url`)."""
     show: Literal["measured", "nonzero", "always"] = "measured"
     """When the tables show it: some row has a value, some row a non-zero one, or always."""
     align: Literal["left", "right"] = "right"
@@ -87,6 +92,13 @@ class Column:
         if v is None:
             return "-"
         return (self.terminal or self.format)(v) if terminal else self.format(v)
+
+    def markdown_cell(self, row: dict) -> str:
+        """The column's cell in ``row`` as written in ``table.md``: Markdown, every text in it escaped."""
+        v = row.get(self.key)
+        if v is None:
+            return "-"
+        return self.markdown(v) if self.markdown is not None else md_text(self.format(v))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +219,16 @@ def _two_decimals(v: float) -> str:
     return f"{v:.2f}"
 
 
+def _card_name(path: str) -> str:
+    """A model card's name: its bundle's folder."""
+    return PurePath(path).parent.name
+
+
+def _card_link(path: str) -> str:
+    """A model card as a ``table.md`` link: the bundle's folder, linking to the card."""
+    return f"[{md_text(_card_name(path))}]({md_url(path)})"
+
+
 # ----------------------------------------------------------------------------------------------
 # THE column list: tables in this order; table.csv in this order, the table-only em_ci left out
 
@@ -235,8 +257,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("search_flops", "LR-search FLOPs", lambda r: r.search_flops, _flops, fmt_flops, show="nonzero"),
     Column("n", "Questions", _n),
     Column("n_retrieval", "Retrieval questions", lambda r: _int_or_none(r.metrics.get(mn.N_RETRIEVAL_QUESTIONS))),
-    Column("model_card", "Model card", lambda r: f"{r.bundle}/README.md" if r.bundle else None,
-           lambda v: f"[{PurePath(v).parent.name}]({v})", lambda v: PurePath(v).parent.name, align="left"),
+    Column("model_card", "Model card", lambda r: f"{r.bundle}/README.md" if r.bundle else None, _card_name,
+           markdown=_card_link, align="left"),
     # in table.csv only: the interval's ends, what the caption says once, where the row comes from
     Column("em_ci_low", "EM 95% CI low", lambda r: (_em_ci(r) or (None, None))[0], table=False),
     Column("em_ci_high", "EM 95% CI high", lambda r: (_em_ci(r) or (None, None))[1], table=False),
@@ -285,20 +307,23 @@ def table_caption(rows: Sequence[dict]) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """``table.md``'s table (without its caption)."""
+    """``table.md``'s table (without its caption); every cell escaped (a label's ``|``, HTML or line break stays
+    text in its own cell)."""
     cols = table_columns(rows)
-    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = ["| " + " | ".join(md_text(h) for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(c.cell(r) for c, _ in cols) + " |")
+        lines.append("| " + " | ".join(c.markdown_cell(r) for c, _ in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
 def csv_text(rows: Sequence[dict]) -> str:
-    """``table.csv``: every CSV column, shown in the tables or not, with its raw value."""
+    """``table.csv``: every CSV column, shown in the tables or not, with its raw value; a text that a spreadsheet
+    would run as a formula (``=``, ``+``, ``-``, ``@``, tab, carriage return first) starts with ``'``
+    (:func:`csv_cell`), numbers stay numbers."""
     keys = [c.key for c in COLUMNS if c.csv]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: r.get(k) for k in keys})
+        w.writerow({k: csv_cell(r.get(k)) for k in keys})
     return buf.getvalue()

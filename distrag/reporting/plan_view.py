@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distrag.reporting.plots import _colors, _pyplot, save_png
+from distrag.reporting.escaping import mpl_text, rich_text
+from distrag.reporting.plots import _colors, _plain_text, _pyplot, save_png
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -62,15 +63,17 @@ def print_plan(p: Plan, console=None) -> None:
     from rich.table import Table
 
     console = console or Console(width=150)
-    t = Table(title="distrag plan", title_justify="left", caption=plan_heading(p), caption_justify="left")
+    t = Table(title="distrag plan", title_justify="left", caption=rich_text(plan_heading(p), "table.caption"),
+              caption_justify="left")
     for h in HEADERS:
         t.add_column(h, justify="left" if h == "Strategy" else "right")
     for cells in plan_rows(p):
-        t.add_row(*cells)
+        t.add_row(*map(rich_text, cells))
     console.print(t)
     console.print(index_line(p))
 
 
+@_plain_text
 def plan_figure(p: Plan) -> Figure:
     """Two panels: each strategy's search device-hours (log scale) and its memory per device against the
     GPU's memory."""
@@ -78,17 +81,17 @@ def plan_figure(p: Plan) -> Figure:
     rows = [r for r in p.rows if r.runs]
     colors = _colors(len(rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = [r.label for r in rows]
+    labels = [mpl_text(r.label) for r in rows]
     a.barh(labels, [max(r.device_hours, 1e-6) for r in rows], color=colors)
     a.set_xscale("log")
-    a.set_xlabel(f"device-hours of the LR search ({p.target.n_gpus} x {p.gpu.name}, MFU {p.target.mfu:.2f})")
+    a.set_xlabel(mpl_text(f"device-hours of the LR search ({p.target.n_gpus} x {p.gpu.name}, MFU {p.target.mfu:.2f})"))
     a.invert_yaxis()
     b.barh(labels, [r.memory_gb for r in rows], color=colors)
     b.axvline(p.gpu.memory_gb, color="black", linestyle="--", linewidth=1)
     b.text(p.gpu.memory_gb, -0.6, f" {p.gpu.name} {p.gpu.memory_gb:g} GB", fontsize=8, va="bottom")
     b.set_xlabel("memory per trainer device (GB)")
     b.invert_yaxis()
-    fig.suptitle("distrag plan: " + p.target.generator + " + " + p.target.embedder, fontsize=10)
+    fig.suptitle(mpl_text(f"distrag plan: {p.target.generator} + {p.target.embedder}"), fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -5,18 +5,26 @@ so every cost axis is logarithmic. Strategies often land on the same spot, so po
 :func:`place_labels`: each label takes the first of a ring of offsets around its point whose text box
 stays inside the axes and overlaps no other label, point or legend (a thin leader line joins a label
 placed away from its point). Rows come from :func:`distrag.reporting.columns.result_rows`.
+
+Labels come from recorded runs, so any string can arrive: every data-derived text is drawn as written
+(:func:`distrag.reporting.escaping.mpl_text`: no mathtext), legend entries are named explicitly (a label starting
+with ``_`` is not dropped), and the figures are made and saved with ``text.usetex`` off (:func:`_plain_text`),
+whatever a matplotlibrc says: no TeX run that a ``%`` or ``_`` would break, or that may not be installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distrag import metric_names as mn
 from distrag.reporting.columns import fmt_flops
+from distrag.reporting.escaping import mpl_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -37,6 +45,25 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def _no_tex() -> Iterator[None]:
+    """matplotlib's settings while a plot is made or saved: text drawn by matplotlib itself, never by TeX."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.usetex": False}):
+        yield
+
+
+def _plain_text(fn: Callable) -> Callable:
+    """``fn`` (a figure's maker or saver) run under :func:`_no_tex`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _no_tex():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _colors(n: int) -> list:
@@ -84,6 +111,7 @@ def place_labels(ax: Axes, points: Sequence[tuple[float, float]], labels: Sequen
     return placed
 
 
+@_plain_text
 def em_vs_cost_figure(rows: Sequence[dict], x_key: str, *, xlabel: str, title: str) -> Figure:
     """EM (%) with its 95 % interval against ``row[x_key]`` on a log axis. Rows without that cost (No-FT's
     training FLOPs) are drawn as a horizontal band (EM and interval) named in the legend."""
@@ -97,10 +125,11 @@ def em_vs_cost_figure(rows: Sequence[dict], x_key: str, *, xlabel: str, title: s
     for r in pts:
         ax.errorbar(r[x_key], r["em"], yerr=[[r["em"] - r["em_ci_low"]], [r["em_ci_high"] - r["em"]]], fmt="o",
                     ms=6, capsize=3, lw=1.2, color=colors[r["strategy"]], zorder=3)
+    bands, names = [], []
     for r in flat:
         c = colors[r["strategy"]]
-        ax.axhline(r["em"], ls="--", lw=1.0, color=c,
-                   label=f"{r['strategy']} (no {xlabel}): EM {r['em']:.1f}, band: 95% interval")
+        bands.append(ax.axhline(r["em"], ls="--", lw=1.0, color=c))
+        names.append(mpl_text(f"{r['strategy']} (no {xlabel}): EM {r['em']:.1f}, band: 95% interval"))
         ax.axhspan(r["em_ci_low"], r["em_ci_high"], color=c, alpha=0.12, lw=0)
     lows = [r["em_ci_low"] for r in rows] or [0.0]
     highs = [r["em_ci_high"] for r in rows] or [100.0]
@@ -120,11 +149,12 @@ def em_vs_cost_figure(rows: Sequence[dict], x_key: str, *, xlabel: str, title: s
     ax.set_ylabel("EM (%), 95% Wilson interval")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.25)
-    legend = ax.legend(loc="upper left", fontsize=8, framealpha=0.9) if flat else None
+    # the entries named explicitly: matplotlib leaves out a line whose own label starts with "_"
+    legend = ax.legend(bands, names, loc="upper left", fontsize=8, framealpha=0.9) if flat else None
     fig.tight_layout()
     renderer = fig.canvas.get_renderer()
     obstacles = [legend.get_window_extent(renderer).padded(2)] if legend is not None else []
-    place_labels(ax, [(r[x_key], r["em"]) for r in pts], [r["strategy"] for r in pts], obstacles=obstacles)
+    place_labels(ax, [(r[x_key], r["em"]) for r in pts], [mpl_text(r["strategy"]) for r in pts], obstacles=obstacles)
     return fig
 
 
@@ -155,6 +185,7 @@ def _phase_bars(results_costs: Sequence[tuple[str, dict]]) -> list[tuple[str, st
     return bars
 
 
+@_plain_text
 def cost_by_phase_figure(results_costs: Sequence[tuple[str, dict]]) -> Figure:
     """Per strategy, one bar per ledger phase: FLOPs (left) and device-hours (right), both on log axes,
     coloured by what the phase is (index build, training, re-embedding, index rank, evaluation)."""
@@ -181,7 +212,7 @@ def cost_by_phase_figure(results_costs: Sequence[tuple[str, dict]]) -> Figure:
             ax.set_xlim(min(s[1] for s in shown) / 3, max(s[1] for s in shown) * 40)
         ax.set_xlabel(f"{unit} (log scale)")
         ax.grid(True, axis="x", which="major", alpha=0.25)
-    axes[0].set_yticks(ys, [f"{label}: {phase}" for label, phase, _, _ in bars], fontsize=8)
+    axes[0].set_yticks(ys, [mpl_text(f"{label}: {phase}") for label, phase, _, _ in bars], fontsize=8)
     axes[0].set_ylim(ys[-1] + 0.7 if ys else 1.0, -0.7)  # first strategy on top, no empty margin
     kinds = list(dict.fromkeys(_phase_kind(p) for _, p, _, _ in bars))
     fig.suptitle("Cost by phase, per strategy", x=0.5, y=1 - 0.1 / height, va="top", fontsize=11)
@@ -191,6 +222,7 @@ def cost_by_phase_figure(results_costs: Sequence[tuple[str, dict]]) -> Figure:
     return fig
 
 
+@_plain_text
 def png_bytes(fig: Figure) -> bytes:
     """The figure as PNG; the figure is closed."""
     buf = io.BytesIO()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from distrag.reporting.columns import csv_text, markdown_table, result_rows, table_caption, table_columns
 from distrag.reporting.comparison import GroupKey, key_of
+from distrag.reporting.escaping import md_text, rich_text
 from distrag.reporting.groups import GroupSelection, describe_groups, other_groups_note
 from distrag.reporting.results import StrategyResult
 from distrag.reporting.tracking import load_group, load_groups, open_report_run
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 
 def print_results(results: Sequence[StrategyResult], *, title: str = "Results", console=None) -> None:
-    """The table on the terminal (rich), caption included."""
+    """The table on the terminal (rich), caption included. Every text (``title`` too) is shown as written:
+    rich markup or an emoji code in a label, a dataset or a model name is text (:func:`rich_text`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -38,12 +40,14 @@ def print_results(results: Sequence[StrategyResult], *, title: str = "Results", 
     rows = result_rows(results)
     # a log file (every SLURM job) gets the table at its natural width: nothing cut to fit 80 columns
     console = console or Console(width=max(Console().width, 150) if is_interactive() else 1000)
-    t = Table(title=title, title_justify="left", caption=table_caption(rows) or None, caption_justify="left")
+    caption = table_caption(rows)
+    t = Table(title=rich_text(title, "table.title"), title_justify="left",
+              caption=rich_text(caption, "table.caption") if caption else None, caption_justify="left")
     cols = table_columns(rows)
     for column, header in cols:
-        t.add_column(header, justify=column.align)
+        t.add_column(rich_text(header), justify=column.align)
     for r in rows:
-        t.add_row(*[column.cell(r, terminal=True) for column, _ in cols])
+        t.add_row(*[rich_text(column.cell(r, terminal=True)) for column, _ in cols])
     console.print(t)
 
 
@@ -80,8 +84,8 @@ def write_report_files(results: Sequence[StrategyResult], out_dir: Path, *, titl
         if r.get("model_card"):
             r["model_card"] = os.path.relpath(r["model_card"], out_dir)
     caption = table_caption(rows)
-    atomic_write_text(files[0], markdown_table(rows) + (f"\n{caption}\n" if caption else "")
-                      + "".join(f"\n{line}\n" for line in meta))
+    atomic_write_text(files[0], markdown_table(rows) + (f"\n{md_text(caption)}\n" if caption else "")
+                      + "".join(f"\n{md_text(line)}\n" for line in meta))
     atomic_write_text(files[1], csv_text(rows))
     plots = [
         Plot("EM vs training FLOPs", save_png(em_vs_cost_figure(

@@ -218,10 +218,12 @@ def _print_search(results: list[SweepResult]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from distrag.reporting.escaping import rich_text
+
     t = Table(title="Learning-rate search", title_justify="left")
     for c in ("strategy", "grid points", "selected", "search FLOPs", "search wall-clock"):
         t.add_column(c)
     for r in results:
-        t.add_row(r.strategy, str(r.n_points), ", ".join(f"{k}={v:g}" for k, v in r.selected.items()),
-                  f"{r.search_flops:.3g}", f"{r.search_wall_s:.0f} s")
+        t.add_row(*map(rich_text, (r.strategy, str(r.n_points), ", ".join(f"{k}={v:g}" for k, v in r.selected.items()),
+                                   f"{r.search_flops:.3g}", f"{r.search_wall_s:.0f} s")))
     Console(width=150).print(t)
