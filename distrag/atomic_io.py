@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _UMASK_LOCK = threading.Lock()
 
@@ -61,16 +61,20 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
-    """``fsync=False`` keeps the all-or-nothing rename but skips forcing the bytes to disk (for
-    hand-off files that are worthless after a crash anyway)."""
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", *, fsync: bool = True, **open_kw) -> Iterator[IO]:
+    """An open file (``mode`` ``"wb"`` or ``"w"``) that appears at ``path`` complete, when the block ends without an
+    exception, or not at all: written to a private temporary sibling, given the umask's mode, renamed into place.
+    For output written as it is produced (one line a question); ``fsync=False`` skips forcing it to disk."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes a new file: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, mode, **open_kw) as f:
             os.fchmod(f.fileno(), file_mode())  # mkstemp's 0600 -> what the user's umask gives
-            f.write(data)
+            yield f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -79,6 +83,13 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
+    """``fsync=False`` keeps the all-or-nothing rename but skips forcing the bytes to disk (for
+    hand-off files that are worthless after a crash anyway)."""
+    with atomic_open(path, "wb", fsync=fsync) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -141,3 +141,21 @@ def test_the_umask_is_read_without_changing_it(monkeypatch, umask):
         assert os.umask(0o027) == 0o027  # left as it was
     finally:
         atomic_io._umask_by_setting.cache_clear()
+
+
+def test_atomic_open_appears_complete_or_not_at_all(tmp_path):
+    from distrag.atomic_io import atomic_open
+
+    out = tmp_path / "sub" / "out.jsonl"
+    with pytest.raises(RuntimeError):
+        with atomic_open(out, "w", encoding="utf-8") as f:
+            f.write("first line\n")
+            raise RuntimeError("interrupted half way")
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no partial file, no temporary left
+    with atomic_open(out, "w", encoding="utf-8") as f:
+        f.write("a\n")
+        assert not out.exists()  # only once the block ends
+    assert out.read_text() == "a\n"
+    with pytest.raises(ValueError, match="mode 'w' or 'wb'"):
+        with atomic_open(out, "a"):
+            pass

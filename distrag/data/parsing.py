@@ -197,6 +197,17 @@ def parse_json_list(raw: Any, fields: Fields, key: str) -> list:
     return v
 
 
+def optional_gold_ids(f: Fields, key: str = "gold_passage_ids") -> tuple[str, ...] | None:
+    """A record's gold passage ids when it has them: a list, or a JSON list in a string (a CSV / TSV cell); None
+    when the field is missing or blank."""
+    raw = f.get(key, required=False)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if isinstance(raw, str):
+        raw = parse_json_list(raw, f, key)
+    return as_id_list(raw, f, key)
+
+
 def load_hub_rows(path: str, split: str, limit: int | None, default_config: str | None = None
                   ) -> tuple[str, list[tuple[str, Record]]]:
     """Rows of a Hugging Face hub dataset ``"owner/name"`` or ``"owner/name:config"``."""

@@ -26,11 +26,11 @@ from distrag.data.parsing import (
     Fields,
     Record,
     as_answers,
-    as_id_list,
     assemble,
     check_file,
     load_corpus_jsonl,
     load_hub_rows,
+    optional_gold_ids,
     parse_json_list,
     read_json_records,
 )
@@ -95,15 +95,6 @@ def _meta(rec: Record, skip: tuple[str, ...]) -> dict[str, Any]:
             v = int(v)
         meta[k] = v
     return meta
-
-
-def _gold(f: Fields) -> tuple[str, ...] | None:
-    raw = f.get("gold_passage_ids", required=False)
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return None
-    if isinstance(raw, str):
-        raw = parse_json_list(raw, f, "gold_passage_ids")
-    return as_id_list(raw, f, "gold_passage_ids")
 
 
 def _clean_ctx_text(title: str, text: str) -> str:
@@ -184,7 +175,7 @@ def load_popqa(path: str, *, corpus_path: str | None = None, max_questions: int 
         if variant == "original":
             raw_answers = parse_json_list(raw_answers, f, answer_key)
         answers = as_answers(raw_answers, f, answer_key)
-        gold = _gold(f)
+        gold = optional_gold_ids(f)
         if variant == "flashrag":
             meta = f.get("metadata", required=False) or {}
             if not isinstance(meta, dict):

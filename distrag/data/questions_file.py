@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distrag.data.hotpotqa import _parse_context, _parse_supporting_titles, _text_key
-from distrag.data.parsing import Fields, Record, as_answers, as_id_list, check_file, parse_json_list, read_json_records
+from distrag.data.parsing import (
+    Fields,
+    Record,
+    as_answers,
+    check_file,
+    optional_gold_ids,
+    parse_json_list,
+    read_json_records,
+)
 from distrag.data.popqa import _ANSWER_KEY, _read_table, detect_variant
 from distrag.data.records import Corpus, Question
 from distrag.errors import DataError
@@ -78,15 +86,6 @@ def _optional_answers(f: Fields, key: str) -> tuple[str, ...]:
     return as_answers(raw, f, key)
 
 
-def _gold(f: Fields) -> tuple[str, ...] | None:
-    raw = f.get("gold_passage_ids", required=False)
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return None
-    if isinstance(raw, str):
-        raw = parse_json_list(raw, f, "gold_passage_ids")
-    return as_id_list(raw, f, "gold_passage_ids")
-
-
 def _question(f: Fields, qid: str, answers: tuple[str, ...], gold: tuple[str, ...] | None) -> Question:
     f.label = f"{f.label} (id {qid!r})"
     return Question(qid, f.string("question").strip(), answers, gold)
@@ -122,10 +121,10 @@ def read_questions(path: str | Path, fmt: str = "auto", *, limit: int | None = N
         elif fmt == "popqa":
             key = _ANSWER_KEY["original"] if suffix in _TABLE_SUFFIXES else _ANSWER_KEY[
                 detect_variant(rec, str(p), label) if any(k in rec for k in _ANSWER_KEY.values()) else "selfrag"]
-            q = _question(f, f.id("id"), _optional_answers(f, key), _gold(f))
+            q = _question(f, f.id("id"), _optional_answers(f, key), optional_gold_ids(f))
         else:
             qid = f.id("id") if f.has("id") else str(n)
-            q = _question(f, qid, _optional_answers(f, "answers"), _gold(f))
+            q = _question(f, qid, _optional_answers(f, "answers"), optional_gold_ids(f))
         if q.id in seen:
             raise DataError(f"duplicate question id {q.id!r} (first at {seen[q.id]})", file=str(p), record=label,
                             field="id")

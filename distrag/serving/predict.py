@@ -13,13 +13,11 @@ from one all-at-once evaluation only in how the question encoder's batches are p
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from distrag.atomic_io import file_mode
+from distrag.atomic_io import atomic_open
 from distrag.data.records import Question
 from distrag.retrieval.qa_metrics import mean_retrieval, question_scores, retrieval_scores
 from distrag.serving.loader import LoadedBundle
@@ -94,24 +92,12 @@ def predict_file(bundle: LoadedBundle, questions: Sequence[Question], out: str |
     Returns the predictions and :func:`summarize`'s metrics."""
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     preds: list[Prediction] = []
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f, \
-                tqdm(total=len(questions), desc="predict", unit="q", disable=not show_progress) as bar:
-            os.fchmod(f.fileno(), file_mode())
-            for p in answer(bundle, questions, batch_size=batch_size, hotpotqa=hotpotqa, progress=bar):
-                preds.append(p)
-                f.write(json.dumps(p.row(), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(out, "w", encoding="utf-8") as f, \
+            tqdm(total=len(questions), desc="predict", unit="q", disable=not show_progress) as bar:
+        for p in answer(bundle, questions, batch_size=batch_size, hotpotqa=hotpotqa, progress=bar):
+            preds.append(p)
+            f.write(json.dumps(p.row(), ensure_ascii=False) + "\n")
     return preds, summarize(preds, bundle.cfg.retrieval.top_k)
 
 
