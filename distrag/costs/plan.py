@@ -358,11 +358,12 @@ class _Projector:
         return self.steps * self.t.batch_size * self.question_flops(phase), refreshes * self.corpus_flops()
 
     def phase_wall_s(self, phase: Phase) -> float:
-        """The trainers' time; refreshes run on the index rank meanwhile (a second process when there is only
-        one GPU: they add up)."""
+        """The trainers' time; refreshes run on the index ranks meanwhile, at their GPUs' combined rate (a second
+        process when there is only one GPU: they add up)."""
         train, refresh = self.phase_parts(phase)
-        if self.trainers(phase) < self.t.n_gpus:
-            return max(train / self.rate(self.trainers(phase)), refresh / self.rate(1))
+        trainers = self.trainers(phase)
+        if trainers < self.t.n_gpus:
+            return max(train / self.rate(trainers), refresh / self.rate(self.t.n_gpus - trainers))
         return (train + refresh) / self.rate(self.t.n_gpus)
 
     def memory(self, phase: Phase) -> dict[str, float]:

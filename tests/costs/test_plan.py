@@ -157,6 +157,17 @@ def test_the_recommended_pool_of_index_ranks_is_the_fewest_that_keeps_up():
     assert plan(PlanTarget(**big, staleness=400, index_ranks=4)).step_s == pytest.approx(p.step_s * 15 / 12)
 
 
+def test_refreshes_run_at_the_pools_rate():
+    """A refresh-bound phase (Ft-Embed re-embedding 21M passages at every step) takes half as long with 2 index
+    ranks as with 1: the pool shares each re-embedding (was: one GPU's rate whatever the pool)."""
+    big = {"generator": "8b", "embedder": "110m", "corpus": 21_000_000, "questions": 64, "gpu": "H100",
+           "n_gpus": 8, "refresh_every": 1}
+    rows = {n: {r.label: r for r in plan(PlanTarget(**big, index_ranks=n)).rows} for n in (1, 2)}
+    # (up to the deployed index's one re-embedding after training, on every GPU: 2 % of it here)
+    assert rows[2]["Ft-Embed"].wall_h == pytest.approx(rows[1]["Ft-Embed"].wall_h / 2, rel=0.03)
+    assert rows[2]["Ft-Embed"].search_flops == rows[1]["Ft-Embed"].search_flops  # the same work, shared
+
+
 def test_parameter_counts_from_sizes_and_configs(tiny_lm_dir):
     assert model_shape("8b").params == pytest.approx(8.03e9, rel=0.01)  # Llama-3.1-8B
     assert model_shape("135m").params == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M
