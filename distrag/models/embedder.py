@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from distrag.atomic_io import follow_umask
 from distrag.config import EmbedderConfig
 from distrag.errors import EmbedderError
-from distrag.models.sources import ModelSource, pick_device, resolve_model
+from distrag.models.sources import MODEL_LOADS, ModelSource, pick_device, resolve_model
 from distrag.models.text_limits import char_limit, cut_chars
 
 _META_FILE = "distrag_embedder.json"
@@ -204,9 +204,10 @@ class Embedder(torch.nn.Module):
         pooling = cfg.pooling if cfg.pooling != "auto" else (st["pooling"] or "mean")
         sub = {"subfolder": st["subfolder"]} if st["subfolder"] else {}
         meta = _read_json(source, _META_FILE) or {}
-        tok = AutoTokenizer.from_pretrained(source.path_or_id, trust_remote_code=cfg.trust_remote_code, **sub)
-        model = AutoModel.from_pretrained(source.path_or_id, trust_remote_code=cfg.trust_remote_code,
-                                          dtype=torch.float32, **sub)
+        with MODEL_LOADS:  # transformers' loading is not thread-safe (sources.MODEL_LOADS)
+            tok = AutoTokenizer.from_pretrained(source.path_or_id, trust_remote_code=cfg.trust_remote_code, **sub)
+            model = AutoModel.from_pretrained(source.path_or_id, trust_remote_code=cfg.trust_remote_code,
+                                              dtype=torch.float32, **sub)
         emb = cls(model, tok, pooling=pooling, max_length=cfg.max_length, batch_size=cfg.batch_size,
                   name=cfg.model, do_lower_case=bool(meta.get("do_lower_case", st["do_lower_case"])))
         return emb.to(pick_device(device))

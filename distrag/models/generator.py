@@ -40,7 +40,7 @@ from distrag.config import GeneratorConfig, LoRAConfig
 from distrag.data.records import Passage
 from distrag.errors import GeneratorError
 from distrag.models.quantization import load_quantized, weight_count
-from distrag.models.sources import pick_device, pick_dtype, resolve_model
+from distrag.models.sources import MODEL_LOADS, pick_device, pick_dtype, resolve_model
 from distrag.models.text_limits import check_answer_length, tokenize_within
 
 
@@ -136,10 +136,11 @@ class Generator:
         dev = pick_device(device)
         dtype = pick_dtype(cfg.dtype, dev)
         kw = {"trust_remote_code": cfg.trust_remote_code}
-        tok = AutoTokenizer.from_pretrained(source.path_or_id, gguf_file=source.gguf_file, **kw)
-        model = (load_quantized(source, cfg, dtype, dev, **kw) if cfg.quantization != "none" else
-                 AutoModelForCausalLM.from_pretrained(source.path_or_id, dtype=dtype, gguf_file=source.gguf_file,
-                                                      **kw).to(dev))
+        with MODEL_LOADS:  # transformers' loading is not thread-safe (sources.MODEL_LOADS)
+            tok = AutoTokenizer.from_pretrained(source.path_or_id, gguf_file=source.gguf_file, **kw)
+            model = (load_quantized(source, cfg, dtype, dev, **kw) if cfg.quantization != "none" else
+                     AutoModelForCausalLM.from_pretrained(source.path_or_id, dtype=dtype, gguf_file=source.gguf_file,
+                                                          **kw).to(dev))
         model.eval()
         return cls(model, tok, cfg, name=cfg.model)
 
@@ -416,5 +417,6 @@ class Generator:
             if bad:
                 raise GeneratorError(f"adapter at {path} does not fit this model: unexpected {bad[:3]}")
         else:
-            self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=trainable)
+            with MODEL_LOADS:
+                self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=trainable)
         return self

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,3 +180,12 @@ def pick_dtype(cfg_dtype: str, device: str | torch.device | None = None) -> torc
     if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16  # pragma: no cover - GPU-only path
     return torch.float32
+
+
+MODEL_LOADS = threading.RLock()
+"""Held around every ``from_pretrained`` of distrag's models: transformers' loading is not thread-safe. It swaps
+``PreTrainedModel.tie_weights`` for a no-op on the class while a model loads (``initialization.no_tie_weights``)
+and puts back what it found; two loads on two threads (a pool of index ranks run as threads, a server loading
+beside a trainer) can leave the no-op in place for good, after which every model with tied embeddings loads with
+its embeddings on the meta device ("Cannot copy out of meta tensor"). One load at a time in a process."""
+

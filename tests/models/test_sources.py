@@ -91,3 +91,55 @@ def test_auto_dtype_on_a_cuda_device(monkeypatch, bf16_ok, expect):
     assert pick_dtype("auto") is expect and pick_dtype("auto", "cuda:0") is expect
     assert pick_dtype("auto", "cpu") is torch.float32
     assert pick_dtype("float32", "cuda") is torch.float32 and pick_dtype("bfloat16", "cpu") is torch.bfloat16
+
+
+def test_models_load_one_at_a_time_across_threads(monkeypatch, tiny_encoder_dir, tiny_lm_dir):
+    """transformers swaps PreTrainedModel.tie_weights for a no-op while a model loads and puts back what it found:
+    two loads on two threads (a pool of index ranks run as threads in the tests) left the no-op in place, and every
+    later model with tied embeddings loaded them on the meta device (CI: 76 errors after one such race). Loads are
+    serialised by sources.MODEL_LOADS: at most one from_pretrained at a time, and tying works afterwards."""
+    import threading
+    import time
+
+    import transformers
+    from transformers.modeling_utils import PreTrainedModel
+
+    from distrag.config import EmbedderConfig, GeneratorConfig
+    from distrag.models.embedder import Embedder
+    from distrag.models.generator import Generator
+
+    original_tie = PreTrainedModel.tie_weights
+    active, most = [0], [0]
+
+    def counting(original):
+        def load(*args, **kwargs):
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            time.sleep(0.2)  # long enough for the other thread to arrive while this load is in progress
+            try:
+                return original(*args, **kwargs)
+            finally:
+                active[0] -= 1
+        return load
+
+    for cls in (transformers.AutoModel, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", counting(cls.from_pretrained))
+    errors = []
+
+    def run(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    jobs = [lambda: Embedder.from_config(EmbedderConfig(model=str(tiny_encoder_dir)), device="cpu"),
+            lambda: Generator.from_config(GeneratorConfig(model=str(tiny_lm_dir)), device="cpu")] * 2
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors and most[0] == 1
+    assert PreTrainedModel.tie_weights is original_tie
+    gen = Generator.from_config(GeneratorConfig(model=str(tiny_lm_dir)), device="cpu")
+    assert not [n for n, p in gen.model.named_parameters() if p.device.type == "meta"]
